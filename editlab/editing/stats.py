@@ -1,0 +1,216 @@
+"""Streaming second moment E[kkᵀ] of FFN keys over a text corpus, with a keyed disk cache.
+
+The cache file name is a hash of a key holding everything that changes the result (model
+identity and weights fingerprint, layer and module, corpus identity, sample count, token cap,
+dtype). The key is stored in the file and compared on load: a file whose key differs is an error,
+never silently reused.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from editlab.models.arch import ModelView
+from editlab.models.load import cache_root
+from editlab.models.trace import trace
+
+STATS_VERSION = 1
+
+
+class StaleCacheError(RuntimeError):
+    pass
+
+
+@dataclass
+class CovarianceConfig:
+    """Where and how E[kkᵀ] is estimated.
+
+    Args:
+        corpus: "demo" (the package's own small corpus), a local .txt (one text per line),
+            .json/.json.gz/.jsonl file (strings or objects with ``text_field``), or a hub dataset id.
+        num_samples: number of texts used (the first ones, in file order).
+        max_length: token cap per text (long-context models would otherwise allocate their full
+            context).
+        batch_size: texts per forward.
+        dtype: accumulation dtype of the sum of kkᵀ.
+        text_field: field holding the text in JSON objects / hub rows; None tries "text", "Text".
+        split: hub dataset split.
+        use_cache: read/write the disk cache.
+    """
+
+    corpus: str = "demo"
+    num_samples: int = 400
+    max_length: int = 128
+    batch_size: int = 16
+    dtype: Literal["float32", "float64"] = "float64"
+    text_field: str | None = None
+    split: str = "train"
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_length < 2 or self.batch_size < 1:
+            raise ValueError(f"invalid covariance options: {self}")
+
+
+class SecondMoment:
+    """Σ kkᵀ and the token count, kept apart so partial sums merge exactly."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device) -> None:
+        self.sum = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self.count = 0
+
+    def update(self, k: torch.Tensor) -> None:  # k: [T, dim]
+        k = k.to(self.sum.dtype)
+        self.sum += k.T @ k
+        self.count += k.shape[0]
+
+    def merge(self, other: "SecondMoment") -> None:
+        self.sum += other.sum
+        self.count += other.count
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("second moment of zero tokens")
+        return self.sum / self.count
+
+
+def _text_of(item, field: str | None, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        for name in [field] if field else ["text", "Text"]:
+            if name in item and isinstance(item[name], str):
+                return item[name]
+    raise ValueError(f"{where}: no text field {field or 'text/Text'} in corpus item {str(item)[:80]!r}")
+
+
+def read_corpus(cfg: CovarianceConfig) -> tuple[list[str], str]:
+    """The first ``num_samples`` non-empty texts and a string identifying the corpus content."""
+    corpus = cfg.corpus
+    if corpus == "demo":
+        raw = resources.files("editlab.data").joinpath("demo_corpus.txt").read_bytes()
+        items, ident = raw.decode().splitlines(), "demo:" + hashlib.sha256(raw).hexdigest()[:16]
+    elif os.path.exists(corpus):
+        raw = Path(corpus).read_bytes()
+        ident = f"file:{Path(corpus).name}:" + hashlib.sha256(raw).hexdigest()[:16]
+        text = gzip.decompress(raw).decode() if corpus.endswith(".gz") else raw.decode()
+        name = corpus[:-3] if corpus.endswith(".gz") else corpus
+        if name.endswith(".txt"):
+            items = text.splitlines()
+        elif name.endswith(".jsonl"):
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif name.endswith(".json"):
+            items = json.loads(text)
+        else:
+            raise ValueError(f"option covariance.corpus={corpus!r}: expected .txt, .json, .jsonl (optionally .gz)")
+    else:
+        import datasets
+
+        ds = datasets.load_dataset(corpus, split=cfg.split)
+        items, ident = ds.select(range(min(len(ds), cfg.num_samples * 2))), f"hub:{corpus}:{cfg.split}:{ds._fingerprint}"
+    texts = [t for t in (_text_of(x, cfg.text_field, corpus) for x in items) if t.strip()]
+    if len(texts) < cfg.num_samples:
+        raise ValueError(
+            f"option covariance.num_samples={cfg.num_samples}: corpus {corpus!r} has only {len(texts)} texts"
+        )
+    return texts[: cfg.num_samples], ident
+
+
+def model_fingerprint(model) -> str:
+    """A cheap digest of the weights (per-tensor sums), so a cache never crosses models."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"{name}:{tuple(p.shape)}:{float(p.float().sum()):.6e}:{float(p.float().abs().sum()):.6e}".encode())
+    return h.hexdigest()[:24]
+
+
+def cache_key(model_id: str, fingerprint: str, view: ModelView, layer: int, cfg: CovarianceConfig, corpus_id: str) -> dict:
+    return {
+        "version": STATS_VERSION,
+        "model": model_id,
+        "fingerprint": fingerprint,
+        "layer": layer,
+        "module": view.ffn_out_name(layer),
+        "corpus": corpus_id,
+        "text_field": cfg.text_field,
+        "num_samples": cfg.num_samples,
+        "max_length": cfg.max_length,
+        "dtype": cfg.dtype,
+    }
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "stats" / f"mom2_l{key['layer']}_{digest}.pt"
+
+
+def load_cached(path: Path, key: dict) -> SecondMoment | None:
+    if not path.exists():
+        return None
+    blob = torch.load(path, weights_only=True, map_location="cpu")
+    stored = blob.get("key")
+    if stored != key:
+        diff = {k: (stored.get(k) if isinstance(stored, dict) else None, key[k]) for k in key
+                if not isinstance(stored, dict) or stored.get(k) != key[k]}
+        raise StaleCacheError(f"covariance cache {path} does not match this run (stored, wanted): {diff}; delete it")
+    mom = SecondMoment(blob["sum"].shape[0], blob["sum"].dtype, "cpu")
+    mom.sum, mom.count = blob["sum"], int(blob["count"])
+    return mom
+
+
+def save_cached(path: Path, key: dict, mom: SecondMoment) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "sum": mom.sum.cpu(), "count": mom.count}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+
+
+@torch.no_grad()
+def accumulate_second_moments(
+    view: ModelView, tok, texts: list[str], layers: list[int], cfg: CovarianceConfig, progress: bool = True
+) -> dict[int, SecondMoment]:
+    """Σ kkᵀ over every non-pad token, all layers in one pass stopped after the highest layer."""
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    d_ff = view.ffn_out(layers[0]).weight.numel() // view.model.config.hidden_size
+    moms = {layer: SecondMoment(d_ff, dtype, view.device) for layer in layers}
+    bar = tqdm(total=len(texts), desc="covariance", unit="text", disable=not progress, file=sys.stderr, leave=False)
+    for start in range(0, len(texts), cfg.batch_size):
+        enc = tok(texts[start : start + cfg.batch_size], truncation=True, max_length=cfg.max_length,
+                  padding=True, return_tensors="pt").to(view.device)
+        keys, _ = trace(view, enc["input_ids"], enc["attention_mask"], key_layers=layers)
+        real = enc["attention_mask"].bool()  # [B, S]
+        for layer in layers:
+            moms[layer].update(keys[layer][real])  # [tokens, d_ff]
+        bar.update(enc["input_ids"].shape[0])
+    bar.close()
+    return moms
+
+
+def second_moments(
+    view: ModelView, tok, model_id: str, fingerprint: str, layers: list[int], cfg: CovarianceConfig,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """E[kkᵀ] per layer, [d_ff, d_ff], from the disk cache or computed (and cached) now."""
+    texts, corpus_id = read_corpus(cfg)
+    keys = {layer: cache_key(model_id, fingerprint, view, layer, cfg, corpus_id) for layer in layers}
+    found = {layer: load_cached(cache_path(k), k) for layer, k in keys.items()} if cfg.use_cache else {}
+    missing = [layer for layer in layers if found.get(layer) is None]
+    if missing:
+        computed = accumulate_second_moments(view, tok, texts, missing, cfg, progress)
+        for layer, mom in computed.items():
+            found[layer] = mom
+            if cfg.use_cache:
+                save_cached(cache_path(keys[layer]), keys[layer], mom)
+    return {layer: found[layer].mean().to(view.device) for layer in layers}

