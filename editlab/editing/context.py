@@ -40,7 +40,6 @@ def sample_continuations(model, tok, starts: list[str], length: int, top_k: int,
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
     rows = [tok(s)["input_ids"] for s in starts]
-    prompt_lens = [len(r) for r in rows]
     for _ in range(length):
         batch = pad(rows, tok.pad_token_id).to(device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
@@ -49,7 +48,7 @@ def sample_continuations(model, tok, starts: list[str], length: int, top_k: int,
         choice = torch.multinomial(values.softmax(-1), 1, generator=gen)  # [B, 1]
         nxt = indices.gather(1, choice).squeeze(1)
         rows = [r + [int(t)] for r, t in zip(rows, nxt)]
-    return [tok.decode(r, skip_special_tokens=True) for r, n in zip(rows, prompt_lens)]
+    return [tok.decode(r, skip_special_tokens=True) for r in rows]
 
 
 def make_context_templates(model, tok, cfg: ContextTemplates, seed: int) -> list[str]:

@@ -193,7 +193,7 @@ def optimize_targets(
             loss = nll[act_req] + cfg.kl_factor * kl + wd  # [a]
         last_loss[act_req] = loss.detach()
         last_nll[act_req] = nll[act_req].detach()
-        bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.mean()):.3f}")
+        bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach().mean()):.3f}")
         done = loss.detach() < cfg.early_stop_loss
         if it == cfg.steps - 1:
             break

@@ -1,7 +1,9 @@
 """Architecture registry keyed by ``config.model_type`` (never by the model's name).
 
-Each entry names, as attribute paths from the *CausalLM* object, the list of decoder layers and,
-relative to one layer, the FFN out-projection that locate-and-edit methods rewrite.
+Each entry names, as attribute paths from the *CausalLM* object, the list of decoder layers,
+relative to one layer the FFN out-projection that locate-and-edit methods rewrite, and the final
+norm. The unembedding is taken from ``get_output_embeddings()`` (GPT-NeoX renamed ``embed_out``
+to ``lm_head`` in transformers 5; the HF accessor follows such renames).
 """
 
 from __future__ import annotations
@@ -17,19 +19,15 @@ class ArchSpec:
     layers: str  # path to the ModuleList of decoder layers
     ffn_out: str  # path, inside one layer, to the FFN out-projection (edited matrix)
     final_norm: str
-    unembed: str
-    embed: str
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "lm_head", "transformer.wte"),
-    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "lm_head", "transformer.wte"),
-    "llama": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head", "model.embed_tokens"),
-    "mistral": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head", "model.embed_tokens"),
-    "qwen2": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "lm_head", "model.embed_tokens"),
-    "gpt_neox": ArchSpec(
-        "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "embed_out", "gpt_neox.embed_in"
-    ),
+    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f"),
+    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f"),
+    "llama": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "mistral": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "qwen2": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
 }
 
 
@@ -86,7 +84,10 @@ class ModelView:
         return get_module(self.model, self.spec.final_norm)
 
     def unembed(self) -> nn.Module:
-        return get_module(self.model, self.spec.unembed)
+        head = self.model.get_output_embeddings()
+        if head is None:
+            raise AttributeError(f"{type(self.model).__name__} has no output embeddings (not a causal LM head?)")
+        return head
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,102 @@
+"""``editlab fit|validate|test`` — the Lightning CLI with editlab's defaults.
+
+Every run writes into ``--trainer.default_root_dir`` itself (no nested version folder): the
+resolved config, metrics.csv of the default CSV logger, cases.jsonl and summary.json. The last
+line ``editlab fit`` prints is the path of summary.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from editlab.data.datamodule import EditDataModule
+from editlab.lightning.module import EditingModule
+
+DEFAULT_ROOT = "runs/editlab"
+
+
+class RunDirConfig(SaveConfigCallback):
+    """Save the resolved config into the run directory itself."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, root / self.config_filename, skip_none=False,
+                         overwrite=self.overwrite, multifile=self.multifile)
+        self.already_saved = True
+
+
+class EditLabCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True) -> None:
+        super().__init__(
+            EditingModule,
+            EditDataModule,
+            save_config_callback=RunDirConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "max_epochs": 1,
+                "accelerator": "cpu",
+                "devices": 1,
+                "default_root_dir": DEFAULT_ROOT,
+                "enable_checkpointing": False,
+                "num_sanity_val_steps": 0,
+                "log_every_n_steps": 1,
+                "enable_model_summary": False,
+                # Tensors made under inference mode cannot enter autograd later (z optimisation).
+                "inference_mode": False,
+            },
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.trainer
+        root = trainer.default_root_dir or DEFAULT_ROOT
+        trainer.default_root_dir = root
+        # Default logger: CSV written straight into the run directory. A configured logger
+        # without a save_dir gets the run directory too.
+        logger = trainer.logger
+        if logger is None or logger is True:
+            from jsonargparse import Namespace
+
+            trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=root, name="", version=""),
+            )
+        else:
+            for item in logger if isinstance(logger, list) else [logger]:
+                init = getattr(item, "init_args", None)
+                if init is not None and "save_dir" in init and init.save_dir in (None, ".", ""):
+                    init.save_dir = root
+                if init is not None and "name" in init and "CSVLogger" in str(item.class_path):
+                    init.name, init.version = "", ""
+
+    def after_fit(self) -> None:
+        summary = getattr(self.model, "summary_path", None)
+        if summary is None:
+            raise RuntimeError("the edit stream ended without writing summary.json")
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+        except ImportError:
+            pass
+        sys.stdout.flush()
+        print(os.fspath(summary), flush=True)
+
+
+def main(args=None) -> None:
+    EditLabCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

