@@ -20,7 +20,8 @@ DEFAULT_ROOT = "runs/editlab"
 
 
 class RunDirConfig(SaveConfigCallback):
-    """Save the resolved config into the run directory itself."""
+    """Save the resolved config into the run directory itself, and give it to every logger as the
+    run's hyperparameters (W&B shows it as the run config)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
@@ -29,6 +30,9 @@ class RunDirConfig(SaveConfigCallback):
         root.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, root / self.config_filename, skip_none=False,
                          overwrite=self.overwrite, multifile=self.multifile)
+        resolved = self.config.clone().as_dict()
+        for logger in trainer.loggers:
+            logger.log_hyperparams(resolved)
         self.already_saved = True
 
 
@@ -79,6 +83,9 @@ class EditLabCLI(LightningCLI):
                 if init is not None and "name" in init and "CSVLogger" in str(item.class_path):
                     init.name, init.version = "", ""
 
+    def after_test(self) -> None:
+        self.after_fit()
+
     def after_fit(self) -> None:
         summary = getattr(self.model, "summary_path", None)
         if summary is None:
@@ -94,8 +101,13 @@ class EditLabCLI(LightningCLI):
         print(os.fspath(summary), flush=True)
 
 
-def main(args=None) -> None:
-    EditLabCLI(args=args)
+def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "report":
+        from editlab.report import report_main
+
+        sys.exit(report_main(argv[1:]))
+    EditLabCLI(args=argv)
 
 
 if __name__ == "__main__":

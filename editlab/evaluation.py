@@ -1,14 +1,26 @@
-"""Per-case evaluation of edit requests: rewrite (efficacy), paraphrase (generalization) and
-neighbourhood (specificity) prompts, each scored for target_new and target_true."""
+"""Evaluation of an edit stream.
+
+Editing metrics per case: rewrite (efficacy), paraphrase (generalization) and neighbourhood
+(specificity) prompts, each answer teacher-forced; aggregated by torchmetrics classes (mean per
+case, then over cases). Quality metrics on the model itself: fluency and consistency of seeded
+generations, perplexity on ME-PPL-50, general-ability probes.
+"""
 
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from editlab.metrics.editing import PromptAccuracy, PromptSuccess, TokenAccuracy, harmonic_mean
 from editlab.metrics.functional import score_answers
+from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
+from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
 from editlab.models.arch import ModelView
+from editlab.probes import ProbeConfig, run_probes
 from editlab.types import EditRequest
 
 FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}
@@ -46,6 +58,167 @@ def evaluate_cases(view: ModelView, tok, requests: list[EditRequest], batch_size
             "token_acc": float(scores["token_acc"][k]),
         }
     return cases
+
+
+@dataclass
+class EvaluationConfig:
+    """When and what to evaluate.
+
+    Args:
+        timing: ``immediate`` (each step's requests right after that step), ``periodic`` (every
+            ``every_n_steps`` steps, all edits so far) or ``final`` (after the stream).
+        every_n_steps: period of ``periodic`` evaluation.
+        batch_size: prompts per forward.
+        fluency: generate from the generation prompts and report fluency (and consistency).
+        generation_cases: at most this many edited cases (the first ones) are generated from;
+            None uses all.
+        generation_prompts_per_case: generation prompts used per case (CounterFact has 10).
+        max_new_tokens: tokens generated per prompt (new tokens, prompt excluded).
+        top_k: top-k sampling of the generation (seeded by the module's seed).
+        me_ppl: path of ME-PPL_50.json for the collapse perplexity; None leaves it out.
+        consistency_reference: directory with ``attribute_snippets.json``, ``idf.npy`` and
+            ``tfidf_vocab.json``; without them consistency is absent and the summary says why.
+        probes: general-ability probe tasks.
+    """
+
+    timing: Literal["immediate", "periodic", "final"] = "final"
+    every_n_steps: int = 10
+    batch_size: int = 32
+    fluency: bool = True
+    generation_cases: int | None = 100
+    generation_prompts_per_case: int = 1
+    max_new_tokens: int = 100
+    top_k: int = 5
+    me_ppl: str | None = None
+    consistency_reference: str | None = None
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        if self.timing not in ("immediate", "periodic", "final"):
+            raise ValueError(f"option evaluation.timing={self.timing!r}: use immediate, periodic or final")
+        if self.every_n_steps < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid evaluation options: {self}")
+
+
+def _prompt_table(cases: list[dict], family: str) -> dict[str, torch.Tensor]:
+    """Flatten one prompt family of whole cases into per-prompt tensors with case indices."""
+    nll_e, nll_c, exact, tacc, index, has_comp = [], [], [], [], [], []
+    for i, case in enumerate(cases):
+        for entry in case[family]:
+            nll_e.append(entry["expected"]["nll"])
+            exact.append(entry["expected"]["exact"])
+            tacc.append(entry["expected"]["token_acc"])
+            has_comp.append("competitor" in entry)
+            nll_c.append(entry["competitor"]["nll"] if "competitor" in entry else float("nan"))
+            index.append(i)
+    t = torch.tensor
+    return {"nll_expected": t(nll_e, dtype=torch.float64), "nll_competitor": t(nll_c, dtype=torch.float64),
+            "exact": t(exact, dtype=torch.bool), "token_acc": t(tacc, dtype=torch.float64),
+            "case_index": t(index, dtype=torch.long), "has_competitor": t(has_comp, dtype=torch.bool)}
+
+
+def editing_metrics(cases: list[dict]) -> dict[str, float]:
+    """Efficacy / generalization / specificity: success (NLL comparison, when the case has a
+    competing answer), accuracy (all tokens greedy) and token accuracy; zsRE names for zsRE.
+
+    The score is the harmonic mean of the three success rates (CounterFact) or of the three
+    token accuracies (zsRE, which has no competing answer)."""
+    out: dict[str, float] = {}
+    for family, metric in FAMILIES.items():
+        table = _prompt_table(cases, family)
+        if len(table["case_index"]) == 0:
+            continue
+        idx = table["case_index"]
+        acc, tacc = PromptAccuracy(), TokenAccuracy()
+        acc.update(table["exact"], idx)
+        tacc.update(table["token_acc"], idx)
+        out[f"{metric}_accuracy"] = float(acc.compute())
+        out[f"{metric}_token_accuracy"] = float(tacc.compute())
+        if bool(table["has_competitor"].all()):
+            succ = PromptSuccess()
+            succ.update(table["nll_expected"], table["nll_competitor"], idx)
+            out[f"{metric}_success"] = float(succ.compute())
+    parts = ["efficacy", "generalization", "specificity"]
+    if all(f"{p}_success" in out for p in parts):
+        out["score"] = harmonic_mean([out[f"{p}_success"] for p in parts])
+    elif all(f"{p}_token_accuracy" in out for p in parts):
+        out["score"] = harmonic_mean([out[f"{p}_token_accuracy"] for p in parts])
+    return out
+
+
+def case_summary(case: dict) -> dict[str, float]:
+    """What cases.jsonl shows per case: rewrite probabilities and per-case metric values."""
+    return {**rewrite_probs(case), **case_flags(case)}
+
+
+class Evaluator:
+    """Runs the configured metrics on the current model. Reference data (ME-PPL-50, the
+    consistency files) is read once at construction, before the first edit."""
+
+    def __init__(self, cfg: EvaluationConfig, view: ModelView, tok, seed: int = 0, progress: bool = True) -> None:
+        self.cfg, self.view, self.tok, self.seed, self.progress = cfg, view, tok, seed, progress
+        self.me_ppl_texts = load_me_ppl(cfg.me_ppl) if cfg.me_ppl else None
+        self.reference, reason = consistency_reference(cfg.consistency_reference)
+        self.consistency_reason = None if self.reference is not None else reason
+        self.probe_tasks = cfg.probes.load() if cfg.probes.enabled else []
+        self.quality_keys = {"fluency", "consistency", "me_ppl50_perplexity"} | {
+            f"probe/{t.name}_accuracy" for t in self.probe_tasks
+        }
+
+    def evaluate(self, requests: list[EditRequest], quality: bool) -> tuple[list[dict], dict]:
+        cases = evaluate_cases(self.view, self.tok, requests, self.cfg.batch_size)
+        metrics = self.summarise_cases(cases)
+        if quality:
+            metrics.update(self.quality(requests))
+        return cases, metrics
+
+    def summarise_cases(self, cases: list[dict]) -> dict[str, float]:
+        return editing_metrics(cases)
+
+    case_summary = staticmethod(case_summary)
+
+    def quality(self, requests: list[EditRequest]) -> dict:
+        out: dict = {}
+        if self.cfg.fluency:
+            out.update(self.generation_metrics(requests))
+        if self.me_ppl_texts is not None:
+            ppl = Perplexity()
+            ppl.update(*sequence_nll(self.view.model, self.tok, self.me_ppl_texts, self.cfg.batch_size))
+            out["me_ppl50_perplexity"] = float(ppl.compute())
+        out.update(self.probes())
+        return out
+
+    def probes(self) -> dict[str, float]:
+        if not self.probe_tasks:
+            return {}
+        return run_probes(self.view.model, self.tok, self.probe_tasks, self.cfg.probes.batch_size)
+
+    def generation_metrics(self, requests: list[EditRequest]) -> dict:
+        cfg = self.cfg
+        chosen = [r for r in requests if r.generation_prompts][: cfg.generation_cases or None]
+        if not chosen:
+            return {"fluency_reason": "no request has generation prompts"}
+        prompts = [p for r in chosen for p in r.generation_prompts[: cfg.generation_prompts_per_case]]
+        owner = [i for i, r in enumerate(chosen) for _ in r.generation_prompts[: cfg.generation_prompts_per_case]]
+        if self.progress:
+            print(f"[editlab] generating {len(prompts)} texts for fluency", file=sys.stderr)
+        texts = generate_text(self.view.model, self.tok, prompts, cfg.max_new_tokens, cfg.top_k, self.seed,
+                              batch_size=cfg.batch_size)
+        flu = Fluency()
+        flu.update(texts, owner)
+        out: dict = {"fluency": float(flu.compute())}
+        if self.reference is None:
+            out["consistency_reason"] = self.consistency_reason
+            return out
+        per_case = [[t for t, o in zip(texts, owner) if o == i] for i in range(len(chosen))]
+        known = [(g, r) for g, r in zip(per_case, chosen) if r.relation_id and r.target_new_id]
+        if not known:
+            out["consistency_reason"] = "no request carries relation_id and target_new id"
+            return out
+        cons = Consistency(self.reference)
+        cons.update([g for g, _ in known], [r.relation_id for _, r in known], [r.target_new_id for _, r in known])
+        out["consistency"] = float(cons.compute())
+        return out
 
 
 def case_flags(case: dict) -> dict[str, float]:

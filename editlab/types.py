@@ -31,6 +31,8 @@ class EditRequest:
     generation_prompts: list[str] = field(default_factory=list)
     attribute_prompts: list[str] = field(default_factory=list)
     source: str = ""
+    relation_id: str | None = None
+    target_new_id: str | None = None
 
     @property
     def rewrite_prompt(self) -> str:

@@ -47,6 +47,7 @@ def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
         "--model.method.context.length": "3",
         "--model.method.covariance.corpus": str(corpus),
         "--model.method.covariance.num_samples": "20",
+        "--model.evaluation.max_new_tokens": "8",
         "--data.path": data,
         "--data.num_edits": "4",
         "--data.edits_per_step": "2",

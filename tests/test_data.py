@@ -468,6 +468,8 @@ def reference_request(rec: dict) -> EditRequest:
         generation_prompts=rec.get("generation_prompts", []),
         attribute_prompts=rec.get("attribute_prompts", []),
         source="counterfact",
+        relation_id=rw.get("relation_id") if isinstance(rw.get("relation_id"), str) else None,
+        target_new_id=rw["target_new"].get("id") if isinstance(rw["target_new"].get("id"), str) else None,
     )
 
 

@@ -88,3 +88,7 @@ class EditDataModule(lightning.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """One EditBatch per step, in order."""
         return DataLoader(self.steps(), batch_size=None, shuffle=False, collate_fn=keep_batch)
+
+    def test_dataloader(self) -> DataLoader:
+        """``editlab test``: the same batches, evaluated without editing."""
+        return self.train_dataloader()

