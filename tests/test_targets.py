@@ -1,5 +1,6 @@
 """Batched z optimisation equals per-request optimisation; the loss goes down."""
 
+import pytest
 import torch
 
 from editlab.editing.keys import keys_and_outputs
@@ -63,3 +64,23 @@ def test_early_stop_removes_converged_requests():
     res = optimize_targets(view, tok, facts(), TEMPLATES, 1, TargetConfig(steps=10, early_stop_loss=1e9),
                            progress=False)
     assert (res.steps == 0).all() and torch.equal(res.z, res.h)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
+def test_prefix_cache_gives_the_same_targets_as_full_forwards(model_type):
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg_model = tiny_config(model_type, len(tok))
+    cfg_model.initializer_range = 0.3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg_model).eval().requires_grad_(False)
+    view = ModelView.of(model)
+    reqs = facts()  # "Microsoft" is the first token of its prompt: a row with an empty prefix
+    cfg = TargetConfig(steps=6, lr=0.2)
+    fast = optimize_targets(view, tok, reqs, TEMPLATES, 1, cfg, progress=False)
+    slow = optimize_targets(view, tok, reqs, TEMPLATES, 1, TargetConfig(steps=6, lr=0.2, prefix_cache=False),
+                            progress=False)
+    torch.testing.assert_close(fast.h, slow.h, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.z, slow.z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-4, atol=1e-4)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from editlab.editing.prompts import answer_ids, pad, subject_last_index
+from editlab.editing.prompts import PaddedBatch, answer_ids, pad, subject_last_index
 from editlab.models.arch import ModelView
+from editlab.models.cache import select_cache_rows
 from editlab.models.hooks import edit_output
 from editlab.types import EditRequest
 
@@ -32,6 +33,10 @@ class TargetConfig:
         kl_factor: weight of the KL term on "{subject} is a" that keeps the subject's meaning.
         kl_prompt: the essence prompt of the KL term.
         early_stop_loss: a request whose loss is below this stops optimising.
+        prefix_cache: compute the tokens before each row's subject once per step and reuse their
+            keys/values in every optimisation step (δ enters at the subject's last token, so in a
+            causal model nothing before it depends on δ). False runs the whole row every step,
+            as the reference does; both give the same z.
     """
 
     lr: float = 0.5
@@ -41,6 +46,7 @@ class TargetConfig:
     kl_factor: float = 0.0625
     kl_prompt: str = "{} is a"
     early_stop_loss: float = 5e-2
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.steps < 1 or self.clamp_norm_factor <= 0:
@@ -121,6 +127,62 @@ class RowAdam:
         param[rows] -= (self.lr / bc1) * self.m[rows] / denom
 
 
+class FullForward:
+    """Every optimisation step runs each row from its first token (the reference's way)."""
+
+    def __init__(self, view: ModelView, tr: TargetRows, full: PaddedBatch, edit_pos: torch.Tensor, pad_id: int):
+        self.base, self.full = view.model.base_model, full
+        self.zero = torch.zeros(len(tr.batch_rows), dtype=torch.long, device=full.input_ids.device)
+
+    def offset(self, row_sel: torch.Tensor) -> torch.Tensor:
+        return self.zero[row_sel]
+
+    def __call__(self, row_sel: torch.Tensor) -> torch.Tensor:
+        width = int(self.full.lengths[row_sel].max())
+        ids = self.full.input_ids[row_sel, :width]
+        mask = self.full.attention_mask[row_sel, :width]
+        return self.base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+class PrefixCachedForward:
+    """Tokens before each row's edit position are run once (no grad) into a KV cache; every
+    optimisation step runs only the rest of the rows on top of the cached rows it needs."""
+
+    def __init__(self, view: ModelView, tr: TargetRows, full: PaddedBatch, edit_pos: torch.Tensor, pad_id: int):
+        device = full.input_ids.device
+        self.base = view.model.base_model
+        self.prefix_len = edit_pos.clone()  # [R]
+        prefixes = [row[:p] for row, p in zip(tr.batch_rows, edit_pos.tolist())]
+        suffixes = [row[p:] for row, p in zip(tr.batch_rows, edit_pos.tolist())]
+        self.suffix = pad(suffixes, pad_id).to(device)
+        self.suffix.lengths = self.suffix.lengths.to(device)
+        self.cache = None
+        self.prefix_mask = torch.zeros(len(prefixes), 0, dtype=torch.long, device=device)
+        if max(len(p) for p in prefixes) > 0:
+            pre = pad([p or [pad_id] for p in prefixes], pad_id).to(device)
+            self.prefix_mask = pre.attention_mask.clone()
+            run_mask = pre.attention_mask.clone()
+            # A row with no prefix gets one dummy token to attend to, so its cached states are
+            # finite; the real mask hides that token from the row's suffix.
+            empty = torch.tensor([len(p) == 0 for p in prefixes], device=device)
+            self.prefix_mask[empty, 0] = 0
+            with torch.no_grad():
+                out = self.base(input_ids=pre.input_ids, attention_mask=run_mask, use_cache=True)
+            self.cache = out.past_key_values
+
+    def offset(self, row_sel: torch.Tensor) -> torch.Tensor:
+        return self.prefix_len[row_sel]
+
+    def __call__(self, row_sel: torch.Tensor) -> torch.Tensor:
+        width = int(self.suffix.lengths[row_sel].max())
+        ids = self.suffix.input_ids[row_sel, :width]
+        mask = torch.cat([self.prefix_mask[row_sel], self.suffix.attention_mask[row_sel, :width]], dim=1)
+        positions = self.prefix_len[row_sel, None] + torch.arange(width, device=ids.device)  # [r, S]
+        cache = select_cache_rows(self.cache, row_sel) if self.cache is not None else None
+        return self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=cache is not None).last_hidden_state
+
+
 def _row_means(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
     count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, torch.ones_like(values))
@@ -140,6 +202,7 @@ def optimize_targets(
     tr = target_rows(tok, requests, templates, cfg.kl_prompt)
     n = tr.n_requests
     full = pad(tr.batch_rows, tok.pad_token_id).to(device)
+    full.lengths = full.lengths.to(device)
     edit_pos, owner, is_kl = tr.edit_pos.to(device), tr.owner.to(device), tr.is_kl.to(device)
     tgt_row, tgt_pos, tgt_id = tr.tgt_row.to(device), tr.tgt_pos.to(device), tr.tgt_id.to(device)
     d_model = view.model.config.hidden_size
@@ -150,7 +213,8 @@ def optimize_targets(
     active = torch.ones(n, dtype=torch.bool, device=device)
     last_loss = torch.zeros(n, device=device)
     last_nll = torch.zeros(n, device=device)
-    unembed, base = view.unembed(), view.model.base_model
+    unembed = view.unembed()
+    rows_forward = (PrefixCachedForward if cfg.prefix_cache else FullForward)(view, tr, full, edit_pos, tok.pad_token_id)
     bar = tqdm(range(cfg.steps), desc=f"z ({n} requests)", disable=not progress, file=sys.stderr, leave=False)
     for it in bar:
         act_req = active.nonzero().squeeze(1)  # [a]
@@ -158,11 +222,10 @@ def optimize_targets(
         # Local indices of the selected rows, to gather from the sub-batch.
         local = torch.full((len(owner),), -1, device=device, dtype=torch.long)
         local[row_sel] = torch.arange(len(row_sel), device=device)
-        width = int(full.lengths[row_sel.cpu()].max())
-        ids = full.input_ids[row_sel, :width]
-        mask = full.attention_mask[row_sel, :width]
         d = delta.clone().requires_grad_(True)
-        sel_pos, sel_owner = edit_pos[row_sel], owner[row_sel]
+        sel_owner = owner[row_sel]
+        offset = rows_forward.offset(row_sel)  # [r] absolute position of each row's first computed token
+        sel_pos = edit_pos[row_sel] - offset
         first = it == 0
 
         def add_delta(out: torch.Tensor) -> torch.Tensor:  # out: [r, S, d_model]
@@ -173,16 +236,18 @@ def optimize_targets(
             return out.index_put((ar, sel_pos), d[sel_owner].to(out.dtype), accumulate=True)
 
         with torch.enable_grad(), edit_output(view.layer(layer), f"layer {layer}", add_delta):
-            hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [r, S, d]
+            hidden = rows_forward(row_sel)  # [r, S, d]
             tsel = active[owner[tgt_row]]
             t_rows = local[tgt_row[tsel]]
-            logits = unembed(hidden[t_rows, tgt_pos[tsel]]).float()  # [t, V]: only where the loss needs it
+            t_pos = tgt_pos[tsel] - offset[t_rows]
+            logits = unembed(hidden[t_rows, t_pos]).float()  # [t, V]: only where the loss needs it
             tok_nll = -logits.log_softmax(-1).gather(1, tgt_id[tsel].unsqueeze(1)).squeeze(1)  # [t]
             row_nll = _row_means(tok_nll, t_rows, len(row_sel))  # [r]
             rewrite = ~is_kl[row_sel]
             nll = _row_means(row_nll[rewrite], sel_owner[rewrite], n)  # [n]
             kl_rows = is_kl[row_sel].nonzero().squeeze(1)
-            kl_logp = unembed(hidden[kl_rows, full.lengths[row_sel[kl_rows]] - 1]).float().log_softmax(-1)
+            kl_last = full.lengths[row_sel[kl_rows]] - 1 - offset[kl_rows]
+            kl_logp = unembed(hidden[kl_rows, kl_last]).float().log_softmax(-1)
             if first:
                 kl_init = kl_logp.detach()
             # KL(current || initial) on the essence prompt, as the reference computes it.
