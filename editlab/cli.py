@@ -101,8 +101,19 @@ class EditLabCLI(LightningCLI):
         print(os.fspath(summary), flush=True)
 
 
+def quiet_expected_warnings() -> None:
+    """Lightning warns about two things editlab does on purpose: the frozen LM stays in eval mode
+    during fit, and the module (not the data module) decides that batches of strings stay put."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
+    warnings.filterwarnings("ignore", message=r".*`configure_optimizers` returned `None`.*")
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    quiet_expected_warnings()
     if argv and argv[0] == "report":
         from editlab.report import report_main
 

@@ -114,3 +114,51 @@ def test_unknown_model_type_is_named(tmp_path):
     proc = run_cli(args, tmp_path)
     assert proc.returncode != 0
     assert "unknown model_type 'opt'" in proc.stderr
+
+
+def test_wandb_offline_run_records_the_step_metrics(tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))
+    args += ["--trainer.logger+=lightning.pytorch.loggers.CSVLogger",
+             f"--trainer.logger.save_dir={run}", "--trainer.logger.name=", "--trainer.logger.version=",
+             "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
+             "--trainer.logger.project=editlab-test", f"--trainer.logger.save_dir={run}",
+             "--trainer.logger.log_model=false"]
+    env_mode = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDITLAB_CACHE": str(tmp_path / "cache"), **env_mode}
+    proc = subprocess.run([sys.executable, "-m", "editlab.cli", "fit", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(run / "summary.json")
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    blob = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in (b"edit/z_loss", b"edit/seconds_step", b"eval/efficacy_success", b"cases", b"mom2_weight"):
+        assert key in blob, key
+    assert (run / "metrics.csv").is_file()
+
+
+def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp_path):
+    data = str(SHARED_DATA / "multi_counterfact.json.gz")
+    proc = run_cli(tiny_args(tmp_path, data, **{"--model.export": "true"}), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fit = json.loads((tmp_path / "run" / "summary.json").read_text())
+    exported = tmp_path / "run" / "edited_model"
+    assert (exported / "model.safetensors").is_file()
+    args = tiny_args(tmp_path, data, **{"--model.model": str(exported),
+                                        "--trainer.default_root_dir": str(tmp_path / "tested")})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(tmp_path / "cache")}
+    test = subprocess.run([sys.executable, "-m", "editlab.cli", "test", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert test.stdout.strip().splitlines()[-1] == str(tmp_path / "tested" / "summary.json")
+    tested = json.loads((tmp_path / "tested" / "summary.json").read_text())
+    assert tested["timing"] == "test" and tested["evaluated"] == 4
+    for key in ("efficacy_success", "generalization_success", "specificity_success", "efficacy_token_accuracy"):
+        assert tested[key] == pytest.approx(fit[key], abs=1e-6), key
+    report = subprocess.run([sys.executable, "-m", "editlab.cli", "report", str(tmp_path / "run"),
+                             str(tmp_path / "tested"), "--out", str(tmp_path / "cmp")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    table = (tmp_path / "cmp" / "report.md").read_text()
+    assert "run" in table and "tested" in table
