@@ -49,7 +49,12 @@ class EditBatch(list):
 
 @dataclass
 class EditResult:
-    """What one method application reports: scalars for logging, tensors kept for state."""
+    """What one method application reports.
+
+    ``scalars`` are logged per step; ``details`` (JSON-able: lists, dicts) go into steps.jsonl;
+    ``per_request[case_id]`` (JSON-able) goes into that case's line of cases.jsonl under "edit".
+    """
 
     scalars: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
     per_request: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -275,3 +275,234 @@ def optimize_targets(
         active[act_req[done]] = False
     bar.close()
     return TargetResult(z=h + delta, h=h, loss=last_loss, nll=last_nll, steps=adam.t.clone())
+
+
+# --- ECE's two-step z (Zhang et al. 2025, eq. 11–13) -------------------------------------------
+
+
+@dataclass
+class OffsetDescent:
+    """What :func:`descend_offsets` returns (rows in the order of its requests)."""
+
+    delta: torch.Tensor  # [n, d_model] the optimised offset, on top of ``base``
+    h: torch.Tensor  # [n, d_model] initial residual at the z layer (bare prompt)
+    loss: torch.Tensor  # [n] last measured loss
+    nll: torch.Tensor  # [n] last measured target NLL
+    updates: torch.Tensor  # [n] gradient updates applied to each row
+
+
+def descend_offsets(
+    view: ModelView,
+    tok,
+    requests: list[EditRequest],
+    templates: list[str],
+    layer: int,
+    cfg: TargetConfig,
+    steps: int,
+    base: torch.Tensor | None = None,
+    update_last: bool = False,
+    progress: bool = True,
+    desc: str = "z",
+) -> OffsetDescent:
+    """``optimize_targets``' loop generalised to a fixed offset ``base`` [n, d_model] under the
+    optimised rows: the residual at the subject's last token becomes h + base + δ.
+
+    Same loss (NLL over the context templates + kl_factor·KL on the essence prompt + weight decay
+    on the whole shift ‖base + δ‖/‖h‖²), same per-row Adam, same early stop; the clamp projects the
+    whole shift base + δ into the ball of radius clamp_norm_factor·‖h‖. ``steps`` forwards are run
+    (``cfg.steps`` is not read); each is followed by an update except, when ``update_last`` is False,
+    the last one, which only measures (optimize_targets' rule). With base = 0 and update_last False
+    this computes exactly what ``optimize_targets`` computes with ``cfg.steps = steps``.
+
+    The KL reference is the unshifted distribution: with a non-zero base it comes from one extra
+    no-grad forward of the KL rows (the first optimisation forward already carries the base).
+    """
+    if steps < 1:
+        raise ValueError(f"descend_offsets needs steps >= 1, got {steps}")
+    device = view.device
+    tr = target_rows(tok, requests, templates, cfg.kl_prompt)
+    n = tr.n_requests
+    full = pad(tr.batch_rows, tok.pad_token_id).to(device)
+    full.lengths = full.lengths.to(device)
+    edit_pos, owner, is_kl = tr.edit_pos.to(device), tr.owner.to(device), tr.is_kl.to(device)
+    tgt_row, tgt_pos, tgt_id = tr.tgt_row.to(device), tr.tgt_pos.to(device), tr.tgt_id.to(device)
+    d_model = view.model.config.hidden_size
+    base = torch.zeros(n, d_model, device=device) if base is None else base.to(device=device, dtype=torch.float32)
+    if base.shape != (n, d_model):
+        raise ValueError(f"base must be [{n}, {d_model}], got {tuple(base.shape)}")
+    delta = torch.zeros(n, d_model, device=device, dtype=torch.float32)
+    adam = RowAdam(delta.shape, cfg.lr, device)
+    h = torch.zeros(n, d_model, device=device)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    last_loss = torch.zeros(n, device=device)
+    last_nll = torch.zeros(n, device=device)
+    unembed = view.unembed()
+    rows_forward = (PrefixCachedForward if cfg.prefix_cache else FullForward)(view, tr, full, edit_pos, tok.pad_token_id)
+    kl_init: torch.Tensor | None = None  # [n, V] log-probs on the KL prompt without any shift
+    if bool((base != 0).any()):
+        kl_all = is_kl.nonzero().squeeze(1)  # [n] one KL row per request, in request order
+        with torch.no_grad():
+            hid = rows_forward(kl_all)
+        last = full.lengths[kl_all] - 1 - rows_forward.offset(kl_all)
+        kl_init = unembed(hid[torch.arange(n, device=device), last]).float().log_softmax(-1)
+    bar = tqdm(range(steps), desc=f"{desc} ({n} rows)", disable=not progress, file=sys.stderr, leave=False)
+    for it in bar:
+        act_req = active.nonzero().squeeze(1)  # [a]
+        row_sel = active[owner].nonzero().squeeze(1)  # [r] rows of active requests
+        local = torch.full((len(owner),), -1, device=device, dtype=torch.long)
+        local[row_sel] = torch.arange(len(row_sel), device=device)
+        d = delta.clone().requires_grad_(True)
+        sel_owner = owner[row_sel]
+        offset = rows_forward.offset(row_sel)  # [r]
+        sel_pos = edit_pos[row_sel] - offset
+        first = it == 0
+
+        def shift_output(out: torch.Tensor) -> torch.Tensor:  # out: [r, S, d_model]
+            if first:
+                bare = (~is_kl[row_sel]) & (torch.arange(len(row_sel), device=device) < n)
+                h[sel_owner[bare]] = out[bare, sel_pos[bare]].detach().float()
+            ar = torch.arange(out.shape[0], device=device)
+            shift = (base + d)[sel_owner]  # [r, d_model]
+            return out.index_put((ar, sel_pos), shift.to(out.dtype), accumulate=True)
+
+        with torch.enable_grad(), edit_output(view.layer(layer), f"layer {layer}", shift_output):
+            hidden = rows_forward(row_sel)  # [r, S, d]
+            tsel = active[owner[tgt_row]]
+            t_rows = local[tgt_row[tsel]]
+            t_pos = tgt_pos[tsel] - offset[t_rows]
+            logits = unembed(hidden[t_rows, t_pos]).float()  # [t, V]
+            tok_nll = -logits.log_softmax(-1).gather(1, tgt_id[tsel].unsqueeze(1)).squeeze(1)  # [t]
+            row_nll = _row_means(tok_nll, t_rows, len(row_sel))  # [r]
+            rewrite = ~is_kl[row_sel]
+            nll = _row_means(row_nll[rewrite], sel_owner[rewrite], n)  # [n]
+            kl_rows = is_kl[row_sel].nonzero().squeeze(1)
+            kl_last = full.lengths[row_sel[kl_rows]] - 1 - offset[kl_rows]
+            kl_logp = unembed(hidden[kl_rows, kl_last]).float().log_softmax(-1)  # [a, V]
+            if kl_init is None:  # zero base: the first forward is the unshifted one
+                kl_init = kl_logp.detach()
+            kl = (kl_logp.exp() * (kl_logp - kl_init[act_req])).sum(-1)  # [a] KL(current || initial)
+            norm_h = h[act_req].norm(dim=1)
+            wd = cfg.weight_decay * (base[act_req] + d[act_req]).norm(dim=1) / norm_h**2
+            loss = nll[act_req] + cfg.kl_factor * kl + wd  # [a]
+        last_loss[act_req] = loss.detach()
+        last_nll[act_req] = nll[act_req].detach()
+        bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach().mean()):.3f}")
+        done = loss.detach() < cfg.early_stop_loss
+        if it == steps - 1 and not update_last:
+            break
+        keep = act_req[~done]
+        if len(keep) == 0:
+            active[act_req] = False
+            break
+        loss[~done].sum().backward()
+        adam.step(delta, d.grad[keep], keep)
+        with torch.no_grad():
+            max_norm = cfg.clamp_norm_factor * h[keep].norm(dim=1, keepdim=True)  # [k, 1]
+            total = base[keep] + delta[keep]  # [k, d_model] the whole shift is what is clamped
+            norm = total.norm(dim=1, keepdim=True)
+            total = torch.where(norm > max_norm, total * max_norm / norm, total)
+            delta[keep] = total - base[keep]
+        active[act_req[done]] = False
+    bar.close()
+    return OffsetDescent(delta=delta, h=h, loss=last_loss, nll=last_nll, updates=adam.t.clone())
+
+
+@dataclass
+class ClusterTargetResult(TargetResult):
+    """TargetResult of the two-step optimisation, with who shared what."""
+
+    shared: torch.Tensor  # [n, d_model] Uz_u of each request's cluster
+    cluster: torch.Tensor  # [n] cluster index of each request
+    is_anchor: torch.Tensor  # [n] bool
+    shared_updates: torch.Tensor  # [n] phase-1 updates of the request's cluster
+    instance_updates: torch.Tensor  # [n] phase-2 updates of the request's own δ_i
+    seconds_shared: float
+    seconds_instance: float
+
+
+def check_clusters(n: int, clusters: list[list[int]], anchors: list[int]) -> None:
+    """Clusters must partition range(n), each with its anchor among its members."""
+    flat = sorted(i for c in clusters for i in c)
+    if flat != list(range(n)):
+        raise ValueError(f"clusters must partition the {n} requests exactly, got {clusters}")
+    if len(anchors) != len(clusters) or any(a not in c for a, c in zip(anchors, clusters)):
+        raise ValueError(f"anchors {anchors} must name one member of each cluster {clusters}")
+
+
+def optimize_cluster_targets(
+    view: ModelView,
+    tok,
+    requests: list[EditRequest],
+    templates: list[str],
+    layer: int,
+    cfg: TargetConfig,
+    clusters: list[list[int]],
+    anchors: list[int],
+    shared_steps: int = 20,
+    instance_steps: int = 5,
+    progress: bool = True,
+) -> ClusterTargetResult:
+    """ECE's two-step z: z_i = h_i + Uz_u + δ_i (eq. 13) for request i in cluster u.
+
+    Phase 1 (eq. 11): one shift Uz_u per cluster, optimised on the cluster's anchor's loss only,
+    for ``shared_steps`` forward+update rounds — one padded forward over the anchors' rows, all
+    clusters batched. Phase 2 (eq. 12): every request's own δ_i on top of its cluster's Uz_u for
+    ``instance_steps`` forwards, all requests batched, the last forward only measuring (as in
+    optimize_targets). So 20 + 5 runs 25 forwards and 24 updates per request, as per-instance
+    optimisation with 25 steps does; phase 1's forwards cover only the anchors' rows.
+
+    Loss, clamp (of the whole shift Uz_u + δ_i to clamp_norm_factor·‖h_i‖) and early stop are
+    MEMIT's (see :func:`descend_offsets`); ``cfg.steps`` is not read. With shared_steps = 0 this is
+    optimize_targets with steps = instance_steps. With instance_steps = 0 every member gets
+    z_i = h_i + Uz_u (no projection: the clamp is part of an update step) and, not having been
+    measured at its final z, loss and nll NaN (anchors keep their last phase-1 values).
+    """
+    import time  # local imports: this module's header is shared code, left as it was
+
+    from editlab.editing.keys import keys_and_outputs
+
+    n = len(requests)
+    check_clusters(n, clusters, anchors)
+    if shared_steps < 0 or instance_steps < 0 or shared_steps + instance_steps < 1:
+        raise ValueError(
+            f"options shared_steps={shared_steps}, instance_steps={instance_steps} must be >= 0 with a positive sum"
+        )
+    device = view.device
+    d_model = view.model.config.hidden_size
+    k = len(clusters)
+    cluster = torch.empty(n, dtype=torch.long)
+    for c, members in enumerate(clusters):
+        cluster[members] = c
+    cluster = cluster.to(device)
+    anchor_idx = torch.tensor(anchors, dtype=torch.long, device=device)
+    is_anchor = torch.zeros(n, dtype=torch.bool, device=device)
+    is_anchor[anchor_idx] = True
+    t0 = time.perf_counter()
+    uz = torch.zeros(k, d_model, device=device)  # [k, d_model] Uz_u
+    phase1: OffsetDescent | None = None
+    if shared_steps > 0:
+        phase1 = descend_offsets(view, tok, [requests[a] for a in anchors], templates, layer, cfg, shared_steps,
+                                 update_last=instance_steps > 0, progress=progress, desc=f"z shared ({k} clusters)")
+        uz = phase1.delta
+    shared = uz[cluster]  # [n, d_model]
+    shared_updates = phase1.updates[cluster] if phase1 is not None else torch.zeros(n, device=device)
+    t1 = time.perf_counter()
+    if instance_steps > 0:
+        phase2 = descend_offsets(view, tok, requests, templates, layer, cfg, instance_steps, base=shared,
+                                 progress=progress, desc="z instance")
+        h, delta, loss, nll, inst_updates = phase2.h, phase2.delta, phase2.loss, phase2.nll, phase2.updates
+    else:
+        assert phase1 is not None
+        _, h64 = keys_and_outputs(view, tok, requests, ["{}"], layer, layer)  # [n, d_model] bare-prompt residual
+        h = h64.float()
+        delta = torch.zeros(n, d_model, device=device)
+        loss = torch.full((n,), float("nan"), device=device)
+        nll = torch.full((n,), float("nan"), device=device)
+        loss[anchor_idx], nll[anchor_idx] = phase1.loss, phase1.nll
+        inst_updates = torch.zeros(n, device=device)
+    t2 = time.perf_counter()
+    return ClusterTargetResult(
+        z=h + shared + delta, h=h, loss=loss, nll=nll, steps=shared_updates + inst_updates,
+        shared=shared, cluster=cluster, is_anchor=is_anchor, shared_updates=shared_updates,
+        instance_updates=inst_updates, seconds_shared=t1 - t0, seconds_instance=t2 - t1,
+    )

@@ -69,6 +69,7 @@ class EditingModule(L.LightningModule):
         self.evaluator: Evaluator | None = None
         self.requests: list[EditRequest] = []
         self.case_step: dict[str, int] = {}
+        self.case_edit_info: dict[str, dict] = {}
         self.pre: dict = {}
         self.post_cases: dict[str, dict] = {}
         self.curve: list[dict] = []
@@ -158,7 +159,8 @@ class EditingModule(L.LightningModule):
         scalars.update({"edit/seconds_step": seconds, "edit/edits": float(self.edits_done)})
         self.log_dict(scalars, batch_size=len(batch), on_step=True, on_epoch=False)
         self.steps_log.append({"step": self.steps_done, "edits": self.edits_done, "seconds": seconds,
-                               **result.scalars})
+                               **result.scalars, **result.details})
+        self.case_edit_info.update(result.per_request)
         self.evaluate_during_stream(list(batch))
         return None
 
@@ -248,6 +250,8 @@ class EditingModule(L.LightningModule):
             if before is not None:
                 record["pre"] = self.evaluator.case_summary(before)
             record["post"] = self.evaluator.case_summary(after)
+            if req.case_id in self.case_edit_info:
+                record["edit"] = self.case_edit_info[req.case_id]
             record["detail"] = {"pre": before, "post": after} if before is not None else {"post": after}
             records.append(record)
         write_jsonl(out / "cases.jsonl", records)
