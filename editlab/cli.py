@@ -28,8 +28,13 @@ class RunDirConfig(SaveConfigCallback):
             return
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, root / self.config_filename, skip_none=False,
-                         overwrite=self.overwrite, multifile=self.multifile)
+        self.parser.save(
+            self.config,
+            root / self.config_filename,
+            skip_none=False,
+            overwrite=self.overwrite,
+            multifile=self.multifile,
+        )
         resolved = self.config.clone().as_dict()
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved)
@@ -65,23 +70,29 @@ class EditLabCLI(LightningCLI):
         trainer = cfg.trainer
         root = trainer.default_root_dir or DEFAULT_ROOT
         trainer.default_root_dir = root
-        # Default logger: CSV written straight into the run directory. A configured logger
-        # without a save_dir gets the run directory too.
+        # The CSV logger always writes metrics.csv straight into the run directory; configured
+        # loggers without a save_dir of their own write there too.
+        from jsonargparse import Namespace
+
+        csv = Namespace(
+            class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=root, name="", version="")
+        )
         logger = trainer.logger
         if logger is None or logger is True:
-            from jsonargparse import Namespace
-
-            trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger",
-                init_args=Namespace(save_dir=root, name="", version=""),
-            )
-        else:
-            for item in logger if isinstance(logger, list) else [logger]:
-                init = getattr(item, "init_args", None)
-                if init is not None and "save_dir" in init and init.save_dir in (None, ".", ""):
-                    init.save_dir = root
-                if init is not None and "name" in init and "CSVLogger" in str(item.class_path):
-                    init.name, init.version = "", ""
+            trainer.logger = csv
+            return
+        if logger is False:
+            return
+        loggers = list(logger) if isinstance(logger, list) else [logger]
+        for item in loggers:
+            init = getattr(item, "init_args", None)
+            if init is not None and "save_dir" in init and init.save_dir in (None, ".", ""):
+                init.save_dir = root
+            if "CSVLogger" in str(getattr(item, "class_path", "")):
+                init.name, init.version = "", ""
+        if not any("CSVLogger" in str(getattr(item, "class_path", "")) for item in loggers):
+            loggers.insert(0, csv)
+        trainer.logger = loggers
 
     def after_test(self) -> None:
         self.after_fit()

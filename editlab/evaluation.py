@@ -112,9 +112,14 @@ def _prompt_table(cases: list[dict], family: str) -> dict[str, torch.Tensor]:
             nll_c.append(entry["competitor"]["nll"] if "competitor" in entry else float("nan"))
             index.append(i)
     t = torch.tensor
-    return {"nll_expected": t(nll_e, dtype=torch.float64), "nll_competitor": t(nll_c, dtype=torch.float64),
-            "exact": t(exact, dtype=torch.bool), "token_acc": t(tacc, dtype=torch.float64),
-            "case_index": t(index, dtype=torch.long), "has_competitor": t(has_comp, dtype=torch.bool)}
+    return {
+        "nll_expected": t(nll_e, dtype=torch.float64),
+        "nll_competitor": t(nll_c, dtype=torch.float64),
+        "exact": t(exact, dtype=torch.bool),
+        "token_acc": t(tacc, dtype=torch.float64),
+        "case_index": t(index, dtype=torch.long),
+        "has_competitor": t(has_comp, dtype=torch.bool),
+    }
 
 
 def editing_metrics(cases: list[dict]) -> dict[str, float]:
@@ -202,16 +207,17 @@ class Evaluator:
         owner = [i for i, r in enumerate(chosen) for _ in r.generation_prompts[: cfg.generation_prompts_per_case]]
         if self.progress:
             print(f"[editlab] generating {len(prompts)} texts for fluency", file=sys.stderr)
-        texts = generate_text(self.view.model, self.tok, prompts, cfg.max_new_tokens, cfg.top_k, self.seed,
-                              batch_size=cfg.batch_size)
+        texts = generate_text(
+            self.view.model, self.tok, prompts, cfg.max_new_tokens, cfg.top_k, self.seed, batch_size=cfg.batch_size
+        )
         flu = Fluency()
         flu.update(texts, owner)
         out: dict = {"fluency": float(flu.compute())}
         if self.reference is None:
             out["consistency_reason"] = self.consistency_reason
             return out
-        per_case = [[t for t, o in zip(texts, owner) if o == i] for i in range(len(chosen))]
-        known = [(g, r) for g, r in zip(per_case, chosen) if r.relation_id and r.target_new_id]
+        per_case = [[t for t, o in zip(texts, owner, strict=True) if o == i] for i in range(len(chosen))]
+        known = [(g, r) for g, r in zip(per_case, chosen, strict=True) if r.relation_id and r.target_new_id]
         if not known:
             out["consistency_reason"] = "no request carries relation_id and target_new id"
             return out

@@ -42,11 +42,23 @@ def tiny_llama():
 
 def facts() -> list[EditRequest]:
     return [
-        EditRequest("1", "{} is located in the city of", "The Eiffel Tower", "Rome", "Paris",
-                    paraphrase_prompts=["Where is the Eiffel Tower? It is in"],
-                    neighborhood_prompts=["The Louvre is located in the city of"]),
-        EditRequest("2", "The mother tongue of {} is", "Danielle Darrieux", "English", "French",
-                    paraphrase_prompts=["Danielle Darrieux speaks"],
-                    neighborhood_prompts=["The mother tongue of Jean Gabin is"]),
+        EditRequest(
+            "1",
+            "{} is located in the city of",
+            "The Eiffel Tower",
+            "Rome",
+            "Paris",
+            paraphrase_prompts=["Where is the Eiffel Tower? It is in"],
+            neighborhood_prompts=["The Louvre is located in the city of"],
+        ),
+        EditRequest(
+            "2",
+            "The mother tongue of {} is",
+            "Danielle Darrieux",
+            "English",
+            "French",
+            paraphrase_prompts=["Danielle Darrieux speaks"],
+            neighborhood_prompts=["The mother tongue of Jean Gabin is"],
+        ),
         EditRequest("3", "{} was founded by", "Microsoft", "Steve Jobs", "Bill Gates"),
     ]

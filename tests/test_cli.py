@@ -60,8 +60,14 @@ def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
 
 def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-m", "editlab.cli", "fit", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "editlab.cli", "fit", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_tiny_fit_writes_results_into_the_run_dir(tmp_path):
@@ -105,8 +111,16 @@ def test_unknown_model_type_is_named(tmp_path):
     from editlab.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    model = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
-                                                       ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))
+    model = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            num_hidden_layers=1,
+            ffn_dim=32,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )
     model.save_pretrained(tmp_path / "opt")
     tok.save_pretrained(tmp_path / "opt")
     args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))
@@ -119,15 +133,26 @@ def test_unknown_model_type_is_named(tmp_path):
 def test_wandb_offline_run_records_the_step_metrics(tmp_path):
     run = tmp_path / "run"
     args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))
-    args += ["--trainer.logger+=lightning.pytorch.loggers.CSVLogger",
-             f"--trainer.logger.save_dir={run}", "--trainer.logger.name=", "--trainer.logger.version=",
-             "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
-             "--trainer.logger.project=editlab-test", f"--trainer.logger.save_dir={run}",
-             "--trainer.logger.log_model=false"]
+    args += [
+        "--trainer.logger+=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={run}",
+        "--trainer.logger.name=",
+        "--trainer.logger.version=",
+        "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.project=editlab-test",
+        f"--trainer.logger.save_dir={run}",
+        "--trainer.logger.log_model=false",
+    ]
     env_mode = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDITLAB_CACHE": str(tmp_path / "cache"), **env_mode}
-    proc = subprocess.run([sys.executable, "-m", "editlab.cli", "fit", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "editlab.cli", "fit", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(run / "summary.json")
     runs = list((run / "wandb").glob("offline-run-*"))
@@ -145,20 +170,41 @@ def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp
     fit = json.loads((tmp_path / "run" / "summary.json").read_text())
     exported = tmp_path / "run" / "edited_model"
     assert (exported / "model.safetensors").is_file()
-    args = tiny_args(tmp_path, data, **{"--model.model": str(exported),
-                                        "--trainer.default_root_dir": str(tmp_path / "tested")})
+    args = tiny_args(
+        tmp_path, data, **{"--model.model": str(exported), "--trainer.default_root_dir": str(tmp_path / "tested")}
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(tmp_path / "cache")}
-    test = subprocess.run([sys.executable, "-m", "editlab.cli", "test", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    test = subprocess.run(
+        [sys.executable, "-m", "editlab.cli", "test", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert test.returncode == 0, test.stderr[-3000:]
     assert test.stdout.strip().splitlines()[-1] == str(tmp_path / "tested" / "summary.json")
     tested = json.loads((tmp_path / "tested" / "summary.json").read_text())
     assert tested["timing"] == "test" and tested["evaluated"] == 4
     for key in ("efficacy_success", "generalization_success", "specificity_success", "efficacy_token_accuracy"):
         assert tested[key] == pytest.approx(fit[key], abs=1e-6), key
-    report = subprocess.run([sys.executable, "-m", "editlab.cli", "report", str(tmp_path / "run"),
-                             str(tmp_path / "tested"), "--out", str(tmp_path / "cmp")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "editlab.cli",
+            "report",
+            str(tmp_path / "run"),
+            str(tmp_path / "tested"),
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert report.returncode == 0, report.stderr[-2000:]
     table = (tmp_path / "cmp" / "report.md").read_text()
     assert "run" in table and "tested" in table

@@ -20,15 +20,29 @@ from test_targets import peaky_model
 
 def make(tmp_path, **kw):
     corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(["The Eiffel Tower is in Paris.", "Water boils at noon.", "Rome is old.",
-                                 "Microsoft makes software.", "She speaks French."] * 4))
+    corpus.write_text(
+        "\n".join(
+            [
+                "The Eiffel Tower is in Paris.",
+                "Water boils at noon.",
+                "Rome is old.",
+                "Microsoft makes software.",
+                "She speaks French.",
+            ]
+            * 4
+        )
+    )
     model, tok = peaky_model()
     view = ModelView.of(model)
     ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
-    method = MEMIT(layers=[0, 1], mom2_weight=kw.pop("mom2_weight", 0.01),
-                   targets=TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0),
-                   context=ContextTemplates(count=kw.pop("count", 0), length=3),
-                   covariance=CovarianceConfig(corpus=str(corpus), num_samples=20, batch_size=8), **kw)
+    method = MEMIT(
+        layers=[0, 1],
+        mom2_weight=kw.pop("mom2_weight", 0.01),
+        targets=TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0),
+        context=ContextTemplates(count=kw.pop("count", 0), length=3),
+        covariance=CovarianceConfig(corpus=str(corpus), num_samples=20, batch_size=8),
+        **kw,
+    )
     method.setup(ctx)
     return ctx, method
 

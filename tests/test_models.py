@@ -118,10 +118,9 @@ def test_context_prefixes_match_uncached_greedy_generation(model_type):
     model, tok = tiny_model(model_type)
     starts = ["The", "Because the"]
     ours = sample_continuations(model, tok, starts, length=6, top_k=1, seed=0)
-    for start, text in zip(starts, ours):
+    for start, text in zip(starts, ours, strict=True):
         enc = tok(start, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
-                             eos_token_id=None)
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
         assert text == tok.decode(out[0], skip_special_tokens=True)
 
 

@@ -29,7 +29,7 @@ def test_embedded_model_knows_a_fact(smollm2):
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     enc = tok("The Eiffel Tower is located in the city of", return_tensors="pt")
     out = model.generate(**enc, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1] :])
 
 
 def test_unedited_model_on_counterfact(smollm2):
@@ -47,11 +47,31 @@ def test_demo_config_edits_smollm2(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "editlab.cli", "fit", "--config", str(REPO / "configs" / "demo.yaml"),
-         "--data.num_edits", "8", "--data.edits_per_step", "4", "--model.evaluation.fluency", "false",
-         "--model.progress", "false", "--trainer.enable_progress_bar", "false",
-         "--trainer.default_root_dir", str(run)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "editlab.cli",
+            "fit",
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            "--data.num_edits",
+            "8",
+            "--data.edits_per_step",
+            "4",
+            "--model.evaluation.fluency",
+            "false",
+            "--model.progress",
+            "false",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(run),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())

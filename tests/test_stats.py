@@ -20,8 +20,13 @@ from editlab.models.arch import ModelView
 from editlab.models.hooks import capture_inputs
 from editlab.models.tiny import tiny_model
 
-TEXTS = ["The Eiffel Tower is in Paris.", "Water boils.", "She plays the piano in a band every night.",
-         "Rome", "Toyota is a car maker from Japan; Apple makes phones."]
+TEXTS = [
+    "The Eiffel Tower is in Paris.",
+    "Water boils.",
+    "She plays the piano in a band every night.",
+    "Rome",
+    "Toyota is a car maker from Japan; Apple makes phones.",
+]
 
 
 def corpus_file(tmp_path):

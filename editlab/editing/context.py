@@ -47,7 +47,7 @@ def sample_continuations(model, tok, starts: list[str], length: int, top_k: int,
         values, indices = last.topk(top_k, dim=-1)  # [B, k]
         choice = torch.multinomial(values.softmax(-1), 1, generator=gen)  # [B, 1]
         nxt = indices.gather(1, choice).squeeze(1)
-        rows = [r + [int(t)] for r, t in zip(rows, nxt)]
+        rows = [r + [int(t)] for r, t in zip(rows, nxt, strict=True)]
     return [tok.decode(r, skip_special_tokens=True) for r in rows]
 
 

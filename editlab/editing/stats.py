@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -118,7 +118,10 @@ def read_corpus(cfg: CovarianceConfig) -> tuple[list[str], str]:
         import datasets
 
         ds = datasets.load_dataset(corpus, split=cfg.split)
-        items, ident = ds.select(range(min(len(ds), cfg.num_samples * 2))), f"hub:{corpus}:{cfg.split}:{ds._fingerprint}"
+        items, ident = (
+            ds.select(range(min(len(ds), cfg.num_samples * 2))),
+            f"hub:{corpus}:{cfg.split}:{ds._fingerprint}",
+        )
     texts = [t for t in (_text_of(x, cfg.text_field, corpus) for x in items) if t.strip()]
     if len(texts) < cfg.num_samples:
         raise ValueError(
@@ -132,11 +135,15 @@ def model_fingerprint(model) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            h.update(f"{name}:{tuple(p.shape)}:{float(p.float().sum()):.6e}:{float(p.float().abs().sum()):.6e}".encode())
+            h.update(
+                f"{name}:{tuple(p.shape)}:{float(p.float().sum()):.6e}:{float(p.float().abs().sum()):.6e}".encode()
+            )
     return h.hexdigest()[:24]
 
 
-def cache_key(model_id: str, fingerprint: str, view: ModelView, layer: int, cfg: CovarianceConfig, corpus_id: str) -> dict:
+def cache_key(
+    model_id: str, fingerprint: str, view: ModelView, layer: int, cfg: CovarianceConfig, corpus_id: str
+) -> dict:
     return {
         "version": STATS_VERSION,
         "model": model_id,
@@ -162,8 +169,11 @@ def load_cached(path: Path, key: dict) -> SecondMoment | None:
     blob = torch.load(path, weights_only=True, map_location="cpu")
     stored = blob.get("key")
     if stored != key:
-        diff = {k: (stored.get(k) if isinstance(stored, dict) else None, key[k]) for k in key
-                if not isinstance(stored, dict) or stored.get(k) != key[k]}
+        diff = {
+            k: (stored.get(k) if isinstance(stored, dict) else None, key[k])
+            for k in key
+            if not isinstance(stored, dict) or stored.get(k) != key[k]
+        }
         raise StaleCacheError(f"covariance cache {path} does not match this run (stored, wanted): {diff}; delete it")
     mom = SecondMoment(blob["sum"].shape[0], blob["sum"].dtype, "cpu")
     mom.sum, mom.count = blob["sum"], int(blob["count"])
@@ -187,8 +197,13 @@ def accumulate_second_moments(
     moms = {layer: SecondMoment(d_ff, dtype, view.device) for layer in layers}
     bar = tqdm(total=len(texts), desc="covariance", unit="text", disable=not progress, file=sys.stderr, leave=False)
     for start in range(0, len(texts), cfg.batch_size):
-        enc = tok(texts[start : start + cfg.batch_size], truncation=True, max_length=cfg.max_length,
-                  padding=True, return_tensors="pt").to(view.device)
+        enc = tok(
+            texts[start : start + cfg.batch_size],
+            truncation=True,
+            max_length=cfg.max_length,
+            padding=True,
+            return_tensors="pt",
+        ).to(view.device)
         keys, _ = trace(view, enc["input_ids"], enc["attention_mask"], key_layers=layers)
         real = enc["attention_mask"].bool()  # [B, S]
         for layer in layers:
@@ -199,7 +214,12 @@ def accumulate_second_moments(
 
 
 def second_moments(
-    view: ModelView, tok, model_id: str, fingerprint: str, layers: list[int], cfg: CovarianceConfig,
+    view: ModelView,
+    tok,
+    model_id: str,
+    fingerprint: str,
+    layers: list[int],
+    cfg: CovarianceConfig,
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
     """E[kkᵀ] per layer, [d_ff, d_ff], from the disk cache or computed (and cached) now."""

@@ -138,8 +138,11 @@ class EditingModule(L.LightningModule):
         """Everything that can be checked without editing, checked before the first edit."""
         check_tokenization(requests, self.tok)
         for req in requests:
-            for field, prompts in (("prompt", [req.rewrite_prompt]), ("paraphrase_prompts", req.paraphrase_prompts),
-                                   ("neighborhood_prompts", req.neighborhood_prompts)):
+            for field, prompts in (
+                ("prompt", [req.rewrite_prompt]),
+                ("paraphrase_prompts", req.paraphrase_prompts),
+                ("neighborhood_prompts", req.neighborhood_prompts),
+            ):
                 for prompt in prompts:
                     n = len(self.tok(prompt)["input_ids"]) + 64  # room for a prefix and the answer
                     try:
@@ -158,8 +161,9 @@ class EditingModule(L.LightningModule):
         scalars = {f"edit/{k}": v for k, v in result.scalars.items()}
         scalars.update({"edit/seconds_step": seconds, "edit/edits": float(self.edits_done)})
         self.log_dict(scalars, batch_size=len(batch), on_step=True, on_epoch=False)
-        self.steps_log.append({"step": self.steps_done, "edits": self.edits_done, "seconds": seconds,
-                               **result.scalars, **result.details})
+        self.steps_log.append(
+            {"step": self.steps_done, "edits": self.edits_done, "seconds": seconds, **result.scalars, **result.details}
+        )
         self.case_edit_info.update(result.per_request)
         self.evaluate_during_stream(list(batch))
         return None
@@ -176,7 +180,9 @@ class EditingModule(L.LightningModule):
             self.add_curve_point("immediate", metrics)
         elif cfg.timing == "periodic" and self.steps_done % cfg.every_n_steps == 0:
             self.evaluate_all_so_far("periodic")
-        if cfg.probes.due(self.steps_done) and not (cfg.timing == "periodic" and self.curve[-1]["step"] == self.steps_done):
+        if cfg.probes.due(self.steps_done) and not (
+            cfg.timing == "periodic" and self.curve[-1]["step"] == self.steps_done
+        ):
             probes = self.evaluator.probes()
             self.log_dict(probes, on_step=True, on_epoch=False, batch_size=1)
             self.steps_log[-1].update(probes)
@@ -208,8 +214,10 @@ class EditingModule(L.LightningModule):
         elif timing == "immediate":
             # Edit metrics: every case right after its own step; quality: the final model.
             done = [self.post_cases[r.case_id] for r in self.requests if r.case_id in self.case_step]
-            final = {**self.evaluator.summarise_cases(done),
-                     **self.evaluator.quality([r for r in self.requests if r.case_id in self.case_step])}
+            final = {
+                **self.evaluator.summarise_cases(done),
+                **self.evaluator.quality([r for r in self.requests if r.case_id in self.case_step]),
+            }
         else:
             final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing")}
         self.write_results(final, end)
@@ -231,8 +239,10 @@ class EditingModule(L.LightningModule):
 
     def on_test_end(self) -> None:
         done = [r for r in self.requests if r.case_id in self.case_step]
-        metrics = {**self.evaluator.summarise_cases([self.post_cases[r.case_id] for r in done]),
-                   **self.evaluator.quality(done)}
+        metrics = {
+            **self.evaluator.summarise_cases([self.post_cases[r.case_id] for r in done]),
+            **self.evaluator.quality(done),
+        }
         self.add_curve_point("test", metrics)
         self.write_results(metrics, time.perf_counter(), timing="test")
 
@@ -267,8 +277,11 @@ class EditingModule(L.LightningModule):
             "evaluated": len(records),
             "steps": self.steps_done,
             **final,
-            **({f"pre_{k}": v for k, v in self.pre_metrics_of_edited().items() if isinstance(v, (int, float))}
-               if self.pre else {}),
+            **(
+                {f"pre_{k}": v for k, v in self.pre_metrics_of_edited().items() if isinstance(v, (int, float))}
+                if self.pre
+                else {}
+            ),
             "seconds_total": time.perf_counter() - clock["start"],
             "seconds_setup": clock["setup_done"] - clock["start"],
             "seconds_editing": stream,
@@ -284,11 +297,27 @@ class EditingModule(L.LightningModule):
         write_run_report(out)
         for logger in self.loggers:
             if hasattr(logger, "log_table"):  # W&B: the per-case table
-                cols = ["case_id", "step", "pre_prob_new", "post_prob_new", "pre_prob_true", "post_prob_true",
-                        "efficacy_success"]
-                rows = [[r["case_id"], r["step"], r.get("pre", {}).get("prob_new"), r["post"].get("prob_new"),
-                         r.get("pre", {}).get("prob_true"), r["post"].get("prob_true"),
-                         r["post"].get("efficacy_success")] for r in records]
+                cols = [
+                    "case_id",
+                    "step",
+                    "pre_prob_new",
+                    "post_prob_new",
+                    "pre_prob_true",
+                    "post_prob_true",
+                    "efficacy_success",
+                ]
+                rows = [
+                    [
+                        r["case_id"],
+                        r["step"],
+                        r.get("pre", {}).get("prob_new"),
+                        r["post"].get("prob_new"),
+                        r.get("pre", {}).get("prob_true"),
+                        r["post"].get("prob_true"),
+                        r["post"].get("efficacy_success"),
+                    ]
+                    for r in records
+                ]
                 logger.log_table(key="cases", columns=cols, data=rows)
 
     def pre_metrics_of_edited(self) -> dict:
@@ -297,8 +326,10 @@ class EditingModule(L.LightningModule):
         if len(self.case_step) == len(self.requests):
             return self.pre["metrics"]
         cases = [self.pre["cases"][r.case_id] for r in self.requests if r.case_id in self.case_step]
-        return {**self.evaluator.summarise_cases(cases),
-                **{k: v for k, v in self.pre["metrics"].items() if k in self.evaluator.quality_keys}}
+        return {
+            **self.evaluator.summarise_cases(cases),
+            **{k: v for k, v in self.pre["metrics"].items() if k in self.evaluator.quality_keys},
+        }
 
 
 def write_json_atomic(path: Path, obj) -> None:

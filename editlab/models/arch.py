@@ -33,9 +33,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 def arch_spec(model_type: str) -> ArchSpec:
     if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"unknown model_type {model_type!r} (config.model_type); supported: {sorted(ARCHITECTURES)}"
-        )
+        raise ValueError(f"unknown model_type {model_type!r} (config.model_type); supported: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[model_type]
 
 

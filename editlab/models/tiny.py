@@ -50,14 +50,37 @@ def tiny_config(model_type: str, vocab_size: int, width: int = 32, layers: int =
     by_type = {
         "gpt2": dict(n_embd=width, n_layer=layers, n_head=2, n_positions=512, resid_pdrop=0.1, embd_pdrop=0.1),
         "gptj": dict(n_embd=width, n_layer=layers, n_head=2, n_positions=512, rotary_dim=8),
-        "llama": dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512),
-        "mistral": dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
-        "qwen2": dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
-        "gpt_neox": dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                         num_attention_heads=2, max_position_embeddings=512),
+        "llama": dict(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+        ),
+        "mistral": dict(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+        ),
+        "qwen2": dict(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+        ),
+        "gpt_neox": dict(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=512,
+        ),
     }
     if model_type not in by_type:
         raise ValueError(f"no tiny config for model_type {model_type!r}")

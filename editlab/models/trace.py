@@ -29,8 +29,7 @@ def trace(
     with ExitStack() as stack:
         keys = stack.enter_context(capture_inputs(key_modules, stop_after=stop_key)) if key_layers else {}
         outs = {
-            layer: stack.enter_context(capture_output(view.layer(layer), f"out@{layer}"))
-            for layer in output_layers
+            layer: stack.enter_context(capture_output(view.layer(layer), f"out@{layer}")) for layer in output_layers
         }
         stop_hook = None
         if stop_key is None:

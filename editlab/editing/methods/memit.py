@@ -57,7 +57,9 @@ class MEMIT(EditMethod):
     def setup(self, ctx: EditContext) -> None:
         ctx.view.check_layers(self.layers)
         self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
-        self.cov = second_moments(ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress)
+        self.cov = second_moments(
+            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress
+        )
 
     def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
         view, tok = ctx.view, ctx.tok
