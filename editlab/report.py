@@ -402,12 +402,22 @@ def plot_curve(rows: Sequence[Mapping[str, Any]] | None, *, quality: bool) -> Fi
 
 
 def step_groups(keys: Sequence[str]) -> dict[str, list[str]]:
-    """Panels of the steps plot: weight norms; z_loss (left axis) with seconds (right axis); the rest."""
+    """Panels of the steps plot: growth of the edited matrices (‖W_t‖/‖W_0‖ − 1), size of the
+    accumulated change (‖W_t − W_0‖/‖W_0‖), z_loss (left axis) with seconds (right axis), the rest.
+    Absolute norms (``weight_norm/*/l1``, ``/fro``) are 10⁴× larger than the relative ones and would
+    flatten them: they stay in steps.jsonl, not in the plot."""
     weight = [key for key in keys if key.startswith("weight_norm/")]
+    growth = [key for key in weight if key.endswith("_growth")]
+    change = [key for key in weight if key.endswith("_delta")]
     loss = [key for key in keys if key == "z_loss"]
     seconds = [key for key in keys if key == "seconds" or key.startswith("seconds_")]
     rest = [key for key in keys if key not in {*weight, *loss, *seconds}]
-    groups = {"weight norms": weight, "z_loss and seconds": loss + seconds, "other step statistics": rest}
+    groups = {
+        "weight growth ‖W_t‖/‖W_0‖ − 1": growth,
+        "accumulated change ‖W_t − W_0‖/‖W_0‖": change,
+        "z_loss and seconds": loss + seconds,
+        "other step statistics": rest,
+    }
     return {name: members for name, members in groups.items() if members}
 
 
