@@ -121,7 +121,7 @@ def kmedoids(dist: torch.Tensor, k: int, generator: torch.Generator, max_iter: i
     out_labels = torch.empty(n, dtype=torch.long)
     for c, m in enumerate(clusters):
         out_labels[m] = c
-    cost = float(sum(d[a, m].sum() for a, m in zip(anchors, clusters)))
+    cost = float(sum(d[a, m].sum() for a, m in zip(anchors, clusters, strict=True)))
     return Clustering(clusters, anchors, out_labels, cost)
 
 

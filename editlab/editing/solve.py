@@ -31,9 +31,7 @@ def preserve_matrix(cov: torch.Tensor, lam: float, cache: torch.Tensor | None) -
     return out if cache is None else out + cache.double()
 
 
-def submatrix_delta(
-    keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Tensor, idx: torch.Tensor
-) -> torch.Tensor:
+def submatrix_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """ECE's neuron-restricted update (eq. 14, 19): ΔW [d_model, d_ff], zero outside columns idx.
 
     Minimising ‖ΔW Kᵀ − Rᵀ‖² + tr(ΔW P ΔWᵀ) over ΔW whose only non-zero columns are I = idx gives

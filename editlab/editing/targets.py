@@ -337,7 +337,8 @@ def descend_offsets(
     last_loss = torch.zeros(n, device=device)
     last_nll = torch.zeros(n, device=device)
     unembed = view.unembed()
-    rows_forward = (PrefixCachedForward if cfg.prefix_cache else FullForward)(view, tr, full, edit_pos, tok.pad_token_id)
+    forward_class = PrefixCachedForward if cfg.prefix_cache else FullForward
+    rows_forward = forward_class(view, tr, full, edit_pos, tok.pad_token_id)
     kl_init: torch.Tensor | None = None  # [n, V] log-probs on the KL prompt without any shift
     if bool((base != 0).any()):
         kl_all = is_kl.nonzero().squeeze(1)  # [n] one KL row per request, in request order
@@ -357,7 +358,10 @@ def descend_offsets(
         sel_pos = edit_pos[row_sel] - offset
         first = it == 0
 
-        def shift_output(out: torch.Tensor) -> torch.Tensor:  # out: [r, S, d_model]
+        # The loop's tensors are bound as defaults: the hook must see this iteration's values.
+        def shift_output(
+            out: torch.Tensor, first=first, row_sel=row_sel, sel_owner=sel_owner, sel_pos=sel_pos, d=d
+        ) -> torch.Tensor:  # out: [r, S, d_model]
             if first:
                 bare = (~is_kl[row_sel]) & (torch.arange(len(row_sel), device=device) < n)
                 h[sel_owner[bare]] = out[bare, sel_pos[bare]].detach().float()
@@ -425,7 +429,7 @@ def check_clusters(n: int, clusters: list[list[int]], anchors: list[int]) -> Non
     flat = sorted(i for c in clusters for i in c)
     if flat != list(range(n)):
         raise ValueError(f"clusters must partition the {n} requests exactly, got {clusters}")
-    if len(anchors) != len(clusters) or any(a not in c for a, c in zip(anchors, clusters)):
+    if len(anchors) != len(clusters) or any(a not in c for a, c in zip(anchors, clusters, strict=True)):
         raise ValueError(f"anchors {anchors} must name one member of each cluster {clusters}")
 
 
@@ -481,15 +485,35 @@ def optimize_cluster_targets(
     uz = torch.zeros(k, d_model, device=device)  # [k, d_model] Uz_u
     phase1: OffsetDescent | None = None
     if shared_steps > 0:
-        phase1 = descend_offsets(view, tok, [requests[a] for a in anchors], templates, layer, cfg, shared_steps,
-                                 update_last=instance_steps > 0, progress=progress, desc=f"z shared ({k} clusters)")
+        phase1 = descend_offsets(
+            view,
+            tok,
+            [requests[a] for a in anchors],
+            templates,
+            layer,
+            cfg,
+            shared_steps,
+            update_last=instance_steps > 0,
+            progress=progress,
+            desc=f"z shared ({k} clusters)",
+        )
         uz = phase1.delta
     shared = uz[cluster]  # [n, d_model]
     shared_updates = phase1.updates[cluster] if phase1 is not None else torch.zeros(n, device=device)
     t1 = time.perf_counter()
     if instance_steps > 0:
-        phase2 = descend_offsets(view, tok, requests, templates, layer, cfg, instance_steps, base=shared,
-                                 progress=progress, desc="z instance")
+        phase2 = descend_offsets(
+            view,
+            tok,
+            requests,
+            templates,
+            layer,
+            cfg,
+            instance_steps,
+            base=shared,
+            progress=progress,
+            desc="z instance",
+        )
         h, delta, loss, nll, inst_updates = phase2.h, phase2.delta, phase2.loss, phase2.nll, phase2.updates
     else:
         assert phase1 is not None
@@ -502,7 +526,16 @@ def optimize_cluster_targets(
         inst_updates = torch.zeros(n, device=device)
     t2 = time.perf_counter()
     return ClusterTargetResult(
-        z=h + shared + delta, h=h, loss=loss, nll=nll, steps=shared_updates + inst_updates,
-        shared=shared, cluster=cluster, is_anchor=is_anchor, shared_updates=shared_updates,
-        instance_updates=inst_updates, seconds_shared=t1 - t0, seconds_instance=t2 - t1,
+        z=h + shared + delta,
+        h=h,
+        loss=loss,
+        nll=nll,
+        steps=shared_updates + inst_updates,
+        shared=shared,
+        cluster=cluster,
+        is_anchor=is_anchor,
+        shared_updates=shared_updates,
+        instance_updates=inst_updates,
+        seconds_shared=t1 - t0,
+        seconds_instance=t2 - t1,
     )

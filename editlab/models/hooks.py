@@ -80,14 +80,16 @@ def capture_inputs(modules: dict[str, nn.Module], stop_after: str | None = None)
 
 
 @contextmanager
-def edit_output(module: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Replace the module's main output tensor by ``fn(output)`` for every forward in the block."""
+def _output_hook(module: nn.Module, name: str, on_output: Callable) -> Iterator[None]:
+    """A forward hook that passes the main output tensor to ``on_output``; a tensor it returns
+    replaces the output. Removed on exit; raises if it never fired."""
     state = _Hooks()
     state.fired[name] = 0
 
     def hook(mod, args, kwargs, output):
         state.fired[name] += 1
-        return replace_main_tensor(output, fn(main_tensor(output)))
+        new = on_output(main_tensor(output))
+        return None if new is None else replace_main_tensor(output, new)
 
     state.handles.append(module.register_forward_hook(hook, with_kwargs=True))
     try:
@@ -99,19 +101,19 @@ def edit_output(module: nn.Module, name: str, fn: Callable[[torch.Tensor], torch
 
 
 @contextmanager
+def edit_output(module: nn.Module, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace the module's main output tensor by ``fn(output)`` for every forward in the block."""
+    with _output_hook(module, name, fn):
+        yield
+
+
+@contextmanager
 def capture_output(module: nn.Module, name: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the module's main output tensor (the last forward's) under ``name``."""
     captured: dict[str, torch.Tensor] = {}
-    state = _Hooks()
-    state.fired[name] = 0
 
-    def hook(mod, args, kwargs, output):
-        state.fired[name] += 1
-        captured[name] = main_tensor(output)
+    def record(output: torch.Tensor) -> None:
+        captured[name] = output
 
-    state.handles.append(module.register_forward_hook(hook, with_kwargs=True))
-    try:
+    with _output_hook(module, name, record):
         yield captured
-    finally:
-        for handle in state.handles:
-            handle.remove()
-    state.check()

@@ -47,40 +47,22 @@ def tiny_config(model_type: str, vocab_size: int, width: int = 32, layers: int =
     from transformers import AutoConfig
 
     common = {"vocab_size": vocab_size, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    # The decoder-only families with separate hidden/intermediate sizes share one layout;
+    # mistral and qwen2 get grouped-query attention (one KV head) to exercise that path.
+    decoder = dict(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+    )
     by_type = {
         "gpt2": dict(n_embd=width, n_layer=layers, n_head=2, n_positions=512, resid_pdrop=0.1, embd_pdrop=0.1),
         "gptj": dict(n_embd=width, n_layer=layers, n_head=2, n_positions=512, rotary_dim=8),
-        "llama": dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-        ),
-        "mistral": dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-        ),
-        "qwen2": dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-        ),
-        "gpt_neox": dict(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            max_position_embeddings=512,
-        ),
+        "llama": {**decoder, "num_key_value_heads": 2},
+        "mistral": {**decoder, "num_key_value_heads": 1},
+        "qwen2": {**decoder, "num_key_value_heads": 1},
+        "gpt_neox": decoder,
     }
     if model_type not in by_type:
         raise ValueError(f"no tiny config for model_type {model_type!r}")

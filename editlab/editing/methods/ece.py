@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
-from editlab.editing.cluster import cluster_sets
+from editlab.editing.cluster import Clustering, cluster_sets
 from editlab.editing.context import ContextTemplates, make_context_templates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
@@ -31,8 +32,22 @@ from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightIm
 from editlab.editing.solve import preserve_matrix, submatrix_delta
 from editlab.editing.stats import CovarianceConfig, second_moments
 from editlab.editing.targets import TargetConfig, optimize_cluster_targets
+from editlab.models.arch import ModelView
 from editlab.models.weights import add_delta, read_weight
 from editlab.types import EditRequest, EditResult
+
+
+@dataclass
+class NeuronPlan:
+    """Stages 1-4 of one step (see :meth:`ECE.locate`)."""
+
+    first_pass: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer → keys [n, d_ff], outputs at L [n, d]
+    selected: dict[int, torch.Tensor]  # layer → the step's neuron indices I_l [m_l]
+    sets: list[torch.Tensor]  # each request's own (layer, neuron) ids, layer j's neuron k as j·d_ff + k
+    clustering: Clustering
+    cluster_attribution: str  # class name of the attribution the sets came from
+    seconds_attribution: float
+    seconds_cluster: float
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -114,14 +129,16 @@ class ECE(EditMethod):
     def setup(self, ctx: EditContext) -> None:
         ctx.view.check_layers(self.layers)
         self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
-        self.cov = second_moments(ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress)
+        self.cov = second_moments(
+            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress
+        )
 
-    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
-        view, tok = ctx.view, ctx.tok
+    def locate(self, view: ModelView, tok, requests: list[EditRequest], seed: int) -> NeuronPlan:
+        """Steps 1-4: keys, batch neuron selection per layer, per-request sets, clusters and anchors.
+        Reads the model, writes nothing (the benchmark calls it on its own)."""
         z_layer = self.layers[-1]
         n = len(requests)
         t0 = time.perf_counter()
-        # 1-3. Keys, batch selection per layer, per-request sets as (layer, neuron) pairs.
         first_pass: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         selected: dict[int, torch.Tensor] = {}
         own_sets: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -137,12 +154,31 @@ class ECE(EditMethod):
                 own_sets[i].append(own + j * d_ff)  # offset: neuron ids of layer j live in [j·d_ff, (j+1)·d_ff)
         sets = [torch.cat(parts) for parts in own_sets]
         t1 = time.perf_counter()
-        # 4. Clustering and anchors.
-        clu = cluster_sets(sets, self.clusters, ctx.seed, universe=len(self.layers) * d_ff)
+        clu = cluster_sets(sets, self.clusters, seed, universe=len(self.layers) * d_ff)
+        t2 = time.perf_counter()
+        return NeuronPlan(first_pass, selected, sets, clu, type(cluster_attr).__name__, t1 - t0, t2 - t1)
+
+    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
+        view, tok = ctx.view, ctx.tok
+        z_layer = self.layers[-1]
+        # 1-4. Keys, batch selection per layer, per-request sets as (layer, neuron) pairs, clusters.
+        plan = self.locate(view, tok, requests, ctx.seed)
+        first_pass, selected, clu = plan.first_pass, plan.selected, plan.clustering
         t2 = time.perf_counter()
         # 5. Two-step z at the last edited layer.
-        tgt = optimize_cluster_targets(view, tok, requests, self.templates, z_layer, self.targets, clu.clusters,
-                                       clu.anchors, self.shared_steps, self.instance_steps, ctx.progress)
+        tgt = optimize_cluster_targets(
+            view,
+            tok,
+            requests,
+            self.templates,
+            z_layer,
+            self.targets,
+            clu.clusters,
+            clu.anchors,
+            self.shared_steps,
+            self.instance_steps,
+            ctx.progress,
+        )
         t3 = time.perf_counter()
         # 6. Neuron-restricted spread over the edited layers.
         scalars: dict[str, float] = {}
@@ -175,8 +211,8 @@ class ECE(EditMethod):
                 "z_steps": float(tgt.steps.mean()),
                 "z_shared_steps": float(tgt.shared_updates.mean()),
                 "z_instance_steps": float(tgt.instance_updates.mean()),
-                "seconds_attribution": t1 - t0,
-                "seconds_cluster": t2 - t1,
+                "seconds_attribution": plan.seconds_attribution,
+                "seconds_cluster": plan.seconds_cluster,
                 "seconds_z_shared": tgt.seconds_shared,
                 "seconds_z_instance": tgt.seconds_instance,
                 "seconds_z": t3 - t2,
@@ -186,7 +222,7 @@ class ECE(EditMethod):
         details = {
             "cluster_sizes": [len(c) for c in clu.clusters],
             "cluster_cost": clu.cost,
-            "cluster_attribution": type(cluster_attr).__name__,
+            "cluster_attribution": plan.cluster_attribution,
             "selected_neurons": {f"l{layer}": len(selected[layer]) for layer in self.layers},
         }
         anchors = set(clu.anchors)

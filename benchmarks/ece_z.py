@@ -1,0 +1,233 @@
+"""ECE's two-step z (shared per cluster, then per instance) against per-instance z, side by side.
+
+Both run in one process on the same model, requests and context templates, with the same total
+budget (shared + instance forwards = per-instance steps, so 20 + 5 vs 25: 25 forwards and 24
+updates per request each) and the same early-stop rule (loss < early_stop_loss). Reported: seconds
+of each (ECE also with its attribution + clustering overhead), the ratio, and the z quality each
+reaches: the final target NLL with z injected at the z layer (TargetResult.nll, averaged over the
+context templates), its mean, and the fraction of requests with NLL < --nll-bound.
+
+    python benchmarks/ece_z.py --n 30                 # SmolLM2-135M-Instruct, CounterFact, one step
+    python benchmarks/ece_z.py --n 4 --out /tmp/ece_z.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from editlab.data.sources import load_requests
+from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.methods.ece import ECE
+from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
+from editlab.editing.targets import TargetConfig, TargetResult, optimize_cluster_targets, optimize_targets
+from editlab.models.arch import ModelView
+from editlab.models.load import load_model_and_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+ATTRIBUTIONS = {"AS": ActivationScore, "WI": WeightImportance, "RS": ResidualSensitivity}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="hub id, local dir or the embedded default")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "multi_counterfact.json.gz"))
+    ap.add_argument("--n", type=int, default=30, help="requests, all in one step")
+    ap.add_argument("--offset", type=int, default=0, help="first record of the data file")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the context templates and the clustering")
+    ap.add_argument("--layers", default="4,5,6,7,8", help="edited layers; z is optimised at the last one")
+    ap.add_argument("--neurons", default="WI", choices=sorted(ATTRIBUTIONS), help="attribution of the neuron sets")
+    ap.add_argument("--threshold", type=float, default=0.8, help="p of the neuron selection")
+    ap.add_argument("--clusters", type=int, default=None, help="k; default ceil(sqrt(n / 2))")
+    ap.add_argument("--shared-steps", type=int, default=20)
+    ap.add_argument("--instance-steps", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--early-stop-loss", type=float, default=5e-2, help="the same rule for both")
+    ap.add_argument("--nll-bound", type=float, default=None, help="success: NLL below this (default early-stop-loss)")
+    ap.add_argument("--context-count", type=int, default=5)
+    ap.add_argument("--context-length", type=int, default=10)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; default 1 on CPU (on a shared machine OpenMP threads spin-waiting for cores made "
+        "each step ~80x slower), torch's own choice on GPU",
+    )
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ece_z.json"))
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error(f"--n={args.n} must be >= 1")
+    if args.shared_steps < 0 or args.instance_steps < 0 or args.shared_steps + args.instance_steps < 1:
+        ap.error("--shared-steps and --instance-steps must be >= 0 with a positive sum")
+    return args
+
+
+def quality(res: TargetResult, bound: float) -> dict:
+    nll = res.nll.float().cpu()
+    return {
+        "nll_mean": float(nll.mean()),
+        "nll_median": float(nll.median()),
+        "p_target_mean": float((-nll).exp().mean()),  # exp(−mean token NLL), averaged over requests
+        "fraction_nll_below_bound": float((nll < bound).float().mean()),
+        "loss_mean": float(res.loss.float().mean()),
+        "updates_mean": float(res.steps.float().mean()),
+        "updates_max": float(res.steps.float().max()),
+    }
+
+
+def work_per_instance(res: TargetResult, rows_per_request: int) -> dict:
+    """Forward passes and row-forwards of optimize_targets: a request with u updates was in u + 1
+    forwards (the last one found it converged or was the measuring one)."""
+    fwd = res.steps.float().cpu() + 1  # [n]
+    return {"forward_passes": int(fwd.max()), "row_forwards": int(fwd.sum()) * rows_per_request}
+
+
+def work_two_step(res, shared_steps: int, instance_steps: int, rows_per_request: int) -> dict:
+    """The same count for the two-step optimisation: phase 1 over the anchors (each forward is
+    followed by an update unless the anchor converged, or, without phase 2, unless it is the last),
+    the no-grad KL reference of phase 2 (one row per request), phase 2 over every request."""
+    anchor = res.is_anchor.cpu()
+    upd1 = res.shared_updates.float().cpu()[anchor]  # [k]
+    fwd1 = (upd1 + 1).clamp_max(shared_steps) if instance_steps > 0 else upd1 + 1
+    fwd1 = fwd1 if shared_steps > 0 else torch.zeros(0)
+    fwd2 = res.instance_updates.float().cpu() + 1 if instance_steps > 0 else torch.zeros(0)
+    kl_ref = len(anchor) if instance_steps > 0 and shared_steps > 0 else 0
+    return {
+        "forward_passes": int(fwd1.max() if len(fwd1) else 0) + int(kl_ref > 0) + int(fwd2.max() if len(fwd2) else 0),
+        "row_forwards": int(fwd1.sum() + fwd2.sum()) * rows_per_request + kl_ref,
+    }
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    bound = args.early_stop_loss if args.nll_bound is None else args.nll_bound
+    layers = [int(x) for x in args.layers.split(",")]
+    total = args.shared_steps + args.instance_steps
+    t_load = time.perf_counter()
+    model, tok = load_model_and_tokenizer(args.model, args.dtype, args.device)
+    view = ModelView.of(model)
+    view.check_layers(layers)
+    requests = load_requests(args.data, num_edits=args.n, offset=args.offset)
+    templates = make_context_templates(model, tok, ContextTemplates(args.context_count, args.context_length), args.seed)
+    seconds_load = time.perf_counter() - t_load
+    cfg = TargetConfig(lr=args.lr, steps=total, early_stop_loss=args.early_stop_loss)
+    ece = ECE(
+        layers=layers,
+        neurons=ATTRIBUTIONS[args.neurons](threshold=args.threshold),
+        clusters=args.clusters,
+        shared_steps=args.shared_steps,
+        instance_steps=args.instance_steps,
+        targets=cfg,
+    )
+    ece.templates = templates
+    z_layer = layers[-1]
+
+    # Warm-up (allocator, kernels, lazy imports) so neither timed run pays first-call costs.
+    optimize_targets(view, tok, requests[:2], templates, z_layer, TargetConfig(lr=args.lr, steps=2), progress=False)
+
+    sync(args.device)
+    t0 = time.perf_counter()
+    per_instance = optimize_targets(view, tok, requests, templates, z_layer, cfg, progress=False)
+    sync(args.device)
+    t1 = time.perf_counter()
+    plan = ece.locate(view, tok, requests, args.seed)
+    sync(args.device)
+    t2 = time.perf_counter()
+    two_step = optimize_cluster_targets(
+        view,
+        tok,
+        requests,
+        templates,
+        z_layer,
+        cfg,
+        plan.clustering.clusters,
+        plan.clustering.anchors,
+        args.shared_steps,
+        args.instance_steps,
+        progress=False,
+    )
+    sync(args.device)
+    t3 = time.perf_counter()
+
+    sec_inst, sec_locate, sec_two = t1 - t0, t2 - t1, t3 - t2
+    rows = len(templates) + 1  # rewrite rows (one per context template) + the KL row
+    work_inst = work_per_instance(per_instance, rows)
+    work_two = work_two_step(two_step, args.shared_steps, args.instance_steps, rows)
+    anchor = two_step.is_anchor.cpu()
+    gap = (two_step.z - per_instance.z).norm(dim=1) / (per_instance.z - per_instance.h).norm(dim=1).clamp_min(1e-12)
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "out"} | {"nll_bound": bound, "z_layer": z_layer},
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": args.device,
+            "machine": platform.machine(),
+            "seconds_load": seconds_load,
+        },
+        "requests": len(requests),
+        "clusters": len(plan.clustering.clusters),
+        "cluster_sizes": [len(c) for c in plan.clustering.clusters],
+        "cluster_attribution": plan.cluster_attribution,
+        "per_instance": {"steps": total, "seconds": sec_inst, **work_inst, **quality(per_instance, bound)},
+        "ece_two_step": {
+            "shared_steps": args.shared_steps,
+            "instance_steps": args.instance_steps,
+            "seconds": sec_two,
+            "seconds_shared": two_step.seconds_shared,
+            "seconds_instance": two_step.seconds_instance,
+            "seconds_locate": sec_locate,  # keys at every layer, attribution, clustering
+            "seconds_with_locate": sec_two + sec_locate,
+            "shared_updates_mean": float(two_step.shared_updates.float().mean()),
+            "instance_updates_mean": float(two_step.instance_updates.float().mean()),
+            **work_two,
+            **quality(two_step, bound),
+            "nll_mean_anchors": float(two_step.nll.float().cpu()[anchor].mean()),
+            "nll_mean_members": float(two_step.nll.float().cpu()[~anchor].mean()) if (~anchor).any() else None,
+        },
+        "speedup": sec_inst / sec_two if sec_two > 0 else math.inf,
+        # Hardware-independent: rows pushed through the model. Wall-clock follows it only where
+        # a forward's cost grows with its rows (large batches, big models); small batches on a
+        # latency-bound device cost about the same per forward whatever the rows.
+        "row_forward_ratio": work_inst["row_forwards"] / max(work_two["row_forwards"], 1),
+        "speedup_with_locate": sec_inst / (sec_two + sec_locate) if sec_two + sec_locate > 0 else math.inf,
+        # How far ECE's z lands from the per-instance z, relative to the per-instance shift ‖z − h‖.
+        "z_relative_gap_mean": float(gap.mean()),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    inst, two = result["per_instance"], result["ece_two_step"]
+    print(f"{len(requests)} requests, {result['clusters']} clusters {result['cluster_sizes']}")
+    print(
+        f"per-instance {total} steps:      {sec_inst:8.2f} s  NLL {inst['nll_mean']:.3f}  "
+        f"NLL<{bound:g}: {inst['fraction_nll_below_bound']:.2f}"
+    )
+    print(
+        f"ECE {args.shared_steps}+{args.instance_steps} two-step:   {sec_two:8.2f} s  NLL {two['nll_mean']:.3f}  "
+        f"NLL<{bound:g}: {two['fraction_nll_below_bound']:.2f}  (+{sec_locate:.2f} s locate)"
+    )
+    print(
+        f"speedup {result['speedup']:.2f}x ({result['speedup_with_locate']:.2f}x with locate), "
+        f"row-forwards {work_inst['row_forwards']} vs {work_two['row_forwards']} -> {out}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

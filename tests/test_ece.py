@@ -1,0 +1,342 @@
+"""ECE: attribution formulas, threshold selection, Jaccard k-medoids and anchors, the sub-matrix
+solve, the two-step z, and the method on a tiny model (it writes only the selected columns)."""
+
+import math
+
+import pytest
+import torch
+
+from editlab.editing.cluster import anchor_of, cluster_sets, default_k, jaccard_distances, kmedoids
+from editlab.editing.context import ContextTemplates
+from editlab.editing.keys import keys_and_outputs
+from editlab.editing.methods import ece as ece_module
+from editlab.editing.methods.base import EditContext
+from editlab.editing.methods.ece import ECE
+from editlab.editing.methods.memit import MEMIT
+from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance, select_neurons
+from editlab.editing.solve import memit_delta, submatrix_delta
+from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.targets import TargetConfig, optimize_cluster_targets, optimize_targets
+from editlab.models.arch import ModelView
+from editlab.models.tiny import tiny_config, tiny_tokenizer
+from editlab.models.weights import is_transposed, read_weight
+
+from conftest import facts
+from test_targets import TEMPLATES, peaky_model
+
+torch.set_num_threads(1)
+
+
+# --- selection and attribution -----------------------------------------------------------------
+
+
+def test_threshold_selection_on_known_scores():
+    q = torch.tensor([1.0, 5.0, 2.0, 2.0, 0.0])  # total 10
+    assert select_neurons(q, 0.5).tolist() == [1]  # 5 ≥ 5
+    assert select_neurons(q, 0.51).tolist() == [1, 2]  # tie 2/2: the lower index first
+    assert select_neurons(q, 0.7).tolist() == [1, 2]  # 7 ≥ 7
+    assert select_neurons(q, 0.71).tolist() == [1, 2, 3]
+    assert select_neurons(q, 0.99).tolist() == [0, 1, 2, 3]  # the zero-score neuron is never needed
+    assert select_neurons(q, 1.0).tolist() == [0, 1, 2, 3, 4]  # p = 1 keeps every neuron
+    with pytest.raises(ValueError, match="threshold=0"):
+        select_neurons(q, 0.0)
+    with pytest.raises(ValueError, match="score 0"):
+        select_neurons(torch.zeros(3), 0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        select_neurons(torch.tensor([1.0, -1.0]), 0.5)
+
+
+def test_attribution_formulas_on_hand_made_tensors():
+    keys = torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.0, -3.0]])  # [n=2, d_ff=3]
+    w_out = torch.tensor([[1.0, -1.0, 2.0], [3.0, 0.0, 0.0]])  # [d_model=2, d_ff=3]
+    torch.testing.assert_close(ActivationScore().scores(keys, w_out), keys.abs().double())
+    wi = torch.tensor([4.0, 1.0, 2.0], dtype=torch.float64)  # column L1 norms
+    torch.testing.assert_close(WeightImportance().scores(keys, w_out), wi.expand(2, 3))
+    col = torch.tensor([math.sqrt(10.0), 1.0, 2.0], dtype=torch.float64)  # column L2 norms
+    rs = ResidualSensitivity().scores(keys, w_out)
+    torch.testing.assert_close(rs, keys.abs().double() * col)
+    # RS is the norm of the neuron's write into the residual stream, a_j W_out[:, j].
+    torch.testing.assert_close(rs[1, 2], (keys[1, 2] * w_out[:, 2]).norm().double())
+    # The batch selection sums the scores over the requests: AS totals [1.5, 2, 3], 0.45 · 6.5 ≤ 3.
+    assert ActivationScore(threshold=0.45).select_batch(keys, w_out).tolist() == [2]
+    assert [s.tolist() for s in ActivationScore(threshold=0.45).select_each(keys, w_out)] == [[1], [2]]
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        ActivationScore(threshold=1.5)
+
+
+# --- clustering --------------------------------------------------------------------------------
+
+
+def test_jaccard_distances():
+    sets = [torch.tensor([0, 1]), torch.tensor([1, 2]), torch.tensor([5]), torch.tensor([], dtype=torch.long)]
+    d = jaccard_distances(sets, universe=6)
+    assert d[0, 1] == pytest.approx(2 / 3) and d[0, 2] == 1.0 and d[2, 3] == 1.0
+    assert torch.equal(d, d.T) and (d.diagonal() == 0).all()
+    assert jaccard_distances([torch.tensor([], dtype=torch.long)] * 2)[0, 1] == 0.0  # two empty sets
+
+
+def two_groups() -> tuple[list[torch.Tensor], list[int]]:
+    # Group A draws from neurons 0..9, group B from 100..109: every A-B distance is 1.
+    a = [torch.tensor(s) for s in ([0, 1, 2, 3, 4], [1, 2, 3, 4, 5], [0, 2, 3, 4, 9], [2, 3, 4, 5, 6])]
+    b = [torch.tensor(s) for s in ([100, 101, 102], [101, 102, 103], [100, 102, 103, 104])]
+    order = [0, 4, 1, 5, 2, 6, 3]  # interleave the groups
+    sets = a + b
+    return [sets[i] for i in order], [0 if i < 4 else 1 for i in order]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_two_disjoint_groups_give_two_clusters(seed):
+    sets, group = two_groups()
+    clu = cluster_sets(sets, 2, seed)
+    expected = sorted([[i for i, g in enumerate(group) if g == 0], [i for i, g in enumerate(group) if g == 1]])
+    assert sorted(clu.clusters) == expected
+    assert all(a in c for a, c in zip(clu.anchors, clu.clusters, strict=True))
+    # The automatic k for 7 requests is ceil(sqrt(3.5)) = 2: the same answer.
+    assert default_k(7) == 2 and sorted(cluster_sets(sets, None, seed).clusters) == expected
+
+
+def test_clustering_is_deterministic_and_never_returns_empty_clusters():
+    gen_sets = torch.Generator().manual_seed(0)
+    sets = [torch.randperm(40, generator=gen_sets)[:12] for _ in range(15)]
+    first, again = cluster_sets(sets, 4, seed=3), cluster_sets(sets, 4, seed=3)
+    assert first.clusters == again.clusters and first.anchors == again.anchors
+    assert len(first.clusters) == 4 and all(first.clusters)
+    # k above n is capped; identical sets (all distances 0) still give k non-empty clusters.
+    assert len(cluster_sets(sets[:3], 10, seed=0).clusters) == 3
+    same = cluster_sets([torch.tensor([1, 2])] * 5, 2, seed=0)
+    assert len(same.clusters) == 2 and sorted(i for c in same.clusters for i in c) == list(range(5))
+    with pytest.raises(ValueError, match="option clusters=0"):
+        cluster_sets(sets, 0, seed=0)
+
+
+def test_anchor_is_the_member_with_least_total_distance():
+    d = torch.tensor(
+        [
+            [0.0, 0.9, 0.2, 0.8],
+            [0.9, 0.0, 0.3, 0.5],
+            [0.2, 0.3, 0.0, 0.6],
+            [0.8, 0.5, 0.6, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    # Totals: 1.9, 1.7, 1.1, 1.9 → member 2.
+    assert anchor_of(d, [0, 1, 2, 3]) == 2
+    # Within {0, 1, 3}: totals 1.7, 1.4, 1.3 → member 3.
+    assert anchor_of(d, [3, 0, 1]) == 3
+    # A tie between 0 and 3 within {0, 3} goes to the lowest index.
+    assert anchor_of(d, [3, 0]) == 0
+    # k-medoids with k = 1 makes the anchor the medoid of everything.
+    assert kmedoids(d, 1, torch.Generator().manual_seed(0)).anchors == [2]
+
+
+# --- the sub-matrix solve ----------------------------------------------------------------------
+
+
+def test_submatrix_solve_equals_the_full_solve_restricted_to_the_neurons():
+    gen = torch.Generator().manual_seed(0)
+    n, d_ff, d_model = 4, 10, 6
+    idx = torch.tensor([1, 4, 5, 8])
+    rest = torch.tensor([i for i in range(d_ff) if i not in idx.tolist()])
+    keys = torch.randn(n, d_ff, generator=gen, dtype=torch.float64)
+    keys[:, rest] = 0.0  # the other neurons' keys are zero
+    resid = torch.randn(n, d_model, generator=gen, dtype=torch.float64)
+    a = torch.randn(d_ff, d_ff, generator=gen, dtype=torch.float64)
+    p = a @ a.T + torch.eye(d_ff, dtype=torch.float64)
+    p[idx[:, None], rest[None, :]] = 0.0  # P block-diagonal between I and not-I
+    p[rest[:, None], idx[None, :]] = 0.0
+    full = memit_delta(keys, resid, p)
+    sub = submatrix_delta(keys, resid, p, idx)
+    torch.testing.assert_close(sub, full, rtol=1e-10, atol=1e-12)
+    assert (sub[:, rest] == 0).all()
+    # In general (dense keys and P) the sub-solve is zero outside I; with every neuron it is MEMIT.
+    dense = torch.randn(n, d_ff, generator=gen, dtype=torch.float64)
+    assert (submatrix_delta(dense, resid, a @ a.T + torch.eye(d_ff), idx)[:, rest] == 0).all()
+    torch.testing.assert_close(submatrix_delta(dense, resid, p, torch.arange(d_ff)), memit_delta(dense, resid, p))
+    with pytest.raises(ValueError, match="distinct"):
+        submatrix_delta(dense, resid, p, torch.tensor([1, 1]))
+
+
+# --- two-step z --------------------------------------------------------------------------------
+
+
+def test_without_instance_steps_cluster_members_share_one_shift():
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()
+    cfg = TargetConfig(lr=0.2, early_stop_loss=0.0)  # loss ≥ 0: no early stop
+    res = optimize_cluster_targets(
+        view, tok, reqs, TEMPLATES, 1, cfg, [[0, 2], [1]], [2, 1], shared_steps=6, instance_steps=0, progress=False
+    )
+    shift = res.z - res.h
+    torch.testing.assert_close(shift[0], shift[2])  # the members of cluster 0 share Uz_0
+    assert not torch.allclose(shift[0], shift[1])
+    assert res.cluster.tolist() == [0, 1, 0] and res.is_anchor.tolist() == [False, True, True]
+    # Phase 1 is MEMIT's optimisation on the anchors alone: with every request its own anchor and
+    # no phase 2, z is optimize_targets' z.
+    alone = optimize_cluster_targets(
+        view, tok, reqs, TEMPLATES, 1, cfg, [[0], [1], [2]], [0, 1, 2], shared_steps=6, instance_steps=0, progress=False
+    )
+    ref = optimize_targets(
+        view, tok, reqs, TEMPLATES, 1, TargetConfig(lr=0.2, steps=6, early_stop_loss=0.0), progress=False
+    )
+    torch.testing.assert_close(alone.z, ref.z, rtol=1e-5, atol=1e-5)
+    assert torch.equal(alone.steps, ref.steps) and torch.isnan(res.loss[0]) and not torch.isnan(res.loss[1:]).any()
+
+
+def test_without_shared_steps_it_is_per_instance_optimisation():
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()
+    cfg = TargetConfig(lr=0.2, steps=99)  # cfg.steps is not read by the two-step optimisation
+    res = optimize_cluster_targets(
+        view, tok, reqs, TEMPLATES, 1, cfg, [[0, 1, 2]], [1], shared_steps=0, instance_steps=5, progress=False
+    )
+    ref = optimize_targets(view, tok, reqs, TEMPLATES, 1, TargetConfig(lr=0.2, steps=5), progress=False)
+    # Same forwards, same arithmetic (a zero shared shift adds exact zeros): bit-identical.
+    for name in ("z", "h", "loss", "nll", "steps"):
+        assert torch.equal(getattr(res, name), getattr(ref, name)), name
+    assert (res.shared == 0).all() and (res.shared_updates == 0).all()
+
+
+def test_two_steps_refine_the_shared_shift_and_clamp_the_total():
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()
+    cfg = TargetConfig(lr=0.5, clamp_norm_factor=0.5, kl_factor=0.0, weight_decay=0.0, early_stop_loss=0.0)
+    res = optimize_cluster_targets(
+        view, tok, reqs, TEMPLATES, 1, cfg, [[0, 1, 2]], [0], shared_steps=8, instance_steps=4, progress=False
+    )
+    assert (res.shared_updates == 8).all() and (res.instance_updates == 3).all()
+    assert torch.equal(res.steps, res.shared_updates + res.instance_updates)
+    assert ((res.z - res.h).norm(dim=1) <= 0.5 * res.h.norm(dim=1) + 1e-4).all()
+    start = optimize_targets(view, tok, reqs, TEMPLATES, 1, TargetConfig(steps=1), progress=False)
+    assert (res.nll < start.nll).all()
+    with pytest.raises(ValueError, match="partition"):
+        optimize_cluster_targets(view, tok, reqs, TEMPLATES, 1, cfg, [[0, 1]], [0], progress=False)
+    with pytest.raises(ValueError, match="anchors"):
+        optimize_cluster_targets(view, tok, reqs, TEMPLATES, 1, cfg, [[0, 1, 2]], [5], progress=False)
+
+
+# --- the method --------------------------------------------------------------------------------
+
+
+def peaky(model_type: str):
+    if model_type == "llama":
+        return peaky_model()
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(model_type, len(tok))
+    cfg.initializer_range = 0.3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False), tok
+
+
+def make(tmp_path, model_type: str = "llama", **kw):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(
+        "\n".join(
+            [
+                "The Eiffel Tower is in Paris.",
+                "Water boils at noon.",
+                "Rome is old.",
+                "Microsoft makes software.",
+                "She speaks French.",
+            ]
+            * 4
+        )
+    )
+    model, tok = peaky(model_type)
+    view = ModelView.of(model)
+    ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
+    steps = kw.pop("shared_steps", 8), kw.pop("instance_steps", 4)
+    targets = TargetConfig(steps=sum(steps), lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
+    method = ECE(
+        layers=[0, 1],
+        mom2_weight=kw.pop("mom2_weight", 0.01),
+        shared_steps=steps[0],
+        instance_steps=steps[1],
+        targets=targets,
+        context=ContextTemplates(count=0, length=3),
+        covariance=CovarianceConfig(corpus=str(corpus), num_samples=20, batch_size=8),
+        **kw,
+    )
+    method.setup(ctx)
+    return ctx, method
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # nn.Linear and Conv1D (transposed) out-projections
+def test_ece_writes_only_the_selected_columns_of_its_layers(tmp_path, stats_cache, model_type):
+    ctx, method = make(tmp_path, model_type, neurons=ResidualSensitivity(threshold=0.5), clusters=2)
+    reqs = facts()
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    selected = {}
+    for layer in method.layers:
+        keys, _ = keys_and_outputs(ctx.view, ctx.tok, reqs, method.templates, layer, 1)
+        selected[layer] = set(method.neurons.select_batch(keys, read_weight(ctx.view.ffn_out(layer))).tolist())
+    result = method.apply(ctx, reqs)
+    edited = {ctx.view.ffn_out_name(layer) + ".weight": layer for layer in method.layers}
+    for name, p in ctx.model.named_parameters():
+        if name not in edited:
+            assert torch.equal(p, before[name]), name
+            continue
+        layer = edited[name]
+        module = ctx.view.ffn_out(layer)
+        diff = read_weight(module) - (before[name].T if is_transposed(module) else before[name])  # [d_model, d_ff]
+        changed = set(torch.nonzero(diff.abs().sum(0)).squeeze(1).tolist())  # columns = neurons
+        d_ff = diff.shape[1]
+        assert changed and changed <= selected[layer] and len(selected[layer]) < d_ff, (layer, changed)
+        assert result.scalars[f"neurons/l{layer}"] == len(selected[layer])
+    assert result.scalars["clusters"] == 2 and sorted(result.details["cluster_sizes"]) == [1, 2]
+    assert result.details["cluster_attribution"] == "ResidualSensitivity"
+    assert set(result.per_request) == {r.case_id for r in reqs}
+    assert sum(v["anchor"] for v in result.per_request.values()) == 2
+    assert {v["cluster"] for v in result.per_request.values()} == {0, 1}
+    # The full KKᵀ (every neuron) entered the sequential cache; it survives a state round trip.
+    assert set(method.cache_c) == {0, 1} and all(c.abs().sum() > 0 for c in method.cache_c.values())
+    fresh = ECE(layers=[0, 1])
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.templates == method.templates and torch.equal(fresh.cache_c[1], method.cache_c[1].cpu())
+
+
+def test_ece_with_every_neuron_and_no_sharing_is_sequential_memit(tmp_path, stats_cache):
+    # p = 1 keeps every neuron and shared_steps = 0 is per-instance z: the update is MEMIT_seq's.
+    ctx, ece = make(tmp_path, neurons=WeightImportance(threshold=1.0), shared_steps=0, instance_steps=6)
+    ece.apply(ctx, facts())
+    edited = {layer: read_weight(ctx.view.ffn_out(layer)).clone() for layer in ece.layers}
+    ctx2, _ = make(tmp_path)
+    memit = MEMIT(layers=[0, 1], mom2_weight=0.01, targets=ece.targets, context=ece.context, covariance=ece.covariance)
+    memit.setup(ctx2)
+    memit.apply(ctx2, facts())
+    for layer in ece.layers:
+        torch.testing.assert_close(edited[layer], read_weight(ctx2.view.ffn_out(layer)), rtol=1e-5, atol=1e-6)
+
+
+def test_ece_failed_step_restores_the_weights(tmp_path, stats_cache, monkeypatch):
+    ctx, method = make(tmp_path, shared_steps=2, instance_steps=1)
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    calls = {"n": 0}
+    real = ece_module.submatrix_delta
+
+    def fail_on_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(ece_module, "submatrix_delta", fail_on_second)
+    with pytest.raises(FloatingPointError, match="injected"):
+        method.apply(ctx, facts())
+    for n, p in ctx.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert method.cache_c == {}
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match=r"option targets.steps=25 must equal shared_steps \+ instance_steps"):
+        ECE(layers=[0], shared_steps=15, instance_steps=5)
+    with pytest.raises(ValueError, match="option clusters=0"):
+        ECE(layers=[0], clusters=0)
+    with pytest.raises(ValueError, match="option cluster_neurons=WeightImportance"):
+        ECE(layers=[0], cluster_neurons=WeightImportance())
+    assert type(ECE(layers=[0]).clustering_attribution()).__name__ == "ActivationScore"  # WI has no per-request sets
