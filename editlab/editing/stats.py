@@ -46,6 +46,7 @@ class CovarianceConfig:
         dtype: accumulation dtype of the sum of kkᵀ.
         text_field: field holding the text in JSON objects / hub rows; None tries "text", "Text".
         split: hub dataset split.
+        subset: hub dataset configuration name (e.g. "wikitext-103-raw-v1" of Salesforce/wikitext).
         use_cache: read/write the disk cache.
     """
 
@@ -56,6 +57,7 @@ class CovarianceConfig:
     dtype: Literal["float32", "float64"] = "float64"
     text_field: str | None = None
     split: str = "train"
+    subset: str | None = None
     use_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -117,10 +119,10 @@ def read_corpus(cfg: CovarianceConfig) -> tuple[list[str], str]:
     else:
         import datasets
 
-        ds = datasets.load_dataset(corpus, split=cfg.split)
+        ds = datasets.load_dataset(corpus, cfg.subset, split=cfg.split)
         items, ident = (
             ds.select(range(min(len(ds), cfg.num_samples * 2))),
-            f"hub:{corpus}:{cfg.split}:{ds._fingerprint}",
+            f"hub:{corpus}:{cfg.subset}:{cfg.split}:{ds._fingerprint}",
         )
     texts = [t for t in (_text_of(x, cfg.text_field, corpus) for x in items) if t.strip()]
     if len(texts) < cfg.num_samples:

@@ -152,8 +152,8 @@ class PrefixCachedForward:
         device = full.input_ids.device
         self.base = view.model.base_model
         self.prefix_len = edit_pos.clone()  # [R]
-        prefixes = [row[:p] for row, p in zip(tr.batch_rows, edit_pos.tolist())]
-        suffixes = [row[p:] for row, p in zip(tr.batch_rows, edit_pos.tolist())]
+        prefixes = [row[:p] for row, p in zip(tr.batch_rows, edit_pos.tolist(), strict=True)]
+        suffixes = [row[p:] for row, p in zip(tr.batch_rows, edit_pos.tolist(), strict=True)]
         self.suffix = pad(suffixes, pad_id).to(device)
         self.suffix.lengths = self.suffix.lengths.to(device)
         self.cache = None
@@ -179,8 +179,13 @@ class PrefixCachedForward:
         mask = torch.cat([self.prefix_mask[row_sel], self.suffix.attention_mask[row_sel, :width]], dim=1)
         positions = self.prefix_len[row_sel, None] + torch.arange(width, device=ids.device)  # [r, S]
         cache = select_cache_rows(self.cache, row_sel) if self.cache is not None else None
-        return self.base(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=cache is not None).last_hidden_state
+        return self.base(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        ).last_hidden_state
 
 
 def _row_means(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
@@ -198,86 +203,10 @@ def optimize_targets(
     cfg: TargetConfig,
     progress: bool = True,
 ) -> TargetResult:
-    device = view.device
-    tr = target_rows(tok, requests, templates, cfg.kl_prompt)
-    n = tr.n_requests
-    full = pad(tr.batch_rows, tok.pad_token_id).to(device)
-    full.lengths = full.lengths.to(device)
-    edit_pos, owner, is_kl = tr.edit_pos.to(device), tr.owner.to(device), tr.is_kl.to(device)
-    tgt_row, tgt_pos, tgt_id = tr.tgt_row.to(device), tr.tgt_pos.to(device), tr.tgt_id.to(device)
-    d_model = view.model.config.hidden_size
-    delta = torch.zeros(n, d_model, device=device, dtype=torch.float32)
-    adam = RowAdam(delta.shape, cfg.lr, device)
-    h = torch.zeros(n, d_model, device=device)
-    kl_init: torch.Tensor | None = None  # [n, V] log-probs on the KL prompt without δ
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    last_loss = torch.zeros(n, device=device)
-    last_nll = torch.zeros(n, device=device)
-    unembed = view.unembed()
-    rows_forward = (PrefixCachedForward if cfg.prefix_cache else FullForward)(view, tr, full, edit_pos, tok.pad_token_id)
-    bar = tqdm(range(cfg.steps), desc=f"z ({n} requests)", disable=not progress, file=sys.stderr, leave=False)
-    for it in bar:
-        act_req = active.nonzero().squeeze(1)  # [a]
-        row_sel = active[owner].nonzero().squeeze(1)  # [r] rows of active requests
-        # Local indices of the selected rows, to gather from the sub-batch.
-        local = torch.full((len(owner),), -1, device=device, dtype=torch.long)
-        local[row_sel] = torch.arange(len(row_sel), device=device)
-        d = delta.clone().requires_grad_(True)
-        sel_owner = owner[row_sel]
-        offset = rows_forward.offset(row_sel)  # [r] absolute position of each row's first computed token
-        sel_pos = edit_pos[row_sel] - offset
-        first = it == 0
-
-        def add_delta(out: torch.Tensor) -> torch.Tensor:  # out: [r, S, d_model]
-            if first:
-                bare = (~is_kl[row_sel]) & (torch.arange(len(row_sel), device=device) < n)
-                h[sel_owner[bare]] = out[bare, sel_pos[bare]].detach().float()
-            ar = torch.arange(out.shape[0], device=device)
-            return out.index_put((ar, sel_pos), d[sel_owner].to(out.dtype), accumulate=True)
-
-        with torch.enable_grad(), edit_output(view.layer(layer), f"layer {layer}", add_delta):
-            hidden = rows_forward(row_sel)  # [r, S, d]
-            tsel = active[owner[tgt_row]]
-            t_rows = local[tgt_row[tsel]]
-            t_pos = tgt_pos[tsel] - offset[t_rows]
-            logits = unembed(hidden[t_rows, t_pos]).float()  # [t, V]: only where the loss needs it
-            tok_nll = -logits.log_softmax(-1).gather(1, tgt_id[tsel].unsqueeze(1)).squeeze(1)  # [t]
-            row_nll = _row_means(tok_nll, t_rows, len(row_sel))  # [r]
-            rewrite = ~is_kl[row_sel]
-            nll = _row_means(row_nll[rewrite], sel_owner[rewrite], n)  # [n]
-            kl_rows = is_kl[row_sel].nonzero().squeeze(1)
-            kl_last = full.lengths[row_sel[kl_rows]] - 1 - offset[kl_rows]
-            kl_logp = unembed(hidden[kl_rows, kl_last]).float().log_softmax(-1)
-            if first:
-                kl_init = kl_logp.detach()
-            # KL(current || initial) on the essence prompt, as the reference computes it.
-            kl_init_act = kl_init[act_req] if not first else kl_init
-            kl = (kl_logp.exp() * (kl_logp - kl_init_act)).sum(-1)  # [a]
-            norm_h = h[act_req].norm(dim=1)
-            wd = cfg.weight_decay * d[act_req].norm(dim=1) / norm_h**2
-            loss = nll[act_req] + cfg.kl_factor * kl + wd  # [a]
-        last_loss[act_req] = loss.detach()
-        last_nll[act_req] = nll[act_req].detach()
-        bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach().mean()):.3f}")
-        done = loss.detach() < cfg.early_stop_loss
-        if it == cfg.steps - 1:
-            break
-        keep = act_req[~done]
-        if len(keep) == 0:
-            active[act_req] = False
-            break
-        loss[~done].sum().backward()
-        adam.step(delta, d.grad[keep], keep)
-        with torch.no_grad():
-            max_norm = cfg.clamp_norm_factor * h[keep].norm(dim=1, keepdim=True)  # [k, 1]
-            norm = delta[keep].norm(dim=1, keepdim=True)
-            delta[keep] = torch.where(norm > max_norm, delta[keep] * max_norm / norm, delta[keep])
-        active[act_req[done]] = False
-    bar.close()
-    return TargetResult(z=h + delta, h=h, loss=last_loss, nll=last_nll, steps=adam.t.clone())
-
-
-# --- ECE's two-step z (Zhang et al. 2025, eq. 11–13) -------------------------------------------
+    """MEMIT's z for every request of a step, batched: z_i = h_i + δ_i after at most
+    ``cfg.steps`` forwards (the last one only measures, as in the reference)."""
+    run = descend_offsets(view, tok, requests, templates, layer, cfg, cfg.steps, progress=progress)
+    return TargetResult(z=run.h + run.delta, h=run.h, loss=run.loss, nll=run.nll, steps=run.updates)
 
 
 @dataclass
