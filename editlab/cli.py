@@ -129,7 +129,8 @@ def main(args: list[str] | None = None) -> None:
         from editlab.report import report_main
 
         sys.exit(report_main(argv[1:]))
-    EditLabCLI(args=argv)
+    # args=None lets LightningCLI read sys.argv itself (it warns when given both).
+    EditLabCLI(args=None if args is None else argv)
 
 
 if __name__ == "__main__":
