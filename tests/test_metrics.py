@@ -10,7 +10,6 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
 
 from editlab.editing.prompts import answer_ids
 from editlab.metrics import (
@@ -39,6 +38,8 @@ from editlab.metrics import (
 from editlab.metrics.generation import left_pad
 from editlab.models.arch import ModelView
 from editlab.models.tiny import tiny_model, tiny_tokenizer
+
+from conftest import SHARED_DATA
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -61,8 +61,9 @@ def test_early_stop_removes_converged_requests():
     model, tok = peaky_model()
     view = ModelView.of(model)
     # An absurdly high early-stop bound: every request leaves after its first forward.
-    res = optimize_targets(view, tok, facts(), TEMPLATES, 1, TargetConfig(steps=10, early_stop_loss=1e9),
-                           progress=False)
+    res = optimize_targets(
+        view, tok, facts(), TEMPLATES, 1, TargetConfig(steps=10, early_stop_loss=1e9), progress=False
+    )
     assert (res.steps == 0).all() and torch.equal(res.z, res.h)
 
 
@@ -79,8 +80,9 @@ def test_prefix_cache_gives_the_same_targets_as_full_forwards(model_type):
     reqs = facts()  # "Microsoft" is the first token of its prompt: a row with an empty prefix
     cfg = TargetConfig(steps=6, lr=0.2)
     fast = optimize_targets(view, tok, reqs, TEMPLATES, 1, cfg, progress=False)
-    slow = optimize_targets(view, tok, reqs, TEMPLATES, 1, TargetConfig(steps=6, lr=0.2, prefix_cache=False),
-                            progress=False)
+    slow = optimize_targets(
+        view, tok, reqs, TEMPLATES, 1, TargetConfig(steps=6, lr=0.2, prefix_cache=False), progress=False
+    )
     torch.testing.assert_close(fast.h, slow.h, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.z, slow.z, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-4, atol=1e-4)
