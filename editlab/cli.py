@@ -119,7 +119,7 @@ def quiet_expected_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
-    warnings.filterwarnings("ignore", message=r".*`configure_optimizers` returned `None`.*")
+    warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`.*")
 
 
 def main(args: list[str] | None = None) -> None:
