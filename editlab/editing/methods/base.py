@@ -61,3 +61,42 @@ def restore_on_error(view: ModelView, layers: list[int]) -> Iterator[None]:
         for layer, weight in saved.items():
             set_weight(view.ffn_out(layer), weight)
         raise
+
+
+class KeyValueMethod(EditMethod):
+    """The shared state of the MEMIT family (MEMIT, ECE, ...): edited layers, λ, the preserved key
+    moment C = E[kkᵀ] per layer, context templates, and the sequential cache Σ KKᵀ of past steps."""
+
+    def __init__(self, layers: list[int], mom2_weight: float, targets, context, covariance) -> None:
+        if mom2_weight < 0:
+            raise ValueError(f"option mom2_weight={mom2_weight} must be >= 0")
+        self.layers = list(layers)
+        self.mom2_weight = mom2_weight
+        self.targets = targets
+        self.context = context
+        self.covariance = covariance
+        self.cov: dict[int, torch.Tensor] = {}
+        self.cache_c: dict[int, torch.Tensor] = {}
+        self.templates: list[str] = []
+
+    def setup(self, ctx: EditContext) -> None:
+        from editlab.editing.context import make_context_templates
+        from editlab.editing.stats import second_moments
+
+        ctx.view.check_layers(self.layers)
+        self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
+        self.cov = second_moments(
+            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress
+        )
+
+    def accumulate(self, new_kk: dict[int, torch.Tensor]) -> None:
+        """cache[l] += K_l K_lᵀ once a step has been fully applied."""
+        for layer, kk in new_kk.items():
+            self.cache_c[layer] = self.cache_c.get(layer, torch.zeros_like(kk)) + kk
+
+    def state_dict(self) -> dict:
+        return {"cache_c": {str(k): v.cpu() for k, v in self.cache_c.items()}, "templates": list(self.templates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache_c = {int(k): v for k, v in state["cache_c"].items()}
+        self.templates = list(state["templates"])

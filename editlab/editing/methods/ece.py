@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from editlab.editing.cluster import Clustering, cluster_sets
-from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
-from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
+from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
 from editlab.editing.solve import preserve_matrix, submatrix_delta
-from editlab.editing.stats import CovarianceConfig, second_moments
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, optimize_cluster_targets
 from editlab.models.arch import ModelView
 from editlab.models.weights import add_delta, read_weight
@@ -55,7 +55,7 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(x[ok].mean()) if ok.any() else math.nan
 
 
-class ECE(EditMethod):
+class ECE(KeyValueMethod):
     def __init__(
         self,
         layers: list[int],
@@ -87,8 +87,6 @@ class ECE(EditMethod):
             context: context-template generation settings.
             covariance: corpus and settings of E[kkᵀ].
         """
-        if mom2_weight < 0:
-            raise ValueError(f"option mom2_weight={mom2_weight} must be >= 0")
         if clusters is not None and clusters < 1:
             raise ValueError(f"option clusters={clusters} must be >= 1 (or null for automatic)")
         if shared_steps < 0 or instance_steps < 0 or shared_steps + instance_steps < 1:
@@ -105,19 +103,12 @@ class ECE(EditMethod):
                 f"option cluster_neurons={cluster_neurons!r} does not depend on the request: every request "
                 "would get the same neuron set"
             )
-        self.layers = list(layers)
-        self.mom2_weight = mom2_weight
+        super().__init__(layers, mom2_weight, targets, context, covariance)
         self.neurons = neurons
         self.cluster_neurons = cluster_neurons
         self.clusters = clusters
         self.shared_steps = shared_steps
         self.instance_steps = instance_steps
-        self.targets = targets
-        self.context = context
-        self.covariance = covariance
-        self.cov: dict[int, torch.Tensor] = {}
-        self.cache_c: dict[int, torch.Tensor] = {}
-        self.templates: list[str] = []
 
     def clustering_attribution(self) -> NeuronAttribution:
         if self.cluster_neurons is not None:
@@ -125,13 +116,6 @@ class ECE(EditMethod):
         if self.neurons.request_dependent:
             return self.neurons
         return ActivationScore(threshold=self.neurons.threshold)
-
-    def setup(self, ctx: EditContext) -> None:
-        ctx.view.check_layers(self.layers)
-        self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
-        self.cov = second_moments(
-            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress
-        )
 
     def locate(self, view: ModelView, tok, requests: list[EditRequest], seed: int) -> NeuronPlan:
         """Steps 1-4: keys, batch neuron selection per layer, per-request sets, clusters and anchors.
@@ -198,8 +182,7 @@ class ECE(EditMethod):
                 new_kk[layer] = keys.T @ keys  # [d_ff, d_ff], full: every neuron's keys are preserved later
                 scalars[f"delta_norm/l{layer}"] = float(delta.norm())
         # 7. Sequential cache (only once every layer was written).
-        for layer, kk in new_kk.items():
-            self.cache_c[layer] = self.cache_c.get(layer, torch.zeros_like(kk)) + kk
+        self.accumulate(new_kk)
         t4 = time.perf_counter()
         for layer in self.layers:
             scalars[f"neurons/l{layer}"] = float(len(selected[layer]))
@@ -230,10 +213,3 @@ class ECE(EditMethod):
             req.case_id: {"cluster": int(clu.labels[i]), "anchor": i in anchors} for i, req in enumerate(requests)
         }
         return EditResult(scalars=scalars, details=details, per_request=per_request)
-
-    def state_dict(self) -> dict:
-        return {"cache_c": {str(k): v.cpu() for k, v in self.cache_c.items()}, "templates": list(self.templates)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cache_c = {int(k): v for k, v in state["cache_c"].items()}
-        self.templates = list(state["templates"])

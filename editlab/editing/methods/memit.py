@@ -13,17 +13,17 @@ import time
 
 import torch
 
-from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
-from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
+from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.solve import memit_delta, preserve_matrix
-from editlab.editing.stats import CovarianceConfig, second_moments
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.models.weights import add_delta
 from editlab.types import EditRequest, EditResult
 
 
-class MEMIT(EditMethod):
+class MEMIT(KeyValueMethod):
     def __init__(
         self,
         layers: list[int],
@@ -42,24 +42,8 @@ class MEMIT(EditMethod):
             context: context-template generation settings.
             covariance: corpus and settings of E[kkᵀ].
         """
-        if mom2_weight < 0:
-            raise ValueError(f"option mom2_weight={mom2_weight} must be >= 0")
-        self.layers = list(layers)
-        self.mom2_weight = mom2_weight
+        super().__init__(layers, mom2_weight, targets, context, covariance)
         self.sequential = sequential
-        self.targets = targets
-        self.context = context
-        self.covariance = covariance
-        self.cov: dict[int, torch.Tensor] = {}
-        self.cache_c: dict[int, torch.Tensor] = {}
-        self.templates: list[str] = []
-
-    def setup(self, ctx: EditContext) -> None:
-        ctx.view.check_layers(self.layers)
-        self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
-        self.cov = second_moments(
-            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress
-        )
 
     def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
         view, tok = ctx.view, ctx.tok
@@ -79,8 +63,7 @@ class MEMIT(EditMethod):
                 new_kk[layer] = keys.T @ keys  # [d_ff, d_ff]
                 scalars[f"delta_norm/l{layer}"] = float(delta.norm())
         if self.sequential:
-            for layer, kk in new_kk.items():
-                self.cache_c[layer] = self.cache_c.get(layer, torch.zeros_like(kk)) + kk
+            self.accumulate(new_kk)
         t2 = time.perf_counter()
         scalars.update(
             {
@@ -92,10 +75,3 @@ class MEMIT(EditMethod):
             }
         )
         return EditResult(scalars=scalars)
-
-    def state_dict(self) -> dict:
-        return {"cache_c": {str(k): v.cpu() for k, v in self.cache_c.items()}, "templates": list(self.templates)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.cache_c = {int(k): v for k, v in state["cache_c"].items()}
-        self.templates = list(state["templates"])
