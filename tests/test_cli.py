@@ -58,12 +58,13 @@ def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
     return [x for kv in args.items() for x in kv]
 
 
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, command: str = "fit", **env_extra: str) -> subprocess.CompletedProcess:
+    """``editlab COMMAND ARGS`` in a subprocess, offline, with its own statistics cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cwd / "cache")}
     return subprocess.run(
-        [sys.executable, "-m", "editlab.cli", "fit", *args],
+        [sys.executable, "-m", "editlab.cli", command, *args],
         cwd=cwd,
-        env=env,
+        env={**env, **env_extra},
         capture_output=True,
         text=True,
         timeout=300,
@@ -143,16 +144,7 @@ def test_wandb_offline_run_records_the_step_metrics(tmp_path):
         f"--trainer.logger.save_dir={run}",
         "--trainer.logger.log_model=false",
     ]
-    env_mode = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "EDITLAB_CACHE": str(tmp_path / "cache"), **env_mode}
-    proc = subprocess.run(
-        [sys.executable, "-m", "editlab.cli", "fit", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli(args, tmp_path, WANDB_MODE="offline", WANDB_SILENT="true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(run / "summary.json")
     runs = list((run / "wandb").glob("offline-run-*"))
@@ -173,37 +165,15 @@ def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp
     args = tiny_args(
         tmp_path, data, **{"--model.model": str(exported), "--trainer.default_root_dir": str(tmp_path / "tested")}
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(tmp_path / "cache")}
-    test = subprocess.run(
-        [sys.executable, "-m", "editlab.cli", "test", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    test = run_cli(args, tmp_path, command="test")
     assert test.returncode == 0, test.stderr[-3000:]
     assert test.stdout.strip().splitlines()[-1] == str(tmp_path / "tested" / "summary.json")
     tested = json.loads((tmp_path / "tested" / "summary.json").read_text())
     assert tested["timing"] == "test" and tested["evaluated"] == 4
     for key in ("efficacy_success", "generalization_success", "specificity_success", "efficacy_token_accuracy"):
         assert tested[key] == pytest.approx(fit[key], abs=1e-6), key
-    report = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "editlab.cli",
-            "report",
-            str(tmp_path / "run"),
-            str(tmp_path / "tested"),
-            "--out",
-            str(tmp_path / "cmp"),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    report = run_cli(
+        [str(tmp_path / "run"), str(tmp_path / "tested"), "--out", str(tmp_path / "cmp")], tmp_path, command="report"
     )
     assert report.returncode == 0, report.stderr[-2000:]
     table = (tmp_path / "cmp" / "report.md").read_text()
