@@ -16,7 +16,7 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml
 
-# Everything, including the SmolLM2 tests marked slow (about 10 minutes on 2 CPU cores).
+# Everything, including the SmolLM2 tests marked slow (about 3 minutes on 2 CPU cores).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 
