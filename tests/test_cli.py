@@ -90,6 +90,10 @@ def test_tiny_fit_writes_results_into_the_run_dir(tmp_path):
         assert {"prob_new", "prob_true", "efficacy_success"} <= set(c["pre"]) and set(c["pre"]) == set(c["post"])
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
     assert not (run / "lightning_logs").exists() and not list(run.glob("version_*"))
+    # A second run into the same directory is refused before any work, unless --overwrite.
+    again = run_cli(tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz")), tmp_path)
+    assert again.returncode != 0 and "already holds a finished run" in again.stderr
+    assert json.loads((run / "summary.json").read_text()) == summary
     metrics = (run / "metrics.csv").read_text().splitlines()
     assert "edit/z_loss" in metrics[0] and len(metrics) >= 3  # header + one row per step (+ final)
 
@@ -165,6 +169,7 @@ def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp
     args = tiny_args(
         tmp_path, data, **{"--model.model": str(exported), "--trainer.default_root_dir": str(tmp_path / "tested")}
     )
+    args += ["--overwrite", "true"]  # harmless here: the directory is new
     test = run_cli(args, tmp_path, command="test")
     assert test.returncode == 0, test.stderr[-3000:]
     assert test.stdout.strip().splitlines()[-1] == str(tmp_path / "tested" / "summary.json")
