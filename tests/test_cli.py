@@ -183,3 +183,22 @@ def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp
     assert report.returncode == 0, report.stderr[-2000:]
     table = (tmp_path / "cmp" / "report.md").read_text()
     assert "run" in table and "tested" in table
+
+
+@pytest.mark.parametrize(
+    ("timing", "expected"),
+    [("immediate", ["pre", "immediate", "immediate"]), ("periodic", ["pre", "periodic", "periodic"])],
+)
+def test_timing_modes_are_recorded(tmp_path, timing, expected):
+    extra = {"--model.evaluation.timing": timing, "--model.evaluation.every_n_steps": "1"}
+    proc = run_cli(tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **extra), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    curve = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    assert [p["timing"] for p in curve] == expected
+    assert [p["edits"] for p in curve] == [0, 2, 4]
+    # immediate: each point scores only its own step's 2 requests; periodic: all edits so far.
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["timing"] == timing and summary["edits"] == 4
+    cases = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert {c["timing"] for c in cases} == {timing} and len(cases) == 4
