@@ -250,9 +250,3 @@ def rewrite_probs(case: dict) -> dict[str, float]:
         if role in entry:
             out[name] = math.exp(-entry[role]["nll"])
     return out
-
-
-def aggregate(flags: list[dict[str, float]]) -> dict[str, float]:
-    """Mean over cases of each per-case metric (cases first, as the CounterFact protocol does)."""
-    names = sorted({k for f in flags for k in f})
-    return {n: float(torch.tensor([f[n] for f in flags if n in f]).mean()) for n in names}

@@ -155,7 +155,6 @@ class PrefixCachedForward:
         prefixes = [row[:p] for row, p in zip(tr.batch_rows, edit_pos.tolist(), strict=True)]
         suffixes = [row[p:] for row, p in zip(tr.batch_rows, edit_pos.tolist(), strict=True)]
         self.suffix = pad(suffixes, pad_id).to(device)
-        self.suffix.lengths = self.suffix.lengths.to(device)
         self.cache = None
         self.prefix_mask = torch.zeros(len(prefixes), 0, dtype=torch.long, device=device)
         if max(len(p) for p in prefixes) > 0:
@@ -252,7 +251,6 @@ def descend_offsets(
     tr = target_rows(tok, requests, templates, cfg.kl_prompt)
     n = tr.n_requests
     full = pad(tr.batch_rows, tok.pad_token_id).to(device)
-    full.lengths = full.lengths.to(device)
     edit_pos, owner, is_kl = tr.edit_pos.to(device), tr.owner.to(device), tr.is_kl.to(device)
     tgt_row, tgt_pos, tgt_id = tr.tgt_row.to(device), tr.tgt_pos.to(device), tr.tgt_id.to(device)
     d_model = view.model.config.hidden_size
