@@ -62,3 +62,27 @@ def facts() -> list[EditRequest]:
         ),
         EditRequest("3", "{} was founded by", "Microsoft", "Steve Jobs", "Bill Gates"),
     ]
+
+
+def assert_failed_step_restores(ctx, method, module, solve_name: str, monkeypatch) -> None:
+    """Make the method's solve fail on its second layer: the step must raise, every weight must be
+    back as before the step, and the sequential cache must be untouched."""
+    import torch
+
+    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    calls = {"n": 0}
+    real = getattr(module, solve_name)
+
+    def fail_on_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(module, solve_name, fail_on_second)
+    with pytest.raises(FloatingPointError, match="injected"):
+        method.apply(ctx, facts())
+    assert calls["n"] == 2  # the first layer had been written when the second failed
+    for n, p in ctx.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert method.cache_c == {}

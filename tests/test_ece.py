@@ -21,7 +21,7 @@ from editlab.models.arch import ModelView
 from editlab.models.tiny import tiny_config, tiny_tokenizer
 from editlab.models.weights import is_transposed, read_weight
 
-from conftest import facts
+from conftest import assert_failed_step_restores, facts
 from test_targets import TEMPLATES, peaky_model
 
 torch.set_num_threads(1)
@@ -314,22 +314,7 @@ def test_ece_with_every_neuron_and_no_sharing_is_sequential_memit(tmp_path, stat
 
 def test_ece_failed_step_restores_the_weights(tmp_path, stats_cache, monkeypatch):
     ctx, method = make(tmp_path, shared_steps=2, instance_steps=1)
-    before = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
-    calls = {"n": 0}
-    real = ece_module.submatrix_delta
-
-    def fail_on_second(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise FloatingPointError("injected")
-        return real(*args)
-
-    monkeypatch.setattr(ece_module, "submatrix_delta", fail_on_second)
-    with pytest.raises(FloatingPointError, match="injected"):
-        method.apply(ctx, facts())
-    for n, p in ctx.model.named_parameters():
-        assert torch.equal(p, before[n]), n
-    assert method.cache_c == {}
+    assert_failed_step_restores(ctx, method, ece_module, "submatrix_delta", monkeypatch)
 
 
 def test_bad_options_are_named():

@@ -14,7 +14,7 @@ from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
 
-from conftest import facts
+from conftest import assert_failed_step_restores, facts
 from test_targets import peaky_model
 
 
@@ -83,23 +83,7 @@ def test_non_sequential_keeps_no_cache(tmp_path, stats_cache):
 
 def test_failed_step_restores_the_weights(tmp_path, stats_cache, monkeypatch):
     ctx, method = make(tmp_path)
-    before = snapshot(ctx.model)
-    calls = {"n": 0}
-    real = memit_module.memit_delta
-
-    def fail_on_second(*args):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise FloatingPointError("injected")
-        return real(*args)
-
-    monkeypatch.setattr(memit_module, "memit_delta", fail_on_second)
-    with pytest.raises(FloatingPointError, match="injected"):
-        method.apply(ctx, facts())
-    assert calls["n"] == 2  # layer 0 had been written when layer 1 failed
-    for n, p in ctx.model.named_parameters():
-        assert torch.equal(p, before[n]), n
-    assert method.cache_c == {}
+    assert_failed_step_restores(ctx, method, memit_module, "memit_delta", monkeypatch)
 
 
 def test_bad_layers_are_rejected(tmp_path, stats_cache):
