@@ -5,7 +5,11 @@ budget (shared + instance forwards = per-instance steps, so 20 + 5 vs 25: 25 for
 updates per request each) and the same early-stop rule (loss < early_stop_loss). Reported: seconds
 of each (ECE also with its attribution + clustering overhead), the ratio, and the z quality each
 reaches: the final target NLL with z injected at the z layer (TargetResult.nll, averaged over the
-context templates), its mean, and the fraction of requests with NLL < --nll-bound.
+context templates), its mean, and the fraction of requests with NLL < --nll-bound; and the
+efficacy each z gives once written: ECE's own neuron-restricted update (eq. 14, 19; λ and the
+covariance of configs/ece_smollm2.yaml) applied to the unedited model with each set of z in turn,
+then the rewrite prompts scored (efficacy success: P(target_new) > P(target_true); accuracy: every
+target token greedy), the weights restored in between.
 
     python benchmarks/ece_z.py --n 30                 # SmolLM2-135M-Instruct, CounterFact, one step
     python benchmarks/ece_z.py --n 4 --out /tmp/ece_z.json
@@ -26,9 +30,12 @@ from editlab.data.sources import load_requests
 from editlab.editing.context import ContextTemplates, make_context_templates
 from editlab.editing.methods.ece import ECE
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
+from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
 from editlab.editing.targets import TargetConfig, TargetResult, optimize_cluster_targets, optimize_targets
+from editlab.evaluation import editing_metrics, evaluate_cases
 from editlab.models.arch import ModelView
 from editlab.models.load import load_model_and_tokenizer
+from editlab.models.weights import read_weight, set_weight
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRIBUTIONS = {"AS": ActivationScore, "WI": WeightImportance, "RS": ResidualSensitivity}
@@ -54,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nll-bound", type=float, default=None, help="success: NLL below this (default early-stop-loss)")
     ap.add_argument("--context-count", type=int, default=5)
     ap.add_argument("--context-length", type=int, default=10)
+    ap.add_argument("--mom2-weight", type=float, default=2000.0, help="λ of the update used for efficacy")
+    ap.add_argument("--cov-corpus", default=str(REPO.parent / "shared" / "data" / "ME-PPL.json.gz"))
+    ap.add_argument("--cov-samples", type=int, default=2000)
+    ap.add_argument("--cov-max-length", type=int, default=128)
     ap.add_argument(
         "--threads",
         type=int,
@@ -106,6 +117,19 @@ def work_two_step(res, shared_steps: int, instance_steps: int, rows_per_request:
     }
 
 
+def efficacy_after_update(ece: ECE, view: ModelView, tok, requests, z: torch.Tensor, plan) -> dict:
+    """Write ECE's update towards z on the current (unedited) weights, score the rewrite prompts,
+    put the weights back. Efficacy only: the benchmark compares z, not the stream."""
+    saved = {layer: read_weight(view.ffn_out(layer)).detach().clone() for layer in ece.layers}
+    try:
+        ece.spread(view, tok, requests, z, plan)
+        metrics = editing_metrics(evaluate_cases(view, tok, requests))
+    finally:
+        for layer, weight in saved.items():
+            set_weight(view.ffn_out(layer), weight)
+    return {k: metrics[k] for k in ("efficacy_success", "efficacy_accuracy", "efficacy_token_accuracy")}
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -134,8 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
         shared_steps=args.shared_steps,
         instance_steps=args.instance_steps,
         targets=cfg,
+        mom2_weight=args.mom2_weight,
+        covariance=CovarianceConfig(
+            corpus=args.cov_corpus, num_samples=args.cov_samples, max_length=args.cov_max_length
+        ),
     )
     ece.templates = templates
+    ece.cov = second_moments(view, tok, args.model, model_fingerprint(model), layers, ece.covariance, progress=False)
     z_layer = layers[-1]
 
     # Warm-up (allocator, kernels, lazy imports) so neither timed run pays first-call costs.
@@ -166,6 +195,9 @@ def main(argv: list[str] | None = None) -> dict:
     t3 = time.perf_counter()
 
     sec_inst, sec_locate, sec_two = t1 - t0, t2 - t1, t3 - t2
+    pre = editing_metrics(evaluate_cases(view, tok, requests))
+    eff_inst = efficacy_after_update(ece, view, tok, requests, per_instance.z, plan)
+    eff_two = efficacy_after_update(ece, view, tok, requests, two_step.z, plan)
     rows = len(templates) + 1  # rewrite rows (one per context template) + the KL row
     work_inst = work_per_instance(per_instance, rows)
     work_two = work_two_step(two_step, args.shared_steps, args.instance_steps, rows)
@@ -184,7 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
         "clusters": len(plan.clustering.clusters),
         "cluster_sizes": [len(c) for c in plan.clustering.clusters],
         "cluster_attribution": plan.cluster_attribution,
-        "per_instance": {"steps": total, "seconds": sec_inst, **work_inst, **quality(per_instance, bound)},
+        "pre_efficacy_success": pre["efficacy_success"],
+        "pre_efficacy_accuracy": pre["efficacy_accuracy"],
+        "per_instance": {
+            "steps": total,
+            "seconds": sec_inst,
+            **work_inst,
+            **quality(per_instance, bound),
+            **eff_inst,
+        },
         "ece_two_step": {
             "shared_steps": args.shared_steps,
             "instance_steps": args.instance_steps,
@@ -199,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
             **quality(two_step, bound),
             "nll_mean_anchors": float(two_step.nll.float().cpu()[anchor].mean()),
             "nll_mean_members": float(two_step.nll.float().cpu()[~anchor].mean()) if (~anchor).any() else None,
+            **eff_two,
         },
         "speedup": sec_inst / sec_two if sec_two > 0 else math.inf,
         # Hardware-independent: rows pushed through the model. Wall-clock follows it only where
@@ -216,11 +257,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{len(requests)} requests, {result['clusters']} clusters {result['cluster_sizes']}")
     print(
         f"per-instance {total} steps:      {sec_inst:8.2f} s  NLL {inst['nll_mean']:.3f}  "
-        f"NLL<{bound:g}: {inst['fraction_nll_below_bound']:.2f}"
+        f"NLL<{bound:g}: {inst['fraction_nll_below_bound']:.2f}  efficacy {inst['efficacy_success']:.3f}"
     )
     print(
         f"ECE {args.shared_steps}+{args.instance_steps} two-step:   {sec_two:8.2f} s  NLL {two['nll_mean']:.3f}  "
-        f"NLL<{bound:g}: {two['fraction_nll_below_bound']:.2f}  (+{sec_locate:.2f} s locate)"
+        f"NLL<{bound:g}: {two['fraction_nll_below_bound']:.2f}  efficacy {two['efficacy_success']:.3f}  "
+        f"(+{sec_locate:.2f} s locate)"
     )
     print(
         f"speedup {result['speedup']:.2f}x ({result['speedup_with_locate']:.2f}x with locate), "

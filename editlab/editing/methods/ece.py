@@ -142,12 +142,37 @@ class ECE(KeyValueMethod):
         t2 = time.perf_counter()
         return NeuronPlan(first_pass, selected, sets, clu, type(cluster_attr).__name__, t1 - t0, t2 - t1)
 
+    def spread(
+        self, view: ModelView, tok, requests: list[EditRequest], z: torch.Tensor, plan: NeuronPlan
+    ) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
+        """Step 6: write the neuron-restricted update of every edited layer towards targets z
+        [n, d_model] (eq. 14, 19). Returns per-layer scalars and each layer's K Kᵀ for the
+        sequential cache; the caller accumulates it once the whole step succeeded."""
+        z_layer = self.layers[-1]
+        scalars: dict[str, float] = {}
+        new_kk: dict[int, torch.Tensor] = {}
+        with restore_on_error(view, self.layers):
+            for i, layer in enumerate(self.layers):
+                if i == 0:
+                    keys, cur = plan.first_pass[layer]  # nothing has been written yet this step: same values
+                else:
+                    keys, cur = keys_and_outputs(view, tok, requests, self.templates, layer, z_layer)
+                resid = (z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
+                cache = self.cache_c.get(layer)
+                cache = cache.to(self.cov[layer].device) if cache is not None else None  # CPU after a reload
+                preserve = preserve_matrix(self.cov[layer], self.mom2_weight, cache)
+                delta = submatrix_delta(keys, resid, preserve, plan.selected[layer])  # [d_model, d_ff]
+                add_delta(view.ffn_out(layer), delta)
+                new_kk[layer] = keys.T @ keys  # [d_ff, d_ff], full: every neuron's keys are preserved later
+                scalars[f"delta_norm/l{layer}"] = float(delta.norm())
+        return scalars, new_kk
+
     def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
         view, tok = ctx.view, ctx.tok
         z_layer = self.layers[-1]
         # 1-4. Keys, batch selection per layer, per-request sets as (layer, neuron) pairs, clusters.
         plan = self.locate(view, tok, requests, ctx.seed)
-        first_pass, selected, clu = plan.first_pass, plan.selected, plan.clustering
+        selected, clu = plan.selected, plan.clustering
         t2 = time.perf_counter()
         # 5. Two-step z at the last edited layer.
         tgt = optimize_cluster_targets(
@@ -165,22 +190,7 @@ class ECE(KeyValueMethod):
         )
         t3 = time.perf_counter()
         # 6. Neuron-restricted spread over the edited layers.
-        scalars: dict[str, float] = {}
-        new_kk: dict[int, torch.Tensor] = {}
-        with restore_on_error(view, self.layers):
-            for i, layer in enumerate(self.layers):
-                if i == 0:
-                    keys, cur = first_pass[layer]  # nothing has been written yet this step: same values
-                else:
-                    keys, cur = keys_and_outputs(view, tok, requests, self.templates, layer, z_layer)
-                resid = (tgt.z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
-                cache = self.cache_c.get(layer)
-                cache = cache.to(self.cov[layer].device) if cache is not None else None  # CPU after a reload
-                preserve = preserve_matrix(self.cov[layer], self.mom2_weight, cache)
-                delta = submatrix_delta(keys, resid, preserve, selected[layer])  # [d_model, d_ff]
-                add_delta(view.ffn_out(layer), delta)
-                new_kk[layer] = keys.T @ keys  # [d_ff, d_ff], full: every neuron's keys are preserved later
-                scalars[f"delta_norm/l{layer}"] = float(delta.norm())
+        scalars, new_kk = self.spread(view, tok, requests, tgt.z, plan)
         # 7. Sequential cache (only once every layer was written).
         self.accumulate(new_kk)
         t4 = time.perf_counter()
