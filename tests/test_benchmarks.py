@@ -6,9 +6,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 from editlab.models.tiny import save_tiny
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, facts
 
 
 def load_script(name: str):
@@ -61,3 +63,88 @@ def test_ece_z_benchmark_reports_time_and_efficacy_of_both(tmp_path: Path, stats
     assert result["per_instance"]["updates_max"] <= 4
     # The two-step optimisation pushes fewer rows through the model than per-instance z.
     assert result["row_forward_ratio"] > 1.0
+
+
+def test_reference_z_equals_editlab_z_on_one_request(tiny_llama):
+    """The slow reference z (one request, full logits, whole forwards, torch Adam) and editlab's
+    batched, prefix-cached z land on the same vector: both pipelines optimise the same loss."""
+    from benchmarks import reference
+    from editlab.editing.targets import TargetConfig, optimize_targets
+    from editlab.models.arch import ModelView
+
+    model, tok = tiny_llama
+    view = ModelView.of(model)
+    reqs = facts()[:3]
+    templates = ["{}", "Hello. {}"]
+    cfg = TargetConfig(lr=0.5, steps=6, early_stop_loss=1e-9)
+    batched = optimize_targets(view, tok, reqs, templates, 1, cfg, progress=False)
+    for i, req in enumerate(reqs):
+        z, _, nll, updates = reference.z_one_request(view, tok, req, templates, 1, cfg)
+        assert updates == int(batched.steps[i]) == 5
+        torch.testing.assert_close(z, batched.z[i], rtol=1e-4, atol=1e-4)
+        assert abs(nll - float(batched.nll[i])) < 1e-3
+
+
+def test_reference_covariance_keys_and_solve_equal_editlab(tiny_llama):
+    from benchmarks import reference
+    from editlab.data.sources import load_requests
+    from editlab.editing.keys import keys_and_outputs
+    from editlab.editing.solve import memit_delta
+    from editlab.editing.stats import CovarianceConfig, accumulate_second_moments, read_corpus
+    from editlab.models.arch import ModelView
+
+    model, tok = tiny_llama
+    view = ModelView.of(model)
+    cfg = CovarianceConfig(corpus="demo", num_samples=30, max_length=32, batch_size=8, use_cache=False)
+    texts, _ = read_corpus(cfg)
+    mine = accumulate_second_moments(view, tok, texts, [0, 1], cfg, progress=False)
+    ref = reference.covariance(view, tok, texts, [0, 1], 32, 8)
+    for layer in (0, 1):
+        torch.testing.assert_close(mine[layer].mean(), ref[layer], rtol=1e-6, atol=1e-9)
+    reqs = load_requests(str(SHARED_DATA / "multi_counterfact.json.gz"), num_edits=4)
+    templates = ["{}", "Hello. {}"]
+    k1, h1 = keys_and_outputs(view, tok, reqs, templates, 0, 1)
+    k2, h2 = reference.keys_and_outputs(view, tok, reqs, templates, 0, 1)
+    torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h1, h2, rtol=1e-5, atol=1e-6)
+    resid = torch.randn(4, h1.shape[1], dtype=torch.float64)
+    p = ref[0] * 10
+    torch.testing.assert_close(memit_delta(k1, resid, p), reference.solve(k1, resid, p))
+
+
+def test_pipeline_benchmark_reports_every_stage_and_method(tmp_path: Path):
+    from benchmarks import pipeline
+
+    model_dir = save_tiny(tmp_path / "tiny", "gpt2")
+    out = tmp_path / "pipeline.json"
+    report = pipeline.main(
+        [
+            "--model",
+            str(model_dir),
+            "--n",
+            "4",
+            "--layers",
+            "0,1",
+            "--steps",
+            "4",
+            "--context-count",
+            "2",
+            "--context-length",
+            "3",
+            "--cov-corpus",
+            "demo",
+            "--cov-samples",
+            "24",
+            "--out",
+            str(out),
+        ]  # fmt: skip
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert set(report["methods"]) == {"memit", "reference", "ece"}
+    for name in ("memit", "reference"):
+        assert set(report["methods"][name]["seconds"]) == {"z", "keys", "solve", "total"}
+    assert report["covariance"]["max_relative_difference"] < 1e-6
+    assert report["covariance"]["tokens"] > 24
+    # Same loss and rules: the two MEMIT pipelines reach the same efficacy on the same requests.
+    assert report["methods"]["memit"]["efficacy_success"] == report["methods"]["reference"]["efficacy_success"]
+    assert set(report["ratios"]) >= {"reference_over_editlab_memit", "editlab_memit_z_over_ece_z"}
