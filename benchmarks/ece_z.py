@@ -28,6 +28,7 @@ import torch
 
 from editlab.data.sources import load_requests
 from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
 from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
@@ -117,12 +118,13 @@ def work_two_step(res, shared_steps: int, instance_steps: int, rows_per_request:
     }
 
 
-def efficacy_after_update(ece: ECE, view: ModelView, tok, requests, z: torch.Tensor, plan) -> dict:
+def efficacy_after_update(ece: ECE, ctx: EditContext, requests, z: torch.Tensor, plan) -> dict:
     """Write ECE's update towards z on the current (unedited) weights, score the rewrite prompts,
     put the weights back. Efficacy only: the benchmark compares z, not the stream."""
+    view, tok = ctx.view, ctx.tok
     saved = {layer: read_weight(view.ffn_out(layer)).detach().clone() for layer in ece.layers}
     try:
-        ece.spread(view, tok, requests, z, plan)
+        ece.spread(ctx, requests, z, plan)
         metrics = editing_metrics(evaluate_cases(view, tok, requests))
     finally:
         for layer, weight in saved.items():
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     )
     ece.templates = templates
-    ece.cov = second_moments(view, tok, args.model, model_fingerprint(model), layers, ece.covariance, progress=False)
+    fingerprint = model_fingerprint(model)
+    ece.cov = second_moments(view, tok, args.model, fingerprint, layers, ece.covariance, progress=False)
+    ctx = EditContext(model, tok, view, args.model, fingerprint, args.seed, progress=False)
     z_layer = layers[-1]
 
     # Warm-up (allocator, kernels, lazy imports) so neither timed run pays first-call costs.
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_instance = optimize_targets(view, tok, requests, templates, z_layer, cfg, progress=False)
     sync(args.device)
     t1 = time.perf_counter()
-    plan = ece.locate(view, tok, requests, args.seed)
+    plan = ece.locate(ctx, requests)
     sync(args.device)
     t2 = time.perf_counter()
     two_step = optimize_cluster_targets(
@@ -196,8 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     sec_inst, sec_locate, sec_two = t1 - t0, t2 - t1, t3 - t2
     pre = editing_metrics(evaluate_cases(view, tok, requests))
-    eff_inst = efficacy_after_update(ece, view, tok, requests, per_instance.z, plan)
-    eff_two = efficacy_after_update(ece, view, tok, requests, two_step.z, plan)
+    eff_inst = efficacy_after_update(ece, ctx, requests, per_instance.z, plan)
+    eff_two = efficacy_after_update(ece, ctx, requests, two_step.z, plan)
     rows = len(templates) + 1  # rewrite rows (one per context template) + the KL row
     work_inst = work_per_instance(per_instance, rows)
     work_two = work_two_step(two_step, args.shared_steps, args.instance_steps, rows)

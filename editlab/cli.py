@@ -24,7 +24,7 @@ class RunDirConfig(SaveConfigCallback):
     run's hyperparameters (W&B shows it as the run config)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved:
+        if self.already_saved or not trainer.is_global_zero:
             return
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
@@ -57,6 +57,9 @@ class EditLabCLI(LightningCLI):
                 "num_sanity_val_steps": 0,
                 "log_every_n_steps": 1,
                 "enable_model_summary": False,
+                # Every rank of a multi-device run edits with the same batches (it shares each
+                # batch's requests itself); a distributed sampler would give ranks different ones.
+                "use_distributed_sampler": False,
                 # Tensors made under inference mode cannot enter autograd later (z optimisation).
                 "inference_mode": False,
             },
@@ -84,6 +87,10 @@ class EditLabCLI(LightningCLI):
                 f"editlab: {root} already holds a finished run (summary.json); choose another "
                 "--trainer.default_root_dir or pass --overwrite true"
             )
+        if trainer.strategy in (None, "auto") and wants_several_processes(trainer.devices, trainer.num_nodes):
+            from jsonargparse import Namespace
+
+            trainer.strategy = Namespace(class_path="editlab.lightning.strategy.EditStrategy", init_args=Namespace())
         # The CSV logger always writes metrics.csv straight into the run directory; configured
         # loggers without a save_dir of their own write there too.
         from jsonargparse import Namespace
@@ -112,6 +119,8 @@ class EditLabCLI(LightningCLI):
         self.after_fit()
 
     def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:
+            return  # rank 0 writes the results and prints their path
         summary = getattr(self.model, "summary_path", None)
         if summary is None:
             raise RuntimeError("the edit stream ended without writing summary.json")
@@ -124,6 +133,22 @@ class EditLabCLI(LightningCLI):
             pass
         sys.stdout.flush()
         print(os.fspath(summary), flush=True)
+
+
+def wants_several_processes(devices, num_nodes) -> bool:
+    """Whether the trainer's ``devices``/``num_nodes`` ask for more than one process."""
+    if num_nodes not in (None, 1):
+        return True
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if isinstance(devices, str):
+        devices = devices.strip()
+        if devices == "auto":
+            return False
+        if "," in devices:
+            return len([d for d in devices.split(",") if d.strip()]) > 1
+        devices = int(devices)
+    return devices is not None and (devices == -1 or devices > 1)
 
 
 def quiet_expected_warnings() -> None:

@@ -58,7 +58,9 @@ def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
     return [x for kv in args.items() for x in kv]
 
 
-def run_cli(args: list[str], cwd: Path, command: str = "fit", **env_extra: str) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, command: str = "fit", timeout: int = 300, **env_extra: str
+) -> subprocess.CompletedProcess:
     """``editlab COMMAND ARGS`` in a subprocess, offline, with its own statistics cache."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cwd / "cache")}
     return subprocess.run(
@@ -67,7 +69,7 @@ def run_cli(args: list[str], cwd: Path, command: str = "fit", **env_extra: str) 
         env={**env, **env_extra},
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
 
 

@@ -17,7 +17,7 @@ def memit_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Tensor)
     keys: [n, d_ff]; resid: [n, d_model]; preserve: [d_ff, d_ff] symmetric PSD (λC + cache).
     """
     k = keys.double()
-    a = preserve.double() + k.T @ k  # [d_ff, d_ff]
+    a = preserve.double().to(k.device) + k.T @ k  # [d_ff, d_ff] (P may live on the CPU: offload)
     x = torch.linalg.solve(a, k.T)  # [d_ff, n] = A⁻¹ Kᵀ (A symmetric)
     delta = resid.double().T @ x.T  # [d_model, d_ff]
     if not torch.isfinite(delta).all():
@@ -26,9 +26,9 @@ def memit_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Tensor)
 
 
 def preserve_matrix(cov: torch.Tensor, lam: float, cache: torch.Tensor | None) -> torch.Tensor:
-    """λC + Σ past KKᵀ in float64 — the sequential (MEMIT_seq) regulariser."""
+    """λC + Σ past KKᵀ in float64 — the sequential (MEMIT_seq) regulariser, on cov's device."""
     out = lam * cov.double()
-    return out if cache is None else out + cache.double()
+    return out if cache is None else out + cache.double().to(out.device)
 
 
 def submatrix_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,9 @@ def submatrix_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Ten
     if idx.numel() == 0:
         return delta
     k = keys.double()[:, idx]  # [n, m]
-    p = preserve.double().to(keys.device)
-    a = p[idx][:, idx] + k.T @ k  # [m, m]
+    p = preserve.double()
+    at = idx.to(p.device)
+    a = p[at][:, at].to(keys.device) + k.T @ k  # [m, m]: P[I, I] sliced where P lives (CPU when offloaded)
     x = torch.linalg.solve(a, k.T)  # [m, n] = A⁻¹ K̂ᵀ (A symmetric)
     delta[:, idx] = resid.double().T @ x.T  # [d_model, m]
     if not torch.isfinite(delta).all():

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from editlab.distributed import Ranks
 from editlab.models.arch import ModelView
 from editlab.models.load import cache_root
 from editlab.models.trace import trace
@@ -48,6 +49,9 @@ class CovarianceConfig:
         split: hub dataset split.
         subset: hub dataset configuration name (e.g. "wikitext-103-raw-v1" of Salesforce/wikitext).
         use_cache: read/write the disk cache.
+        offload: keep E[kkᵀ] and the accumulated Σ KKᵀ of past steps in CPU memory (each layer's
+            is moved to the model's device only for its own solve): two d_ff x d_ff float64
+            matrices per edited layer (1 GiB each for Llama-3-8B's d_ff 14336) leave the GPU.
     """
 
     corpus: str = "demo"
@@ -59,6 +63,7 @@ class CovarianceConfig:
     split: str = "train"
     subset: str | None = None
     use_cache: bool = True
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_length < 2 or self.batch_size < 1:
@@ -223,16 +228,27 @@ def second_moments(
     layers: list[int],
     cfg: CovarianceConfig,
     progress: bool = True,
+    ranks: Ranks = Ranks(),
 ) -> dict[int, torch.Tensor]:
-    """E[kkᵀ] per layer, [d_ff, d_ff], from the disk cache or computed (and cached) now."""
+    """E[kkᵀ] per layer, [d_ff, d_ff], from the disk cache or computed (and cached) now.
+
+    With several ranks each accumulates every world-th text and the sums and counts are
+    all-reduced, so every rank gets the whole corpus's moment; only rank 0 writes the cache."""
     texts, corpus_id = read_corpus(cfg)
     keys = {layer: cache_key(model_id, fingerprint, view, layer, cfg, corpus_id) for layer in layers}
     found = {layer: load_cached(cache_path(k), k) for layer, k in keys.items()} if cfg.use_cache else {}
     missing = [layer for layer in layers if found.get(layer) is None]
+    # Every rank must take part in the same reductions: compute what any rank lacks.
+    missing = sorted({layer for part in ranks.all_gather_object(missing) for layer in part})
     if missing:
-        computed = accumulate_second_moments(view, tok, texts, missing, cfg, progress)
+        computed = accumulate_second_moments(view, tok, texts[ranks.rank :: ranks.world], missing, cfg, progress)
         for layer, mom in computed.items():
+            mom.sum = ranks.all_reduce_sum(mom.sum)
+            count = torch.tensor([mom.count], dtype=torch.float64, device=mom.sum.device)
+            mom.count = int(ranks.all_reduce_sum(count).item())
             found[layer] = mom
-            if cfg.use_cache:
+            if cfg.use_cache and ranks.is_main:
                 save_cached(cache_path(keys[layer]), keys[layer], mom)
-    return {layer: found[layer].mean().to(view.device) for layer in layers}
+        ranks.barrier()
+    device = "cpu" if cfg.offload else view.device
+    return {layer: found[layer].mean().to(device) for layer in layers}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -20,11 +21,13 @@ import lightning as L
 import torch
 
 from editlab.data.sources import DataError, check_tokenization
-from editlab.editing.methods.base import EditContext, EditMethod
+from editlab.distributed import Ranks
+from editlab.editing.methods.base import EditContext, EditMethod, KeyValueMethod
 from editlab.editing.prompts import check_context_length
 from editlab.editing.stats import model_fingerprint
 from editlab.evaluation import EvaluationConfig, Evaluator
 from editlab.lightning.callbacks import WeightNormTracker
+from editlab.memory import MemoryEstimate, estimate_memory
 from editlab.models.arch import ModelView
 from editlab.models.load import DType, load_model_and_tokenizer
 from editlab.report import write_run_report
@@ -77,6 +80,7 @@ class EditingModule(L.LightningModule):
         self.edits_done = 0
         self.steps_done = 0
         self.summary_path: Path | None = None
+        self.memory: MemoryEstimate | None = None
         self._clock: dict[str, float] = {}
 
     # -- model -------------------------------------------------------------------------------
@@ -122,17 +126,50 @@ class EditingModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self.prepare_stream()
+        ranks = Ranks(self.global_rank, self.trainer.world_size)
         self.ctx = EditContext(
-            self.lm, self.tok, self.view, self.model_name, model_fingerprint(self.lm), self.seed, self.progress
+            self.lm, self.tok, self.view, self.model_name, model_fingerprint(self.lm), self.seed, self.progress, ranks
         )
+        if ranks.is_main:
+            self.memory = self.estimate_memory()
+            print(f"editlab: {self.memory.describe()}", file=sys.stderr, flush=True)
         torch.manual_seed(self.seed)
         self.method.setup(self.ctx)
         self._clock["setup_done"] = time.perf_counter()
+        if not ranks.is_main:
+            return  # evaluation and results are rank 0's: the other ranks only share the editing work
         cases, metrics = self.evaluator.evaluate(self.requests, quality=True)
         self.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
         self.add_curve_point("pre", metrics)
         self._clock["stream_start"] = time.perf_counter()
         self._clock["eval_seconds"] = 0.0
+
+    def estimate_memory(self) -> MemoryEstimate:
+        """What this run will need (editlab.memory), from the model and the method's settings."""
+        method, cfg = self.method, self.lm.config
+        stats = 0
+        offload = False
+        if isinstance(method, KeyValueMethod):
+            stats = 2 if getattr(method, "sequential", True) else 1
+            offload = bool(getattr(method.covariance, "offload", False))
+        context = getattr(method, "context", None)
+        templates = 1 + (context.count if context is not None else 0)
+        per_step = max(len(b) for b in self.trainer.datamodule.steps())
+        prompt = max(len(self.tok(r.rewrite_prompt)["input_ids"]) for r in self.requests)
+        layer = method.edited_layers()[0]
+        first = next(self.lm.parameters())
+        return estimate_memory(
+            n_params=sum(p.numel() for p in self.lm.parameters()),
+            param_bytes=first.element_size(),
+            d_ff=self.view.ffn_out(layer).weight.numel() // cfg.hidden_size,
+            d_model=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            edited_layers=len(method.edited_layers()),
+            stat_matrices_per_layer=stats,
+            offload=offload,
+            rows_per_step=per_step * (templates + 1),
+            tokens_per_row=prompt + (context.length if context is not None else 0) + 8,
+        )
 
     def validate_requests(self, requests: list[EditRequest]) -> None:
         """Everything that can be checked without editing, checked before the first edit."""
@@ -173,6 +210,8 @@ class EditingModule(L.LightningModule):
         self.steps_log[-1].update(values)
 
     def evaluate_during_stream(self, batch: list[EditRequest]) -> None:
+        if not self.ctx.ranks.is_main:
+            return
         cfg, t0 = self.evaluation, time.perf_counter()
         if cfg.timing == "immediate":
             cases, metrics = self.evaluator.evaluate(batch, quality=False)
@@ -206,6 +245,8 @@ class EditingModule(L.LightningModule):
                 logger.log_metrics(numeric, step=self.steps_done)
 
     def on_train_end(self) -> None:
+        if not self.ctx.ranks.is_main:
+            return
         end = time.perf_counter()
         timing = self.evaluation.timing
         last = self.curve[-1]
@@ -247,6 +288,8 @@ class EditingModule(L.LightningModule):
         self.write_results(metrics, time.perf_counter(), timing="test")
 
     def write_results(self, final: dict, end: float, timing: str | None = None) -> None:
+        if self.global_rank != 0:
+            return  # one writer: every rank of ``editlab test`` evaluates the same model
         timing = timing or self.evaluation.timing
         out = self.run_dir()
         out.mkdir(parents=True, exist_ok=True)
@@ -287,6 +330,10 @@ class EditingModule(L.LightningModule):
             "seconds_editing": stream,
             "seconds_per_step": stream / max(self.steps_done, 1),
         }
+        if self.memory is not None:
+            summary["memory_estimate_gib"] = round(self.memory.device_total / 2**30, 3)
+            if torch.cuda.is_available() and self.device.type == "cuda":
+                summary["memory_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if self.export and timing != "test":
             export_dir = out / "edited_model"
             self.lm.save_pretrained(export_dir)

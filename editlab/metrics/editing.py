@@ -24,8 +24,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torchmetrics import Metric
 
+from editlab.metrics.base import LocalMetric
 from editlab.metrics.functional import reduce_rows, token_nll_and_hits
 
 # ----------------------------------------------------------------------------- functional core
@@ -104,7 +104,7 @@ def edit_score(efficacy: float, generalization: float, specificity: float) -> fl
 # ----------------------------------------------------------------------------- Metric wrappers
 
 
-class CaseMean(Metric):
+class CaseMean(LocalMetric):
     """Mean over cases of the per-case mean of a per-prompt value.
 
     States (sum-reduced across processes): ``sum_case_means`` (float64) and ``n_cases``. Each update

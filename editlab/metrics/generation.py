@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchmetrics import Metric
 
+from editlab.metrics.base import LocalMetric
 from editlab.metrics.editing import case_means
 
 WORD_RE = re.compile(r"\w+|[^\w\s]")
@@ -63,7 +63,7 @@ def fluency(text: str, lowercase: bool = False) -> float:
     return sum(terms) / len(terms)
 
 
-class Fluency(Metric):
+class Fluency(LocalMetric):
     """Mean fluency per case (over its generated texts), then over cases, as the reference averages
     ``n_gram_entropy(gen_texts)`` per record. States: ``sum_case_means``, ``n_cases`` (sum-reduced).
     Without ``case_index`` each text is its own case; with it, each update holds whole cases."""
@@ -291,7 +291,7 @@ def load_consistency_reference(data_dir: str | Path | None) -> TfidfReference | 
     return consistency_reference(data_dir)[0]
 
 
-class Consistency(Metric):
+class Consistency(LocalMetric):
     """Mean over cases of the TF-IDF consistency of each case's generated texts with the reference
     snippets about its target_new. States: ``sum_scores``, ``n_cases`` (sum-reduced)."""
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
 
 from editlab.editing.prompts import pad
+from editlab.metrics.base import LocalMetric
 
 
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
@@ -70,7 +70,7 @@ def load_me_ppl(path: str | Path) -> list[str]:
     return [str(r["Text"]) for r in records]
 
 
-class Perplexity(Metric):
+class Perplexity(LocalMetric):
     """exp(sum NLL / predicted tokens); states ``sum_nll`` and ``n_tokens`` are sum-reduced."""
 
     is_differentiable = False

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from editlab.distributed import Ranks, map_rows
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight, set_weight
 from editlab.types import EditRequest, EditResult
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -25,6 +28,17 @@ class EditContext:
     fingerprint: str
     seed: int = 0
     progress: bool = True
+    ranks: Ranks = field(default_factory=Ranks)
+
+    def per_request(self, requests: list[EditRequest], fn: Callable[[list[EditRequest]], T]) -> T:
+        """``fn`` on this rank's share of the requests, rows of every rank gathered in request
+        order (see editlab.distributed.map_rows); with one process simply ``fn(requests)``.
+        ``fn`` must compute each request's rows independently of the others in its share."""
+        return self.per_index(len(requests), lambda idx: fn([requests[i] for i in idx]))
+
+    def per_index(self, n: int, fn: Callable[[list[int]], T], groups: list[list[int]] | None = None) -> T:
+        """:meth:`per_request` over indices; ``groups`` (e.g. clusters) each stay on one rank."""
+        return map_rows(self.ranks, n, fn, self.view.device, groups)
 
 
 class EditMethod(ABC):
@@ -86,12 +100,14 @@ class KeyValueMethod(EditMethod):
         ctx.view.check_layers(self.layers)
         self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
         self.cov = second_moments(
-            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress
+            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress, ctx.ranks
         )
 
     def accumulate(self, new_kk: dict[int, torch.Tensor]) -> None:
-        """cache[l] += K_l K_lᵀ once a step has been fully applied."""
+        """cache[l] += K_l K_lᵀ once a step has been fully applied (kept beside C: on the CPU
+        when the covariance is offloaded)."""
         for layer, kk in new_kk.items():
+            kk = kk.to(self.cov[layer].device) if layer in self.cov else kk
             self.cache_c[layer] = self.cache_c.get(layer, torch.zeros_like(kk)) + kk
 
     def state_dict(self) -> dict:

@@ -18,9 +18,11 @@ One step, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -31,8 +33,7 @@ from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
 from editlab.editing.solve import preserve_matrix, submatrix_delta
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import TargetConfig, optimize_cluster_targets
-from editlab.models.arch import ModelView
+from editlab.editing.targets import ClusterTargetResult, TargetConfig, optimize_cluster_targets
 from editlab.models.weights import add_delta, read_weight
 from editlab.types import EditRequest, EditResult
 
@@ -117,10 +118,10 @@ class ECE(KeyValueMethod):
             return self.neurons
         return ActivationScore(threshold=self.neurons.threshold)
 
-    def locate(self, view: ModelView, tok, requests: list[EditRequest], seed: int) -> NeuronPlan:
+    def locate(self, ctx: EditContext, requests: list[EditRequest]) -> NeuronPlan:
         """Steps 1-4: keys, batch neuron selection per layer, per-request sets, clusters and anchors.
         Reads the model, writes nothing (the benchmark calls it on its own)."""
-        z_layer = self.layers[-1]
+        view = ctx.view
         n = len(requests)
         t0 = time.perf_counter()
         first_pass: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -129,7 +130,7 @@ class ECE(KeyValueMethod):
         cluster_attr = self.clustering_attribution()
         d_ff = 0
         for j, layer in enumerate(self.layers):
-            keys, cur = keys_and_outputs(view, tok, requests, self.templates, layer, z_layer)  # [n, d_ff], [n, d]
+            keys, cur = self.keys_and_outputs(ctx, requests, layer)  # [n, d_ff], [n, d_model]
             first_pass[layer] = (keys, cur)
             w_out = read_weight(view.ffn_out(layer))  # [d_model, d_ff]
             d_ff = keys.shape[1]
@@ -138,17 +139,55 @@ class ECE(KeyValueMethod):
                 own_sets[i].append(own + j * d_ff)  # offset: neuron ids of layer j live in [j·d_ff, (j+1)·d_ff)
         sets = [torch.cat(parts) for parts in own_sets]
         t1 = time.perf_counter()
-        clu = cluster_sets(sets, self.clusters, seed, universe=len(self.layers) * d_ff)
+        clu = cluster_sets(sets, self.clusters, ctx.seed, universe=len(self.layers) * d_ff)
         t2 = time.perf_counter()
         return NeuronPlan(first_pass, selected, sets, clu, type(cluster_attr).__name__, t1 - t0, t2 - t1)
 
+    def keys_and_outputs(self, ctx: EditContext, requests: list[EditRequest], layer: int):
+        """Keys at ``layer`` [n, d_ff] and outputs of the z layer [n, d_model], shared over ranks."""
+        return ctx.per_request(
+            requests,
+            partial(
+                keys_and_outputs,
+                ctx.view,
+                ctx.tok,
+                templates=self.templates,
+                key_layer=layer,
+                out_layer=self.layers[-1],
+            ),
+        )
+
+    def cluster_targets(self, ctx: EditContext, requests: list[EditRequest], clu: Clustering) -> ClusterTargetResult:
+        """Step 5 with whole clusters shared over ranks (a cluster's members need its shift)."""
+
+        def share(idx: list[int]) -> ClusterTargetResult:
+            pos = {g: i for i, g in enumerate(idx)}
+            mine = [c for c, members in enumerate(clu.clusters) if members[0] in pos]
+            res = optimize_cluster_targets(
+                ctx.view,
+                ctx.tok,
+                [requests[g] for g in idx],
+                self.templates,
+                self.layers[-1],
+                self.targets,
+                [[pos[g] for g in clu.clusters[c]] for c in mine],
+                [pos[clu.anchors[c]] for c in mine],
+                self.shared_steps,
+                self.instance_steps,
+                ctx.progress,
+            )
+            to_global = torch.tensor(mine, dtype=torch.long, device=res.cluster.device)
+            return dataclasses.replace(res, cluster=to_global[res.cluster])  # cluster ids of the whole step
+
+        return ctx.per_index(len(requests), share, groups=clu.clusters)
+
     def spread(
-        self, view: ModelView, tok, requests: list[EditRequest], z: torch.Tensor, plan: NeuronPlan
+        self, ctx: EditContext, requests: list[EditRequest], z: torch.Tensor, plan: NeuronPlan
     ) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
         """Step 6: write the neuron-restricted update of every edited layer towards targets z
         [n, d_model] (eq. 14, 19). Returns per-layer scalars and each layer's K Kᵀ for the
         sequential cache; the caller accumulates it once the whole step succeeded."""
-        z_layer = self.layers[-1]
+        view = ctx.view
         scalars: dict[str, float] = {}
         new_kk: dict[int, torch.Tensor] = {}
         with restore_on_error(view, self.layers):
@@ -156,7 +195,7 @@ class ECE(KeyValueMethod):
                 if i == 0:
                     keys, cur = plan.first_pass[layer]  # nothing has been written yet this step: same values
                 else:
-                    keys, cur = keys_and_outputs(view, tok, requests, self.templates, layer, z_layer)
+                    keys, cur = self.keys_and_outputs(ctx, requests, layer)
                 resid = (z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
                 cache = self.cache_c.get(layer)
                 cache = cache.to(self.cov[layer].device) if cache is not None else None  # CPU after a reload
@@ -168,29 +207,15 @@ class ECE(KeyValueMethod):
         return scalars, new_kk
 
     def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
-        view, tok = ctx.view, ctx.tok
-        z_layer = self.layers[-1]
         # 1-4. Keys, batch selection per layer, per-request sets as (layer, neuron) pairs, clusters.
-        plan = self.locate(view, tok, requests, ctx.seed)
+        plan = self.locate(ctx, requests)
         selected, clu = plan.selected, plan.clustering
         t2 = time.perf_counter()
         # 5. Two-step z at the last edited layer.
-        tgt = optimize_cluster_targets(
-            view,
-            tok,
-            requests,
-            self.templates,
-            z_layer,
-            self.targets,
-            clu.clusters,
-            clu.anchors,
-            self.shared_steps,
-            self.instance_steps,
-            ctx.progress,
-        )
+        tgt = self.cluster_targets(ctx, requests, clu)
         t3 = time.perf_counter()
         # 6. Neuron-restricted spread over the edited layers.
-        scalars, new_kk = self.spread(view, tok, requests, tgt.z, plan)
+        scalars, new_kk = self.spread(ctx, requests, tgt.z, plan)
         # 7. Sequential cache (only once every layer was written).
         self.accumulate(new_kk)
         t4 = time.perf_counter()

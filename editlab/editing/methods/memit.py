@@ -10,6 +10,7 @@ the authors' MEMIT_seq forgot to pass it to the solve).
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -49,13 +50,27 @@ class MEMIT(KeyValueMethod):
         view, tok = ctx.view, ctx.tok
         z_layer = self.layers[-1]
         t0 = time.perf_counter()
-        tgt = optimize_targets(view, tok, requests, self.templates, z_layer, self.targets, ctx.progress)
+        tgt = ctx.per_request(
+            requests,
+            partial(
+                optimize_targets,
+                view,
+                tok,
+                templates=self.templates,
+                layer=z_layer,
+                cfg=self.targets,
+                progress=ctx.progress,
+            ),
+        )
         t1 = time.perf_counter()
         scalars: dict[str, float] = {}
         new_kk: dict[int, torch.Tensor] = {}
         with restore_on_error(view, self.layers):
             for i, layer in enumerate(self.layers):
-                keys, cur = keys_and_outputs(view, tok, requests, self.templates, layer, z_layer)  # [n, d_ff], [n, d]
+                keys, cur = ctx.per_request(
+                    requests,
+                    partial(keys_and_outputs, view, tok, templates=self.templates, key_layer=layer, out_layer=z_layer),
+                )  # [n, d_ff], [n, d_model]
                 resid = (tgt.z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
                 cache = self.cache_c.get(layer) if self.sequential else None
                 delta = memit_delta(keys, resid, preserve_matrix(self.cov[layer], self.mom2_weight, cache))

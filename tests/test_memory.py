@@ -1,0 +1,52 @@
+"""The memory estimate and offloaded statistics."""
+
+import dataclasses
+
+import torch
+from test_memit import make, snapshot
+
+from editlab.memory import GiB, estimate_memory
+
+from conftest import facts
+
+
+def test_estimate_counts_statistics_where_they_live():
+    kw = dict(
+        n_params=1000, param_bytes=2, d_ff=128, d_model=32, n_layers=4, edited_layers=3,
+        stat_matrices_per_layer=2, rows_per_step=10, tokens_per_row=5,
+    )  # fmt: skip
+    on_device = estimate_memory(offload=False, **kw)
+    offloaded = estimate_memory(offload=True, **kw)
+    assert on_device.statistics == 2 * 3 * 8 * 128 * 128
+    assert on_device.weights == 2000
+    assert on_device.device_total - offloaded.device_total == on_device.statistics
+    assert offloaded.cpu_total == on_device.statistics and on_device.cpu_total == 0
+    assert "on the CPU" in offloaded.describe() and "GiB" in offloaded.describe()
+    none = estimate_memory(offload=False, **{**kw, "stat_matrices_per_layer": 0})
+    assert none.statistics == none.solve == 0
+
+
+def test_llama3_8b_statistics_are_the_figure_the_docs_give():
+    est = estimate_memory(
+        n_params=8_030_261_248, param_bytes=2, d_ff=14336, d_model=4096, n_layers=32, edited_layers=5,
+        stat_matrices_per_layer=2, offload=True, rows_per_step=6 * 30, tokens_per_row=30,
+    )  # fmt: skip
+    assert abs(est.statistics / GiB - 10 * 14336**2 * 8 / GiB) < 1e-9  # ten 1.53 GiB matrices
+    assert 14.9 < est.weights / GiB < 15.0
+
+
+def test_offloaded_statistics_give_the_same_edit(tmp_path, stats_cache):
+    results = []
+    for offload in (False, True):
+        ctx, method = make(tmp_path)
+        method.covariance = dataclasses.replace(method.covariance, offload=offload)
+        method.setup(ctx)
+        assert all(c.device.type == "cpu" for c in method.cov.values())
+        method.apply(ctx, facts()[:2])
+        method.apply(ctx, facts()[2:])
+        results.append((snapshot(ctx.model), {k: v.clone() for k, v in method.cache_c.items()}))
+    (w0, c0), (w1, c1) = results
+    for name in w0:
+        torch.testing.assert_close(w0[name], w1[name])
+    for layer in c0:
+        torch.testing.assert_close(c0[layer], c1[layer])
