@@ -11,8 +11,8 @@ covariance of configs/ece_smollm2.yaml) applied to the unedited model with each 
 then the rewrite prompts scored (efficacy success: P(target_new) > P(target_true); accuracy: every
 target token greedy), the weights restored in between.
 
-    python benchmarks/ece_z.py --n 30                 # SmolLM2-135M-Instruct, CounterFact, one step
-    python benchmarks/ece_z.py --n 4 --out /tmp/ece_z.json
+    python -m benchmarks.ece_z --n 30                 # SmolLM2-135M-Instruct, CounterFact, one step
+    python -m benchmarks.ece_z --n 4 --out /tmp/ece_z.json
 """
 
 from __future__ import annotations
