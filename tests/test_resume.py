@@ -38,7 +38,9 @@ def base(tmp_path_factory) -> Path:
     with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
         records = json.load(f)[:STEPS]
     (root / "data.json").write_text(json.dumps(records))
-    (root / "corpus.txt").write_text("\n".join(f"Sentence number {i} talks about cities and people." for i in range(20)))
+    (root / "corpus.txt").write_text(
+        "\n".join(f"Sentence number {i} talks about cities and people." for i in range(20))
+    )
     return root
 
 

@@ -14,6 +14,9 @@ import torch
 # leaves at most ~cond(A)·1e-16, so this refuses only cond(A) ≳ 1e12 (λ = 0 with a rank-deficient
 # moment, say), where the solution is noise.
 SOLVE_TOLERANCE = 1e-4
+# Amplification ‖A‖‖X‖ / ‖B‖ (a lower bound of cond(A), up to the Frobenius norms' √d) above which
+# the solution's relative error can exceed ~1e-4 in float64: an update made of rounding noise.
+MAX_AMPLIFICATION = 1e12
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
@@ -34,7 +37,14 @@ def checked_solve(a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
         ) from None
     if not torch.isfinite(x).all():
         raise FloatingPointError(f"{what} produced NaN/Inf: the preserved moment is singular or ill-conditioned")
-    resid = float((a @ x - b).norm() / b.norm().clamp_min(1e-300))
+    b_norm = b.norm().clamp_min(1e-300)
+    amplification = float(a.norm() * x.norm() / b_norm)
+    if amplification > MAX_AMPLIFICATION:
+        raise FloatingPointError(
+            f"{what}: the matrix λC + Σ past KKᵀ + KKᵀ is ill-conditioned (amplification ‖A‖‖X‖/‖B‖ = "
+            f"{amplification:.1e} > {MAX_AMPLIFICATION:.0e}); raise mom2_weight or check the covariance"
+        )
+    resid = float((a @ x - b).norm() / b_norm)
     if resid > SOLVE_TOLERANCE:
         raise FloatingPointError(
             f"{what}: the system is too ill-conditioned to solve (relative residual {resid:.1e} > "
