@@ -10,10 +10,10 @@ import random
 
 import numpy as np
 import pytest
-import torch
-
 import test_ece
 import test_memit
+import torch
+
 from editlab.data.sources import DataError
 from editlab.editing.methods import memit as memit_module
 from editlab.editing.solve import checked_solve, memit_delta, preserve_matrix, submatrix_delta
