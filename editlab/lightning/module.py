@@ -162,10 +162,14 @@ class EditingModule(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "first_step"):
             raise ValueError("resuming needs an EditDataModule (option data)")
-        total = len(dm.steps())
+        steps = dm.steps()
         done = int(self._resume["steps_done"])
-        if done > total:
-            raise EditStateError(f"{self.resume_from}: {done} steps done, but the data has only {total} steps")
+        if done > len(steps) or sum(len(b) for b in steps[:done]) != int(self._resume["edits_done"]):
+            raise EditStateError(
+                f"{self.resume_from}: {done} steps with {self._resume['edits_done']} edits done do not match this "
+                f"data ({len(steps)} steps of up to {dm.edits_per_step} edits)"
+            )
+        total = len(steps)
         dm.first_step = total if self._resume["final"] else done
 
     def on_train_start(self) -> None:
