@@ -3,6 +3,10 @@
 Every run writes into ``--trainer.default_root_dir`` itself (no nested version folder): the
 resolved config, metrics.csv of the default CSV logger, cases.jsonl and summary.json. The last
 line ``editlab fit`` prints is the path of summary.json.
+
+``editlab fit ... --ckpt_path last`` continues an interrupted run from its edit-state checkpoint
+(``<run dir>/checkpoints/edit_state.pt``, editlab's own: Lightning's checkpoints would hold the
+whole LM). ``editlab apply-delta`` applies an exported delta file to the original model.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from editlab.data.datamodule import EditDataModule
+from editlab.lightning.editstate import config_differences, edit_state_path
 from editlab.lightning.module import EditingModule
 
 DEFAULT_ROOT = "runs/editlab"
@@ -81,12 +86,9 @@ class EditLabCLI(LightningCLI):
         trainer = cfg.trainer
         root = trainer.default_root_dir or DEFAULT_ROOT
         trainer.default_root_dir = root
-        # A finished run's results are never overwritten by accident: refuse before any work.
-        if (Path(root) / "summary.json").exists() and not cfg.get("overwrite", False):
-            raise SystemExit(
-                f"editlab: {root} already holds a finished run (summary.json); choose another "
-                "--trainer.default_root_dir or pass --overwrite true"
-            )
+        self.check_run_dir(Path(root), cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+        if cfg.get("ckpt_path") is not None and (Path(root) / "config.yaml").is_file():
+            self.check_same_run(Path(root) / "config.yaml", cfg)
         if trainer.strategy in (None, "auto") and wants_several_processes(trainer.devices, trainer.num_nodes):
             from jsonargparse import Namespace
 
@@ -114,6 +116,60 @@ class EditLabCLI(LightningCLI):
         if not any("CSVLogger" in str(getattr(item, "class_path", "")) for item in loggers):
             loggers.insert(0, csv)
         trainer.logger = loggers
+
+    def check_run_dir(self, root: Path, ckpt_path: str | None, overwrite: bool) -> None:
+        """Refuse, before any work, to overwrite a finished run or to restart an interrupted one."""
+        state = edit_state_path(root)
+        if (root / "summary.json").exists() and not overwrite:
+            hint = " (nothing to resume)" if ckpt_path else ""
+            raise SystemExit(
+                f"editlab: {root} already holds a finished run (summary.json){hint}; choose another "
+                "--trainer.default_root_dir or pass --overwrite true"
+            )
+        if self.subcommand != "fit":
+            if ckpt_path is not None:
+                raise SystemExit(
+                    f"editlab {self.subcommand}: --ckpt_path is for fit; evaluate a saved model with --model.model DIR"
+                )
+            return
+        if ckpt_path is None and state.exists():
+            if not overwrite:
+                raise SystemExit(
+                    f"editlab: {root} holds an interrupted run ({state}); continue it with --ckpt_path last, "
+                    "or start over with --overwrite true"
+                )
+            state.unlink()  # starting over: the old edit state must not be resumed by mistake later
+        if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
+            raise SystemExit(f"editlab: --ckpt_path {ckpt_path}: no such file (use 'last' or an edit_state.pt)")
+
+    def check_same_run(self, saved_path: Path, cfg) -> None:
+        """A resumed run must have the interrupted run's model and data options (the edits and the
+        results depend on them); anything else may change. Checked before the loggers start (the
+        CSV logger clears metrics.csv)."""
+        import yaml
+
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+        current = yaml.safe_load(self._parser(self.subcommand).dump(cfg)) or {}
+        diff = config_differences(saved, current)
+        if diff:
+            raise SystemExit(
+                f"editlab: cannot resume {saved_path.parent}: options differ from the interrupted run's "
+                f"({saved_path}): " + "; ".join(diff) + ". Use the same options, or start over with --overwrite true"
+            )
+
+    def fit(self, model: EditingModule, datamodule=None, ckpt_path: str | None = None, **kwargs) -> None:
+        """trainer.fit without Lightning's checkpoint loading: the module restores editlab's edit state."""
+        if ckpt_path is not None:
+            path = edit_state_path(self.trainer.default_root_dir) if ckpt_path == "last" else Path(ckpt_path)
+            if path.is_file():
+                model.resume_from = path
+            else:  # as Lightning's "last" with no checkpoint: a first run of a restartable job
+                print(
+                    f"[editlab] --ckpt_path last: no edit state in {path.parent}, starting from the first step",
+                    file=sys.stderr,
+                )
+        kwargs.pop("weights_only", None)
+        self.trainer.fit(model, datamodule=datamodule, **kwargs)
 
     def after_test(self) -> None:
         self.after_fit()
@@ -168,6 +224,10 @@ def main(args: list[str] | None = None) -> None:
         from editlab.report import report_main
 
         sys.exit(report_main(argv[1:]))
+    if argv and argv[0] == "apply-delta":
+        from editlab.models.delta import apply_delta_main
+
+        sys.exit(apply_delta_main(argv[1:]))
     # args=None lets LightningCLI read sys.argv itself (it warns when given both).
     EditLabCLI(args=None if args is None else argv)
 

@@ -67,6 +67,9 @@ class EditDataModule(lightning.LightningDataModule):
         self.offset = offset
         self.split = split
         self.requests: list[EditRequest] | None = None
+        # The data position: a resumed run starts at the step after its checkpoint (set by the
+        # EditingModule before the dataloader is made; not an option).
+        self.first_step = 0
         self.save_hyperparameters()
 
     def prepare_data(self) -> None:
@@ -86,9 +89,9 @@ class EditDataModule(lightning.LightningDataModule):
         return chunk(self.requests, self.edits_per_step)
 
     def train_dataloader(self) -> DataLoader:
-        """One EditBatch per step, in order."""
-        return DataLoader(self.steps(), batch_size=None, shuffle=False, collate_fn=keep_batch)
+        """One EditBatch per step, in order, from ``first_step``."""
+        return DataLoader(self.steps()[self.first_step :], batch_size=None, shuffle=False, collate_fn=keep_batch)
 
     def test_dataloader(self) -> DataLoader:
         """``editlab test``: the same batches, evaluated without editing."""
-        return self.train_dataloader()
+        return DataLoader(self.steps(), batch_size=None, shuffle=False, collate_fn=keep_batch)

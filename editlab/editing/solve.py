@@ -10,18 +10,62 @@ from __future__ import annotations
 
 import torch
 
+# Relative residual ‖A X − B‖ / ‖B‖ above which a solve is refused. A backward-stable float64 solve
+# leaves at most ~cond(A)·1e-16, so this refuses only cond(A) ≳ 1e12 (λ = 0 with a rank-deficient
+# moment, say), where the solution is noise.
+SOLVE_TOLERANCE = 1e-4
+# Amplification ‖A‖‖X‖ / ‖B‖ (a lower bound of cond(A), up to the Frobenius norms' √d) above which
+# the solution's relative error can exceed ~1e-4 in float64: an update made of rounding noise.
+MAX_AMPLIFICATION = 1e12
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Refuse NaN/Inf inputs with a message naming where they come from."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise FloatingPointError(f"{what} has {bad} NaN/Inf entries: refusing to solve")
+
+
+def checked_solve(a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:
+    """X = A⁻¹ B (float64), refused with a clear error when A is singular or so ill-conditioned that
+    the solution does not satisfy the system (an update from it would be noise, not an edit)."""
+    try:
+        x = torch.linalg.solve(a, b)
+    except torch.linalg.LinAlgError as err:
+        raise FloatingPointError(
+            f"{what}: the matrix λC + Σ past KKᵀ + KKᵀ is singular ({err}); raise mom2_weight or check the covariance"
+        ) from None
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"{what} produced NaN/Inf: the preserved moment is singular or ill-conditioned")
+    b_norm = b.norm().clamp_min(1e-300)
+    amplification = float(a.norm() * x.norm() / b_norm)
+    if amplification > MAX_AMPLIFICATION:
+        raise FloatingPointError(
+            f"{what}: the matrix λC + Σ past KKᵀ + KKᵀ is ill-conditioned (amplification ‖A‖‖X‖/‖B‖ = "
+            f"{amplification:.1e} > {MAX_AMPLIFICATION:.0e}); raise mom2_weight or check the covariance"
+        )
+    resid = float((a @ x - b).norm() / b_norm)
+    if resid > SOLVE_TOLERANCE:
+        raise FloatingPointError(
+            f"{what}: the system is too ill-conditioned to solve (relative residual {resid:.1e} > "
+            f"{SOLVE_TOLERANCE:.0e}); raise mom2_weight or check the covariance"
+        )
+    return x
+
 
 def memit_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Tensor) -> torch.Tensor:
     """ΔW [d_model, d_ff] = Rᵀ K (P + KᵀK)⁻¹.
 
     keys: [n, d_ff]; resid: [n, d_model]; preserve: [d_ff, d_ff] symmetric PSD (λC + cache).
     """
+    check_finite(keys, "the keys K")
+    check_finite(resid, "the residuals z − h (target values z)")
+    check_finite(preserve, "the preserved moment λC + Σ past KKᵀ")
     k = keys.double()
     a = preserve.double().to(k.device) + k.T @ k  # [d_ff, d_ff] (P may live on the CPU: offload)
-    x = torch.linalg.solve(a, k.T)  # [d_ff, n] = A⁻¹ Kᵀ (A symmetric)
+    x = checked_solve(a, k.T, "MEMIT solve")  # [d_ff, n] = A⁻¹ Kᵀ (A symmetric)
     delta = resid.double().T @ x.T  # [d_model, d_ff]
-    if not torch.isfinite(delta).all():
-        raise FloatingPointError("MEMIT solve produced NaN/Inf: the preserved moment is singular or ill-conditioned")
+    check_finite(delta, "the MEMIT update")
     return delta
 
 
@@ -46,6 +90,9 @@ def submatrix_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Ten
         raise ValueError(f"neuron indices must be a 1-D tensor of values in [0, {d_ff})")
     if idx.unique().numel() != idx.numel():
         raise ValueError("neuron indices must be distinct")
+    check_finite(keys, "the keys K")
+    check_finite(resid, "the residuals z − h (target values z)")
+    check_finite(preserve, "the preserved moment λC + Σ past KKᵀ")
     delta = torch.zeros(resid.shape[1], d_ff, dtype=torch.float64, device=keys.device)  # [d_model, d_ff]
     if idx.numel() == 0:
         return delta
@@ -53,8 +100,7 @@ def submatrix_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Ten
     p = preserve.double()
     at = idx.to(p.device)
     a = p[at][:, at].to(keys.device) + k.T @ k  # [m, m]: P[I, I] sliced where P lives (CPU when offloaded)
-    x = torch.linalg.solve(a, k.T)  # [m, n] = A⁻¹ K̂ᵀ (A symmetric)
+    x = checked_solve(a, k.T, "ECE sub-matrix solve")  # [m, n] = A⁻¹ K̂ᵀ (A symmetric)
     delta[:, idx] = resid.double().T @ x.T  # [d_model, m]
-    if not torch.isfinite(delta).all():
-        raise FloatingPointError("ECE sub-matrix solve produced NaN/Inf: P[I, I] is singular or ill-conditioned")
+    check_finite(delta, "the ECE sub-matrix update")
     return delta

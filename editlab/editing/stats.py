@@ -173,8 +173,11 @@ def cache_path(key: dict) -> Path:
 def load_cached(path: Path, key: dict) -> SecondMoment | None:
     if not path.exists():
         return None
-    blob = torch.load(path, weights_only=True, map_location="cpu")
-    stored = blob.get("key")
+    try:
+        blob = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # truncated or foreign file: unpickling errors of many kinds
+        raise StaleCacheError(f"covariance cache {path} is unreadable ({type(err).__name__}): delete it") from err
+    stored = blob.get("key") if isinstance(blob, dict) else None
     if stored != key:
         diff = {
             k: (stored.get(k) if isinstance(stored, dict) else None, key[k])

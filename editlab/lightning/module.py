@@ -7,6 +7,11 @@ Order of work in a fit:
   training_step       method.apply on the step's requests; per-step scalars; ``immediate`` /
                       ``periodic`` evaluation
   on_train_end        ``final`` evaluation; cases.jsonl, curve.jsonl, summary.json
+
+Resuming (``editlab fit ... --ckpt_path last``, see editlab/lightning/editstate.py): on_fit_start
+reads the edit state and tells the data module where the stream stopped; on_train_start runs
+method.setup on the unedited model as usual, then restores the method state, the edited weights,
+the RNG states and every result so far instead of evaluating the unedited model again.
 """
 
 from __future__ import annotations
@@ -27,8 +32,19 @@ from editlab.editing.prompts import check_context_length
 from editlab.editing.stats import model_fingerprint
 from editlab.evaluation import EvaluationConfig, Evaluator
 from editlab.lightning.callbacks import WeightNormTracker
+from editlab.lightning.editstate import (
+    EditStateError,
+    check_resumable,
+    edit_state_path,
+    load_edit_state,
+    requests_digest,
+    rng_state,
+    save_edit_state,
+    set_rng_state,
+)
 from editlab.memory import MemoryEstimate, estimate_memory
 from editlab.models.arch import ModelView
+from editlab.models.delta import apply_weight_deltas, save_delta, snapshot, weight_deltas
 from editlab.models.load import DType, load_model_and_tokenizer
 from editlab.report import write_run_report
 from editlab.types import EditRequest
@@ -43,6 +59,7 @@ class EditingModule(L.LightningModule):
         seed: int = 0,
         evaluation: EvaluationConfig = EvaluationConfig(),
         export: bool = False,
+        checkpoint_every: int = 10,
         progress: bool = True,
     ) -> None:
         """
@@ -53,10 +70,16 @@ class EditingModule(L.LightningModule):
             seed: seeds context templates, generation and any sampling.
             evaluation: when and what to evaluate.
             export: save the edited model (``save_pretrained`` safetensors + tokenizer) into
-                ``<run dir>/edited_model`` after the stream, for ``editlab test`` or any HF loader.
+                ``<run dir>/edited_model`` after the stream, for ``editlab test`` or any HF loader,
+                and the compact ``<run dir>/edit_delta.safetensors`` (W_t − W_0 of the edited
+                matrices, see ``editlab apply-delta``).
+            checkpoint_every: write the edit state (``<run dir>/checkpoints/edit_state.pt``) every
+                this many steps and after the last step, for ``--ckpt_path last``; 0: never.
             progress: show progress bars for long phases.
         """
         super().__init__()
+        if checkpoint_every < 0:
+            raise ValueError(f"option checkpoint_every={checkpoint_every} must be >= 0 (0 disables checkpoints)")
         self.automatic_optimization = False
         self.method = method
         self.model_name = model
@@ -64,7 +87,16 @@ class EditingModule(L.LightningModule):
         self.seed = seed
         self.evaluation = evaluation
         self.export = export
+        self.checkpoint_every = checkpoint_every
         self.progress = progress
+        # Set by the CLI from --ckpt_path: the edit state this fit continues from.
+        self.resume_from: Path | None = None
+        self.resumed_from_step: int | None = None
+        self._resume: dict | None = None
+        self._fit_device: torch.device | None = None
+        self.initial: dict[str, torch.Tensor] = {}  # W_0 of the edited parameters, on CPU
+        self.fingerprint: str | None = None  # of the unedited weights
+        self.logged: list[list] = []  # [step, metrics] of every row the loggers got, replayed on resume
         self.lm: torch.nn.Module | None = None
         self.tok = None
         self.view: ModelView | None = None
@@ -124,25 +156,144 @@ class EditingModule(L.LightningModule):
         self.validate_requests(self.requests)
         self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.progress)
 
+    def on_fit_start(self) -> None:
+        self._fit_device = self.device
+        if self.resume_from is None:
+            return
+        # Read before the train dataloader is made: the data module must start where the stream stopped.
+        self._resume = load_edit_state(self.resume_from)
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "first_step"):
+            raise ValueError("resuming needs an EditDataModule (option data)")
+        steps = dm.steps()
+        done = int(self._resume["steps_done"])
+        if done > len(steps) or sum(len(b) for b in steps[:done]) != int(self._resume["edits_done"]):
+            raise EditStateError(
+                f"{self.resume_from}: {done} steps with {self._resume['edits_done']} edits done do not match this "
+                f"data ({len(steps)} steps of up to {dm.edits_per_step} edits)"
+            )
+        total = len(steps)
+        dm.first_step = total if self._resume["final"] else done
+
     def on_train_start(self) -> None:
         self.prepare_stream()
         ranks = Ranks(self.global_rank, self.trainer.world_size)
+        self.fingerprint = model_fingerprint(self.lm)
         self.ctx = EditContext(
-            self.lm, self.tok, self.view, self.model_name, model_fingerprint(self.lm), self.seed, self.progress, ranks
+            self.lm, self.tok, self.view, self.model_name, self.fingerprint, self.seed, self.progress, ranks
         )
         if ranks.is_main:
             self.memory = self.estimate_memory()
             print(f"editlab: {self.memory.describe()}", file=sys.stderr, flush=True)
         torch.manual_seed(self.seed)
         self.method.setup(self.ctx)
+        self.initial = snapshot(self.lm, self.method.edited_parameters(self.view))
         self._clock["setup_done"] = time.perf_counter()
-        if not ranks.is_main:
-            return  # evaluation and results are rank 0's: the other ranks only share the editing work
-        cases, metrics = self.evaluator.evaluate(self.requests, quality=True)
-        self.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
-        self.add_curve_point("pre", metrics)
+        if self._resume is not None:
+            self.restore(self._resume)  # every rank: weights and method state
+            if ranks.is_main:
+                self.replay_logged()
+        elif ranks.is_main:  # evaluation and results are rank 0's: other ranks only share the editing work
+            cases, metrics = self.evaluator.evaluate(self.requests, quality=True)
+            self.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
+            self.add_curve_point("pre", metrics)
+        self.record_logged()
         self._clock["stream_start"] = time.perf_counter()
         self._clock["eval_seconds"] = 0.0
+
+    def record_logged(self) -> None:
+        """Keep a copy of what the first logger is given, so a resumed run's metrics.csv / W&B
+        history holds the steps before the interruption too (every logger gets the same rows)."""
+        if not self.loggers or getattr(self.loggers[0], "_editlab_recorded", False):
+            return
+        logger, real = self.loggers[0], self.loggers[0].log_metrics
+
+        def log_metrics(metrics, step=None):
+            self.logged.append([step, {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}])
+            return real(metrics, step)
+
+        logger.log_metrics, logger._editlab_recorded = log_metrics, True
+
+    def replay_logged(self) -> None:
+        for logger in self.loggers:
+            for step, metrics in self.logged:
+                logger.log_metrics(metrics, step)
+            logger.save()
+        # Lightning's logging step counts the batches of this process; continue the stream's count.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.steps_done
+
+    # -- edit-state checkpoints ------------------------------------------------------------------
+    def edit_state(self, final: bool) -> dict:
+        results = {
+            "pre": self.pre,
+            "curve": self.curve,
+            "steps_log": self.steps_log,
+            "case_step": self.case_step,
+            "case_edit_info": self.case_edit_info,
+            "post_cases": self.post_cases,
+            "logged": self.logged,
+        }
+        return {
+            "model": self.model_name,
+            "fingerprint": self.fingerprint,
+            "dtype": self.lm_dtype,
+            "method": type(self.method).__name__,
+            "requests": requests_digest(self.requests),
+            "steps_done": self.steps_done,
+            "edits_done": self.edits_done,
+            "final": final,
+            "deltas": weight_deltas(self.lm, self.initial),
+            # Of the whole edited model: a resumed run checks it got back exactly this model.
+            "edited_fingerprint": model_fingerprint(self.lm),
+            "method_state": self.method.state_dict(),
+            "rng": rng_state(),
+            # JSON (what the result files hold): plain strings for the weights_only loader.
+            "results": json.dumps(results),
+        }
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        if self.global_rank != 0:
+            return  # every rank holds the same edit state; one writes it
+        save_edit_state(edit_state_path(self.run_dir()), self.edit_state(final))
+
+    def restore(self, state: dict) -> None:
+        """Continue from ``state`` on the freshly loaded (unedited) model, after method.setup."""
+        digest = requests_digest(self.requests)
+        check_resumable(state, self.model_name, self.fingerprint, self.lm_dtype, type(self.method).__name__, digest)
+        missing = set(self.initial) ^ set(state["deltas"])
+        if missing:
+            raise EditStateError(f"{self.resume_from}: edited parameters differ from this method's: {sorted(missing)}")
+        self.method.load_state_dict(state["method_state"])
+        apply_weight_deltas(self.lm, state["deltas"], self.initial)
+        if model_fingerprint(self.lm) != state["edited_fingerprint"]:
+            raise EditStateError(
+                f"{self.resume_from}: the restored model differs from the checkpointed one (a parameter outside "
+                f"{type(self.method).__name__}.edited_parameters() was changed?)"
+            )
+        results = json.loads(state["results"])
+        self.pre, self.curve, self.steps_log = results["pre"], results["curve"], results["steps_log"]
+        self.case_step, self.case_edit_info = results["case_step"], results["case_edit_info"]
+        self.post_cases, self.logged = results["post_cases"], results["logged"]
+        self.steps_done, self.edits_done = int(state["steps_done"]), int(state["edits_done"])
+        self.resumed_from_step = self.steps_done
+        set_rng_state(state["rng"])
+        print(f"[editlab] resumed from {self.resume_from} after step {self.steps_done}", file=sys.stderr)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The state after step k is saved when step k + 1 starts: by then the callbacks have added
+        # their values to step k's record and Lightning has handed step k's row to the loggers.
+        # Nothing happens in between, so this is the state right after step k.
+        k = self.steps_done
+        if self.checkpoint_every and k and k % self.checkpoint_every == 0 and k != self.resumed_from_step:
+            self.save_checkpoint()
+
+    def on_fit_end(self) -> None:
+        # A checkpoint written after the last step leaves no batch to run: Lightning then skips
+        # on_train_start / on_train_end, so the final phase (evaluation, results) runs here.
+        if self._resume is not None and self._resume["final"] and self.summary_path is None:
+            self.to(self._fit_device)  # the trainer's teardown moved the module to CPU
+            self.on_train_start()
+            self.on_train_end()
 
     def estimate_memory(self) -> MemoryEstimate:
         """What this run will need (editlab.memory), from the model and the method's settings."""
@@ -182,17 +333,25 @@ class EditingModule(L.LightningModule):
             ):
                 for prompt in prompts:
                     n = len(self.tok(prompt)["input_ids"]) + 64  # room for a prefix and the answer
-                    try:
-                        check_context_length(self.lm.config, n, f"case {req.case_id}: field {field!r}")
-                    except ValueError as err:
-                        raise DataError(str(err)) from None
+                    self.check_prompt_length(n, f"case {req.case_id}: field {field!r}")
+            if self.evaluation.fluency:  # generated from, max_new_tokens past the prompt
+                cfg = self.evaluation
+                for prompt in req.generation_prompts[: cfg.generation_prompts_per_case]:
+                    n = len(self.tok(prompt)["input_ids"]) + cfg.max_new_tokens
+                    self.check_prompt_length(n, f"case {req.case_id}: field 'generation_prompts' (+ max_new_tokens)")
+
+    def check_prompt_length(self, n_tokens: int, what: str) -> None:
+        try:
+            check_context_length(self.lm.config, n_tokens, what)
+        except ValueError as err:
+            raise DataError(str(err)) from None
 
     def training_step(self, batch, batch_idx: int):
         t0 = time.perf_counter()
         result = self.method.apply(self.ctx, list(batch))
         seconds = time.perf_counter() - t0
         for req in batch:
-            self.case_step[req.case_id] = batch_idx
+            self.case_step[req.case_id] = self.steps_done  # the step's index in the whole stream
         self.edits_done += len(batch)
         self.steps_done += 1
         scalars = {f"edit/{k}": v for k, v in result.scalars.items()}
@@ -247,6 +406,8 @@ class EditingModule(L.LightningModule):
     def on_train_end(self) -> None:
         if not self.ctx.ranks.is_main:
             return
+        if self.checkpoint_every and not (self._resume is not None and self._resume["final"]):
+            self.save_checkpoint(final=True)
         end = time.perf_counter()
         timing = self.evaluation.timing
         last = self.curve[-1]
@@ -334,11 +495,23 @@ class EditingModule(L.LightningModule):
             summary["memory_estimate_gib"] = round(self.memory.device_total / 2**30, 3)
             if torch.cuda.is_available() and self.device.type == "cuda":
                 summary["memory_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        if self.resumed_from_step is not None:
+            summary["resumed_from_step"] = self.resumed_from_step
         if self.export and timing != "test":
             export_dir = out / "edited_model"
             self.lm.save_pretrained(export_dir)
             self.tok.save_pretrained(export_dir)
             summary["export_dir"] = str(export_dir)
+            meta = {
+                "model": self.model_name,
+                "fingerprint": self.fingerprint,
+                "dtype": self.lm_dtype,
+                "model_type": self.lm.config.model_type,
+                "method": type(self.method).__name__,
+                "edits": self.edits_done,
+            }
+            delta = save_delta(out / "edit_delta.safetensors", weight_deltas(self.lm, self.initial), meta)
+            summary["export_delta"] = str(delta)
         self.summary_path = out / "summary.json"
         write_json_atomic(self.summary_path, summary)
         write_run_report(out)

@@ -57,7 +57,17 @@ class EditMethod(ABC):
     def edited_layers(self) -> list[int]:
         return list(self.layers)
 
+    def edited_parameters(self, view: ModelView) -> list[str]:
+        """Names of every parameter ``apply`` may change (checkpoints store their deltas; a resumed
+        run checks that nothing else changed). Default: the FFN out-projections of the edited layers."""
+        return [f"{view.ffn_out_name(layer)}.weight" for layer in self.edited_layers()]
+
     def state_dict(self) -> dict:
+        """Everything ``apply`` carries from one step to the next (caches, accumulated moments, z
+        caches, templates), as tensors / dicts with string keys / lists / strings / numbers.
+
+        Resuming calls ``setup`` on the unedited model, then ``load_state_dict`` with this, then
+        puts back the edited weights: a method whose state is incomplete here resumes differently."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -111,8 +121,12 @@ class KeyValueMethod(EditMethod):
             self.cache_c[layer] = self.cache_c.get(layer, torch.zeros_like(kk)) + kk
 
     def state_dict(self) -> dict:
+        # cov is not saved: setup recomputes it from the unedited model (or reads the keyed disk
+        # cache), identically.
         return {"cache_c": {str(k): v.cpu() for k, v in self.cache_c.items()}, "templates": list(self.templates)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.cache_c = {int(k): v for k, v in state["cache_c"].items()}
+        # Back on the device of the covariance, where the solves run (the checkpoint is on CPU).
+        device = next(iter(self.cov.values())).device if self.cov else "cpu"
+        self.cache_c = {int(k): v.to(device) for k, v in state["cache_c"].items()}
         self.templates = list(state["templates"])

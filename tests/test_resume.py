@@ -1,0 +1,202 @@
+"""Reliability of a run on a tiny model, through the real CLI in subprocesses: a run killed with
+SIGKILL in the middle of step 6 and resumed with --ckpt_path last ends bit-identical to an
+uninterrupted one; the same config and seed give the same run; a checkpoint written after the last
+step redoes only the final evaluation; resuming is refused when it would not continue the same run."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from editlab.cli import EditLabCLI
+from editlab.lightning.editstate import edit_state_path, load_edit_state
+from editlab.models.tiny import save_tiny
+
+from conftest import REPO, SHARED_DATA
+
+STEPS = 10
+KILL_STEP = 6
+EVERY = 2  # checkpoints after steps 2, 4, ...: the kill in step 6 resumes from step 4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    save_tiny(root / "tiny", "gpt2")
+    with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
+        records = json.load(f)[:STEPS]
+    (root / "data.json").write_text(json.dumps(records))
+    (root / "corpus.txt").write_text(
+        "\n".join(f"Sentence number {i} talks about cities and people." for i in range(20))
+    )
+    return root
+
+
+def args(base: Path, run: str, *extra: str) -> list[str]:
+    opts = {
+        "--model.model": str(base / "tiny"),
+        "--model.progress": "false",
+        "--model.method": "editlab.editing.methods.memit.MEMIT",
+        "--model.method.layers": "[0, 1]",
+        "--model.method.mom2_weight": "1.0",
+        "--model.method.targets.steps": "4",
+        "--model.method.context.count": "2",
+        "--model.method.context.length": "3",
+        "--model.method.covariance.corpus": str(base / "corpus.txt"),
+        "--model.method.covariance.num_samples": "20",
+        "--model.evaluation.max_new_tokens": "8",
+        # periodic: the curve has points before and after the interruption (steps 3, 6, 9, 10)
+        "--model.evaluation.timing": "periodic",
+        "--model.evaluation.every_n_steps": "3",
+        "--model.checkpoint_every": str(EVERY),
+        "--model.export": "true",
+        "--data.path": str(base / "data.json"),
+        "--data.edits_per_step": "1",
+        "--trainer.default_root_dir": str(base / run),
+        "--trainer.enable_progress_bar": "false",
+    }
+    return [x for kv in opts.items() for x in kv] + list(extra)
+
+
+def env(base: Path) -> dict[str, str]:
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "EDITLAB_CACHE": str(base / "cache"),
+        "PYTHONPATH": path,
+    }
+
+
+def fit(base: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "editlab.cli", "fit", *argv]
+    return subprocess.run(cmd, cwd=base, env=env(base), capture_output=True, text=True, timeout=300)
+
+
+def refused(argv: list[str], capsys) -> str:
+    """Run the CLI in-process where it must stop before any work; return what it said."""
+    with pytest.raises(SystemExit) as info:
+        EditLabCLI(args=["fit", *argv])
+    return str(info.value) + capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def full(base) -> Path:
+    proc = fit(base, args(base, "full"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base / "full"
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "edited_model" / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert set(wa) == set(wb)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    da, db = load_file(a / "edit_delta.safetensors"), load_file(b / "edit_delta.safetensors")
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def no_timing(row: dict) -> dict:
+    skip = ("export_dir", "export_delta", "resumed_from_step")
+    return {k: v for k, v in row.items() if "seconds" not in k and k not in skip}
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [no_timing(json.loads(line)) for line in path.read_text().splitlines()]
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    assert no_timing(sa) == no_timing(sb)
+    for name in ("cases.jsonl", "curve.jsonl", "steps.jsonl"):
+        assert jsonl(a / name) == jsonl(b / name), name
+    with open(a / "metrics.csv") as fa, open(b / "metrics.csv") as fb:
+        ra, rb = [no_timing(r) for r in csv.DictReader(fa)], [no_timing(r) for r in csv.DictReader(fb)]
+    assert ra == rb
+
+
+def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monkeypatch):
+    monkeypatch.setenv("EDITLAB_CACHE", str(base / "cache"))
+    marker = base / "in_step_6"
+    hang = [
+        "--trainer.callbacks+=resume_hooks.HangInStep",
+        f"--trainer.callbacks.step={KILL_STEP}",
+        f"--trainer.callbacks.marker={marker}",
+    ]
+    cmd = [sys.executable, "-m", "editlab.cli", "fit", *args(base, "killed", *hang)]
+    proc = subprocess.Popen(cmd, cwd=base, env=env(base), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "step 6 never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # in step 6, with one of its two layers already written
+    proc.wait()
+    proc.stderr.close()
+    run = base / "killed"
+    state = load_edit_state(edit_state_path(run))
+    assert state["steps_done"] == 4 and state["edits_done"] == 4 and not state["final"]
+    assert not (run / "summary.json").exists() and not list(run.glob("checkpoints/*.tmp"))
+
+    # Restarting the interrupted directory from scratch, or resuming it with other options, is refused.
+    said = refused(args(base, "killed"), capsys)
+    assert "interrupted run" in said and "--ckpt_path last" in said
+    said = refused(args(base, "killed", "--ckpt_path", "last", "--model.method.mom2_weight", "2.0"), capsys)
+    assert "model.method.init_args.mom2_weight: 1.0 -> 2.0" in said
+    assert load_edit_state(edit_state_path(run))["steps_done"] == 4
+
+    resumed = fit(base, args(base, "killed", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "after step 4" in resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 4
+    assert_same_weights(full, run)
+    assert_same_results(full, run)
+    assert load_edit_state(edit_state_path(run))["final"]
+
+    # A finished run has nothing to resume.
+    assert "nothing to resume" in refused(args(base, "killed", "--ckpt_path", "last"), capsys)
+
+
+def test_same_config_and_seed_give_the_same_run(base, full):
+    # --ckpt_path last in a new directory: nothing to resume, a first run (restartable jobs).
+    again = fit(base, args(base, "again", "--ckpt_path", "last"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "starting from the first step" in again.stderr
+    summary = json.loads((base / "again" / "summary.json").read_text())
+    assert "resumed_from_step" not in summary and summary["edits"] == STEPS
+    assert_same_weights(full, base / "again")
+    assert_same_results(full, base / "again")
+
+
+def test_checkpoint_after_the_last_step_redoes_only_the_final_evaluation(base, full):
+    # As if the process had died in the final evaluation: the final edit state and the config, no results.
+    run = base / "final_crash"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(edit_state_path(full), edit_state_path(run))
+    shutil.copy(full / "config.yaml", run / "config.yaml")
+    assert load_edit_state(edit_state_path(run))["final"]
+    resumed = fit(base, args(base, "final_crash", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after step {STEPS}" in resumed.stderr
+    assert_same_weights(full, run)
+    sa, sb = json.loads((full / "summary.json").read_text()), json.loads((run / "summary.json").read_text())
+    assert no_timing(sa) == no_timing(sb)
+    for name in ("cases.jsonl", "curve.jsonl", "steps.jsonl"):
+        assert jsonl(full / name) == jsonl(run / name), name
