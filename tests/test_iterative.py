@@ -286,28 +286,29 @@ def test_neighbour_assisted_step_counts_requests_without_a_neighbour(tmp_path, s
 
 
 @pytest.mark.slow
-def test_iterative_neighbour_assisted_memit_edits_smollm2_on_counterfact(stats_cache):
+def test_iterative_neighbour_assisted_memit_edits_smollm2_on_counterfact():
+    # The shared cache: the embedded model's converted copy and memit_smollm2.yaml's covariance.
     from editlab.data.sources import load_requests
     from editlab.models.load import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
     view = ModelView.of(model)
     ctx = EditContext(model, tok, view, "smollm2-135m-instruct", model_fingerprint(model), seed=0, progress=False)
-    reqs = load_requests(str(SHARED_DATA / "multi_counterfact.json.gz"), num_edits=4)
+    reqs = load_requests(str(SHARED_DATA / "multi_counterfact.json.gz"), num_edits=3)
     memit = MEMIT(
         layers=[4, 5, 6, 7, 8],
         mom2_weight=2000,
-        targets=TargetConfig(lr=0.5, steps=15),
-        context=ContextTemplates(count=2, length=5),
-        covariance=CovarianceConfig(corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=300, max_length=64),
+        targets=TargetConfig(lr=0.5, steps=12),
+        context=ContextTemplates(count=1, length=5),
+        covariance=CovarianceConfig(corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=2000, max_length=128),
     )
-    it = IterativeEditing(memit, epsilon=1.0, max_iterations=3, neighbors=NeighborAssist())
+    it = IterativeEditing(memit, epsilon=1.0, max_iterations=2, neighbors=NeighborAssist())
     it.setup(ctx)
     prompts, new, true = [r.rewrite_prompt for r in reqs], [r.target_new for r in reqs], [r.target_true for r in reqs]
     before = score_answers(view, tok, prompts, new)["nll"] - score_answers(view, tok, prompts, true)["nll"]
     res = it.apply(ctx, reqs)
     after = score_answers(view, tok, prompts, new)["nll"] - score_answers(view, tok, prompts, true)["nll"]
-    assert (before > 0).sum() >= 3
+    assert (before > 0).all()
     assert (after < 0).all(), (before, after, res.scalars)
     assert res.scalars["iter_p_after"] < res.scalars["iter_p_before"]
     assert res.scalars["neighbor_rows"] + res.scalars["neighbor_missing"] >= len(reqs)
