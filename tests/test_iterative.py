@@ -1,6 +1,7 @@
 """Iterative editing (stop rule, one commit per step) and neighbour-assisted editing (the extra
 z-loss term, which neighbours qualify)."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -312,3 +313,48 @@ def test_iterative_neighbour_assisted_memit_edits_smollm2_on_counterfact():
     assert (after < 0).all(), (before, after, res.scalars)
     assert res.scalars["iter_p_after"] < res.scalars["iter_p_before"]
     assert res.scalars["neighbor_rows"] + res.scalars["neighbor_missing"] >= len(reqs)
+
+
+def test_cli_runs_nse_and_neighbour_assisted_iterative_memit_and_records_their_steps(tmp_path):
+    from test_cli import run_cli, tiny_args
+
+    # The tiny run's MEMIT options, under the wrapper's `method` (a nested class_path).
+    base = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))
+    opts = dict(zip(base[::2], base[1::2], strict=True))
+    inner = {k.replace("--model.method.", ""): v for k, v in opts.items() if k.startswith("--model.method.")}
+    plain = {k: v for k, v in opts.items() if not k.startswith("--model.method")}
+    config = tmp_path / "iter.yaml"
+    config.write_text(
+        "model:\n  method:\n    class_path: editlab.editing.methods.iterative.IterativeEditing\n    init_args:\n"
+        "      max_iterations: 2\n      epsilon: 0.0\n      neighbors: {weight: 1.0, count: 1}\n"
+        "      method:\n        class_path: editlab.editing.methods.memit.MEMIT\n        init_args:\n"
+        f"          layers: {inner['layers']}\n          mom2_weight: {inner['mom2_weight']}\n"
+        f"          targets: {{steps: {inner['targets.steps']}}}\n"
+        f"          context: {{count: {inner['context.count']}, length: {inner['context.length']}}}\n"
+        f"          covariance: {{corpus: {inner['covariance.corpus']},"
+        f" num_samples: {inner['covariance.num_samples']}}}\n"
+    )
+    args = ["--config", str(config), *[x for kv in plain.items() for x in kv]]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2
+    for step in steps:
+        assert step["iter_iterations"] == 2 and [i["iteration"] for i in step["iterations"]] == [1, 2]
+        assert step["neighbor_missing"] + step["neighbor_rows"] >= 2
+    cases = [json.loads(line) for line in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
+    assert all(isinstance(c["edit"]["neighbor_prompts"], list) for c in cases)
+    # NSE from the command line, same tiny setting.
+    nse_args = [x for kv in plain.items() for x in kv] + [
+        "--model.method", "editlab.editing.methods.nse.NSE",
+        "--model.method.alpha", "0.0",
+        "--model.method.upper_bound", "1e9",
+        "--overwrite", "true",
+        *[x for k, v in inner.items() for x in (f"--model.method.{k}", v)],
+    ]  # fmt: skip
+    proc = run_cli(nse_args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert [s["nse_passes"] for s in steps] == [2, 2] and all("nse_pass_log" in s for s in steps)
+    cases = [json.loads(line) for line in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
+    assert all(c["edit"]["nse_passes"] == 2 for c in cases)
