@@ -9,6 +9,8 @@ continuation, every token teacher-forced: the paper's "accuracy"); where the sto
 be compared with later iterations; --stop applies it.
 
     python benchmarks/iterative_memit.py --n 20 --out benchmarks/results/iterative_memit_smollm2.json
+    python benchmarks/iterative_memit.py --n 20 --mom2-weight 15000 --max-iterations 5 \
+        --out benchmarks/results/iterative_memit_smollm2_lambda15000.json
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-iterations", type=int, default=10)
     ap.add_argument("--epsilon", type=float, default=1.0)
     ap.add_argument("--stop", action="store_true", help="stop at the rule instead of running every iteration")
+    ap.add_argument("--mom2-weight", type=float, default=2000.0, help="λ (the config's 2000; 15000 under-edits here)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     reqs = load_requests(str(REPO.parent / "shared" / "data" / "multi_counterfact.json.gz"), num_edits=args.n)
     memit = MEMIT(  # configs/iter_memit_smollm2.yaml
         layers=[4, 5, 6, 7, 8],
-        mom2_weight=2000,
+        mom2_weight=args.mom2_weight,
         targets=TargetConfig(lr=0.5, steps=25),
         context=ContextTemplates(count=5, length=10),
         covariance=CovarianceConfig(
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({k: rec[k] for k in ("iteration", "p_ideal", "p_after", "delta_p", "z_nll", "seconds")} | acc)
     out = {
         "n": args.n,
+        "mom2_weight": args.mom2_weight,
         "epsilon": args.epsilon,
         "stop_rule_fired_at": fired,
         "p_before": res.scalars["iter_p_before"],
