@@ -4,7 +4,8 @@ One step, in order:
   1. z_i at the last edited layer L on the ORIGINAL weights θ₀ (weights rewinding, see
      editlab/editing/rewind.py), from the z cache where present;
   2. for m = 0 .. max_iterations − 1 (the authors' loop, jianghoucheng/NSE nse_main.py):
-       r_i = ‖z_i − h_i^L‖ on the CURRENT model for every request of the step;
+       r_i = ‖z_i − h_i^L‖ on the CURRENT model for every request of the step (the norm, as
+       the code; the paper writes its square);
        the pass set is {i : alpha < r_i < upper_bound}; stop when it is empty or m is the last
        index (so at most max_iterations − 1 passes, and a request with r_i ≥ upper_bound is
        never written);
