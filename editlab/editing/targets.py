@@ -54,8 +54,30 @@ class TargetConfig:
 
 
 @dataclass
+class ExtraRow:
+    """One more prompt in a request's z loss (neighbour-assisted editing, seed 004):
+    ``weight`` · NLL(answer | template.format(subject)), with the request's δ added at the
+    subject's last token of this prompt, is added to that request's loss.
+
+    Args:
+        owner: index, in the step's request list, of the request whose δ and loss the row joins.
+        template: the prompt with "{}" where ``subject`` goes (no context prefix).
+        subject: the subject of this prompt (where δ is added).
+        answer: the answer whose NLL is minimised (a neighbour's target_true).
+        weight: factor of the row's mean token NLL in the loss.
+    """
+
+    owner: int
+    template: str
+    subject: str
+    answer: str
+    weight: float = 1.0
+
+
+@dataclass
 class TargetRows:
-    """Token rows of one step: rewrite rows (template x request), then one KL row per request."""
+    """Token rows of one step: rewrite rows (template x request), then one KL row per request,
+    then the extra rows (if any)."""
 
     batch_rows: list[list[int]]
     edit_pos: torch.Tensor  # [R] subject-last position where δ is added
@@ -65,9 +87,13 @@ class TargetRows:
     tgt_pos: torch.Tensor  # [T] position whose logits predict it
     tgt_id: torch.Tensor  # [T] answer token id
     n_requests: int
+    is_extra: torch.Tensor | None = None  # [R] bool, extra rows
+    row_weight: torch.Tensor | None = None  # [R] loss weight of each extra row (0 elsewhere)
 
 
-def target_rows(tok, requests: list[EditRequest], templates: list[str], kl_prompt: str) -> TargetRows:
+def target_rows(
+    tok, requests: list[EditRequest], templates: list[str], kl_prompt: str, extra: list[ExtraRow] | None = None
+) -> TargetRows:
     rows, edit_pos, owner, is_kl = [], [], [], []
     tgt_row, tgt_pos, tgt_id = [], [], []
     for t in templates:
@@ -90,9 +116,36 @@ def target_rows(tok, requests: list[EditRequest], templates: list[str], kl_promp
         edit_pos.append(idx)
         owner.append(i)
         is_kl.append(True)
+    n_base = len(rows)
+    weight = [0.0] * n_base
+    for row in extra or []:
+        if not 0 <= row.owner < len(requests):
+            raise ValueError(f"extra row {row} names request {row.owner}, outside the step's {len(requests)}")
+        ids, idx = subject_last_index(tok, row.template, row.subject)
+        ans = answer_ids(tok, row.answer)
+        r = len(rows)
+        rows.append(ids + ans[:-1])
+        edit_pos.append(idx)
+        owner.append(row.owner)
+        is_kl.append(False)
+        weight.append(float(row.weight))
+        for j, a in enumerate(ans):
+            tgt_row.append(r)
+            tgt_pos.append(len(ids) - 1 + j)
+            tgt_id.append(a)
     as_t = torch.tensor
+    is_extra = torch.arange(len(rows)) >= n_base
     return TargetRows(
-        rows, as_t(edit_pos), as_t(owner), as_t(is_kl), as_t(tgt_row), as_t(tgt_pos), as_t(tgt_id), len(requests)
+        rows,
+        as_t(edit_pos),
+        as_t(owner),
+        as_t(is_kl),
+        as_t(tgt_row),
+        as_t(tgt_pos),
+        as_t(tgt_id),
+        len(requests),
+        is_extra,
+        as_t(weight, dtype=torch.float32),
     )
 
 
@@ -201,10 +254,12 @@ def optimize_targets(
     layer: int,
     cfg: TargetConfig,
     progress: bool = True,
+    extra: list[ExtraRow] | None = None,
 ) -> TargetResult:
     """MEMIT's z for every request of a step, batched: z_i = h_i + δ_i after at most
-    ``cfg.steps`` forwards (the last one only measures, as in the reference)."""
-    run = descend_offsets(view, tok, requests, templates, layer, cfg, cfg.steps, progress=progress)
+    ``cfg.steps`` forwards (the last one only measures, as in the reference). ``extra`` rows add
+    their weighted NLL to their owner's loss (see :class:`ExtraRow`); ``nll`` stays the target's."""
+    run = descend_offsets(view, tok, requests, templates, layer, cfg, cfg.steps, progress=progress, extra=extra)
     return TargetResult(z=run.h + run.delta, h=run.h, loss=run.loss, nll=run.nll, steps=run.updates)
 
 
@@ -217,6 +272,7 @@ class OffsetDescent:
     loss: torch.Tensor  # [n] last measured loss
     nll: torch.Tensor  # [n] last measured target NLL
     updates: torch.Tensor  # [n] gradient updates applied to each row
+    extra_nll: torch.Tensor | None = None  # [n] weighted NLL of the extra rows in the last loss
 
 
 def descend_offsets(
@@ -231,6 +287,7 @@ def descend_offsets(
     update_last: bool = False,
     progress: bool = True,
     desc: str = "z",
+    extra: list[ExtraRow] | None = None,
 ) -> OffsetDescent:
     """``optimize_targets``' loop generalised to a fixed offset ``base`` [n, d_model] under the
     optimised rows: the residual at the subject's last token becomes h + base + δ.
@@ -244,12 +301,18 @@ def descend_offsets(
 
     The KL reference is the unshifted distribution: with a non-zero base it comes from one extra
     no-grad forward of the KL rows (the first optimisation forward already carries the base).
+
+    ``extra`` rows (:class:`ExtraRow`) carry their owner's shift at their own subject and add
+    weight · NLL(answer) to their owner's loss; ``nll`` stays the target's NLL alone.
     """
     if steps < 1:
         raise ValueError(f"descend_offsets needs steps >= 1, got {steps}")
     device = view.device
-    tr = target_rows(tok, requests, templates, cfg.kl_prompt)
+    tr = target_rows(tok, requests, templates, cfg.kl_prompt, extra)
     n = tr.n_requests
+    is_extra, row_weight = tr.is_extra.to(device), tr.row_weight.to(device)
+    has_extra = bool(is_extra.any())
+    last_extra = torch.zeros(n, device=device) if has_extra else None
     full = pad(tr.batch_rows, tok.pad_token_id).to(device)
     edit_pos, owner, is_kl = tr.edit_pos.to(device), tr.owner.to(device), tr.is_kl.to(device)
     tgt_row, tgt_pos, tgt_id = tr.tgt_row.to(device), tr.tgt_pos.to(device), tr.tgt_id.to(device)
@@ -304,7 +367,7 @@ def descend_offsets(
             logits = unembed(hidden[t_rows, t_pos]).float()  # [t, V]
             tok_nll = -logits.log_softmax(-1).gather(1, tgt_id[tsel].unsqueeze(1)).squeeze(1)  # [t]
             row_nll = _row_means(tok_nll, t_rows, len(row_sel))  # [r]
-            rewrite = ~is_kl[row_sel]
+            rewrite = ~is_kl[row_sel] & ~is_extra[row_sel]
             nll = _row_means(row_nll[rewrite], sel_owner[rewrite], n)  # [n]
             kl_rows = is_kl[row_sel].nonzero().squeeze(1)
             kl_last = full.lengths[row_sel[kl_rows]] - 1 - offset[kl_rows]
@@ -315,6 +378,13 @@ def descend_offsets(
             norm_h = h[act_req].norm(dim=1)
             wd = cfg.weight_decay * (base[act_req] + d[act_req]).norm(dim=1) / norm_h**2
             loss = nll[act_req] + cfg.kl_factor * kl + wd  # [a]
+            if has_extra:  # Σ weight · NLL over each request's extra rows
+                ex = is_extra[row_sel]
+                ex_nll = torch.zeros(n, device=device).index_add(
+                    0, sel_owner[ex], row_nll[ex] * row_weight[row_sel][ex]
+                )
+                loss = loss + ex_nll[act_req]
+                last_extra[act_req] = ex_nll[act_req].detach()
         last_loss[act_req] = loss.detach()
         last_nll[act_req] = nll[act_req].detach()
         bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach().mean()):.3f}")
@@ -335,7 +405,7 @@ def descend_offsets(
             delta[keep] = total - base[keep]
         active[act_req[done]] = False
     bar.close()
-    return OffsetDescent(delta=delta, h=h, loss=last_loss, nll=last_nll, updates=adam.t.clone())
+    return OffsetDescent(delta=delta, h=h, loss=last_loss, nll=last_nll, updates=adam.t.clone(), extra_nll=last_extra)
 
 
 @dataclass
