@@ -22,7 +22,7 @@ from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight
 
-from conftest import assert_failed_step_restores, facts
+from conftest import REPO, assert_failed_step_restores, facts
 from test_targets import peaky_model
 
 TARGETS = TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
@@ -247,3 +247,35 @@ def test_bad_options_are_named(tmp_path):
     ctx = context()
     with pytest.raises(ValueError, match=r"option layer=\[9\]"):
         FT(layer=9).setup(ctx)
+
+
+NEW_CONFIGS = sorted(
+    p for prefix in ("rome_", "alphaedit_", "pmet_", "ft_", "memit_eac_") for p in (REPO / "configs").glob(f"{prefix}*.yaml")
+)
+
+
+def test_every_baseline_has_its_four_configs():
+    names = {p.stem for p in NEW_CONFIGS}
+    for method in ("rome", "alphaedit", "pmet", "ft"):
+        assert {f"{method}_{m}" for m in ("gpt2xl", "gptj", "llama3_8b", "smollm2")} <= names
+    assert {"rome_eac_smollm2", "memit_eac_smollm2", "rome_eac_gpt2xl", "memit_eac_llama3_8b"} <= names
+
+
+@pytest.mark.parametrize("config", NEW_CONFIGS, ids=[p.name for p in NEW_CONFIGS])
+def test_baseline_config_builds_its_method(config):
+    # --print_config (test_cli) only parses; building the method also runs its option checks
+    # (e.g. EAC's step budget), without loading the model.
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from editlab.editing.methods.base import EditMethod
+
+    spec = yaml.safe_load(config.read_text())
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(EditMethod, "method")
+    method = parser.instantiate_classes(parser.parse_object({"method": spec["model"]["method"]})).method
+    assert isinstance(method, EditMethod) and method.edited_layers()
+    if "eac" in config.stem:
+        assert method.eac is not None and method.targets.steps == method.eac.total_steps
+    if spec["model"]["model"] == "smollm2-135m-instruct":
+        assert "How the setting was chosen" in config.read_text()
