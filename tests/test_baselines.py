@@ -13,7 +13,7 @@ from editlab.editing.methods import rome as rome_module
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ft import FT
-from editlab.editing.methods.pmet import PMET
+from editlab.editing.methods.pmet import PMET, ffn_outputs
 from editlab.editing.methods.rome import ROME
 from editlab.editing.solve import alphaedit_delta, null_space_projection, rome_delta
 from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
@@ -57,7 +57,7 @@ def make(kind: str, tmp_path, **kw):
         median = float(torch.cat([torch.linalg.eigvalsh(c.double()) for c in cov.values()]).median())
         method = AlphaEdit(layers=[0, 1], nullspace_threshold=kw.pop("nullspace_threshold", median), l2=1e-3, **common)
     elif kind == "pmet":
-        method = PMET(layers=[0, 1], mom2_weight=0.01, **common)
+        method = PMET(layers=kw.pop("layers", [0, 1]), mom2_weight=0.01, **common)
     else:
         method = FT(layer=1, lr=5e-2, steps=15, **kw)
     method.setup(ctx)
@@ -142,7 +142,10 @@ def test_alphaedit_delta_leaves_preserved_keys_alone_and_matches_the_slow_least_
 
 @pytest.mark.parametrize("kind", ["rome", "alphaedit", "pmet", "ft"])
 def test_method_edits_only_its_layers_and_raises_the_target(kind, tmp_path, stats_cache):
-    ctx, method = make(kind, tmp_path)
+    # PMET on one layer: its rule (FFN-space residual over √(layers left), not re-measured in the
+    # residual stream) overshoots on this 3-layer random model when layer 0 is edited too (the
+    # two-layer spread is checked against a hand-written update below).
+    ctx, method = make(kind, tmp_path, **({"layers": [1]} if kind == "pmet" else {}))
     reqs = facts()
     before = snapshot(ctx.model)
     nll_before = target_nll(ctx, reqs)
@@ -151,9 +154,9 @@ def test_method_edits_only_its_layers_and_raises_the_target(kind, tmp_path, stat
     expected = {ctx.view.ffn_out_name(layer) + ".weight" for layer in method.edited_layers()}
     assert changed_params(ctx, before) == expected
     if kind in ("pmet", "alphaedit"):
-        # As in test_memit: on this 2-layer random model a multi-layer spread of z (PMET's without
-        # its attention part, AlphaEdit's restricted to half the key space) does not raise every
-        # target; the total target NLL must fall (the SmolLM2 test checks real edits).
+        # As in test_memit: on this random model a spread of z (PMET's without its attention part,
+        # AlphaEdit's restricted to half the key space) does not raise every target; the total
+        # target NLL must fall (the SmolLM2 test checks real edits).
         assert nll_after.sum() < nll_before.sum(), (nll_before, nll_after)
     else:
         assert (nll_after < nll_before).all(), (nll_before, nll_after)
@@ -204,18 +207,42 @@ def test_alphaedit_refuses_an_empty_null_space(tmp_path, stats_cache):
         make("alphaedit", tmp_path, nullspace_threshold=1e-30)
 
 
-def test_pmet_optimises_an_attention_offset_and_writes_only_the_ffn_part(tmp_path, stats_cache):
+def test_pmet_optimises_an_attention_offset_and_writes_the_ffn_target(tmp_path, stats_cache):
     ctx, method = make("pmet", tmp_path)
     reqs = facts()
     tgt = method.compute_targets(ctx, reqs)
-    assert method.last_attn_shift is not None and float(method.last_attn_shift.norm()) > 0
-    _, h_before = keys_and_outputs(ctx.view, ctx.tok, reqs, method.templates, 0, 1)
+    assert float(tgt.attn_shift.norm()) > 0
+    # The FFN target is the FFN output before the step plus δ_ffn = z − h.
+    m0 = ffn_outputs(ctx, reqs, 1)
+    torch.testing.assert_close(tgt.ffn_target - m0, (tgt.z - tgt.h).double(), rtol=1e-5, atol=1e-5)
     method.spread(ctx, reqs, tgt)
-    _, h_after = keys_and_outputs(ctx.view, ctx.tok, reqs, method.templates, 0, 1)
-    # The layers moved the residual towards the FFN target z_ffn = h + δ_ffn.
-    gap_before = (tgt.z.double() - h_before).norm(dim=1)
-    gap_after = (tgt.z.double() - h_after).norm(dim=1)
-    assert (gap_after < 0.5 * gap_before).all(), (gap_before, gap_after)
+    # The last layer's residual is R / √1: the FFN output at L reaches the target (a small λ).
+    gap_before = (tgt.ffn_target - m0).norm(dim=1)
+    gap_after = (tgt.ffn_target - ffn_outputs(ctx, reqs, 1)).norm(dim=1)
+    assert (gap_after < 0.2 * gap_before).all(), (gap_before, gap_after)
+
+
+def test_pmet_spread_matches_a_hand_written_two_layer_update(tmp_path, stats_cache):
+    ctx, method = make("pmet", tmp_path)
+    reqs = facts()
+    tgt = method.compute_targets(ctx, reqs)
+    w = {layer: read_weight(ctx.view.ffn_out(layer)).detach().double().clone() for layer in (0, 1)}
+    # By hand: layer 0 with R/√2 against the FFN output at 1, then layer 1 with R/√1 after it.
+    expected = {}
+    for i, layer in enumerate((0, 1)):
+        keys, _ = keys_and_outputs(ctx.view, ctx.tok, reqs, method.templates, layer, layer)
+        resid = (tgt.ffn_target - ffn_outputs(ctx, reqs, 1)) / (2 - i) ** 0.5
+        a = method.mom2_weight * method.cov[layer].double() + keys.T @ keys
+        expected[layer] = resid.T @ torch.linalg.solve(a, keys.T).T
+        with torch.no_grad():
+            read_weight(ctx.view.ffn_out(layer)).add_(expected[layer].to(torch.float32))
+    for layer in (0, 1):  # undo, then let PMET do it
+        with torch.no_grad():
+            read_weight(ctx.view.ffn_out(layer)).copy_(w[layer].float())
+    method.spread(ctx, reqs, tgt)
+    for layer in (0, 1):
+        change = read_weight(ctx.view.ffn_out(layer)).detach().double() - w[layer]
+        torch.testing.assert_close(change, expected[layer], rtol=1e-4, atol=1e-5)
 
 
 def test_ft_respects_the_linf_constraint(tmp_path, stats_cache):

@@ -12,7 +12,10 @@ dimensions are set to zero), trains only the anchors, and adds the scored elasti
 Where the paper is silent: the vector the saliency weighs and the elastic net penalises is the
 shift δ that is optimised (z = h + δ), not the full hidden state h + δ (penalising ‖h‖ with μ = 0.5
 would swamp the NLL; the authors' code works on δ). The scores are taken as |score| in α, since
-the mask is defined on |score|.
+the mask is defined on |score|. The authors' ROME code (famoustourist/EAC, compute_v.py) matches
+this: mean of the recorded gradients times the final stage-1 δ, top 20%, stage 2 from δ₁ on the
+anchors; it computes the weighted L1 term but never adds it to the loss and has no μ term — both
+are added here, as the paper states.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class EACConfig:
             0 keeps every dimension (the elastic net alone, the paper's FT variant in appendix E).
         l1: λ, weight of the scored L1 term (paper's C.5: 5e-7).
         l2: μ, weight of the squared L2 term (paper's C.5: 0.5 for GPT2-XL, 1e-3 for Llama3-8B).
-        eps: ε in the L1 weights α = 1 / (score + ε).
+        eps: ε in the L1 weights α = 1 / (score + ε) (the authors' code: 1e-6).
     """
 
     select_steps: int = 10
@@ -46,7 +49,7 @@ class EACConfig:
     percentile: float = 80.0
     l1: float = 5e-7
     l2: float = 0.5
-    eps: float = 1e-8
+    eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.select_steps < 1 or self.retrain_steps < 1:

@@ -29,22 +29,38 @@ from editlab.models.weights import add_delta
 from editlab.types import EditRequest, EditResult
 
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, K [n, d_ff], R [n, d]) → ΔW
+# (ctx, requests, templates, layers, i, z) → keys K [n, d_ff] at layers[i] and residuals R [n, d_model]
+ResidualRule = Callable[
+    [EditContext, list[EditRequest], list[str], list[int], int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def memit_residual(
+    ctx: EditContext, requests: list[EditRequest], templates: list[str], layers: list[int], i: int, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT: keys at layers[i], R = (z − H) / (layers left), H the current output of the last layer."""
+    keys, cur = keys_and_outputs(ctx.view, ctx.tok, requests, templates, layers[i], layers[-1])  # [n, d_ff], [n, d]
+    return keys, (z.double() - cur) / (len(layers) - i)
 
 
 def spread_over_layers(
-    ctx: EditContext, requests: list[EditRequest], templates: list[str], layers: list[int], z: torch.Tensor, solve: LayerSolve
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    layers: list[int],
+    z: torch.Tensor,
+    solve: LayerSolve,
+    residual: ResidualRule = memit_residual,
 ) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
-    """MEMIT's spread: for each layer l in order, keys K_l and current outputs at the last layer,
-    R = (z − H) / (layers left), W_l += solve(l, K_l, R). Returns per-layer scalars and K_lᵀK_l.
-    Layers already written are put back if a later one fails."""
-    view, tok = ctx.view, ctx.tok
-    z_layer = layers[-1]
+    """MEMIT's spread: for each layer l in order, its keys K_l and residuals R (``residual``, MEMIT's
+    rule by default, measured on the weights the earlier layers left), W_l += solve(l, K_l, R).
+    Returns per-layer scalars and K_lᵀK_l. Layers already written are put back if a later one fails."""
+    view = ctx.view
     scalars: dict[str, float] = {}
     new_kk: dict[int, torch.Tensor] = {}
     with restore_on_error(view, layers):
         for i, layer in enumerate(layers):
-            keys, cur = keys_and_outputs(view, tok, requests, templates, layer, z_layer)  # [n, d_ff], [n, d]
-            resid = (z.double() - cur) / (len(layers) - i)  # [n, d_model]: spread over layers left
+            keys, resid = residual(ctx, requests, templates, layers, i, z)  # [n, d_ff], [n, d_model]
             delta = solve(layer, keys, resid)
             add_delta(view.ffn_out(layer), delta)
             new_kk[layer] = keys.T @ keys  # [d_ff, d_ff]
