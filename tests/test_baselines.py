@@ -22,7 +22,7 @@ from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight
 
-from conftest import REPO, assert_failed_step_restores, facts
+from conftest import REPO, SHARED_DATA, assert_failed_step_restores, facts
 from test_targets import peaky_model
 
 TARGETS = TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
@@ -306,3 +306,61 @@ def test_baseline_config_builds_its_method(config):
         assert method.eac is not None and method.targets.steps == method.eac.total_steps
     if spec["model"]["model"] == "smollm2-135m-instruct":
         assert "How the setting was chosen" in config.read_text()
+
+
+@pytest.mark.parametrize("kind", ["rome", "alphaedit", "pmet", "ft"])
+def test_weight_norm_tracker_follows_each_method(kind, tmp_path, stats_cache):
+    from types import SimpleNamespace
+
+    from editlab.lightning.callbacks import WeightNormTracker
+
+    ctx, method = make(kind, tmp_path)
+    logged: list[dict] = []
+    module = SimpleNamespace(
+        view=ctx.view, method=method, log_dict=lambda values, **kw: None, record_step=logged.append
+    )
+    tracker = WeightNormTracker()
+    tracker.on_train_start(None, module)
+    method.apply(ctx, facts())
+    tracker.on_train_batch_end(None, module, None, facts(), 0)
+    layers = {int(k.split("/")[1][1:]) for k in logged[0]}
+    assert layers == set(method.edited_layers())
+    for layer in layers:
+        assert logged[0][f"weight_norm/l{layer}/rel_l1_delta"] > 0
+
+
+def test_cli_run_tracks_the_weight_norm_of_rome_s_layer(tmp_path):
+    # End to end: the WeightNormTracker callback reads method.edited_layers() (ROME: one layer).
+    import json
+
+    from editlab.models.tiny import save_tiny
+
+    from test_cli import run_cli
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Sentence number {i} talks about cities, rivers and people." for i in range(60)))
+    args = {
+        "--model.model": str(save_tiny(tmp_path / "tiny", "gpt2")),
+        "--model.progress": "false",
+        "--model.method": "editlab.editing.methods.rome.ROME",
+        "--model.method.layer": "1",
+        "--model.method.context.count": "0",
+        "--model.method.targets.steps": "4",
+        "--model.method.covariance.corpus": str(corpus),
+        "--model.method.covariance.num_samples": "60",
+        "--model.evaluation.max_new_tokens": "8",
+        "--data.path": str(SHARED_DATA / "multi_counterfact.json.gz"),
+        "--data.num_edits": "4",
+        "--data.edits_per_step": "2",
+        "--trainer.default_root_dir": str(tmp_path / "run"),
+        "--trainer.enable_progress_bar": "false",
+    }
+    proc = run_cli([x for kv in args.items() for x in kv], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2
+    for row in steps:
+        tracked = {k.split("/")[1] for k in row if k.startswith("weight_norm/")}
+        assert tracked == {"l1"}
+        assert row["weight_norm/l1/rel_l1_delta"] > 0
+    assert steps[1]["weight_norm/l1/rel_l1_delta"] > 0 and "delta_norm/l1" in steps[0]
