@@ -89,7 +89,10 @@ def test_rome_delta_writes_the_key_and_matches_the_constrained_least_squares():
     d_ff, d_model = 7, 4
     cov = random_spd(d_ff, 0)
     g = torch.Generator().manual_seed(1)
-    key, resid = torch.randn(d_ff, generator=g, dtype=torch.float64), torch.randn(d_model, generator=g, dtype=torch.float64)
+    key, resid = (
+        torch.randn(d_ff, generator=g, dtype=torch.float64),
+        torch.randn(d_model, generator=g, dtype=torch.float64),
+    )
     delta = rome_delta(key, resid, cov)
     torch.testing.assert_close(delta @ key, resid, rtol=1e-10, atol=1e-10)  # W' k* = W k* + r = v*
     # Slow: each row x of ΔW minimises x C xᵀ subject to x·k = r_i; KKT [[2C, k], [kᵀ, 0]] [x; ν] = [0; r_i].
@@ -107,7 +110,9 @@ def spectrum_cov(d: int, small: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     """C with ``small`` eigenvalues below 1e-3 and the rest above 0.5; returns C, U_large, U_small."""
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    evals = torch.cat([torch.linspace(0.5, 3.0, d - small, dtype=torch.float64), torch.full((small,), 1e-4, dtype=torch.float64)])
+    evals = torch.cat(
+        [torch.linspace(0.5, 3.0, d - small, dtype=torch.float64), torch.full((small,), 1e-4, dtype=torch.float64)]
+    )
     return q @ torch.diag(evals) @ q.T, q[:, : d - small], q[:, d - small :]
 
 
@@ -256,8 +261,12 @@ def test_ft_respects_the_linf_constraint(tmp_path, stats_cache):
 
 @pytest.mark.parametrize(
     "kind,module,name",
-    [("rome", rome_module, "rome_delta"), ("alphaedit", alphaedit_module, "alphaedit_delta"), ("pmet", memit_module, "memit_delta"),
-     ("ft", ft_module, "edit_loss")],
+    [
+        ("rome", rome_module, "rome_delta"),
+        ("alphaedit", alphaedit_module, "alphaedit_delta"),
+        ("pmet", memit_module, "memit_delta"),
+        ("ft", ft_module, "edit_loss"),
+    ],
 )
 def test_failed_step_restores_the_weights(kind, module, name, tmp_path, stats_cache, monkeypatch):
     ctx, method = make(kind, tmp_path)
@@ -277,7 +286,9 @@ def test_bad_options_are_named(tmp_path):
 
 
 NEW_CONFIGS = sorted(
-    p for prefix in ("rome_", "alphaedit_", "pmet_", "ft_", "memit_eac_") for p in (REPO / "configs").glob(f"{prefix}*.yaml")
+    p
+    for prefix in ("rome_", "alphaedit_", "pmet_", "ft_", "memit_eac_")
+    for p in (REPO / "configs").glob(f"{prefix}*.yaml")
 )
 
 
@@ -333,9 +344,9 @@ def test_cli_run_tracks_the_weight_norm_of_rome_s_layer(tmp_path):
     # End to end: the WeightNormTracker callback reads method.edited_layers() (ROME: one layer).
     import json
 
-    from editlab.models.tiny import save_tiny
-
     from test_cli import run_cli
+
+    from editlab.models.tiny import save_tiny
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Sentence number {i} talks about cities, rivers and people." for i in range(60)))

@@ -3,6 +3,7 @@ own derivative, stage 2 trains only the anchors, and ROME/MEMIT/FT with EAC stil
 
 import pytest
 import torch
+from test_baselines import changed_params, context, cov_cfg, snapshot, target_nll
 
 from editlab.editing.context import ContextTemplates
 from editlab.editing.eac import EACConfig, anchor_mask, eac_targets, saliency, scored_elastic_net
@@ -15,7 +16,6 @@ from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight
 
 from conftest import facts
-from test_baselines import changed_params, context, cov_cfg, snapshot, target_nll
 from test_targets import TEMPLATES, peaky_model
 
 CFG = TargetConfig(steps=20, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
@@ -50,10 +50,22 @@ def test_elastic_net_changes_the_gradient_by_its_derivative():
     score = torch.rand(len(reqs), d, generator=g) + 0.1
     l1, l2, eps = 0.3, 0.2, 1e-8
     grads = {}
-    for name, extra in [("plain", None), ("net", lambda act, shift: scored_elastic_net(shift, score[act], l1, l2, eps))]:
+    for name, extra in [
+        ("plain", None),
+        ("net", lambda act, shift: scored_elastic_net(shift, score[act], l1, l2, eps)),
+    ]:
         seen = []
         descend_offsets(
-            view, tok, reqs, TEMPLATES, 1, CFG, 2, base=base, progress=False, extra_loss=extra,
+            view,
+            tok,
+            reqs,
+            TEMPLATES,
+            1,
+            CFG,
+            2,
+            base=base,
+            progress=False,
+            extra_loss=extra,
             record_grad=lambda rows, grad, seen=seen: seen.append((rows.clone(), grad)),
         )
         assert torch.equal(seen[0][0], torch.arange(len(reqs)))
@@ -71,7 +83,15 @@ def test_plain_descent_is_unchanged_by_the_new_options():
     ref = optimize_targets(view, tok, reqs, TEMPLATES, 1, TargetConfig(steps=6, lr=0.2), progress=False)
     full = torch.ones(len(reqs), model.config.hidden_size, dtype=torch.bool)
     run = descend_offsets(
-        view, tok, reqs, TEMPLATES, 1, TargetConfig(steps=6, lr=0.2), 6, progress=False, mask=full,
+        view,
+        tok,
+        reqs,
+        TEMPLATES,
+        1,
+        TargetConfig(steps=6, lr=0.2),
+        6,
+        progress=False,
+        mask=full,
         record_grad=lambda rows, grad: None,
     )
     torch.testing.assert_close(run.h + run.delta, ref.z)
@@ -99,8 +119,18 @@ def test_mask_requires_a_zero_base_outside_it():
     reqs = facts()[:1]
     mask = torch.zeros(1, model.config.hidden_size, dtype=torch.bool)
     with pytest.raises(ValueError, match="base must be zero outside the mask"):
-        descend_offsets(view, tok, reqs, TEMPLATES, 1, CFG, 2, base=torch.ones(1, model.config.hidden_size), mask=mask,
-                        progress=False)
+        descend_offsets(
+            view,
+            tok,
+            reqs,
+            TEMPLATES,
+            1,
+            CFG,
+            2,
+            base=torch.ones(1, model.config.hidden_size),
+            mask=mask,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("kind", ["rome", "memit", "ft"])
@@ -112,7 +142,9 @@ def test_methods_with_eac_edit_and_compress(kind, tmp_path, stats_cache):
     elif kind == "memit":
         method = MEMIT(layers=[0, 1], mom2_weight=0.01, eac=EAC, **common)
     else:
-        method = FT(layer=1, lr=5e-2, steps=20, norm_constraint=None, eac=EACConfig(10, 10, percentile=80.0, l1=1e-9, l2=1e-3))
+        method = FT(
+            layer=1, lr=5e-2, steps=20, norm_constraint=None, eac=EACConfig(10, 10, percentile=80.0, l1=1e-9, l2=1e-3)
+        )
     method.setup(ctx)
     reqs = facts()
     before = snapshot(ctx.model)
@@ -121,7 +153,9 @@ def test_methods_with_eac_edit_and_compress(kind, tmp_path, stats_cache):
     result = method.apply(ctx, reqs)
     nll_after = target_nll(ctx, reqs)
     assert changed_params(ctx, before) == {ctx.view.ffn_out_name(layer) + ".weight" for layer in method.edited_layers()}
-    assert nll_after.sum() < nll_before.sum() if kind == "memit" else (nll_after < nll_before).all(), (nll_before, nll_after)
+    # MEMIT's multi-layer spread on this random model: the total (as in test_memit); else each.
+    improved = nll_after.sum() < nll_before.sum() if kind == "memit" else (nll_after < nll_before).all()
+    assert improved, (nll_before, nll_after)
     assert 0 < result.scalars["eac/anchor_fraction"] < 0.25
     if kind == "ft":
         # Only the anchor entries of W moved: at most the kept fraction of entries changed.

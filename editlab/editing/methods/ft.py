@@ -104,7 +104,9 @@ class FT(EditMethod):
                 loss = loss + scored_elastic_net(change, score, self.eac.l1, self.eac.l2, self.eac.eps).sum()
             loss.backward()
             if grads is not None:
-                grads.record(torch.zeros(1, dtype=torch.long, device=weight.device), weight.grad.detach().flatten()[None])
+                grads.record(
+                    torch.zeros(1, dtype=torch.long, device=weight.device), weight.grad.detach().flatten()[None]
+                )
             opt.step()
             with torch.no_grad():
                 if mask is not None:  # Adam's weight decay would move non-anchors: pin them

@@ -89,7 +89,9 @@ class LayerSpreadMethod(KeyValueMethod):
         """z at the last edited layer for every request, on the weights as they are now."""
         z_layer = self.layers[-1]
         if self.eac is not None:
-            return eac_targets(ctx.view, ctx.tok, requests, self.templates, z_layer, self.targets, self.eac, ctx.progress)
+            return eac_targets(
+                ctx.view, ctx.tok, requests, self.templates, z_layer, self.targets, self.eac, ctx.progress
+            )
         return optimize_targets(ctx.view, ctx.tok, requests, self.templates, z_layer, self.targets, ctx.progress)
 
     def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,9 @@ class ROME(KeyValueMethod):
 
     def compute_targets(self, ctx: EditContext, requests: list[EditRequest]) -> TargetResult:
         if self.eac is not None:
-            return eac_targets(ctx.view, ctx.tok, requests, self.templates, self.layer, self.targets, self.eac, ctx.progress)
+            return eac_targets(
+                ctx.view, ctx.tok, requests, self.templates, self.layer, self.targets, self.eac, ctx.progress
+            )
         return optimize_targets(ctx.view, ctx.tok, requests, self.templates, self.layer, self.targets, ctx.progress)
 
     def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> dict[str, float]:
@@ -63,7 +65,9 @@ class ROME(KeyValueMethod):
         before = read_weight(view.ffn_out(self.layer)).detach().double().clone()
         with restore_on_error(view, [self.layer]):
             for i, req in enumerate(requests):
-                key, cur = keys_and_outputs(view, ctx.tok, [req], self.templates, self.layer, self.layer)  # [1, d_ff], [1, d]
+                key, cur = keys_and_outputs(
+                    view, ctx.tok, [req], self.templates, self.layer, self.layer
+                )  # [1, d_ff], [1, d]
                 delta = rome_delta(key[0], tgt.z[i].double() - cur[0], self.cov[self.layer])  # [d_model, d_ff]
                 add_delta(view.ffn_out(self.layer), delta)
         change = read_weight(view.ffn_out(self.layer)).detach().double() - before
