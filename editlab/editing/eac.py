@@ -6,16 +6,21 @@ update. The weighted-gradient saliency of each dimension is |mean_t(∂L/∂δ) 
 gradient averaged over the recorded steps, the vector δ₁ the stage ends with). The anchors are the
 dimensions whose score reaches γ = the ``percentile``-th percentile of the request's scores
 (eq. 2; the paper's Table 2 gives P80–P95). Stage 2 starts from m ⊙ δ₁ (eq. 3: the other
-dimensions are set to zero), trains only the anchors, and adds the scored elastic net
-λ Σ_j |δ_j| / (score_j + ε) + μ ‖δ‖² (eq. 4–6) to the loss, on the whole shift being optimised.
+dimensions are set to zero), trains only the anchors, and adds the scored L1 term
+λ Σ_j |δ_j| / (score_j + ε) (eq. 4–6) to the loss.
 
-Where the paper is silent: the vector the saliency weighs and the elastic net penalises is the
-shift δ that is optimised (z = h + δ), not the full hidden state h + δ (penalising ‖h‖ with μ = 0.5
-would swamp the NLL; the authors' code works on δ). The scores are taken as |score| in α, since
-the mask is defined on |score|. The authors' ROME code (famoustourist/EAC, compute_v.py) matches
-this: mean of the recorded gradients times the final stage-1 δ, top 20%, stage 2 from δ₁ on the
-anchors; it computes the weighted L1 term but never adds it to the loss and has no μ term — both
-are added here, as the paper states.
+The L2 half of the elastic net (μ in eq. 4): the paper's μ (0.5 for GPT2-XL, 1e-3 for Llama3-8B,
+appendix C.5) are exactly the reference's v_weight_decay for those models, and the authors' code
+(famoustourist/EAC, rome/compute_v.py) has no other L2 term than that weight decay
+μ·‖δ‖/‖h‖², already in the z loss. So for ROME/MEMIT μ is ``targets.weight_decay`` and ``l2``
+(an extra μ‖δ‖²) stays 0: μ = 0.5 on ‖δ‖² itself drove δ to a tenth of its stage-1 norm on SmolLM2
+and undid the edit. FT's loss has no norm term, so there ``l2`` is the L2 half.
+
+The vector the saliency weighs and the L1 term penalises is the shift δ that is optimised
+(z = h + δ), as in the authors' code; α uses |score|, since the mask is defined on |score|. The
+authors' ROME code matches stage 1 and the anchors (mean gradient times the final δ₁, top 20%,
+stage 2 from δ₁ on the anchors); it computes the weighted L1 term but never adds it to the loss:
+it is added here, as the paper states.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ class EACConfig:
         percentile: γ is this percentile of the scores (paper's Table 2: 80 keeps the top 20%).
             0 keeps every dimension (the elastic net alone, the paper's FT variant in appendix E).
         l1: λ, weight of the scored L1 term (paper's C.5: 5e-7).
-        l2: μ, weight of the squared L2 term (paper's C.5: 0.5 for GPT2-XL, 1e-3 for Llama3-8B).
+        l2: weight of an extra squared L2 term μ‖δ‖²; 0 for ROME/MEMIT, whose μ is
+            targets.weight_decay (see the module docstring); FT's L2 half.
         eps: ε in the L1 weights α = 1 / (score + ε) (the authors' code: 1e-6).
     """
 
@@ -48,7 +54,7 @@ class EACConfig:
     retrain_steps: int = 10
     percentile: float = 80.0
     l1: float = 5e-7
-    l2: float = 0.5
+    l2: float = 0.0
     eps: float = 1e-6
 
     def __post_init__(self) -> None:

@@ -215,7 +215,7 @@ def optimize_targets(
 class OffsetDescent:
     """What :func:`descend_offsets` returns (rows in the order of its requests)."""
 
-    delta: torch.Tensor  # [n, d_model] the optimised offset, on top of ``base``
+    delta: torch.Tensor  # [n, width] the optimised offset, on top of ``base`` (width = d_model without extra sites)
     h: torch.Tensor  # [n, d_model] initial residual at the z layer (bare prompt)
     loss: torch.Tensor  # [n] last measured loss
     nll: torch.Tensor  # [n] last measured target NLL
