@@ -239,7 +239,7 @@ def descend_offsets(
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     record_grad: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> OffsetDescent:
-    """``optimize_targets``' loop generalised to a fixed offset ``base`` [n, d_model] under the
+    """``optimize_targets``' loop generalised to a fixed offset ``base`` [n, width] under the
     optimised rows: the residual at the subject's last token becomes h + base + δ.
 
     Same loss (NLL over the context templates + kl_factor·KL on the essence prompt + weight decay
