@@ -85,4 +85,4 @@ def assert_failed_step_restores(ctx, method, module, solve_name: str, monkeypatc
     assert calls["n"] == 2  # the first layer had been written when the second failed
     for n, p in ctx.model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert method.cache_c == {}
+    assert getattr(method, "cache_c", {}) == {}  # methods without a sequential cache (ROME, FT) pass

@@ -104,3 +104,49 @@ def submatrix_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Ten
     delta[:, idx] = resid.double().T @ x.T  # [d_model, m]
     check_finite(delta, "the ECE sub-matrix update")
     return delta
+
+
+def rome_delta(key: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """ROME's rank-one update ΔW [d_model, d_ff] = r (C⁻¹k)ᵀ / ((C⁻¹k)ᵀ k), so that ΔW k = r.
+
+    The minimiser of tr(ΔW C ΔWᵀ) (the change on the preserved keys, C = E[kkᵀ]) subject to
+    (W + ΔW) k = v, with r = v − W k. Invariant to the scale of C, so ROME has no λ.
+    key: [d_ff]; resid: [d_model]; cov: [d_ff, d_ff] symmetric positive definite.
+    """
+    k = key.double()
+    u = torch.linalg.solve(cov.double().to(k.device), k)  # [d_ff] C⁻¹k
+    denom = u @ k
+    if not torch.isfinite(u).all() or not float(denom) > 0:
+        raise FloatingPointError("ROME solve failed: C is singular or k*ᵀC⁻¹k* is not positive")
+    delta = torch.outer(resid.double(), u) / denom  # [d_model, d_ff]
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError("ROME solve produced NaN/Inf")
+    return delta
+
+
+def null_space_projection(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """AlphaEdit's P = U Uᵀ [d_ff, d_ff], U the eigenvectors of C whose eigenvalues are below
+    ``threshold``: P k₀ ≈ 0 for preserved keys k₀, which live on C's large eigenvalues."""
+    evals, evecs = torch.linalg.eigh(cov.double())  # C is symmetric: eigh, ascending
+    u = evecs[:, evals < threshold]  # [d_ff, m]
+    return u @ u.T
+
+
+def alphaedit_delta(
+    keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor, cache: torch.Tensor | None, l2: float
+) -> torch.Tensor:
+    """AlphaEdit's ΔW [d_model, d_ff] = Xᵀ, X solving (P(KᵀK + cache) + l2·I) X = P Kᵀ R.
+
+    keys: [n, d_ff]; resid: [n, d_model]; proj: [d_ff, d_ff] null-space projection P; cache:
+    [d_ff, d_ff] Σ past KKᵀ or None. λC is not in the solve: P protects the preserved keys. X lies in
+    range(P) (l2·X = P(KᵀR − (KᵀK + cache)X)), so ΔW k₀ = Xᵀ k₀ = 0 whenever P k₀ = 0.
+    """
+    k = keys.double()
+    p = proj.double().to(k.device)
+    m = k.T @ k if cache is None else k.T @ k + cache.double().to(k.device)  # [d_ff, d_ff]
+    a = p @ m + l2 * torch.eye(p.shape[0], dtype=torch.float64, device=k.device)
+    x = torch.linalg.solve(a, p @ k.T @ resid.double())  # [d_ff, d_model]
+    delta = x.T
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError("AlphaEdit solve produced NaN/Inf")
+    return delta

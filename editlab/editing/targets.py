@@ -9,7 +9,10 @@ a request leaves the batch once its loss is under ``early_stop_loss``.
 from __future__ import annotations
 
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -267,7 +270,7 @@ def optimize_targets(
 class OffsetDescent:
     """What :func:`descend_offsets` returns (rows in the order of its requests)."""
 
-    delta: torch.Tensor  # [n, d_model] the optimised offset, on top of ``base``
+    delta: torch.Tensor  # [n, width] the optimised offset, on top of ``base`` (width = d_model without extra sites)
     h: torch.Tensor  # [n, d_model] initial residual at the z layer (bare prompt)
     loss: torch.Tensor  # [n] last measured loss
     nll: torch.Tensor  # [n] last measured target NLL
@@ -288,8 +291,12 @@ def descend_offsets(
     progress: bool = True,
     desc: str = "z",
     extra: list[ExtraRow] | None = None,
+    extra_sites: Sequence[tuple[torch.nn.Module, str]] = (),
+    mask: torch.Tensor | None = None,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    record_grad: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> OffsetDescent:
-    """``optimize_targets``' loop generalised to a fixed offset ``base`` [n, d_model] under the
+    """``optimize_targets``' loop generalised to a fixed offset ``base`` [n, width] under the
     optimised rows: the residual at the subject's last token becomes h + base + δ.
 
     Same loss (NLL over the context templates + kl_factor·KL on the essence prompt + weight decay
@@ -304,6 +311,19 @@ def descend_offsets(
 
     ``extra`` rows (:class:`ExtraRow`) carry their owner's shift at their own subject and add
     weight · NLL(answer) to their owner's loss; ``nll`` stays the target's NLL alone.
+
+    Optional extensions (all off by default, which is the behaviour described above):
+    - ``extra_sites``: (module, name) pairs inside the z layer whose main output also receives an
+      offset at the subject's last token (PMET: the attention output). The optimised vector then
+      has (1 + len(extra_sites))·d_model columns: the first d_model go to the layer output, slice
+      j + 1 to site j. Weight decay and clamp act on the whole concatenated shift. A non-zero base
+      is refused with extra sites (h is read at the layer output, which the sites' base would move).
+    - ``mask``: [n, width] bool, the only entries of δ that are trained (EAC's anchors); the base
+      must be zero outside it, so the whole shift stays inside the mask (the clamp only rescales).
+    - ``extra_loss(act_req, shift)``: a term [a] added to the loss of the active requests, given
+      their whole shift base + δ [a, width] (EAC's scored elastic net).
+    - ``record_grad(rows, grad)``: called before every update with the updated requests' indices
+      [k] and ∂loss/∂δ of their rows [k, width] (EAC's stage 1 records them).
     """
     if steps < 1:
         raise ValueError(f"descend_offsets needs steps >= 1, got {steps}")
@@ -317,10 +337,19 @@ def descend_offsets(
     edit_pos, owner, is_kl = tr.edit_pos.to(device), tr.owner.to(device), tr.is_kl.to(device)
     tgt_row, tgt_pos, tgt_id = tr.tgt_row.to(device), tr.tgt_pos.to(device), tr.tgt_id.to(device)
     d_model = view.model.config.hidden_size
-    base = torch.zeros(n, d_model, device=device) if base is None else base.to(device=device, dtype=torch.float32)
-    if base.shape != (n, d_model):
-        raise ValueError(f"base must be [{n}, {d_model}], got {tuple(base.shape)}")
-    delta = torch.zeros(n, d_model, device=device, dtype=torch.float32)
+    width = d_model * (1 + len(extra_sites))  # layer-output offset, then one per extra site
+    base = torch.zeros(n, width, device=device) if base is None else base.to(device=device, dtype=torch.float32)
+    if base.shape != (n, width):
+        raise ValueError(f"base must be [{n}, {width}], got {tuple(base.shape)}")
+    if extra_sites and bool((base != 0).any()):
+        raise ValueError("descend_offsets: a non-zero base is not supported together with extra_sites")
+    if mask is not None:
+        mask = mask.to(device=device, dtype=torch.bool)
+        if mask.shape != (n, width):
+            raise ValueError(f"mask must be [{n}, {width}], got {tuple(mask.shape)}")
+        if bool((base[~mask] != 0).any()):
+            raise ValueError("descend_offsets: base must be zero outside the mask")
+    delta = torch.zeros(n, width, device=device, dtype=torch.float32)
     adam = RowAdam(delta.shape, cfg.lr, device)
     h = torch.zeros(n, d_model, device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
@@ -356,10 +385,21 @@ def descend_offsets(
                 bare = (~is_kl[row_sel]) & (torch.arange(len(row_sel), device=device) < n)
                 h[sel_owner[bare]] = out[bare, sel_pos[bare]].detach().float()
             ar = torch.arange(out.shape[0], device=device)
-            shift = (base + d)[sel_owner]  # [r, d_model]
+            shift = (base + d)[sel_owner, :d_model]  # [r, d_model]
             return out.index_put((ar, sel_pos), shift.to(out.dtype), accumulate=True)
 
-        with torch.enable_grad(), edit_output(view.layer(layer), f"layer {layer}", shift_output):
+        def shift_site(
+            out: torch.Tensor, j: int, row_sel=row_sel, sel_owner=sel_owner, sel_pos=sel_pos, d=d
+        ) -> torch.Tensor:  # out: [r, S, d_model]
+            ar = torch.arange(out.shape[0], device=device)
+            shift = (base + d)[sel_owner, (j + 1) * d_model : (j + 2) * d_model]  # [r, d_model]
+            return out.index_put((ar, sel_pos), shift.to(out.dtype), accumulate=True)
+
+        with ExitStack() as hooks:
+            hooks.enter_context(torch.enable_grad())
+            hooks.enter_context(edit_output(view.layer(layer), f"layer {layer}", shift_output))
+            for j, (module, name) in enumerate(extra_sites):
+                hooks.enter_context(edit_output(module, name, partial(shift_site, j=j)))
             hidden = rows_forward(row_sel)  # [r, S, d]
             tsel = active[owner[tgt_row]]
             t_rows = local[tgt_row[tsel]]
@@ -385,6 +425,8 @@ def descend_offsets(
                 )
                 loss = loss + ex_nll[act_req]
                 last_extra[act_req] = ex_nll[act_req].detach()
+            if extra_loss is not None:
+                loss = loss + extra_loss(act_req, (base + d)[act_req])
         last_loss[act_req] = loss.detach()
         last_nll[act_req] = nll[act_req].detach()
         bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach().mean()):.3f}")
@@ -396,7 +438,13 @@ def descend_offsets(
             active[act_req] = False
             break
         loss[~done].sum().backward()
-        adam.step(delta, d.grad[keep], keep)
+        grad = d.grad[keep]  # [k, width]
+        if record_grad is not None:
+            record_grad(keep, grad.detach().clone())
+        if mask is not None:
+            # Entries outside the mask get no gradient, so Adam's moments and step stay exactly 0.
+            grad = grad * mask[keep]
+        adam.step(delta, grad, keep)
         with torch.no_grad():
             max_norm = cfg.clamp_norm_factor * h[keep].norm(dim=1, keepdim=True)  # [k, 1]
             total = base[keep] + delta[keep]  # [k, d_model] the whole shift is what is clamped

@@ -19,15 +19,16 @@ class ArchSpec:
     layers: str  # path to the ModuleList of decoder layers
     ffn_out: str  # path, inside one layer, to the FFN out-projection (edited matrix)
     final_norm: str
+    attn: str  # path, inside one layer, to the self-attention block (PMET's attention target)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f"),
-    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f"),
-    "llama": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
-    "mistral": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
-    "qwen2": ArchSpec("model.layers", "mlp.down_proj", "model.norm"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
+    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "attn"),
+    "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "attn"),
+    "llama": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "self_attn"),
+    "mistral": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "self_attn"),
+    "qwen2": ArchSpec("model.layers", "mlp.down_proj", "model.norm", "self_attn"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "attention"),
 }
 
 
@@ -74,6 +75,9 @@ class ModelView:
 
     def ffn_out(self, index: int) -> nn.Module:
         return get_module(self.layer(index), self.spec.ffn_out)
+
+    def attn(self, index: int) -> nn.Module:
+        return get_module(self.layer(index), self.spec.attn)
 
     def ffn_out_name(self, index: int) -> str:
         return f"{self.spec.layers}.{index}.{self.spec.ffn_out}"

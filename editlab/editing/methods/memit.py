@@ -6,8 +6,12 @@ R = (z − H) / (layers left), ΔW = Rᵀ K (λC + cache + KᵀK)⁻¹ in float6
 Sequential mode keeps cache[l] = Σ K Kᵀ of all earlier steps (MEMIT_seq / AlphaEdit style;
 the authors' MEMIT_seq forgot to pass it to the solve).
 
-The step is split into ``compute_targets`` (OPTIMIZATION) and ``spread`` + ``commit`` (SPREAD),
-the parts the iterative wrapper (methods/iterative.py, seed 004) repeats; ``apply`` runs them once.
+The step is split into :meth:`MEMIT.compute_targets` (OPTIMIZATION: z), :meth:`MEMIT.spread`
+(SPREAD: the weight update given z) and :meth:`MEMIT.commit` (the sequential cache), shared with
+AlphaEdit and PMET, which change only one of the parts; the iterative wrapper
+(methods/iterative.py, seed 004) repeats the first two. With ``eac`` the targets come from EAC's
+two-stage optimisation (editlab.editing.eac). Keys and z are shared over the ranks of a
+multi-process run (EditContext.per_request).
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
+from typing import Callable
+
+import torch
 
 from editlab.editing.context import ContextTemplates
+from editlab.editing.eac import EACConfig, eac_scalars, eac_targets
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.methods.stages import Spread
@@ -26,65 +34,98 @@ from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimi
 from editlab.models.weights import add_delta
 from editlab.types import EditRequest, EditResult
 
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, K [n, d_ff], R [n, d]) → ΔW
+# (ctx, requests, templates, layers, i, z) → keys K [n, d_ff] at layers[i] and residuals R [n, d_model]
+ResidualRule = Callable[
+    [EditContext, list[EditRequest], list[str], list[int], int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
 
-class MEMIT(KeyValueMethod):
-    def __init__(
-        self,
-        layers: list[int],
-        mom2_weight: float = 15000.0,
-        sequential: bool = True,
-        targets: TargetConfig = TargetConfig(),
-        context: ContextTemplates = ContextTemplates(),
-        covariance: CovarianceConfig = CovarianceConfig(),
-    ) -> None:
-        """
-        Args:
-            layers: edited layers, strictly increasing; z is optimised at the last one.
-            mom2_weight: λ, the weight of the preserved key moment E[kkᵀ] in the solve.
-            sequential: accumulate Σ KKᵀ of past steps into the solve (sequential editing).
-            targets: z optimisation settings.
-            context: context-template generation settings.
-            covariance: corpus and settings of E[kkᵀ].
-        """
-        super().__init__(layers, mom2_weight, targets, context, covariance)
-        self.sequential = sequential
+
+def memit_residual(
+    ctx: EditContext, requests: list[EditRequest], templates: list[str], layers: list[int], i: int, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT: keys at layers[i], R = (z − H) / (layers left), H the current output of the last layer."""
+    keys, cur = ctx.per_request(
+        requests,
+        partial(keys_and_outputs, ctx.view, ctx.tok, templates=templates, key_layer=layers[i], out_layer=layers[-1]),
+    )  # [n, d_ff], [n, d_model]: rows shared over ranks, gathered
+    return keys, (z.double() - cur) / (len(layers) - i)
+
+
+def spread_over_layers(
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    layers: list[int],
+    z: torch.Tensor,
+    solve: LayerSolve,
+    residual: ResidualRule = memit_residual,
+) -> Spread:
+    """MEMIT's spread: for each layer l in order, its keys K_l and residuals R (``residual``, MEMIT's
+    rule by default, measured on the weights the earlier layers left), W_l += solve(l, K_l, R).
+    Returns per-layer scalars and, pending for the sequential cache, K_lᵀK_l. Layers already written
+    are put back if a later one fails."""
+    view = ctx.view
+    out = Spread()
+    with restore_on_error(view, layers):
+        for i, layer in enumerate(layers):
+            keys, resid = residual(ctx, requests, templates, layers, i, z)  # [n, d_ff], [n, d_model]
+            delta = solve(layer, keys, resid)
+            add_delta(view.ffn_out(layer), delta)
+            out.pending[layer] = keys.T @ keys  # [d_ff, d_ff]
+            out.scalars[f"delta_norm/l{layer}"] = float(delta.norm())
+    return out
+
+
+def target_scalars(tgt: TargetResult) -> dict[str, float]:
+    return {
+        "z_loss": float(tgt.loss.mean()),
+        "z_nll": float(tgt.nll.mean()),
+        "z_steps": float(tgt.steps.float().mean()),
+        **eac_scalars(tgt),
+    }
+
+
+class LayerSpreadMethod(KeyValueMethod):
+    """The MEMIT-family step: :meth:`compute_targets` (z at the last edited layer), then
+    :meth:`spread` (spread_over_layers with this method's :meth:`layer_delta`), then :meth:`commit`
+    (the sequential cache): the stages of methods/stages.py. MEMIT, AlphaEdit and PMET differ only
+    in layer_delta or compute_targets."""
+
+    sequential: bool = True
+    eac: EACConfig | None = None
 
     def compute_targets(
         self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None
     ) -> TargetResult:
-        """OPTIMIZATION: z at the last edited layer on the current weights (writes nothing). The
-        requests are shared over ranks, each share with the extra rows of its own requests."""
+        """OPTIMIZATION: z at the last edited layer on the weights as they are now (writes nothing).
+        ``extra``: neighbour rows of the z loss (seed 004). The requests are shared over ranks,
+        each share with the extra rows of its own requests."""
+        z_layer = self.layers[-1]
+        if self.eac is not None and extra:
+            raise ValueError(f"{type(self).__name__} with eac does not take extra (neighbour) loss rows")
 
         def share(idx: list[int]) -> TargetResult:
+            reqs = [requests[g] for g in idx]
+            if self.eac is not None:
+                return eac_targets(
+                    ctx.view, ctx.tok, reqs, self.templates, z_layer, self.targets, self.eac, ctx.progress
+                )
             pos = {g: i for i, g in enumerate(idx)}
             mine = [dataclasses.replace(e, owner=pos[e.owner]) for e in extra or [] if e.owner in pos]
-            reqs = [requests[g] for g in idx]
-            z_layer = self.layers[-1]
             return optimize_targets(
                 ctx.view, ctx.tok, reqs, self.templates, z_layer, self.targets, ctx.progress, extra=mine or None
             )
 
         return ctx.per_index(len(requests), share)
 
-    def spread(self, ctx: EditContext, requests: list[EditRequest], targets: TargetResult) -> Spread:
-        """SPREAD: for each edited layer in order, keys, R = (z − h_L)/(layers left), ΔW, W_l += ΔW.
-        The step's KKᵀ is returned in ``pending`` for :meth:`commit`."""
-        view, tok = ctx.view, ctx.tok
-        z_layer = self.layers[-1]
-        out = Spread()
-        with restore_on_error(view, self.layers):
-            for i, layer in enumerate(self.layers):
-                keys, cur = ctx.per_request(
-                    requests,
-                    partial(keys_and_outputs, view, tok, templates=self.templates, key_layer=layer, out_layer=z_layer),
-                )  # [n, d_ff], [n, d_model]: rows shared over ranks, gathered
-                resid = (targets.z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
-                cache = self.cache_c.get(layer) if self.sequential else None
-                delta = memit_delta(keys, resid, preserve_matrix(self.cov[layer], self.mom2_weight, cache))
-                add_delta(view.ffn_out(layer), delta)
-                out.pending[layer] = keys.T @ keys  # [d_ff, d_ff]
-                out.scalars[f"delta_norm/l{layer}"] = float(delta.norm())
-        return out
+    def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        """ΔW [d_model, d_ff] of one layer from its keys [n, d_ff] and residuals [n, d_model]."""
+        raise NotImplementedError
+
+    def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
+        """SPREAD: write z into the edited layers; the step's KKᵀ waits in ``pending`` for commit."""
+        return spread_over_layers(ctx, requests, self.templates, self.layers, tgt.z, self.layer_delta)
 
     def commit(self, spread: Spread) -> None:
         """Sequential mode: cache[l] += K Kᵀ once the step is final."""
@@ -98,14 +139,46 @@ class MEMIT(KeyValueMethod):
         spread = self.spread(ctx, requests, tgt)
         self.commit(spread)
         t2 = time.perf_counter()
-        scalars = dict(spread.scalars)
-        scalars.update(
-            {
-                "z_loss": float(tgt.loss.mean()),
-                "z_nll": float(tgt.nll.mean()),
-                "z_steps": float(tgt.steps.mean()),
-                "seconds_z": t1 - t0,
-                "seconds_solve": t2 - t1,
-            }
-        )
+        scalars = {**spread.scalars, **target_scalars(tgt), "seconds_z": t1 - t0, "seconds_solve": t2 - t1}
         return EditResult(scalars=scalars)
+
+
+class MEMIT(LayerSpreadMethod):
+    def __init__(
+        self,
+        layers: list[int],
+        mom2_weight: float = 15000.0,
+        sequential: bool = True,
+        targets: TargetConfig = TargetConfig(),
+        context: ContextTemplates = ContextTemplates(),
+        covariance: CovarianceConfig = CovarianceConfig(),
+        eac: EACConfig | None = None,
+    ) -> None:
+        """
+        Args:
+            layers: edited layers, strictly increasing; z is optimised at the last one.
+            mom2_weight: λ, the weight of the preserved key moment E[kkᵀ] in the solve.
+            sequential: accumulate Σ KKᵀ of past steps into the solve (sequential editing).
+            targets: z optimisation settings.
+            context: context-template generation settings.
+            covariance: corpus and settings of E[kkᵀ].
+            eac: EAC's anchor compression of z (MEMIT-EAC); targets.steps must then equal
+                eac.select_steps + eac.retrain_steps. None: plain z.
+        """
+        check_eac_steps(targets, eac)
+        super().__init__(layers, mom2_weight, targets, context, covariance)
+        self.sequential = sequential
+        self.eac = eac
+
+    def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        cache = self.cache_c.get(layer) if self.sequential else None
+        return memit_delta(keys, resid, preserve_matrix(self.cov[layer], self.mom2_weight, cache))
+
+
+def check_eac_steps(targets: TargetConfig, eac: EACConfig | None) -> None:
+    """With EAC the two stages replace the z steps: their sum must be the configured budget."""
+    if eac is not None and targets.steps != eac.total_steps:
+        raise ValueError(
+            f"option targets.steps={targets.steps} must equal eac.select_steps + eac.retrain_steps "
+            f"({eac.select_steps} + {eac.retrain_steps}) when eac is set"
+        )

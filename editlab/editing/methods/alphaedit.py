@@ -1,0 +1,62 @@
+"""AlphaEdit (Fang et al., ICLR 2025): MEMIT's z and spread with a null-space-projected solve.
+
+P = U Uᵀ from the eigenvectors of C = E[kkᵀ] whose eigenvalues are below ``nullspace_threshold``
+(computed once per layer on the unedited model); each layer's ΔW = Xᵀ with
+(P(KᵀK + cache) + L2·I) X = P Kᵀ R, so ΔW k₀ = 0 for every preserved key k₀ (P k₀ = 0). λC is not
+in the solve. The sequential cache Σ KKᵀ of earlier steps is always kept (the method is sequential).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editlab.editing.context import ContextTemplates
+from editlab.editing.methods.base import EditContext
+from editlab.editing.methods.memit import LayerSpreadMethod
+from editlab.editing.solve import alphaedit_delta, null_space_projection
+from editlab.editing.stats import CovarianceConfig
+from editlab.editing.targets import TargetConfig
+
+
+class AlphaEdit(LayerSpreadMethod):
+    def __init__(
+        self,
+        layers: list[int],
+        nullspace_threshold: float = 2e-2,
+        l2: float = 10.0,
+        targets: TargetConfig = TargetConfig(),
+        context: ContextTemplates = ContextTemplates(),
+        covariance: CovarianceConfig = CovarianceConfig(),
+    ) -> None:
+        """
+        Args:
+            layers: edited layers, strictly increasing; z is optimised at the last one.
+            nullspace_threshold: eigenvalues of E[kkᵀ] below this span the null space P
+                (AlphaEdit: 2e-2).
+            l2: the ridge term L2·I of the solve (AlphaEdit: 10).
+            targets: z optimisation settings.
+            context: context-template generation settings.
+            covariance: corpus and settings of E[kkᵀ].
+        """
+        if nullspace_threshold <= 0 or l2 <= 0:
+            raise ValueError(f"options nullspace_threshold={nullspace_threshold}, l2={l2} must be > 0")
+        super().__init__(layers, 0.0, targets, context, covariance)
+        self.nullspace_threshold = nullspace_threshold
+        self.l2 = l2
+        self.proj: dict[int, torch.Tensor] = {}
+
+    def setup(self, ctx: EditContext) -> None:
+        super().setup(ctx)
+        self.proj = {layer: null_space_projection(self.cov[layer], self.nullspace_threshold) for layer in self.layers}
+        for layer, p in self.proj.items():
+            if float(p.trace()) < 0.5:
+                raise ValueError(
+                    f"option nullspace_threshold={self.nullspace_threshold}: no eigenvalue of E[kkᵀ] at layer {layer} "
+                    "is below it, so the null space is empty and no edit could be written"
+                )
+
+    def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        return alphaedit_delta(keys, resid, self.proj[layer], self.cache_c.get(layer), self.l2)
+
+    def null_space_dims(self) -> dict[int, int]:
+        return {layer: round(float(p.trace())) for layer, p in self.proj.items()}

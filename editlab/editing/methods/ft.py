@@ -1,0 +1,155 @@
+"""FT-L: fine-tune one FFN out-projection on the edit prompts (the ROME paper's baseline), and
+FT with EAC's anchors and scored elastic net on the weight change (the EAC paper's appendix E).
+
+Loss: mean over the step's requests of the teacher-forced mean token NLL of target_new after the
+rewrite prompt (the reference scored every target token at the prompt's last position, which is
+right only for one-token targets). Adam on the layer's weight; after every update the change is
+clipped to |W − W₀| ≤ norm_constraint elementwise (FT-L's L∞ constraint) when one is set; a step
+stops early once the loss is below ``early_stop_loss``.
+
+With ``eac``: ``select_steps`` updates recording ∂L/∂W, the saliency |mean grad ⊙ ΔW₁| of every
+weight entry, anchors = entries reaching the ``percentile``-th percentile, then ``retrain_steps``
+updates from W₀ + m ⊙ ΔW₁ on the anchors only with λ Σ α|ΔW| + μ‖ΔW‖² added to the loss.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from editlab.editing.eac import EACConfig, GradientMean, anchor_mask, saliency, scored_elastic_net
+from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
+from editlab.editing.prompts import pad
+from editlab.metrics.functional import answer_rows, token_nll_and_hits
+from editlab.types import EditRequest, EditResult
+
+
+def edit_loss(view, tok, requests: list[EditRequest]) -> torch.Tensor:
+    """Mean over requests of the mean token NLL of target_new after the rewrite prompt (scalar)."""
+    rows, t_row, t_pos, t_id = answer_rows(tok, [r.rewrite_prompt for r in requests], [r.target_new for r in requests])
+    device = view.device
+    batch = pad(rows, tok.pad_token_id).to(device)
+    hidden = view.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    logits = view.unembed()(hidden.last_hidden_state[t_row.to(device), t_pos.to(device)])  # [T, V]
+    nll, _ = token_nll_and_hits(logits, t_id.to(device))  # [T]
+    t_row = t_row.to(device)
+    count = torch.zeros(len(rows), device=device).index_add(0, t_row, torch.ones_like(nll))
+    per_request = torch.zeros(len(rows), device=device).index_add(0, t_row, nll) / count
+    return per_request.mean()
+
+
+class FT(EditMethod):
+    def __init__(
+        self,
+        layer: int,
+        lr: float = 5e-4,
+        steps: int = 25,
+        norm_constraint: float | None = 5e-4,
+        weight_decay: float = 0.0,
+        early_stop_loss: float = 1e-2,
+        eac: EACConfig | None = None,
+    ) -> None:
+        """
+        Args:
+            layer: the layer whose FFN out-projection is fine-tuned.
+            lr: Adam learning rate.
+            steps: updates per edit step (with eac: must equal eac.select_steps + eac.retrain_steps).
+            norm_constraint: ε of the L∞ constraint |W − W₀| ≤ ε (FT-L); None: unconstrained FT.
+            weight_decay: Adam's weight decay.
+            early_stop_loss: stop the step once the loss is below this.
+            eac: EAC's anchors and scored elastic net on ΔW (appendix E); None: plain FT.
+        """
+        if lr <= 0 or steps < 1 or weight_decay < 0:
+            raise ValueError(f"options lr={lr}, steps={steps}, weight_decay={weight_decay}: need lr > 0, steps >= 1")
+        if norm_constraint is not None and norm_constraint <= 0:
+            raise ValueError(f"option norm_constraint={norm_constraint} must be > 0 (or null for none)")
+        if eac is not None and steps != eac.total_steps:
+            raise ValueError(
+                f"option steps={steps} must equal eac.select_steps + eac.retrain_steps "
+                f"({eac.select_steps} + {eac.retrain_steps}) when eac is set"
+            )
+        self.layer = layer
+        self.layers = [layer]
+        self.lr, self.steps, self.norm_constraint = lr, steps, norm_constraint
+        self.weight_decay, self.early_stop_loss, self.eac = weight_decay, early_stop_loss, eac
+
+    def setup(self, ctx: EditContext) -> None:
+        ctx.view.check_layers(self.layers, option="layer")
+
+    def descend(
+        self,
+        ctx: EditContext,
+        requests: list[EditRequest],
+        weight: torch.nn.Parameter,
+        w0: torch.Tensor,
+        steps: int,
+        mask: torch.Tensor | None = None,
+        score: torch.Tensor | None = None,
+        grads: GradientMean | None = None,
+    ) -> tuple[float, int]:
+        """``steps`` Adam updates of ``weight`` (storage orientation: everything here is
+        elementwise); returns the last loss and the updates made."""
+        opt = torch.optim.Adam([weight], lr=self.lr, weight_decay=self.weight_decay)
+        loss_value, done = float("nan"), 0
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = edit_loss(ctx.view, ctx.tok, requests)
+            loss_value = float(loss.detach())
+            if loss_value < self.early_stop_loss:
+                break
+            if score is not None:
+                assert self.eac is not None
+                change = (weight - w0).flatten()[None]  # [1, numel]
+                loss = loss + scored_elastic_net(change, score, self.eac.l1, self.eac.l2, self.eac.eps).sum()
+            loss.backward()
+            if grads is not None:
+                grads.record(
+                    torch.zeros(1, dtype=torch.long, device=weight.device), weight.grad.detach().flatten()[None]
+                )
+            opt.step()
+            with torch.no_grad():
+                if mask is not None:  # Adam's weight decay would move non-anchors: pin them
+                    weight.copy_(torch.where(mask, weight, w0))
+                if self.norm_constraint is not None:
+                    weight.copy_(torch.clamp(weight, w0 - self.norm_constraint, w0 + self.norm_constraint))
+            done += 1
+        return loss_value, done
+
+    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
+        view = ctx.view
+        weight = view.ffn_out(self.layer).weight
+        w0 = weight.detach().clone()
+        t0 = time.perf_counter()
+        scalars: dict[str, float] = {}
+        with restore_on_error(view, [self.layer]):
+            weight.requires_grad_(True)
+            try:
+                if self.eac is None:
+                    loss, updates = self.descend(ctx, requests, weight, w0, self.steps)
+                else:
+                    grads = GradientMean((1, weight.numel()), weight.device)
+                    _, first = self.descend(ctx, requests, weight, w0, self.eac.select_steps, grads=grads)
+                    with torch.no_grad():
+                        score = saliency(grads.mean(), (weight - w0).flatten()[None])  # [1, numel]
+                        flat_mask = anchor_mask(score, self.eac.percentile)  # [1, numel]
+                        mask = flat_mask.view_as(weight)
+                        weight.copy_(torch.where(mask, weight, w0))  # eq. 3: non-anchors back to W₀
+                    loss, second = self.descend(
+                        ctx, requests, weight, w0, self.eac.retrain_steps, mask=mask, score=score
+                    )
+                    updates = first + second
+                    scalars["eac/anchor_fraction"] = float(flat_mask.float().mean())
+            finally:
+                weight.requires_grad_(False)
+                weight.grad = None
+        change = (weight.detach() - w0).double()
+        scalars.update(
+            {
+                "ft_loss": loss,
+                "ft_updates": float(updates),
+                f"delta_norm/l{self.layer}": float(change.norm()),
+                "seconds_solve": time.perf_counter() - t0,
+            }
+        )
+        return EditResult(scalars=scalars)

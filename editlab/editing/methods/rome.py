@@ -1,0 +1,106 @@
+"""ROME (Meng et al. 2022): one layer, a rank-one closed-form update per fact.
+
+Per request, in order (a step's requests are applied one at a time, as the reference does, each
+on the weights the previous one left): z at the edited layer l (the residual after layer l at the
+subject's last token, which is the FFN output plus a constant there), the key k* averaged over
+the context templates, r = z − h (h: the current output of layer l on the bare prompt), and
+ΔW = r (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀk*), which makes W' k* = W k* + r exactly (solve.rome_delta).
+
+Differences from the reference, on purpose: z's clamp and weight decay are relative to the
+residual ‖h‖ (descend_offsets, shared with MEMIT) where ROME's code uses the FFN output's norm;
+and k* and r use the same averaged key (ROME's code takes r from the bare prompt's key).
+With ``eac``, z comes from EAC's two-stage optimisation (ROME-EAC).
+"""
+
+from __future__ import annotations
+
+import time
+
+from editlab.editing.context import ContextTemplates
+from editlab.editing.eac import EACConfig, eac_targets
+from editlab.editing.keys import keys_and_outputs
+from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
+from editlab.editing.methods.memit import check_eac_steps, target_scalars
+from editlab.editing.methods.stages import Spread
+from editlab.editing.solve import rome_delta
+from editlab.editing.stats import CovarianceConfig
+from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
+from editlab.models.weights import add_delta, read_weight
+from editlab.types import EditRequest, EditResult
+
+
+class ROME(KeyValueMethod):
+    def __init__(
+        self,
+        layer: int,
+        targets: TargetConfig = TargetConfig(lr=0.5, steps=20, clamp_norm_factor=4.0),
+        context: ContextTemplates = ContextTemplates(count=20, length=10),
+        covariance: CovarianceConfig = CovarianceConfig(),
+        eac: EACConfig | None = None,
+    ) -> None:
+        """
+        Args:
+            layer: the edited layer (GPT2-XL: 17, GPT-J: 5, Llama3-8B: 5).
+            targets: z optimisation settings (ROME: lr 0.5, 20 steps, clamp 4).
+            context: context templates keys and z are averaged over (ROME: 20 prefixes).
+            covariance: corpus and settings of C = E[kkᵀ] (ROME has no λ: its update is
+                invariant to the scale of C).
+            eac: EAC's anchor compression of z (ROME-EAC); targets.steps must then equal
+                eac.select_steps + eac.retrain_steps. None: plain ROME.
+        """
+        check_eac_steps(targets, eac)
+        super().__init__([layer], 0.0, targets, context, covariance)
+        self.layer = layer
+        self.eac = eac
+
+    def compute_targets(
+        self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None
+    ) -> TargetResult:
+        """z of each request at the edited layer on the current weights (writes nothing);
+        ``extra``: neighbour rows of the z loss (seed 004)."""
+        if self.eac is not None and extra:
+            raise ValueError("ROME with eac does not take extra (neighbour) loss rows")
+        if self.eac is not None:
+            return eac_targets(
+                ctx.view, ctx.tok, requests, self.templates, self.layer, self.targets, self.eac, ctx.progress
+            )
+        return optimize_targets(
+            ctx.view, ctx.tok, requests, self.templates, self.layer, self.targets, ctx.progress, extra=extra
+        )
+
+    def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
+        """One rank-one update per request, in order, each on the weights the previous left."""
+        view = ctx.view
+        before = read_weight(view.ffn_out(self.layer)).detach().double().clone()
+        with restore_on_error(view, [self.layer]):
+            for i, req in enumerate(requests):
+                key, cur = keys_and_outputs(
+                    view, ctx.tok, [req], self.templates, self.layer, self.layer
+                )  # [1, d_ff], [1, d]
+                delta = rome_delta(key[0], tgt.z[i].double() - cur[0], self.cov[self.layer])  # [d_model, d_ff]
+                add_delta(view.ffn_out(self.layer), delta)
+        change = read_weight(view.ffn_out(self.layer)).detach().double() - before
+        return Spread(scalars={f"delta_norm/l{self.layer}": float(change.norm())})  # no sequential state
+
+    def commit(self, spread: Spread) -> None:
+        """ROME keeps no state across steps (its update uses C alone)."""
+
+    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
+        """Each request's z is optimised on the weights the previous request left (the reference's
+        order), so the step is a loop of compute_targets + spread over single requests."""
+        t_z = t_solve = 0.0
+        results: list[TargetResult] = []
+        before = read_weight(ctx.view.ffn_out(self.layer)).detach().double().clone()
+        with restore_on_error(ctx.view, [self.layer]):
+            for req in requests:
+                t0 = time.perf_counter()
+                tgt = self.compute_targets(ctx, [req])
+                t1 = time.perf_counter()
+                self.spread(ctx, [req], tgt)
+                t_z, t_solve = t_z + t1 - t0, t_solve + time.perf_counter() - t1
+                results.append(tgt)
+        change = read_weight(ctx.view.ffn_out(self.layer)).detach().double() - before
+        per_request = [target_scalars(r) for r in results]
+        scalars = {name: sum(s[name] for s in per_request) / len(per_request) for name in per_request[0]}
+        scalars.update({f"delta_norm/l{self.layer}": float(change.norm()), "seconds_z": t_z, "seconds_solve": t_solve})
+        return EditResult(scalars=scalars)
