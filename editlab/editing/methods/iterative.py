@@ -1,6 +1,5 @@
 """Iterative and neighbour-assisted model editing (Baghel et al.; seed 004), around any method with
-OPTIMIZATION and SPREAD parts (methods/stages.py: MEMIT here; ROME, PMET, AlphaEdit once they
-expose them).
+OPTIMIZATION and SPREAD parts (methods/stages.py: MEMIT, PMET, ROME and AlphaEdit have them).
 
 Iterative editing (section 3.1): on one batch, repeat
     OPTIMIZATION on θ_k → ideal states h̄_k (targets), p(θ_k, h̄_k) from their target NLL;
