@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +35,7 @@ import torch
 
 from editlab.editing.stats import StaleCacheError
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
+from editlab.files import save_torch_atomic
 from editlab.models.arch import ModelView
 from editlab.models.load import cache_root
 from editlab.models.weights import read_weight, set_weight
@@ -122,11 +122,7 @@ class TargetCache:
         blob = {"key": key, **{k: v.detach().cpu() for k, v in entry.items()}}
         self.memory[key_digest(key)] = blob
         if self.disk:
-            path = self.path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(blob, tmp)
-            os.replace(tmp, path)  # atomic: a crash never leaves a half-written file
+            save_torch_atomic(blob, self.path(key))
 
 
 def rewound_targets(

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from editlab.distributed import Ranks
+from editlab.files import save_torch_atomic
 from editlab.models.arch import ModelView
 from editlab.models.load import cache_root
 from editlab.models.trace import trace
@@ -191,10 +192,7 @@ def load_cached(path: Path, key: dict) -> SecondMoment | None:
 
 
 def save_cached(path: Path, key: dict, mom: SecondMoment) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "sum": mom.sum.cpu(), "count": mom.count}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    save_torch_atomic({"key": key, "sum": mom.sum.cpu(), "count": mom.count}, path)
 
 
 @torch.no_grad()

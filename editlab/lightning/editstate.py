@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from editlab.files import save_torch_atomic
 from editlab.models.delta import DeltaMismatchError
 from editlab.types import EditRequest
 
@@ -76,15 +76,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_edit_state(path: str | Path, state: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"version": EDIT_STATE_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return save_torch_atomic({"version": EDIT_STATE_VERSION, **state}, path)
 
 
 def load_edit_state(path: str | Path) -> dict:
