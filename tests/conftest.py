@@ -40,6 +40,14 @@ def tiny_llama():
     return tiny_model("llama")
 
 
+def small_corpus(tmp_path: Path) -> Path:
+    """A 20-line covariance corpus for tiny-model method tests."""
+    corpus = tmp_path / "c.txt"
+    lines = ["The Eiffel Tower is in Paris.", "Water boils at noon.", "Rome is old.", "Microsoft makes software."]
+    corpus.write_text("\n".join([*lines, "She speaks French."] * 4))
+    return corpus
+
+
 def facts() -> list[EditRequest]:
     return [
         EditRequest(

@@ -21,7 +21,7 @@ from editlab.models.arch import ModelView
 from editlab.models.tiny import tiny_config, tiny_tokenizer
 from editlab.models.weights import is_transposed, read_weight
 
-from conftest import assert_failed_step_restores, facts
+from conftest import assert_failed_step_restores, facts, small_corpus
 from test_targets import TEMPLATES, peaky_model
 
 torch.set_num_threads(1)
@@ -233,19 +233,7 @@ def peaky(model_type: str):
 
 
 def make(tmp_path, model_type: str = "llama", **kw):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(
-        "\n".join(
-            [
-                "The Eiffel Tower is in Paris.",
-                "Water boils at noon.",
-                "Rome is old.",
-                "Microsoft makes software.",
-                "She speaks French.",
-            ]
-            * 4
-        )
-    )
+    corpus = small_corpus(tmp_path)
     model, tok = peaky(model_type)
     view = ModelView.of(model)
     ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)

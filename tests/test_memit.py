@@ -14,24 +14,12 @@ from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
 
-from conftest import assert_failed_step_restores, facts
+from conftest import assert_failed_step_restores, facts, small_corpus
 from test_targets import peaky_model
 
 
 def make(tmp_path, **kw):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(
-        "\n".join(
-            [
-                "The Eiffel Tower is in Paris.",
-                "Water boils at noon.",
-                "Rome is old.",
-                "Microsoft makes software.",
-                "She speaks French.",
-            ]
-            * 4
-        )
-    )
+    corpus = small_corpus(tmp_path)
     model, tok = peaky_model()
     view = ModelView.of(model)
     ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
