@@ -197,9 +197,7 @@ class ECE(KeyValueMethod):
                 else:
                     keys, cur = self.keys_and_outputs(ctx, requests, layer)
                 resid = (z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
-                cache = self.cache_c.get(layer)
-                cache = cache.to(self.cov[layer].device) if cache is not None else None  # CPU after a reload
-                preserve = preserve_matrix(self.cov[layer], self.mom2_weight, cache)
+                preserve = preserve_matrix(self.cov[layer], self.mom2_weight, self.cache_c.get(layer))
                 delta = submatrix_delta(keys, resid, preserve, plan.selected[layer])  # [d_model, d_ff]
                 add_delta(view.ffn_out(layer), delta)
                 new_kk[layer] = keys.T @ keys  # [d_ff, d_ff], full: every neuron's keys are preserved later
