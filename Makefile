@@ -16,7 +16,7 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Everything, including the SmolLM2 tests marked slow (548 tests: 20 min wall, 15 min CPU, on 2 busy CPU cores).
+# Everything, including the SmolLM2 tests marked slow (548 tests, about 6 minutes on 2 quiet CPU cores).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 
