@@ -8,6 +8,12 @@ continuation, every token teacher-forced: the paper's "accuracy"); where the sto
 |Δp_k| ≤ ε fired. By default it runs all max_iterations (ε still reported) so the rule's choice can
 be compared with later iterations; --stop applies it.
 
+--neighbors W runs neighbour-assisted iterative MEMIT (section 3.2, weight W) instead. Either way
+the neighbourhood prompts neighbour-assisted editing would train on (chosen on the unedited
+model, so the same in both runs) are listed, and specificity is also reported without them
+("held-out"): they are test prompts, and the paper removed them from its evaluation. Two runs,
+one plain and one --neighbors, on the same --n therefore compare specificity on the same prompts.
+
     python benchmarks/iterative_memit.py --n 20 --out benchmarks/results/iterative_memit_smollm2.json
     python benchmarks/iterative_memit.py --n 20 --mom2-weight 15000 --max-iterations 5 \
         --out benchmarks/results/iterative_memit_smollm2_lambda15000.json
@@ -26,7 +32,7 @@ import torch
 from editlab.data.sources import load_requests
 from editlab.editing.context import ContextTemplates
 from editlab.editing.methods.base import EditContext
-from editlab.editing.methods.iterative import IterativeEditing, should_stop
+from editlab.editing.methods.iterative import IterativeEditing, NeighborAssist, neighbor_rows, should_stop
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.stats import CovarianceConfig, model_fingerprint
 from editlab.editing.targets import TargetConfig
@@ -37,16 +43,26 @@ from editlab.models.load import load_model_and_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def accuracies(view, tok, reqs) -> dict[str, float]:
-    def acc(prompts, answers):
-        return float(score_answers(view, tok, prompts, answers)["exact"].float().mean()) if prompts else float("nan")
+def held_out(reqs, used: list[list[str]]) -> list[tuple[str, str]]:
+    """(neighbourhood prompt, target_true) of every request, less the prompts in ``used[i]``."""
+    return [
+        (p, r.target_true) for r, u in zip(reqs, used, strict=True) for p in r.neighborhood_prompts if p not in u
+    ]
 
-    para = [(p, r.target_new) for r in reqs for p in r.paraphrase_prompts]
-    neigh = [(p, r.target_true) for r in reqs for p in r.neighborhood_prompts]
+
+def accuracies(view, tok, reqs, used: list[list[str]]) -> dict[str, float]:
+    """Prompt accuracies on the batch; ``used``: per request, the neighbour prompts NA trains on."""
+
+    def acc(pairs):
+        if not pairs:
+            return float("nan")
+        return float(score_answers(view, tok, [p for p, _ in pairs], [a for _, a in pairs])["exact"].float().mean())
+
     return {
-        "efficacy_acc": acc([r.rewrite_prompt for r in reqs], [r.target_new for r in reqs]),
-        "generalization_acc": acc([p for p, _ in para], [a for _, a in para]),
-        "specificity_acc": acc([p for p, _ in neigh], [a for _, a in neigh]),
+        "efficacy_acc": acc([(r.rewrite_prompt, r.target_new) for r in reqs]),
+        "generalization_acc": acc([(p, r.target_new) for r in reqs for p in r.paraphrase_prompts]),
+        "specificity_acc": acc(held_out(reqs, [[] for _ in reqs])),
+        "specificity_heldout_acc": acc(held_out(reqs, used)),
     }
 
 
@@ -57,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epsilon", type=float, default=1.0)
     ap.add_argument("--stop", action="store_true", help="stop at the rule instead of running every iteration")
     ap.add_argument("--mom2-weight", type=float, default=2000.0, help="λ (the config's 2000; 15000 under-edits here)")
+    ap.add_argument("--neighbors", type=float, default=None, help="neighbour-assisted, with this weight (paper: 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -76,17 +93,20 @@ def main(argv: list[str] | None = None) -> dict:
     )
     # ε = 0 fires only when an iteration changes nothing at all: otherwise every iteration runs.
     eps = args.epsilon if args.stop else 0.0
-    it = IterativeEditing(memit, epsilon=eps, max_iterations=args.max_iterations)
+    nb = NeighborAssist(weight=args.neighbors) if args.neighbors is not None else None
+    it = IterativeEditing(memit, epsilon=eps, max_iterations=args.max_iterations, neighbors=nb)
     it.setup(ctx)
+    # Chosen on the unedited model exactly as apply() will choose them (NeighborAssist's count).
+    _, used = neighbor_rows(view, tok, reqs, nb or NeighborAssist())
     per_iter: list[dict] = []
     real = it.efficacy_accuracy
 
     def measured(c, r):  # called once after every spread: record all three accuracies there
-        per_iter.append(accuracies(view, tok, r))
+        per_iter.append(accuracies(view, tok, r, used))
         return real(c, r)
 
     it.efficacy_accuracy = measured
-    before = accuracies(view, tok, reqs)
+    before = accuracies(view, tok, reqs, used)
     t0 = time.perf_counter()
     res = it.apply(ctx, reqs)
     seconds = time.perf_counter() - t0
@@ -100,6 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
         "n": args.n,
         "mom2_weight": args.mom2_weight,
         "epsilon": args.epsilon,
+        "neighbors": args.neighbors,
+        "neighbor_missing": sum(not u for u in used),
+        "neighbor_prompts_held_out": sum(len(u) for u in used),
         "stop_rule_fired_at": fired,
         "p_before": res.scalars["iter_p_before"],
         "before": before,
@@ -112,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(
             f"k={r['iteration']:2d} p_ideal={r['p_ideal']:8.3f} p_after={r['p_after']:9.3f} Δp={r['delta_p']:9.3f} "
-            f"eff={r['efficacy_acc']:.2f} gen={r['generalization_acc']:.2f} spec={r['specificity_acc']:.2f} "
+            f"eff={r['efficacy_acc']:.2f} gen={r['generalization_acc']:.2f} spec={r['specificity_acc']:.3f} "
+            f"spec_heldout={r['specificity_heldout_acc']:.3f} "
             f"({r['seconds']:.0f} s)"
         )
     print(f"stop rule |Δp| <= {args.epsilon} fired at iteration {fired}; {seconds:.0f} s")

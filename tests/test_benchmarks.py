@@ -148,3 +148,14 @@ def test_pipeline_benchmark_reports_every_stage_and_method(tmp_path: Path):
     # Same loss and rules: the two MEMIT pipelines reach the same efficacy on the same requests.
     assert report["methods"]["memit"]["efficacy_success"] == report["methods"]["reference"]["efficacy_success"]
     assert set(report["ratios"]) >= {"reference_over_editlab_memit", "editlab_memit_z_over_ece_z"}
+
+
+def test_iterative_benchmark_holds_out_exactly_the_neighbour_prompts_used():
+    held_out = load_script("iterative_memit").held_out
+    reqs = [
+        type("R", (), {"neighborhood_prompts": ["a is", "b is", "c is"], "target_true": "x"})(),
+        type("R", (), {"neighborhood_prompts": ["d is"], "target_true": "y"})(),
+    ]
+    assert held_out(reqs, [[], []]) == [("a is", "x"), ("b is", "x"), ("c is", "x"), ("d is", "y")]
+    # The first request trained on "b is"; the second had no qualifying neighbour.
+    assert held_out(reqs, [["b is"], []]) == [("a is", "x"), ("c is", "x"), ("d is", "y")]
