@@ -79,6 +79,10 @@ class EvaluationConfig:
         consistency_reference: directory with ``attribute_snippets.json``, ``idf.npy`` and
             ``tfidf_vocab.json``; without them consistency is absent and the summary says why.
         probes: general-ability probe tasks.
+        pre: evaluate the unedited model first (the summary's ``pre_*`` values and each case's
+            "pre"). False skips it, for a study whose runs share one data slice and model: the
+            before column then comes from one run, and each other run saves that time (on
+            SmolLM2, 300 CounterFact cases take ~10 CPU-minutes).
     """
 
     timing: Literal["immediate", "periodic", "final"] = "final"
@@ -92,6 +96,7 @@ class EvaluationConfig:
     me_ppl: str | None = None
     consistency_reference: str | None = None
     probes: ProbeConfig = field(default_factory=ProbeConfig)
+    pre: bool = True
 
     def __post_init__(self) -> None:
         if self.timing not in ("immediate", "periodic", "final"):

@@ -204,3 +204,29 @@ def test_timing_modes_are_recorded(tmp_path, timing, expected):
     assert summary["timing"] == timing and summary["edits"] == 4
     cases = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
     assert {c["timing"] for c in cases} == {timing} and len(cases) == 4
+
+
+def test_evaluation_pre_false_skips_only_the_before_evaluation(tmp_path):
+    data = str(SHARED_DATA / "multi_counterfact.json.gz")
+    with_pre = run_cli(tiny_args(tmp_path, data, **{"--model.evaluation.fluency": "false"}), tmp_path)
+    assert with_pre.returncode == 0, with_pre.stderr[-3000:]
+    args = tiny_args(
+        tmp_path,
+        data,
+        **{
+            "--model.evaluation.fluency": "false",
+            "--model.evaluation.pre": "false",
+            "--trainer.default_root_dir": str(tmp_path / "nopre"),
+        },
+    )
+    no_pre = run_cli(args, tmp_path)
+    assert no_pre.returncode == 0, no_pre.stderr[-3000:]
+    a = json.loads((tmp_path / "run" / "summary.json").read_text())
+    b = json.loads((tmp_path / "nopre" / "summary.json").read_text())
+    assert any(k.startswith("pre_") for k in a) and not any(k.startswith("pre_") for k in b)
+    for key in ("efficacy_success", "generalization_success", "specificity_success", "edits", "steps"):
+        assert b[key] == a[key], key  # the edits and their evaluation do not depend on the skipped one
+    cases = [json.loads(line) for line in (tmp_path / "nopre" / "cases.jsonl").read_text().splitlines()]
+    assert len(cases) == 4 and all("pre" not in c and "post" in c for c in cases)
+    curve = [json.loads(line) for line in (tmp_path / "nopre" / "curve.jsonl").read_text().splitlines()]
+    assert [p["timing"] for p in curve] == ["final"]

@@ -193,7 +193,7 @@ class EditingModule(L.LightningModule):
             self.restore(self._resume)  # every rank: weights and method state
             if ranks.is_main:
                 self.replay_logged()
-        elif ranks.is_main:  # evaluation and results are rank 0's: other ranks only share the editing work
+        elif ranks.is_main and self.evaluation.pre:  # evaluation is rank 0's: other ranks only edit
             cases, metrics = self.evaluator.evaluate(self.requests, quality=True)
             self.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
             self.add_curve_point("pre", metrics)
@@ -379,7 +379,7 @@ class EditingModule(L.LightningModule):
         elif cfg.timing == "periodic" and self.steps_done % cfg.every_n_steps == 0:
             self.evaluate_all_so_far("periodic")
         if cfg.probes.due(self.steps_done) and not (
-            cfg.timing == "periodic" and self.curve[-1]["step"] == self.steps_done
+            cfg.timing == "periodic" and self.curve and self.curve[-1]["step"] == self.steps_done
         ):
             probes = self.evaluator.probes()
             self.log_dict(probes, on_step=True, on_epoch=False, batch_size=1)
@@ -410,8 +410,13 @@ class EditingModule(L.LightningModule):
             self.save_checkpoint(final=True)
         end = time.perf_counter()
         timing = self.evaluation.timing
-        last = self.curve[-1]
-        if timing == "final" or (timing == "periodic" and last["step"] != self.steps_done) or last["timing"] == "pre":
+        last = self.curve[-1] if self.curve else None  # None: evaluation.pre false and nothing evaluated yet
+        if (
+            timing == "final"
+            or last is None
+            or (timing == "periodic" and last["step"] != self.steps_done)
+            or last["timing"] == "pre"
+        ):
             final = self.evaluate_all_so_far(timing)
         elif timing == "immediate":
             # Edit metrics: every case right after its own step; quality: the final model.
