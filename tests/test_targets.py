@@ -86,3 +86,43 @@ def test_prefix_cache_gives_the_same_targets_as_full_forwards(model_type):
     torch.testing.assert_close(fast.h, slow.h, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.z, slow.z, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
+def test_lower_cache_gives_the_same_targets_and_skips_the_layers_below(model_type, prefix_cache):
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg_model = tiny_config(model_type, len(tok))
+    cfg_model.initializer_range = 0.3
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg_model).eval().requires_grad_(False)
+    view = ModelView.of(model)
+    reqs = facts()
+    z_layer = len(view.layers()) - 1  # every layer but the last is below the z layer
+    calls = []
+    below = view.layer(0)
+    sub = next(m for m in below.children() if sum(1 for _ in m.parameters()) > 0)  # runs only inside layer 0
+    handle = sub.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cached = optimize_targets(
+            view, tok, reqs, TEMPLATES, z_layer, TargetConfig(steps=6, lr=0.2, prefix_cache=prefix_cache),
+            progress=False,
+        )
+        n_cached = len(calls)
+        calls.clear()
+        plain = optimize_targets(
+            view, tok, reqs, TEMPLATES, z_layer,
+            TargetConfig(steps=6, lr=0.2, prefix_cache=prefix_cache, lower_cache=False), progress=False,
+        )
+        n_plain = len(calls)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(cached.h, plain.h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached.z, plain.z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached.loss, plain.loss, rtol=1e-4, atol=1e-4)
+    assert int(cached.steps.max()) >= 2  # several optimisation forwards ran
+    # Layer 0 ran once for the cache (and once for the prefix), not once per optimisation step.
+    assert n_cached == 1 + prefix_cache and n_plain == n_cached - 1 + 6
+    assert all("forward" not in m.__dict__ for m in view.layers())  # the skip is undone

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from editlab.editing.prompts import PaddedBatch, answer_ids, pad, subject_last_index
 from editlab.models.arch import ModelView
 from editlab.models.cache import select_cache_rows
-from editlab.models.hooks import edit_output
+from editlab.models.hooks import StopForward, capture_inputs, edit_output, main_tensor
 from editlab.types import EditRequest
 
 
@@ -40,6 +40,10 @@ class TargetConfig:
             keys/values in every optimisation step (δ enters at the subject's last token, so in a
             causal model nothing before it depends on δ). False runs the whole row every step,
             as the reference does; both give the same z.
+        lower_cache: compute the residual stream entering the z layer once per step and start
+            every optimisation forward there (δ enters at the z layer's output, so the layers
+            below it do not depend on δ). False runs them every step, as the reference does; both
+            give the same z up to float rounding.
     """
 
     lr: float = 0.5
@@ -50,6 +54,7 @@ class TargetConfig:
     kl_prompt: str = "{} is a"
     early_stop_loss: float = 5e-2
     prefix_cache: bool = True
+    lower_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.steps < 1 or self.clamp_norm_factor <= 0:
@@ -243,6 +248,76 @@ class PrefixCachedForward:
         ).last_hidden_state
 
 
+class LowerLayersCached:
+    """Wraps a rows forward (FullForward / PrefixCachedForward): the residual entering the z layer
+    is computed once, for every row, by a forward stopped there; each call then skips the layers
+    below the z layer (their forward returns its input unchanged) and feeds the cached residual of
+    the selected rows to the z layer. Nothing below the z layer depends on δ, which enters at the
+    z layer's output (or inside it, PMET's extra sites), so the result is the same."""
+
+    def __init__(self, inner, view: ModelView, layer: int, n_rows: int, device) -> None:
+        self.inner, self.layer = inner, view.layer(layer)
+        self.below = [view.layer(i) for i in range(layer)]
+        self.tuple_out: list[int | None] = []  # per layer below: None (tensor output) or tuple length
+        records = [self._record_structure(m) for m in self.below]
+        try:
+            with torch.no_grad(), capture_inputs({"z layer": self.layer}, stop_after="z layer") as got:
+                self.inner(torch.arange(n_rows, device=device))
+        except StopForward:
+            pass
+        finally:
+            for handle in records:
+                handle.remove()
+        self.residual = got["z layer"]  # [R, S, d_model] the z layer's input, every row
+
+    def _record_structure(self, module: torch.nn.Module):
+        index = len(self.tuple_out)
+        self.tuple_out.append(None)
+
+        def hook(mod, args, output):
+            if isinstance(output, tuple):
+                # (hidden states, attention weights) for GPT-J: a skipped layer gives None for the
+                # rest, which the model reads only with output_attentions (editlab never asks).
+                self.tuple_out[index] = len(output)
+            elif not isinstance(output, torch.Tensor):
+                raise TypeError(f"lower_cache: layer {index} returns {type(output).__name__}; set targets.lower_cache false")
+
+        return module.register_forward_hook(hook)
+
+    def offset(self, row_sel: torch.Tensor) -> torch.Tensor:
+        return self.inner.offset(row_sel)
+
+    def __call__(self, row_sel: torch.Tensor) -> torch.Tensor:
+        def skip(length: int | None):
+            def forward(hidden_states, *args, **kwargs):
+                return hidden_states if length is None else (hidden_states,) + (None,) * (length - 1)
+
+            return forward
+
+        def feed(mod, args, kwargs):
+            first = args[0] if args else kwargs["hidden_states"]
+            cached = self.residual[row_sel, : first.shape[1]].to(first.dtype)  # [r, S, d_model]
+            if args:
+                return (cached, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": cached}
+
+        # An instance attribute shadows the class's forward; one set by someone else (accelerate's
+        # device hooks) is put back afterwards.
+        saved = [module.__dict__.get("forward") for module in self.below]
+        handle = self.layer.register_forward_pre_hook(feed, with_kwargs=True)
+        try:
+            for module, length in zip(self.below, self.tuple_out, strict=True):
+                module.forward = skip(length)
+            return self.inner(row_sel)
+        finally:
+            handle.remove()
+            for module, old in zip(self.below, saved, strict=True):
+                if old is None:
+                    del module.forward
+                else:
+                    module.forward = old
+
+
 def _row_means(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     total = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, values)
     count = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, index, torch.ones_like(values))
@@ -358,6 +433,8 @@ def descend_offsets(
     unembed = view.unembed()
     forward_class = PrefixCachedForward if cfg.prefix_cache else FullForward
     rows_forward = forward_class(view, tr, full, edit_pos, tok.pad_token_id)
+    if cfg.lower_cache and layer > 0:
+        rows_forward = LowerLayersCached(rows_forward, view, layer, len(tr.batch_rows), device)
     kl_init: torch.Tensor | None = None  # [n, V] log-probs on the KL prompt without any shift
     if bool((base != 0).any()):
         kl_all = is_kl.nonzero().squeeze(1)  # [n] one KL row per request, in request order
