@@ -45,9 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def held_out(reqs, used: list[list[str]]) -> list[tuple[str, str]]:
     """(neighbourhood prompt, target_true) of every request, less the prompts in ``used[i]``."""
-    return [
-        (p, r.target_true) for r, u in zip(reqs, used, strict=True) for p in r.neighborhood_prompts if p not in u
-    ]
+    return [(p, r.target_true) for r, u in zip(reqs, used, strict=True) for p in r.neighborhood_prompts if p not in u]
 
 
 def accuracies(view, tok, reqs, used: list[list[str]]) -> dict[str, float]:

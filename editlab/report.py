@@ -192,6 +192,35 @@ def run_metrics_table(summary: Mapping[str, Any]) -> list[str]:
     return markdown_table(["metric", "before edits", after], rows)
 
 
+WEIGHT_NORM = re.compile(r"weight_norm/l(\d+)/(rel_\w+)")
+
+
+def final_weight_norms(steps: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
+    """The relative weight-norm values (``weight_norm/l{layer}/rel_*``) of the last step that
+    logged them: how far each edited matrix moved from W_0 by the end of the stream."""
+    for row in reversed(steps or []):
+        found = {key: as_number(value, f"{STEPS} {key!r}") for key, value in row.items() if WEIGHT_NORM.fullmatch(key)}
+        if found:
+            return {key: value for key, value in found.items() if value is not None}
+    return {}
+
+
+def weight_norm_section(norms: Sequence[Mapping[str, float]], header: Sequence[str]) -> list[str]:
+    """One row per (layer, quantity) present in any run: the EAC paper's "+317%" is rel_l1_growth."""
+    keys = sorted({k for n in norms for k in n}, key=lambda k: (int(WEIGHT_NORM.fullmatch(k)[1]), k))
+    if not keys:
+        return []
+    rows = [
+        [
+            f"layer {WEIGHT_NORM.fullmatch(k)[1]} {WEIGHT_NORM.fullmatch(k)[2].replace('_', ' ')}",
+            *(fmt(n.get(k)) for n in norms),
+        ]
+        for k in keys
+    ]
+    note = "Relative to W_0: growth = ‖W_t‖/‖W_0‖ − 1, delta = ‖W_t − W_0‖/‖W_0‖ (L1 and Frobenius)."
+    return ["## Edited matrices at the end", "", note, "", *markdown_table(header, rows), ""]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Run settings
 
@@ -521,6 +550,7 @@ def write_run_report(run_dir: Path) -> Path:
     lines = [f"# editlab run report: {run_dir.name}", "", headline(summary, config), ""]
     lines += settings_section(config, summary)
     lines += ["## Metrics", "", *run_metrics_table(summary), ""]
+    lines += weight_norm_section([final_weight_norms(steps)], ["matrix", "value"])
     lines += reason_lines(summary.get("consistency_reason"))
     lines += ["## Plots", ""]
     lines += embed(
@@ -584,6 +614,7 @@ def write_comparison(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     lines = [f"# editlab comparison of {len(run_dirs)} runs", "", "## Runs", ""]
     lines += [f"- {name}: `{d}`" for name, d in zip(labels, run_dirs, strict=True)] + [""]
     lines += comparison_tables(summaries, labels)
+    lines += weight_norm_section([final_weight_norms(load_jsonl(d / STEPS)) for d in run_dirs], ["matrix", *labels])
     reasons = [(name, s.get("consistency_reason")) for name, s in zip(labels, summaries, strict=True)]
     lines += [f"- {name} consistency: {render(reason)}" for name, reason in reasons if reason is not None]
     lines += ([""] if any(reason is not None for _, reason in reasons) else []) + ["## Curves", ""]

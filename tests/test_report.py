@@ -262,3 +262,18 @@ def test_cli_rejects_missing_dir_and_dir_without_summary(tmp_path, capsys):
     assert not (tmp_path / "report_compare").exists()
     assert report_main([str(good), "--out", str(tmp_path / "x")]) == 2  # --out only for comparisons
     assert report_main([]) == 2  # argparse usage error becomes a code, not SystemExit
+
+
+def test_reports_show_how_far_each_edited_matrix_moved_by_the_end(tmp_path):
+    text = write_run_report(make_run(tmp_path, "one")).read_text()
+    section = text.split("## Edited matrices at the end")[1].split("\n## ")[0]
+    rows = table_rows(section)
+    assert rows["layer 4 rel l1"] == ["0.100"] and rows["layer 4 rel fro"] == ["0.200"]  # the last step's values
+    rome = make_run(tmp_path, "rome", method="ROME")
+    last = [{"step": 0, "weight_norm/l8/rel_l1_growth": 3.17}, {"step": 1, "z_loss": 0.1}]  # last row has no norms
+    write_jsonl(rome / "steps.jsonl", last)
+    cmp = write_comparison([tmp_path / "one", rome], tmp_path / "cmp").read_text()
+    rows = table_rows(cmp.split("## Edited matrices at the end")[1].split("\n## ")[0])
+    assert rows["layer 4 rel l1"] == ["0.100", "—"]
+    assert rows["layer 8 rel l1 growth"] == ["—", "3.170"]
+    assert "Edited matrices" not in write_run_report(make_run(tmp_path, "bare", full=False)).read_text()

@@ -107,14 +107,24 @@ def test_lower_cache_gives_the_same_targets_and_skips_the_layers_below(model_typ
     handle = sub.register_forward_hook(lambda *a: calls.append(1))
     try:
         cached = optimize_targets(
-            view, tok, reqs, TEMPLATES, z_layer, TargetConfig(steps=6, lr=0.2, prefix_cache=prefix_cache),
+            view,
+            tok,
+            reqs,
+            TEMPLATES,
+            z_layer,
+            TargetConfig(steps=6, lr=0.2, prefix_cache=prefix_cache),
             progress=False,
         )
         n_cached = len(calls)
         calls.clear()
         plain = optimize_targets(
-            view, tok, reqs, TEMPLATES, z_layer,
-            TargetConfig(steps=6, lr=0.2, prefix_cache=prefix_cache, lower_cache=False), progress=False,
+            view,
+            tok,
+            reqs,
+            TEMPLATES,
+            z_layer,
+            TargetConfig(steps=6, lr=0.2, prefix_cache=prefix_cache, lower_cache=False),
+            progress=False,
         )
         n_plain = len(calls)
     finally:

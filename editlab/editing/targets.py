@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from editlab.editing.prompts import PaddedBatch, answer_ids, pad, subject_last_index
 from editlab.models.arch import ModelView
 from editlab.models.cache import select_cache_rows
-from editlab.models.hooks import StopForward, capture_inputs, edit_output, main_tensor
+from editlab.models.hooks import StopForward, capture_inputs, edit_output
 from editlab.types import EditRequest
 
 
@@ -280,7 +280,9 @@ class LowerLayersCached:
                 # rest, which the model reads only with output_attentions (editlab never asks).
                 self.tuple_out[index] = len(output)
             elif not isinstance(output, torch.Tensor):
-                raise TypeError(f"lower_cache: layer {index} returns {type(output).__name__}; set targets.lower_cache false")
+                raise TypeError(
+                    f"lower_cache: layer {index} returns {type(output).__name__}; set targets.lower_cache false"
+                )
 
         return module.register_forward_hook(hook)
 
