@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -154,6 +155,24 @@ def editing_metrics(cases: list[dict]) -> dict[str, float]:
     elif all(f"{p}_token_accuracy" in out for p in parts):
         out["score"] = harmonic_mean([out[f"{p}_token_accuracy"] for p in parts])
     return out
+
+
+def held_out_specificity(
+    cases: list[dict], requests: list[EditRequest], trained_on: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """``specificity_heldout_*``: specificity without the neighbourhood prompts an edit trained on
+    (neighbour-assisted editing puts some in the z loss; seed 004 removed them from evaluation).
+    ``cases`` are evaluate_cases' records of ``requests``; ``trained_on``: case id → prompts."""
+    kept = []
+    for case, req in zip(cases, requests, strict=True):
+        skip = set(trained_on.get(req.case_id, ()))
+        hood = [e for e, p in zip(case["neighborhood"], req.neighborhood_prompts, strict=True) if p not in skip]
+        kept.append({**case, "neighborhood": hood})
+    return {
+        key.replace("specificity", "specificity_heldout", 1): value
+        for key, value in editing_metrics(kept).items()
+        if key.startswith("specificity_")
+    }
 
 
 def case_summary(case: dict) -> dict[str, float]:

@@ -344,6 +344,9 @@ def test_cli_runs_nse_and_neighbour_assisted_iterative_memit_and_records_their_s
         assert step["neighbor_missing"] + step["neighbor_rows"] >= 2
     cases = [json.loads(line) for line in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
     assert all(isinstance(c["edit"]["neighbor_prompts"], list) for c in cases)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    used = any(c["edit"]["neighbor_prompts"] for c in cases)
+    assert ("specificity_heldout_accuracy" in summary) == used
     # NSE from the command line, same tiny setting.
     nse_args = [x for kv in plain.items() for x in kv] + [
         "--model.method", "editlab.editing.methods.nse.NSE",
@@ -358,3 +361,30 @@ def test_cli_runs_nse_and_neighbour_assisted_iterative_memit_and_records_their_s
     assert [s["nse_passes"] for s in steps] == [2, 2] and all("nse_pass_log" in s for s in steps)
     cases = [json.loads(line) for line in (tmp_path / "run" / "cases.jsonl").read_text().splitlines()]
     assert all(c["edit"]["nse_passes"] == 2 for c in cases)
+
+
+def test_held_out_specificity_leaves_out_exactly_the_prompts_trained_on():
+    from types import SimpleNamespace
+
+    from editlab.evaluation import editing_metrics, held_out_specificity
+
+    def entry(exact: bool, nll: float) -> dict:  # expected answer scored; competitor NLL fixed at 1.0
+        return {"expected": {"nll": nll, "exact": exact, "token_acc": float(exact)}, "competitor": {"nll": 1.0}}
+
+    reqs = [
+        SimpleNamespace(case_id="a", neighborhood_prompts=["a1", "a2"]),
+        SimpleNamespace(case_id="b", neighborhood_prompts=["b1", "b2"]),
+    ]
+    rewrite = [entry(True, 0.1)]
+    cases = [
+        {"case_id": "a", "rewrite": rewrite, "paraphrase": [], "neighborhood": [entry(True, 0.5), entry(False, 2.0)]},
+        {"case_id": "b", "rewrite": rewrite, "paraphrase": [], "neighborhood": [entry(False, 3.0), entry(True, 0.2)]},
+    ]
+    assert editing_metrics(cases)["specificity_accuracy"] == 0.5
+    # "a2" and "b1" (the two failures) were trained on: every held-out prompt is right.
+    held = held_out_specificity(cases, reqs, {"a": ["a2"], "b": ["b1"]})
+    assert held["specificity_heldout_accuracy"] == 1.0 and held["specificity_heldout_success"] == 1.0
+    # Nothing trained on: the held-out values are the plain ones.
+    plain = held_out_specificity(cases, reqs, {})
+    assert plain["specificity_heldout_accuracy"] == 0.5
+    assert cases[0]["neighborhood"][1]["expected"]["exact"] is False  # the records are not modified

@@ -30,7 +30,7 @@ from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditContext, EditMethod, KeyValueMethod
 from editlab.editing.prompts import check_context_length
 from editlab.editing.stats import model_fingerprint
-from editlab.evaluation import EvaluationConfig, Evaluator
+from editlab.evaluation import EvaluationConfig, Evaluator, held_out_specificity
 from editlab.lightning.callbacks import WeightNormTracker
 from editlab.lightning.editstate import (
     EditStateError,
@@ -375,6 +375,7 @@ class EditingModule(L.LightningModule):
         if cfg.timing == "immediate":
             cases, metrics = self.evaluator.evaluate(batch, quality=False)
             self.post_cases.update({c["case_id"]: c for c in cases})
+            metrics.update(self.held_out(batch, cases))
             self.add_curve_point("immediate", metrics)
         elif cfg.timing == "periodic" and self.steps_done % cfg.every_n_steps == 0:
             self.evaluate_all_so_far("periodic")
@@ -390,8 +391,16 @@ class EditingModule(L.LightningModule):
         done = [r for r in self.requests if r.case_id in self.case_step]
         cases, metrics = self.evaluator.evaluate(done, quality=True)
         self.post_cases = {c["case_id"]: c for c in cases}
+        metrics.update(self.held_out(done, cases))
         self.add_curve_point(timing, metrics)
         return metrics
+
+    def held_out(self, done: list[EditRequest], cases: list[dict]) -> dict[str, float]:
+        """specificity_heldout_* when some edit trained on neighbourhood prompts (NA editing)."""
+        trained = {
+            cid: info["neighbor_prompts"] for cid, info in self.case_edit_info.items() if info.get("neighbor_prompts")
+        }
+        return held_out_specificity(cases, done, trained) if trained else {}
 
     def add_curve_point(self, timing: str, metrics: dict) -> None:
         point = {"step": self.steps_done, "edits": self.edits_done, "timing": timing, **metrics}
@@ -420,10 +429,12 @@ class EditingModule(L.LightningModule):
             final = self.evaluate_all_so_far(timing)
         elif timing == "immediate":
             # Edit metrics: every case right after its own step; quality: the final model.
-            done = [self.post_cases[r.case_id] for r in self.requests if r.case_id in self.case_step]
+            done_reqs = [r for r in self.requests if r.case_id in self.case_step]
+            done = [self.post_cases[r.case_id] for r in done_reqs]
             final = {
                 **self.evaluator.summarise_cases(done),
-                **self.evaluator.quality([r for r in self.requests if r.case_id in self.case_step]),
+                **self.held_out(done_reqs, done),
+                **self.evaluator.quality(done_reqs),
             }
         else:
             final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing")}
