@@ -64,6 +64,18 @@ CORE_ROWS = (
     "consistency",
     "me_ppl50_perplexity",
 )
+# Rows shown after a core row when some run has them: token accuracy (zsRE's usual measure) and the
+# held-out specificity of neighbour-assisted runs.
+ROWS_AFTER = {
+    "efficacy_accuracy": ("efficacy_token_accuracy",),
+    "generalization_accuracy": ("generalization_token_accuracy",),
+    "specificity_accuracy": (
+        "specificity_token_accuracy",
+        "specificity_heldout_success",
+        "specificity_heldout_accuracy",
+        "specificity_heldout_token_accuracy",
+    ),
+}
 SECONDS_ROWS = ("seconds_total", "seconds_per_step")
 ZSRE_KEY = re.compile(r"zsre_\w*accuracy")
 LABELS = {"me_ppl50_perplexity": "ME-PPL-50 perplexity"}
@@ -163,13 +175,15 @@ def summary_value(summary: Mapping[str, Any], key: str) -> float | None:
 
 
 def metric_keys(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Table rows: the fixed core, then zsRE accuracies and further ``seconds_*`` found in any summary."""
+    """Table rows: the fixed core (with ROWS_AFTER's rows some summary has), then zsRE accuracies and
+    further ``seconds_*`` found in any summary."""
     present: set[str] = set()
     for summary in summaries:
         present.update(key.removeprefix("pre_") for key in summary)
     zsre = sorted(key for key in present if ZSRE_KEY.fullmatch(key))
     seconds = sorted(key for key in present if key.startswith("seconds_") and key not in SECONDS_ROWS)
-    return [*CORE_ROWS, *zsre, *SECONDS_ROWS, *seconds]
+    core = [row for key in CORE_ROWS for row in (key, *(k for k in ROWS_AFTER.get(key, ()) if k in present))]
+    return [*core, *zsre, *SECONDS_ROWS, *seconds]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -277,3 +277,15 @@ def test_reports_show_how_far_each_edited_matrix_moved_by_the_end(tmp_path):
     assert rows["layer 4 rel l1"] == ["0.100", "—"]
     assert rows["layer 8 rel l1 growth"] == ["—", "3.170"]
     assert "Edited matrices" not in write_run_report(make_run(tmp_path, "bare", full=False)).read_text()
+
+
+def test_token_accuracy_and_held_out_specificity_rows_appear_only_when_a_run_has_them(tmp_path):
+    plain = make_run(tmp_path, "plain")
+    na = make_run(tmp_path, "na", efficacy_token_accuracy=0.75, specificity_heldout_accuracy=0.25)
+    rows = table_rows(write_comparison([plain, na], tmp_path / "cmp").read_text().split("## Metrics before")[0])
+    assert rows["efficacy token accuracy"] == ["—", "0.750"]
+    assert rows["specificity heldout accuracy"] == ["—", "0.250"]
+    keys = list(rows)
+    assert keys.index("efficacy accuracy") + 1 == keys.index("efficacy token accuracy")
+    alone = table_rows(write_run_report(make_run(tmp_path, "bare")).read_text())
+    assert "efficacy token accuracy" not in alone and "specificity heldout accuracy" not in alone
