@@ -11,12 +11,12 @@ from editlab.models.tiny import tiny_config, tiny_tokenizer
 from conftest import facts
 
 
-def peaky_model():
+def peaky_model(model_type: str = "llama"):
     # A larger init makes the tiny random model's predictions depend on the edited residual.
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
-    cfg = tiny_config("llama", len(tok))
+    cfg = tiny_config(model_type, len(tok))
     cfg.initializer_range = 0.3
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False), tok
@@ -69,13 +69,7 @@ def test_early_stop_removes_converged_requests():
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
 def test_prefix_cache_gives_the_same_targets_as_full_forwards(model_type):
-    from transformers import AutoModelForCausalLM
-
-    tok = tiny_tokenizer()
-    cfg_model = tiny_config(model_type, len(tok))
-    cfg_model.initializer_range = 0.3
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg_model).eval().requires_grad_(False)
+    model, tok = peaky_model(model_type)
     view = ModelView.of(model)
     reqs = facts()  # "Microsoft" is the first token of its prompt: a row with an empty prefix
     cfg = TargetConfig(steps=6, lr=0.2)
@@ -91,13 +85,7 @@ def test_prefix_cache_gives_the_same_targets_as_full_forwards(model_type):
 @pytest.mark.parametrize("prefix_cache", [True, False])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj", "gpt_neox", "qwen2"])
 def test_lower_cache_gives_the_same_targets_and_skips_the_layers_below(model_type, prefix_cache):
-    from transformers import AutoModelForCausalLM
-
-    tok = tiny_tokenizer()
-    cfg_model = tiny_config(model_type, len(tok))
-    cfg_model.initializer_range = 0.3
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg_model).eval().requires_grad_(False)
+    model, tok = peaky_model(model_type)
     view = ModelView.of(model)
     reqs = facts()
     z_layer = len(view.layers()) - 1  # every layer but the last is below the z layer
