@@ -3,15 +3,17 @@
 One process, one model, the same requests, context templates, hyperparameters and seed. Stages
 timed for each: covariance (E[kkᵀ] over the same corpus slice), z (target values), keys (every
 keys/current-output pass of the spread) and solve (the float64 solves). Methods: MEMIT with
-editlab's pipeline and with the reference one (benchmarks/reference.py), and ECE (editlab only:
-the authors' code has no two-step z). Each method edits the unedited model in one step; the
-rewrite prompts are then scored (efficacy) and the weights restored before the next method.
+editlab's pipeline and with the reference one (benchmarks/reference.py), ECE (editlab only: the
+authors' code has no two-step z) and NSE (editlab's: z on θ₀, then up to --nse-max-iterations
+neuron-level passes). Each method edits the unedited model in one step; the rewrite prompts are
+then scored (efficacy) and the weights restored before the next method.
 
     python -m benchmarks.pipeline --n 100                  # SmolLM2-135M-Instruct, CounterFact
     python -m benchmarks.pipeline --n 8 --cov-samples 100 --out /tmp/pipeline.json
 
-Ratios in the report are reference seconds / editlab seconds (> 1: editlab faster), and for ECE
-editlab MEMIT's z seconds / ECE's z seconds.
+Ratios in the report are reference seconds / editlab seconds (> 1: editlab faster), for ECE
+editlab MEMIT's z seconds / ECE's z seconds, and for NSE the reference pipeline's z and total
+seconds / NSE's (NSE's z is MEMIT's z, so the reference's per-request z is the one it replaces).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from editlab.editing.context import ContextTemplates, make_context_templates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE
+from editlab.editing.methods.nse import NSE
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
+from editlab.editing.rewind import OriginalWeights
 from editlab.editing.solve import memit_delta, preserve_matrix
 from editlab.editing.stats import CovarianceConfig, accumulate_second_moments, model_fingerprint, read_corpus
 from editlab.editing.targets import TargetConfig, optimize_targets
@@ -41,6 +45,7 @@ from editlab.models.weights import add_delta, read_weight, set_weight
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRIBUTIONS = {"AS": ActivationScore, "WI": WeightImportance, "RS": ResidualSensitivity}
+METHODS = ("memit", "reference", "ece", "nse")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,11 +74,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ECE's shared z rounds, the rest of --steps per-instance (default 4/5 of --steps: the paper's 20 + 5)",
     )
     ap.add_argument("--ece-neurons", default="WI", choices=sorted(ATTRIBUTIONS))
-    ap.add_argument("--methods", default="memit,reference,ece", help="comma list of memit, reference, ece")
+    ap.add_argument("--nse-threshold", type=float, default=0.8, help="NSE's activation-score threshold p")
+    # configs/nse_smollm2.yaml's values (scaled to SmolLM2's residual norm, see there)
+    ap.add_argument("--nse-alpha", type=float, default=15.0)
+    ap.add_argument("--nse-upper-bound", type=float, default=150.0)
+    ap.add_argument("--nse-max-iterations", type=int, default=3)
+    ap.add_argument("--methods", default="memit,reference,ece,nse", help="comma list of " + ", ".join(METHODS))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "pipeline.json"))
     args = ap.parse_args(argv)
-    unknown = set(args.methods.split(",")) - {"memit", "reference", "ece"}
+    unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         ap.error(f"--methods: unknown {sorted(unknown)}")
     if args.n < 1 or args.steps < 1 or args.cov_samples < 1:
@@ -159,6 +169,33 @@ def run_ece(ctx: EditContext, requests, templates, layers, cov, args, cfg: Targe
     }
 
 
+def run_nse(ctx: EditContext, requests, templates, layers, cov, args, cfg: TargetConfig) -> dict:
+    nse = NSE(
+        layers=layers,
+        mom2_weight=args.mom2_weight,
+        neurons=ActivationScore(threshold=args.nse_threshold),
+        alpha=args.nse_alpha,
+        upper_bound=args.nse_upper_bound,
+        max_iterations=args.nse_max_iterations,
+        z_cache=False,  # time the z computation, not a disk read
+        targets=cfg,
+    )
+    # setup() without its covariance pass: the timed covariance above is the one every method uses.
+    nse.templates, nse.cov = templates, cov
+    nse.original = OriginalWeights(ctx.view, layers)  # the model is unedited here
+    t0 = time.perf_counter()
+    res = nse.apply(ctx, requests)
+    total = time.perf_counter() - t0
+    s = res.scalars
+    return {
+        "seconds": {"z": s["seconds_z"], "passes": s["seconds_solve"], "total": total},
+        "z_nll_mean": s["z_nll"],
+        "passes": int(s["nse_passes"]),
+        "unedited": int(s["nse_unedited"]),
+        **efficacy(ctx.view, ctx.tok, requests),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -221,9 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     runs = report.setdefault("methods", {})
     for name in methods:
-        if name == "ece":
+        if name in ("ece", "nse"):
             ctx = EditContext(model, tok, view, args.model, model_fingerprint(model), args.seed, progress=False)
-            runs["ece"] = run_ece(ctx, requests, templates, layers, cov, args, cfg)
+            run = run_ece if name == "ece" else run_nse
+            runs[name] = run(ctx, requests, templates, layers, cov, args, cfg)
         else:
             runs[name] = run_memit(view, tok, requests, templates, layers, cov, args, cfg, ref=name == "reference")
             runs[name]["seconds"]["total"] = sum(runs[name]["seconds"].values())
@@ -241,6 +279,12 @@ def main(argv: list[str] | None = None) -> dict:
         ratios["editlab_memit_z_over_ece_z"] = runs["memit"]["seconds"]["z"] / runs["ece"]["seconds"]["z"]
         ratios["ece_minus_memit_efficacy_points"] = 100 * (
             runs["ece"]["efficacy_success"] - runs["memit"]["efficacy_success"]
+        )
+    if "reference" in runs and "nse" in runs:
+        mine, ref = runs["nse"]["seconds"], runs["reference"]["seconds"]
+        ratios["reference_over_nse"] = {k: ref[k] / mine[k] for k in ("z", "total")}
+        ratios["nse_minus_reference_efficacy_points"] = 100 * (
+            runs["nse"]["efficacy_success"] - runs["reference"]["efficacy_success"]
         )
     report["ratios"] = ratios
     save()

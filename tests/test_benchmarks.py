@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from editlab.models.tiny import save_tiny
@@ -135,19 +136,28 @@ def test_pipeline_benchmark_reports_every_stage_and_method(tmp_path: Path):
             "demo",
             "--cov-samples",
             "24",
+            # every request above alpha and below the bound: NSE must make at least one pass
+            "--nse-alpha",
+            "0",
+            "--nse-upper-bound",
+            "1e9",
             "--out",
             str(out),
         ]  # fmt: skip
     )
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    assert set(report["methods"]) == {"memit", "reference", "ece"}
+    assert set(report["methods"]) == {"memit", "reference", "ece", "nse"}
     for name in ("memit", "reference"):
         assert set(report["methods"][name]["seconds"]) == {"z", "keys", "solve", "total"}
     assert report["covariance"]["max_relative_difference"] < 1e-6
     assert report["covariance"]["tokens"] > 24
     # Same loss and rules: the two MEMIT pipelines reach the same efficacy on the same requests.
     assert report["methods"]["memit"]["efficacy_success"] == report["methods"]["reference"]["efficacy_success"]
-    assert set(report["ratios"]) >= {"reference_over_editlab_memit", "editlab_memit_z_over_ece_z"}
+    assert set(report["ratios"]) >= {"reference_over_editlab_memit", "editlab_memit_z_over_ece_z", "reference_over_nse"}
+    # NSE's z is MEMIT's z on the unedited weights (restored between methods), then its own passes.
+    nse = report["methods"]["nse"]
+    assert nse["z_nll_mean"] == pytest.approx(report["methods"]["memit"]["z_nll_mean"], rel=1e-5)
+    assert nse["passes"] >= 1 and set(nse["seconds"]) == {"z", "passes", "total"}
 
 
 def test_iterative_benchmark_holds_out_exactly_the_neighbour_prompts_used():
