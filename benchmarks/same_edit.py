@@ -1,0 +1,51 @@
+"""Do two exported runs hold the same edit? (e.g. 1 process vs ``--trainer.devices 2``)
+
+Compares ``edit_delta.safetensors`` (W_t − W_0 of the edited matrices, float64; written by
+``--model.export true``) and the numeric entries of ``summary.json`` other than timings, and
+writes the figures to JSON.
+
+    python -m benchmarks.same_edit runs/dist_d1 runs/dist_d2 --out benchmarks/results/same_edit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+
+def compare(run_a: Path, run_b: Path) -> dict:
+    """Max |ΔW_a − ΔW_b| over the edited matrices, the largest |ΔW_a|, and the summary entries that differ."""
+    da, db = (load_file(Path(r) / "edit_delta.safetensors") for r in (run_a, run_b))
+    if da.keys() != db.keys():
+        raise ValueError(f"the runs edited different matrices: {sorted(da)} vs {sorted(db)}")
+    sa, sb = (json.loads((Path(r) / "summary.json").read_text()) for r in (run_a, run_b))
+    metrics = sorted(k for k, v in sa.items() if isinstance(v, (int, float)) and not k.startswith("seconds"))
+    return {
+        "runs": [str(run_a), str(run_b)],
+        "max_abs_delta_difference": max(float((da[k] - db[k]).abs().max()) for k in da),
+        "largest_edit": max(float(da[k].abs().max()) for k in da),
+        "metrics_compared": len(metrics),
+        "metrics_differing": {k: [sa[k], sb.get(k)] for k in metrics if sa[k] != sb.get(k)},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_a", type=Path)
+    ap.add_argument("run_b", type=Path)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    report = compare(args.run_a, args.run_b)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
