@@ -42,6 +42,7 @@ from editlab.evaluation import editing_metrics, evaluate_cases
 from editlab.models.arch import ModelView
 from editlab.models.load import load_model_and_tokenizer
 from editlab.models.weights import add_delta, read_weight, set_weight
+from editlab.types import EditResult
 
 REPO = Path(__file__).resolve().parents[1]
 ATTRIBUTIONS = {"AS": ActivationScore, "WI": WeightImportance, "RS": ResidualSensitivity}
@@ -139,6 +140,15 @@ def run_memit(view, tok, requests, templates, layers, cov, args, cfg: TargetConf
     return {"seconds": clock.seconds, "z_nll_mean": float(nll.float().mean()), **efficacy(view, tok, requests)}
 
 
+def apply_timed(method, ctx: EditContext, requests, templates, cov) -> tuple[EditResult, float]:
+    """``method.apply`` on one step and its wall seconds. In place of ``method.setup``: the shared
+    templates, and the covariance timed above (the one every method uses), not a second pass."""
+    method.templates, method.cov = templates, cov
+    t0 = time.perf_counter()
+    res = method.apply(ctx, requests)
+    return res, time.perf_counter() - t0
+
+
 def run_ece(ctx: EditContext, requests, templates, layers, cov, args, cfg: TargetConfig) -> dict:
     shared = args.steps * 4 // 5 if args.ece_shared_steps is None else args.ece_shared_steps
     ece = ECE(
@@ -149,10 +159,7 @@ def run_ece(ctx: EditContext, requests, templates, layers, cov, args, cfg: Targe
         shared_steps=shared,
         instance_steps=args.steps - shared,
     )
-    ece.templates, ece.cov = templates, cov
-    t0 = time.perf_counter()
-    res = ece.apply(ctx, requests)
-    total = time.perf_counter() - t0
+    res, total = apply_timed(ece, ctx, requests, templates, cov)
     s = res.scalars
     seconds = {
         "z": s["seconds_z"],
@@ -180,12 +187,8 @@ def run_nse(ctx: EditContext, requests, templates, layers, cov, args, cfg: Targe
         z_cache=False,  # time the z computation, not a disk read
         targets=cfg,
     )
-    # setup() without its covariance pass: the timed covariance above is the one every method uses.
-    nse.templates, nse.cov = templates, cov
-    nse.original = OriginalWeights(ctx.view, layers)  # the model is unedited here
-    t0 = time.perf_counter()
-    res = nse.apply(ctx, requests)
-    total = time.perf_counter() - t0
+    nse.original = OriginalWeights(ctx.view, layers)  # setup's W_0: the model is unedited here
+    res, total = apply_timed(nse, ctx, requests, templates, cov)
     s = res.scalars
     return {
         "seconds": {"z": s["seconds_z"], "passes": s["seconds_solve"], "total": total},
