@@ -35,10 +35,10 @@ def test_ece_z_benchmark_reports_time_and_efficacy_of_both(tmp_path: Path, stats
             "6",
             "--layers",
             "0,1",
-            "--shared-steps",
-            "3",
-            "--instance-steps",
-            "2",
+            "--steps",
+            "5",
+            "--splits",
+            "3+2,0+5,1+6",
             "--cov-corpus",
             "demo",
             "--cov-samples",
@@ -54,16 +54,57 @@ def test_ece_z_benchmark_reports_time_and_efficacy_of_both(tmp_path: Path, stats
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["requests"] == 6
     assert sum(result["cluster_sizes"]) == 6
-    for arm in ("per_instance", "ece_two_step"):
-        entry = result[arm]
+    inst, splits = result["per_instance"], result["ece_two_step"]
+    assert [(e["shared_steps"], e["instance_steps"]) for e in splits] == [(3, 2), (0, 5), (1, 6)]
+    for entry in [inst, *splits]:
         assert entry["seconds"] > 0
         for key in ("efficacy_success", "efficacy_accuracy"):
             assert 0.0 <= entry[key] <= 1.0
+    for entry in splits:
+        for key, gap in entry["efficacy_gap_points"].items():
+            assert gap == pytest.approx(100 * (inst[key] - entry[key]), abs=1e-3)
     # Same total budget: 3 + 2 two-step rounds against 5 per-instance ones.
-    assert result["per_instance"]["steps"] == 5
-    assert result["per_instance"]["updates_max"] <= 4
+    assert inst["steps"] == 5
+    assert inst["updates_max"] <= 4
     # The two-step optimisation pushes fewer rows through the model than per-instance z.
-    assert result["row_forward_ratio"] > 1.0
+    assert splits[0]["row_forward_ratio"] > 1.0
+    # 0 + 5 is per-instance z with the same 5 rounds: the same z, the same efficacy, the same rows.
+    assert splits[1]["z_relative_gap_mean"] < 1e-4
+    assert splits[1]["efficacy_gap_points"] == {"efficacy_success": 0.0, "efficacy_accuracy": 0.0}
+    assert splits[1]["row_forward_ratio"] == 1.0
+    # The fastest split at equal efficacy is one of them (0 + 5 always qualifies), and the fastest.
+    best = result["fastest_at_equal_efficacy"]
+    assert best is not None and best["split"] in {"3+2", "0+5", "1+6"}
+    equal = [e for e in splits if max(e["efficacy_gap_points"].values()) <= 2.0]
+    assert best["speedup"] == max(e["speedup"] for e in equal)
+
+
+def test_ece_z_benchmark_rejects_a_malformed_split():
+    ece_z = load_script("ece_z")
+    for bad in ("20-5", "20+5,20+5", "0+0", "a+b"):
+        with pytest.raises(SystemExit):
+            ece_z.parse_args(["--splits", bad])
+    assert ece_z.parse_splits("20+5, 10+15") == [(20, 5), (10, 15)]
+
+
+def test_ece_z_equal_efficacy_counts_float32_fractions_exactly():
+    """0.97 and 0.95 of 100 requests, read back from float32, are 2 points apart, not 2.000004:
+    the fastest split within 2 points is the one 2 points below, and none when the tolerance is 1."""
+    ece_z = load_script("ece_z")
+    f32 = lambda x: float(torch.tensor(x, dtype=torch.float32))  # noqa: E731
+    inst = {"efficacy_success": f32(0.97), "efficacy_accuracy": f32(0.74)}
+    splits = [
+        {"shared_steps": 20, "instance_steps": 5, "seconds": 1.0, "speedup": 3.0}
+        | {"efficacy_success": f32(0.61), "efficacy_accuracy": f32(0.22)},
+        {"shared_steps": 5, "instance_steps": 20, "seconds": 2.0, "speedup": 1.5}
+        | {"efficacy_success": f32(0.95), "efficacy_accuracy": f32(0.72)},
+        {"shared_steps": 0, "instance_steps": 25, "seconds": 3.0, "speedup": 1.0}
+        | {"efficacy_success": f32(0.97), "efficacy_accuracy": f32(0.75)},
+    ]
+    assert 100 * (inst["efficacy_success"] - splits[1]["efficacy_success"]) > 2.0  # the float32 artefact
+    assert ece_z.fastest_at_equal_efficacy(inst, splits, 2.0) == {"split": "5+20", "speedup": 1.5}
+    assert ece_z.fastest_at_equal_efficacy(inst, splits, 1.0) == {"split": "0+25", "speedup": 1.0}
+    assert ece_z.fastest_at_equal_efficacy(inst, splits[:1], 2.0) is None
 
 
 def test_reference_z_equals_editlab_z_on_one_request(tiny_llama):
