@@ -12,9 +12,9 @@ templates), its mean, and the fraction of requests with NLL < --nll-bound; and t
 gives once written: ECE's own neuron-restricted update (eq. 14, 19; λ and the covariance of
 configs/ece_smollm2.yaml) applied to the unedited model with each set of z in turn, then the
 rewrite prompts scored (efficacy success: P(target_new) > P(target_true); accuracy: every target
-token greedy), the weights restored in between. "frontier" names the fastest split whose efficacy
-success and accuracy are both within --efficacy-tolerance points of per-instance z's (none: no
-split is at equal efficacy).
+token greedy), the weights restored in between. "fastest_at_equal_efficacy" names the fastest
+split whose efficacy success and accuracy are both within --efficacy-tolerance points of
+per-instance z's (null: no split is at equal efficacy).
 
     python -m benchmarks.ece_z --n 30                 # SmolLM2-135M-Instruct, CounterFact, one step
     python -m benchmarks.ece_z --n 100 --splits 20+5,15+10,10+15,5+20 --out benchmarks/results/ece_z_n100.json
@@ -200,14 +200,15 @@ def points(fraction_gap: float) -> float:
     return round(100 * fraction_gap, 3)
 
 
+def efficacy_gaps(reference: dict, other: dict) -> dict[str, float]:
+    """Points of efficacy success and accuracy that ``other`` is below ``reference``."""
+    return {k: points(reference[k] - other[k]) for k in ("efficacy_success", "efficacy_accuracy")}
+
+
 def fastest_at_equal_efficacy(per_instance: dict, splits: list[dict], tolerance_points: float) -> dict | None:
     """The fastest split whose efficacy success and accuracy are both at most tolerance_points
     below per-instance z's; None when none is."""
-    equal = [
-        s
-        for s in splits
-        if all(points(per_instance[k] - s[k]) <= tolerance_points for k in ("efficacy_success", "efficacy_accuracy"))
-    ]
+    equal = [s for s in splits if max(efficacy_gaps(per_instance, s).values()) <= tolerance_points]
     if not equal:
         return None
     best = min(equal, key=lambda s: s["seconds"])
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
                 # where a forward's cost grows with its rows (large batches, big models); small
                 # batches on a latency-bound device cost about the same per forward whatever the rows.
                 "row_forward_ratio": work_inst["row_forwards"] / max(work_two["row_forwards"], 1),
-                "efficacy_gap_points": {k: points(inst[k] - eff[k]) for k in ("efficacy_success", "efficacy_accuracy")},
+                "efficacy_gap_points": efficacy_gaps(inst, eff),
                 "z_relative_gap_mean": float(gap.mean()),
             }
         )
