@@ -74,7 +74,7 @@ def test_zsre_real_records(zsre_records):
         # MEMIT's mapping: the edit writes the true answer; no competing answer.
         assert r.target_new == rec["answers"][0].strip() and r.target_true is None
         assert r.paraphrase_prompts == [rec["rephrase"]]
-        assert r.neighborhood_prompts == [rec["loc"]]
+        assert r.neighborhood_prompts == [rec["loc"] + "?"]  # dsets/zsre.py asks `loc + "?"`
         assert r.neighborhood_answer == r.locality_answer == rec["loc_ans"]
 
 

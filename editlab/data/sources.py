@@ -25,6 +25,9 @@ _DEMO_FILE = "demo_facts.json"
 # owner/name, as the hub spells dataset ids; only tried when no local file has that path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LIST_FIELDS = ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts", "attribute_prompts")
+# MEMIT's zsRE loader (dsets/zsre.py) asks the neighbourhood question as `loc + "?"`: the records'
+# "nq question: ..." strings carry no question mark, and the mark changes the next-token logits.
+ZSRE_LOC_SUFFIX = "?"
 
 
 class DataError(ValueError):
@@ -245,7 +248,7 @@ def counterfact_request(rec: dict, where: str) -> EditRequest:
     )
 
 
-def zsre_request(rec: dict, where: str, index: int | None = None) -> EditRequest:
+def zsre_request(rec: dict, where: str, index: int | None = None, loc_suffix: str = ZSRE_LOC_SUFFIX) -> EditRequest:
     """Convert one zsRE record (``subject, src, alt, answers, rephrase, loc, loc_ans``).
 
     zsRE records carry no id: ``case_id`` is used when present, else ``index`` (the record's
@@ -254,8 +257,10 @@ def zsre_request(rec: dict, where: str, index: int | None = None) -> EditRequest
     Mapping, as MEMIT's zsRE loader (the one ECE, NSE and AlphaEdit report with): prompt = ``src``
     with the first occurrence of the subject replaced by ``{}``; target_new = ``answers[0]``;
     target_true = None (zsRE is scored by top-1 token accuracy, with no competing answer; ``alt``
-    is empty in 75 of the shipped records); paraphrase = ``rephrase``; neighbourhood prompt /
-    answer = ``loc`` / ``loc_ans``.
+    is empty in 75 of the shipped records); paraphrase = ``rephrase``; neighbourhood prompt =
+    ``loc + loc_suffix`` (``loc + "?"`` there; ``loc_suffix=""`` gives editlab's earlier bare
+    ``loc``), answer = ``loc_ans``. Answers are tokenised after a space, as there
+    (``tok(" " + answer)``), but without the tokenizer's BOS (see ``answer_ids``).
     """
     if not isinstance(rec, dict):
         raise DataError(f"{where}: is {_a(rec)}, expected an object")
@@ -276,7 +281,7 @@ def zsre_request(rec: dict, where: str, index: int | None = None) -> EditRequest
         target_new=answers[0].strip(),
         target_true=None,
         paraphrase_prompts=[_str(rec, "rephrase", at, "rephrase")],
-        neighborhood_prompts=[_str(rec, "loc", at, "loc")],
+        neighborhood_prompts=[_str(rec, "loc", at, "loc") + loc_suffix],
         neighborhood_answer=_str(rec, "loc_ans", at, "loc_ans").strip(),
         source="zsre",
     )
