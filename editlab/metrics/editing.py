@@ -13,6 +13,9 @@ Families (see ``editlab.evaluation``):
 - efficacy / generalization / specificity *success*: ``PromptSuccess`` fed (NLL of the expected
   answer, NLL of the competitor) per prompt; on neighbourhood prompts the expected answer is the
   true one and target_new the competitor.
+- the same families' *magnitude*: ``PromptMagnitude`` fed the same NLL pairs, the mean of
+  exp(-NLL(expected)) - exp(-NLL(competitor)) (the reference summary's ``*_diff``; exp(-mean token
+  NLL) is the per-token geometric-mean probability).
 - the same families' *accuracy*: ``PromptAccuracy`` fed the per-prompt ``exact`` flag.
 - zsRE src / rephrase / loc: ``TokenAccuracy`` fed the per-prompt fraction of correct tokens.
 - score: ``harmonic_mean`` of efficacy, generalization and specificity.
@@ -67,6 +70,14 @@ def prompt_success(nll_expected: torch.Tensor, nll_competitor: torch.Tensor) -> 
     if nll_expected.shape != nll_competitor.shape or nll_expected.dim() != 1:
         raise ValueError(f"expected two [N] tensors; got {tuple(nll_expected.shape)} and {tuple(nll_competitor.shape)}")
     return nll_expected < nll_competitor
+
+
+def prob_difference(nll_expected: torch.Tensor, nll_competitor: torch.Tensor) -> torch.Tensor:
+    """[N] exp(-nll_expected) - exp(-nll_competitor): by how much the expected answer's (per-token,
+    geometric-mean) probability exceeds the competitor's; in [-1, 1]. float64."""
+    if nll_expected.shape != nll_competitor.shape or nll_expected.dim() != 1:
+        raise ValueError(f"expected two [N] tensors; got {tuple(nll_expected.shape)} and {tuple(nll_competitor.shape)}")
+    return torch.exp(-nll_expected.double()) - torch.exp(-nll_competitor.double())
 
 
 def case_means(values: torch.Tensor, case_index: torch.Tensor) -> torch.Tensor:
@@ -142,6 +153,16 @@ class PromptSuccess(CaseMean):
     def update(self, nll_expected: torch.Tensor, nll_competitor: torch.Tensor, case_index: torch.Tensor) -> None:
         """nll_expected [N], nll_competitor [N] mean token NLLs; case_index [N]."""
         self._add(prompt_success(nll_expected, nll_competitor).float(), case_index)
+
+
+class PromptMagnitude(CaseMean):
+    """Magnitude: mean per case, then over cases, of exp(-NLL(expected)) - exp(-NLL(competitor)),
+    the reference summary's ``rewrite_diff`` / ``paraphrase_diff`` / ``neighborhood_diff`` (it
+    prints them ×100). May be negative: the expected answer is then the less likely one."""
+
+    def update(self, nll_expected: torch.Tensor, nll_competitor: torch.Tensor, case_index: torch.Tensor) -> None:
+        """nll_expected [N], nll_competitor [N] mean token NLLs; case_index [N]."""
+        self._add(prob_difference(nll_expected, nll_competitor), case_index)
 
 
 class PromptAccuracy(CaseMean):
