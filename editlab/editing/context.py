@@ -7,6 +7,7 @@ cached generation with a mask covering only the current token produced garbage p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -22,16 +23,24 @@ class ContextTemplates:
         length: tokens per generated prefix (MEMIT: 10).
         top_k: sampling from the k most likely tokens.
         starters: first words of the prefixes, cycled.
+        key_weighting: how a request's key averages its templates. "per_type" (MEMIT's
+            compute_ks, copied by AlphaEdit, NSE, ECE): the mean of the bare prompt and of the
+            prefixes' mean, so "{}" weighs 1/2 and each prefix 1/(2·count). "flat": the plain
+            mean over all count + 1 templates (ROME's compute_u; editlab's earlier default).
+            z's NLL is a flat mean over the templates either way, as in every compute_z.
     """
 
     count: int = 5
     length: int = 10
     top_k: int = 5
     starters: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    key_weighting: Literal["per_type", "flat"] = "per_type"
 
     def __post_init__(self) -> None:
         if self.count < 0 or self.length < 1 or self.top_k < 1 or not self.starters:
             raise ValueError(f"invalid context templates option: {self}")
+        if self.key_weighting not in ("per_type", "flat"):
+            raise ValueError(f"option context.key_weighting={self.key_weighting!r} must be 'per_type' or 'flat'")
 
 
 @torch.no_grad()

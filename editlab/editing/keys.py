@@ -1,8 +1,16 @@
-"""FFN keys at the subject's last token, averaged over the context templates."""
+"""FFN keys at the subject's last token, averaged over the context templates.
+
+The released ``compute_ks`` (MEMIT, and AlphaEdit, NSE, ECE which copy it) groups the templates
+by context type, [["{}"], [the generated prefixes]], takes the mean within each type and then the
+mean of those means: the bare prompt weighs 1/2 and each of c prefixes 1/(2c) ("per_type"). ROME's
+``compute_u`` takes the flat mean over its templates ("flat"). editlab generates every prefix with
+the same length, so template 0 ("{}") is one type and the rest the other.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -33,6 +41,25 @@ def subject_rows(tok, requests: list[EditRequest], templates: list[str]) -> Subj
     return SubjectRows(rows, torch.tensor(pos), torch.tensor(owner), len(templates))
 
 
+KeyWeighting = Literal["per_type", "flat"]
+
+
+def template_weights(n_templates: int, weighting: KeyWeighting) -> torch.Tensor:
+    """Weight of each template in a request's key, [T] float64, summing to 1 (template 0 is "{}").
+
+    "per_type": the mean of the per-type means ([["{}"], prefixes], as compute_ks): 1/2 for the
+    bare prompt, 1/(2(T-1)) for each prefix; a bare prompt alone weighs 1. "flat": 1/T each."""
+    if n_templates < 1:
+        raise ValueError("keys need at least one template")
+    if weighting == "flat" or n_templates == 1:
+        return torch.full((n_templates,), 1.0 / n_templates, dtype=torch.float64)
+    if weighting == "per_type":
+        w = torch.full((n_templates,), 0.5 / (n_templates - 1), dtype=torch.float64)
+        w[0] = 0.5
+        return w
+    raise ValueError(f"option context.key_weighting={weighting!r} must be 'per_type' or 'flat'")
+
+
 @torch.no_grad()
 def keys_and_outputs(
     view: ModelView,
@@ -42,12 +69,16 @@ def keys_and_outputs(
     key_layer: int,
     out_layer: int,
     batch_size: int = 64,
+    weighting: KeyWeighting = "per_type",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys at ``key_layer`` averaged over templates, [n, d_ff], and the output of ``out_layer``
-    at the subject's last token of the bare prompt (template 0 is "{}"), [n, d_model]."""
+    """Keys at ``key_layer`` averaged over templates with :func:`template_weights`, [n, d_ff],
+    and the output of ``out_layer`` at the subject's last token of the bare prompt (template 0 is
+    "{}"), [n, d_model]."""
     assert templates[0] == "{}", "template 0 must be the bare prompt"
     sr = subject_rows(tok, requests, templates)
     n = len(requests)
+    # Rows are template-major: row r is template r // n.
+    row_weight = template_weights(len(templates), weighting).repeat_interleave(n)  # [R]
     key_sum = None
     outs = torch.empty(0)
     for start in range(0, len(sr.rows), batch_size):
@@ -61,9 +92,13 @@ def keys_and_outputs(
         if key_sum is None:
             key_sum = torch.zeros(n, k.shape[1], dtype=torch.float64, device=view.device)
             outs = torch.zeros(n, layer_out[out_layer].shape[-1], dtype=torch.float64, device=view.device)
-        key_sum.index_add_(0, owner, k)
+        # mix[i, j]: weight of the chunk's row j in request i's key. A matmul sums each request's
+        # rows in a fixed order (index_add_ on a GPU adds them in whatever order its atomics run).
+        mix = torch.zeros(n, k.shape[0], dtype=torch.float64, device=view.device)  # [n, b]
+        mix[owner, ar] = row_weight[chunk].to(view.device)
+        key_sum += mix @ k  # [n, d_ff]
         # Rows [0, n) are the bare-prompt rows of template 0.
         bare = torch.arange(start, start + len(owner), device=view.device) < n
         if bare.any():
             outs[owner[bare]] = layer_out[out_layer][ar, pos][bare].double()
-    return key_sum / sr.n_templates, outs
+    return key_sum, outs

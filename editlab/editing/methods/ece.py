@@ -154,6 +154,7 @@ class ECE(KeyValueMethod):
                 templates=self.templates,
                 key_layer=layer,
                 out_layer=self.layers[-1],
+                weighting=self.context.key_weighting,
             ),
         )
 

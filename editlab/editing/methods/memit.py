@@ -25,7 +25,7 @@ import torch
 
 from editlab.editing.context import ContextTemplates
 from editlab.editing.eac import EACConfig, eac_scalars, eac_targets
-from editlab.editing.keys import keys_and_outputs
+from editlab.editing.keys import KeyWeighting, keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.methods.stages import Spread
 from editlab.editing.solve import memit_delta, preserve_matrix
@@ -42,12 +42,27 @@ ResidualRule = Callable[
 
 
 def memit_residual(
-    ctx: EditContext, requests: list[EditRequest], templates: list[str], layers: list[int], i: int, z: torch.Tensor
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    layers: list[int],
+    i: int,
+    z: torch.Tensor,
+    weighting: KeyWeighting = "per_type",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMIT: keys at layers[i], R = (z − H) / (layers left), H the current output of the last layer."""
+    """MEMIT: keys at layers[i] (templates combined by ``weighting``), R = (z − H) / (layers left),
+    H the current output of the last layer."""
     keys, cur = ctx.per_request(
         requests,
-        partial(keys_and_outputs, ctx.view, ctx.tok, templates=templates, key_layer=layers[i], out_layer=layers[-1]),
+        partial(
+            keys_and_outputs,
+            ctx.view,
+            ctx.tok,
+            templates=templates,
+            key_layer=layers[i],
+            out_layer=layers[-1],
+            weighting=weighting,
+        ),
     )  # [n, d_ff], [n, d_model]: rows shared over ranks, gathered
     return keys, (z.double() - cur) / (len(layers) - i)
 
@@ -125,7 +140,8 @@ class LayerSpreadMethod(KeyValueMethod):
 
     def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
         """SPREAD: write z into the edited layers; the step's KKᵀ waits in ``pending`` for commit."""
-        return spread_over_layers(ctx, requests, self.templates, self.layers, tgt.z, self.layer_delta)
+        residual = partial(memit_residual, weighting=self.context.key_weighting)
+        return spread_over_layers(ctx, requests, self.templates, self.layers, tgt.z, self.layer_delta, residual)
 
     def commit(self, spread: Spread) -> None:
         """Sequential mode: cache[l] += K Kᵀ once the step is final."""

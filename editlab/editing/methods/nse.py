@@ -127,7 +127,9 @@ class NSE(KeyValueMethod):
         z_layer = self.layers[-1]
         record: dict = {"requests": len(requests), "neurons": {}, "delta_norm": {}}
         for i, layer in enumerate(self.layers):
-            keys, cur = keys_and_outputs(view, tok, requests, self.templates, layer, z_layer)  # [n, d_ff], [n, d]
+            keys, cur = keys_and_outputs(
+                view, tok, requests, self.templates, layer, z_layer, weighting=self.context.key_weighting
+            )  # [n, d_ff], [n, d]
             resid = (z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
             selected = self.neurons.select_batch(keys, read_weight(view.ffn_out(layer)))  # [m]
             cache = self.cache_c.get(layer)
@@ -162,7 +164,9 @@ class NSE(KeyValueMethod):
                 passes.append(self.one_pass(ctx, [requests[i] for i in idx.tolist()], z[idx.to(z.device)]))
                 times_edited[idx] += 1
             for layer in self.layers:
-                keys, _ = keys_and_outputs(view, tok, requests, self.templates, layer, self.layers[-1])
+                keys, _ = keys_and_outputs(
+                    view, tok, requests, self.templates, layer, self.layers[-1], weighting=self.context.key_weighting
+                )
                 new_kk[layer] = keys.T @ keys  # [d_ff, d_ff]
         self.accumulate(new_kk)
         t2 = time.perf_counter()

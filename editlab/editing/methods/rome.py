@@ -34,7 +34,7 @@ class ROME(KeyValueMethod):
         self,
         layer: int,
         targets: TargetConfig = TargetConfig(lr=0.5, steps=20, clamp_norm_factor=4.0),
-        context: ContextTemplates = ContextTemplates(count=20, length=10),
+        context: ContextTemplates = ContextTemplates(count=20, length=10, key_weighting="flat"),
         covariance: CovarianceConfig = CovarianceConfig(),
         eac: EACConfig | None = None,
     ) -> None:
@@ -42,7 +42,9 @@ class ROME(KeyValueMethod):
         Args:
             layer: the edited layer (GPT2-XL: 17, GPT-J: 5, Llama3-8B: 5).
             targets: z optimisation settings (ROME: lr 0.5, 20 steps, clamp 4).
-            context: context templates keys and z are averaged over (ROME: 20 prefixes).
+            context: context templates keys and z are averaged over (ROME: 20 prefixes; its
+                compute_u takes the flat mean of the key over "{}" and the prefixes, hence
+                key_weighting "flat").
             covariance: corpus and settings of C = E[kkᵀ] (ROME has no λ: its update is
                 invariant to the scale of C).
             eac: EAC's anchor compression of z (ROME-EAC); targets.steps must then equal
@@ -75,7 +77,7 @@ class ROME(KeyValueMethod):
         with restore_on_error(view, [self.layer]):
             for i, req in enumerate(requests):
                 key, cur = keys_and_outputs(
-                    view, ctx.tok, [req], self.templates, self.layer, self.layer
+                    view, ctx.tok, [req], self.templates, self.layer, self.layer, weighting=self.context.key_weighting
                 )  # [1, d_ff], [1, d]
                 delta = rome_delta(key[0], tgt.z[i].double() - cur[0], self.cov[self.layer])  # [d_model, d_ff]
                 add_delta(view.ffn_out(self.layer), delta)
