@@ -4,6 +4,11 @@ Editing metrics per case: rewrite (efficacy), paraphrase (generalization) and ne
 (specificity) prompts, each answer teacher-forced; aggregated by torchmetrics classes (mean per
 case, then over cases). Quality metrics on the model itself: fluency and consistency of seeded
 generations, perplexity on ME-PPL-50, general-ability probes.
+
+By default the generation is the reference's (``eval_utils_counterfact.test_generation``): every
+generation prompt of an evaluated case, texts of 100 tokens counting the prompt, top-k 5, not
+stopped at EOS, cleaned as ``generate_fast`` cleans them; fluency is the mean over a case's texts,
+consistency is scored on the case's texts joined with spaces.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Literal
 
 import torch
 
-from editlab.metrics.editing import PromptAccuracy, PromptSuccess, TokenAccuracy, harmonic_mean
+from editlab.metrics.editing import PromptAccuracy, PromptMagnitude, PromptSuccess, TokenAccuracy, harmonic_mean
 from editlab.metrics.functional import score_answers
 from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
@@ -72,9 +77,18 @@ class EvaluationConfig:
         batch_size: prompts per forward.
         fluency: generate from the generation prompts and report fluency (and consistency).
         generation_cases: at most this many edited cases (the first ones) are generated from;
-            None uses all.
-        generation_prompts_per_case: generation prompts used per case (CounterFact has 10).
-        max_new_tokens: tokens generated per prompt (new tokens, prompt excluded).
+            None uses all (the reference generates for every case).
+        generation_prompts_per_case: generation prompts used per case; None (the reference) uses
+            all of them (CounterFact has 10 per case); 1 was editlab's earlier setting.
+        max_new_tokens: length of each generated text in tokens. With
+            ``max_length_includes_prompt`` it counts the prompt's tokens too (the reference's
+            ``max_out_len=100``: a 12-token prompt gets 88 new tokens).
+        max_length_includes_prompt: ``max_new_tokens`` counts the prompt (the reference); False
+            counts new tokens only (editlab's earlier setting).
+        stop_at_eos: stop a text at its first EOS token. False (the reference) samples on to the
+            full length; EOS tokens are dropped from the text either way.
+        clean_texts: NFKD-normalise each text and turn its blank lines into spaces before scoring
+            (the reference's ``generate_fast``); False scores the decoded text as is.
         top_k: top-k sampling of the generation (seeded by the module's seed).
         me_ppl: path of ME-PPL_50.json for the collapse perplexity; None leaves it out.
         consistency_reference: directory with ``attribute_snippets.json``, ``idf.npy`` and
@@ -91,8 +105,11 @@ class EvaluationConfig:
     batch_size: int = 32
     fluency: bool = True
     generation_cases: int | None = 100
-    generation_prompts_per_case: int = 1
+    generation_prompts_per_case: int | None = None
     max_new_tokens: int = 100
+    max_length_includes_prompt: bool = True
+    stop_at_eos: bool = False
+    clean_texts: bool = True
     top_k: int = 5
     me_ppl: str | None = None
     consistency_reference: str | None = None
@@ -104,6 +121,34 @@ class EvaluationConfig:
             raise ValueError(f"option evaluation.timing={self.timing!r}: use immediate, periodic or final")
         if self.every_n_steps < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"invalid evaluation options: {self}")
+        if self.generation_prompts_per_case is not None and self.generation_prompts_per_case < 1:
+            raise ValueError(
+                f"option evaluation.generation_prompts_per_case={self.generation_prompts_per_case}: "
+                "use a positive count, or null for every generation prompt"
+            )
+
+    def generation_prompts_of(self, req: EditRequest) -> list[str]:
+        """The generation prompts of ``req`` that are generated from."""
+        return req.generation_prompts[: self.generation_prompts_per_case]
+
+    def generated_length(self, prompt_tokens: int) -> int:
+        """Tokens of the text generated from a prompt of ``prompt_tokens`` tokens, prompt included
+        (what the model's context must hold)."""
+        if self.max_length_includes_prompt:
+            return max(prompt_tokens, self.max_new_tokens)
+        return prompt_tokens + self.max_new_tokens
+
+    def generation_setting(self, seed: int) -> str:
+        """One line saying how the texts were generated, for the results."""
+        per_case = self.generation_prompts_per_case
+        prompts = "every generation prompt" if per_case is None else f"at most {per_case} generation prompt(s)"
+        length = "including" if self.max_length_includes_prompt else "after"
+        eos = "stopped at EOS" if self.stop_at_eos else "not stopped at EOS"
+        clean = ", NFKD + blank lines cleaned" if self.clean_texts else ""
+        return (
+            f"{prompts} per case, {self.max_new_tokens} tokens {length} the prompt, top-k {self.top_k}, "
+            f"seed {seed}, {eos}{clean}"
+        )
 
 
 def _prompt_table(cases: list[dict], family: str) -> dict[str, torch.Tensor]:
@@ -129,8 +174,9 @@ def _prompt_table(cases: list[dict], family: str) -> dict[str, torch.Tensor]:
 
 
 def editing_metrics(cases: list[dict]) -> dict[str, float]:
-    """Efficacy / generalization / specificity: success (NLL comparison, when the case has a
-    competing answer), accuracy (all tokens greedy) and token accuracy; zsRE names for zsRE.
+    """Efficacy / generalization / specificity: success (NLL comparison) and magnitude
+    (probability difference) when the case has a competing answer, accuracy (all tokens greedy)
+    and token accuracy.
 
     The score is the harmonic mean of the three success rates (CounterFact) or of the three
     token accuracies (zsRE, which has no competing answer)."""
@@ -146,9 +192,11 @@ def editing_metrics(cases: list[dict]) -> dict[str, float]:
         out[f"{metric}_accuracy"] = float(acc.compute())
         out[f"{metric}_token_accuracy"] = float(tacc.compute())
         if bool(table["has_competitor"].all()):
-            succ = PromptSuccess()
+            succ, mag = PromptSuccess(), PromptMagnitude()
             succ.update(table["nll_expected"], table["nll_competitor"], idx)
+            mag.update(table["nll_expected"], table["nll_competitor"], idx)
             out[f"{metric}_success"] = float(succ.compute())
+            out[f"{metric}_magnitude"] = float(mag.compute())
     parts = ["efficacy", "generalization", "specificity"]
     if all(f"{p}_success" in out for p in parts):
         out["score"] = harmonic_mean([out[f"{p}_success"] for p in parts])
@@ -227,16 +275,31 @@ class Evaluator:
         chosen = [r for r in requests if r.generation_prompts][: cfg.generation_cases or None]
         if not chosen:
             return {"fluency_reason": "no request has generation prompts"}
-        prompts = [p for r in chosen for p in r.generation_prompts[: cfg.generation_prompts_per_case]]
-        owner = [i for i, r in enumerate(chosen) for _ in r.generation_prompts[: cfg.generation_prompts_per_case]]
+        # All prompts of all chosen cases in one list: generate_text pads them into batches.
+        prompts = [p for r in chosen for p in cfg.generation_prompts_of(r)]
+        owner = [i for i, r in enumerate(chosen) for _ in cfg.generation_prompts_of(r)]
         if self.progress:
             print(f"[editlab] generating {len(prompts)} texts for fluency", file=sys.stderr)
         texts = generate_text(
-            self.view.model, self.tok, prompts, cfg.max_new_tokens, cfg.top_k, self.seed, batch_size=cfg.batch_size
+            self.view.model,
+            self.tok,
+            prompts,
+            cfg.max_new_tokens,
+            cfg.top_k,
+            self.seed,
+            batch_size=cfg.batch_size,
+            max_length_includes_prompt=cfg.max_length_includes_prompt,
+            stop_at_eos=cfg.stop_at_eos,
+            clean=cfg.clean_texts,
         )
         flu = Fluency()
         flu.update(texts, owner)
-        out: dict = {"fluency": float(flu.compute())}
+        out: dict = {
+            "fluency": float(flu.compute()),
+            "fluency_cases": len(chosen),
+            "fluency_texts": len(texts),
+            "generation_setting": cfg.generation_setting(self.seed),
+        }
         if self.reference is None:
             out["consistency_reason"] = self.consistency_reason
             return out
@@ -252,7 +315,8 @@ class Evaluator:
 
 
 def case_flags(case: dict) -> dict[str, float]:
-    """Per-case metric values: success (expected NLL < competitor NLL) and accuracy (greedy)."""
+    """Per-case metric values: success (expected NLL < competitor NLL), magnitude (probability
+    difference) and accuracy (greedy)."""
     out: dict[str, float] = {}
     for family, metric in FAMILIES.items():
         entries = case[family]
@@ -262,6 +326,8 @@ def case_flags(case: dict) -> dict[str, float]:
         if all("competitor" in e for e in entries):
             wins = [e["expected"]["nll"] < e["competitor"]["nll"] for e in entries]
             out[f"{metric}_success"] = sum(wins) / len(wins)
+            gaps = [math.exp(-e["expected"]["nll"]) - math.exp(-e["competitor"]["nll"]) for e in entries]
+            out[f"{metric}_magnitude"] = sum(gaps) / len(gaps)
     return out
 
 

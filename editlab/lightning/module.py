@@ -334,10 +334,10 @@ class EditingModule(L.LightningModule):
                 for prompt in prompts:
                     n = len(self.tok(prompt)["input_ids"]) + 64  # room for a prefix and the answer
                     self.check_prompt_length(n, f"case {req.case_id}: field {field!r}")
-            if self.evaluation.fluency:  # generated from, max_new_tokens past the prompt
+            if self.evaluation.fluency:  # generated from: the prompt and its continuation must fit
                 cfg = self.evaluation
-                for prompt in req.generation_prompts[: cfg.generation_prompts_per_case]:
-                    n = len(self.tok(prompt)["input_ids"]) + cfg.max_new_tokens
+                for prompt in cfg.generation_prompts_of(req):
+                    n = cfg.generated_length(len(self.tok(prompt)["input_ids"]))
                     self.check_prompt_length(n, f"case {req.case_id}: field 'generation_prompts' (+ max_new_tokens)")
 
     def check_prompt_length(self, n_tokens: int, what: str) -> None:

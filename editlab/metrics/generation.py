@@ -1,11 +1,19 @@
 """Generation metrics: fluency (n-gram entropy) and consistency (TF-IDF similarity), and the
 seeded top-k sampler that produces the texts.
 
+The sampler can reproduce the reference's ``generate_fast(..., max_out_len=100)``: each text is
+``max_new_tokens`` tokens long *including* its prompt (``max_length_includes_prompt``), sampling
+goes on past an EOS token (which the decoding drops, as the reference strips ``<|endoftext|>``),
+and the decoded text is NFKD-normalised with each blank line ("\\n\\n") turned into a space
+(``clean``). The evaluator turns these on by default; ``generate_text``'s own defaults keep the
+plain behaviour (new tokens only, stop at EOS, text as decoded).
+
 Fluency follows the ROME/MEMIT reference (``compute_n_gram_entropy``): word n-gram frequency
 entropies in bits for n = 2 and 3, weighted 2/3 and 4/3 and averaged, so
 ``fluency = (2/3 * H2 + 4/3 * H3) / 2``. The raw number is returned (the papers' tables show it
-×100). Words come from the regex ``\\w+|[^\\w\\s]`` instead of ``nltk.word_tokenize`` (no nltk
-dependency); they differ on contractions ("don't") and a few punctuation cases. Case is kept, as
+×100). Words come from the regex ``\\w+|[^\\w\\s]`` (combining marks kept in their word) instead of
+``nltk.word_tokenize`` (no nltk dependency); they differ on contractions ("don't") and a few
+punctuation cases. Case is kept, as
 ``nltk.word_tokenize`` keeps it; pass ``lowercase=True`` to fold it.
 
 Consistency follows ROME's ``tfidf_similarity``: cosine between the TF-IDF vectors (raw counts ×
@@ -20,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +39,9 @@ import torch
 from editlab.metrics.base import LocalMetric
 from editlab.metrics.editing import case_means
 
-WORD_RE = re.compile(r"\w+|[^\w\s]")
+# Combining marks (U+0300-U+036F) belong to their word: the texts are NFKD-normalised, which splits
+# "é" into "e" + U+0301, and nltk.word_tokenize (the reference) leaves the pair in one token.
+WORD_RE = re.compile(r"(?:\w|[\u0300-\u036f])+|[^\w\s]")
 # sklearn's TfidfVectorizer default token_pattern; the reference vocabulary was built with it.
 TFIDF_TOKEN_RE = re.compile(r"(?u)\b\w\w+\b")
 FLUENCY_NS = (2, 3)
@@ -117,12 +128,27 @@ def sample_top_k(logits: torch.Tensor, top_k: int, generator: torch.Generator) -
     return indices.gather(1, choice).squeeze(1)  # [B]
 
 
+def token_budgets(prompt_lengths: Sequence[int], max_tokens: int, includes_prompt: bool) -> list[int]:
+    """New tokens each prompt may get: ``max_tokens``, or with ``includes_prompt`` what is left of
+    ``max_tokens`` after the prompt's own tokens (the reference's ``max_out_len``: a 12-token
+    prompt and 100 get 88; a prompt of 100 tokens or more gets none)."""
+    if max_tokens < 0 or any(n < 0 for n in prompt_lengths):
+        raise ValueError(f"need non-negative lengths, got max_tokens={max_tokens}, prompts {list(prompt_lengths)}")
+    return [max(max_tokens - n, 0) if includes_prompt else max_tokens for n in prompt_lengths]
+
+
+def clean_text(text: str) -> str:
+    """The reference's post-processing of a generated text (``generate_fast``): NFKD Unicode
+    normalisation, then each blank line ("\\n\\n") becomes a space."""
+    return unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+
+
 @torch.no_grad()
 def generate_ids(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int] | torch.Tensor,
     top_k: int,
     generator: torch.Generator,
     eos_token_ids: Sequence[int],
@@ -130,19 +156,24 @@ def generate_ids(
 ) -> torch.Tensor:
     """Top-k sampling with a KV cache from left-padded prompts.
 
-    input_ids, attention_mask: [B, S] left-padded. Returns the new tokens [B, n] (n <= max_new_tokens;
-    shorter when every row has produced an EOS, any of ``eos_token_ids``), ``pad_token_id`` after a
-    row's EOS. The full attention mask (prompt + generated so far) is passed at every step (the
-    reference passed only the current token's mask), and positions count real tokens only, so left
-    padding does not shift them (absolute-position models such as GPT-2 depend on it).
+    input_ids, attention_mask: [B, S] left-padded. ``max_new_tokens``: one budget for every row or
+    one per row ([B]). Returns the new tokens [B, n], n = the largest budget, or fewer when every
+    row has stopped early; a row is ``pad_token_id`` after its budget or its EOS (any of
+    ``eos_token_ids``; an empty list never stops). The full attention mask (prompt + generated so
+    far) is passed at every step (the reference passed only the current token's mask), and
+    positions count real tokens only, so left padding does not shift them (absolute-position
+    models such as GPT-2 depend on it).
     """
     device = input_ids.device
+    budget = torch.as_tensor(max_new_tokens, dtype=torch.long).expand(len(input_ids)).cpu()  # [B]
+    if bool((budget < 0).any()):
+        raise ValueError(f"token budgets must be >= 0, got {budget.tolist()}")
     mask = attention_mask.clone()  # [B, S + t]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
-    done = torch.zeros(len(input_ids), dtype=torch.bool)  # [B] on CPU, like the sampled ids
+    done = budget == 0  # [B] on CPU, like the sampled ids
     out, past, step_ids = [], None, input_ids
-    for _ in range(max_new_tokens):
+    for step in range(int(budget.max()) if len(budget) else 0):
         res = model(
             input_ids=step_ids, attention_mask=mask, position_ids=position_ids, past_key_values=past, use_cache=True
         )
@@ -150,7 +181,7 @@ def generate_ids(
         nxt = sample_top_k(res.logits[:, -1], top_k, generator)  # [B]
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         out.append(nxt)
-        done |= torch.isin(nxt, eos)
+        done |= torch.isin(nxt, eos) | (budget <= step + 1)
         if bool(done.all()):
             break
         step_ids = nxt.unsqueeze(1).to(device)  # [B, 1]
@@ -171,7 +202,7 @@ def _eos_ids(model, tok) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def generate_text(
+def generate_token_rows(
     model,
     tok,
     prompts: Sequence[str],
@@ -179,14 +210,13 @@ def generate_text(
     top_k: int = 5,
     seed: int = 0,
     batch_size: int = 16,
-    include_prompt: bool = True,
-) -> list[str]:
-    """Seeded top-k samples, one per prompt, decoded without special tokens.
+    max_length_includes_prompt: bool = False,
+    stop_at_eos: bool = True,
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, sampled ids) per prompt, seeded top-k; see ``generate_text`` for the options.
 
-    Deterministic for a given (seed, prompts, batch_size) on a given device: one explicit CPU
-    ``torch.Generator`` drives the sampling (never the global RNG), consumed batch after batch.
-    Unlike the reference (100 tokens *including* the prompt) ``max_new_tokens`` counts new tokens.
-    With ``include_prompt`` (the reference's behaviour) the text is the decoded prompt + continuation.
+    The sampled ids end at the row's budget (``token_budgets``) or before its first EOS with
+    ``stop_at_eos``; without it they run through any EOS to the budget, as the reference does.
     """
     if isinstance(prompts, str):
         raise TypeError("generate_text takes a list of prompts, not one string")
@@ -198,18 +228,54 @@ def generate_text(
     if model.training:
         raise ValueError("generate_text needs model.eval(): dropout would make the samples irreproducible")
     eos_ids = _eos_ids(model, tok)
+    stops = eos_ids if stop_at_eos else []
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    texts: list[str] = []
+    out: list[tuple[list[int], list[int]]] = []
     for start in range(0, len(prompts), batch_size):
         rows = [tok(p)["input_ids"] for p in prompts[start : start + batch_size]]
+        budgets = token_budgets([len(r) for r in rows], max_new_tokens, max_length_includes_prompt)
         ids, mask = left_pad(rows, pad_id)
-        new = generate_ids(model, ids.to(device), mask.to(device), max_new_tokens, top_k, generator, eos_ids, pad_id)
-        for row, gen in zip(rows, new.tolist(), strict=True):
-            stops = [j for j, t in enumerate(gen) if t in eos_ids]
-            gen = gen[: stops[0]] if stops else gen
-            texts.append(tok.decode((row if include_prompt else []) + gen, skip_special_tokens=True))
-    return texts
+        new = generate_ids(model, ids.to(device), mask.to(device), budgets, top_k, generator, stops, pad_id)
+        for row, gen, budget in zip(rows, new.tolist(), budgets, strict=True):
+            gen = gen[:budget]  # the pads after a short budget
+            ends = [j for j, t in enumerate(gen) if t in stops]
+            out.append((row, gen[: ends[0]] if ends else gen))
+    return out
+
+
+def generate_text(
+    model,
+    tok,
+    prompts: Sequence[str],
+    max_new_tokens: int = 100,
+    top_k: int = 5,
+    seed: int = 0,
+    batch_size: int = 16,
+    include_prompt: bool = True,
+    max_length_includes_prompt: bool = False,
+    stop_at_eos: bool = True,
+    clean: bool = False,
+) -> list[str]:
+    """Seeded top-k samples, one per prompt, decoded without special tokens.
+
+    Deterministic for a given (seed, prompts, batch_size) on a given device: one explicit CPU
+    ``torch.Generator`` drives the sampling (never the global RNG), consumed batch after batch.
+
+    Args:
+        max_new_tokens: length of each sample in tokens: new tokens only, or with
+            ``max_length_includes_prompt`` prompt + new tokens (the reference's ``max_out_len``).
+        include_prompt: the text is the decoded prompt + continuation (the reference's) rather
+            than the continuation alone.
+        stop_at_eos: stop a row at its first EOS; False samples on to the length, as the
+            reference does (the EOS tokens are dropped from the text, being special tokens).
+        clean: ``clean_text`` each text, as the reference does.
+    """
+    rows = generate_token_rows(
+        model, tok, prompts, max_new_tokens, top_k, seed, batch_size, max_length_includes_prompt, stop_at_eos
+    )
+    texts = [tok.decode((row if include_prompt else []) + gen, skip_special_tokens=True) for row, gen in rows]
+    return [clean_text(t) for t in texts] if clean else texts
 
 
 # ----------------------------------------------------------------------------- consistency
