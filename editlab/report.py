@@ -64,14 +64,19 @@ CORE_ROWS = (
     "consistency",
     "me_ppl50_perplexity",
 )
-# Rows shown after a core row when some run has them: token accuracy (zsRE's usual measure) and the
-# held-out specificity of neighbour-assisted runs.
+# Rows shown after a core row when some run has them: the magnitude (probability difference) beside
+# its success rate, token accuracy (zsRE's usual measure) and the held-out specificity of
+# neighbour-assisted runs.
 ROWS_AFTER = {
+    "efficacy_success": ("efficacy_magnitude",),
     "efficacy_accuracy": ("efficacy_token_accuracy",),
+    "generalization_success": ("generalization_magnitude",),
     "generalization_accuracy": ("generalization_token_accuracy",),
+    "specificity_success": ("specificity_magnitude",),
     "specificity_accuracy": (
         "specificity_token_accuracy",
         "specificity_heldout_success",
+        "specificity_heldout_magnitude",
         "specificity_heldout_accuracy",
         "specificity_heldout_token_accuracy",
     ),
@@ -81,7 +86,9 @@ ZSRE_KEY = re.compile(r"zsre_\w*accuracy")
 LABELS = {"me_ppl50_perplexity": "ME-PPL-50 perplexity"}
 
 # Curve families plotted on [0, 1] axes, in panel order; "overall" gathers the single-valued rates.
-RATE_FAMILIES = ("efficacy", "generalization", "specificity", "overall", "zsre")
+# "magnitude" (probability differences, in [-1, 1]) has its own panel: pre-edit efficacy magnitudes
+# are negative and would fall off a [0, 1] axis.
+RATE_FAMILIES = ("efficacy", "generalization", "specificity", "overall", "zsre", "magnitude")
 COMPARE_METRICS = ("efficacy_success", "generalization_success", "specificity_success")
 POINT_KEYS = frozenset({"step", "edits", "timing"})  # coordinates of a curve/steps row, not metrics
 
@@ -367,6 +374,8 @@ def numeric_keys(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def rate_family(key: str) -> str | None:
     """Panel of a [0, 1] metric; None for keys that are not rates (quality, seconds, unknown)."""
     head = key.split("_", 1)[0]
+    if key.endswith("_magnitude"):
+        return "magnitude"
     if head in ("efficacy", "generalization", "specificity") or ZSRE_KEY.fullmatch(key):
         return head
     if key in ("score", "consistency"):
@@ -399,12 +408,13 @@ def new_figure(panels: int) -> tuple[Figure, list[Axes]]:
     return figure, axes[:panels]
 
 
-def style_axes(ax: Axes, title: str, *, rate: bool) -> None:
+def style_axes(ax: Axes, title: str, *, rate: bool, signed: bool = False) -> None:
+    """``rate``: y on [0, 1]; with ``signed`` on [-1, 1] (probability differences)."""
     ax.set_title(title)
     ax.set_xlabel("edits")
     ax.grid(alpha=0.3)
     if rate:
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(-1.02 if signed else -0.02, 1.02)
     if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:  # keep a legend drawn already (twin axes)
         ax.legend(fontsize="small")
 
@@ -440,7 +450,7 @@ def plot_curve(rows: Sequence[Mapping[str, Any]] | None, *, quality: bool) -> Fi
     for ax, (name, members) in zip(axes, groups.items(), strict=True):
         for index, key in enumerate(sorted(members)):
             draw_curve_metric(ax, rows, key, f"C{index % 10}")
-        style_axes(ax, label(name) if quality else name, rate=not quality)
+        style_axes(ax, label(name) if quality else name, rate=not quality, signed=name == "magnitude")
     return figure
 
 
@@ -554,6 +564,12 @@ def reason_lines(reason: Any) -> list[str]:
     return [] if reason is None else [f"consistency: {render(reason)}", ""]
 
 
+def generation_lines(summary: Mapping[str, Any]) -> list[str]:
+    """How the fluency texts were generated (``generation_setting``), when the run says."""
+    setting = summary.get("generation_setting")
+    return [] if setting is None else [f"generation: {render(setting)}", ""]
+
+
 def write_run_report(run_dir: Path) -> Path:
     """Write ``report.md`` (+ plots) into ``run_dir`` and return its path."""
     run_dir = Path(run_dir)
@@ -565,6 +581,7 @@ def write_run_report(run_dir: Path) -> Path:
     lines += settings_section(config, summary)
     lines += ["## Metrics", "", *run_metrics_table(summary), ""]
     lines += weight_norm_section([final_weight_norms(steps)], ["matrix", "value"])
+    lines += generation_lines(summary)
     lines += reason_lines(summary.get("consistency_reason"))
     lines += ["## Plots", ""]
     lines += embed(

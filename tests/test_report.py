@@ -16,6 +16,7 @@ from editlab.report import (
     PLOT_QUALITY,
     PLOT_STEPS,
     RunDataError,
+    rate_family,
     report_main,
     write_comparison,
     write_run_report,
@@ -289,3 +290,26 @@ def test_token_accuracy_and_held_out_specificity_rows_appear_only_when_a_run_has
     assert keys.index("efficacy accuracy") + 1 == keys.index("efficacy token accuracy")
     alone = table_rows(write_run_report(make_run(tmp_path, "bare")).read_text())
     assert "efficacy token accuracy" not in alone and "specificity heldout accuracy" not in alone
+
+
+def test_magnitude_rows_sit_beside_success_and_the_generation_setting_is_shown(tmp_path):
+    setting = "every generation prompt per case, 100 tokens including the prompt, top-k 5, seed 0"
+    run = make_run(
+        tmp_path,
+        "mag",
+        efficacy_magnitude=0.62,
+        pre_efficacy_magnitude=-0.31,
+        specificity_magnitude=0.05,
+        generation_setting=setting,
+    )
+    text = write_run_report(run).read_text()
+    rows = table_rows(text)
+    keys = list(rows)
+    assert rows["efficacy magnitude"] == ["-0.310", "0.620"]
+    assert keys.index("efficacy success") + 1 == keys.index("efficacy magnitude")
+    assert keys.index("specificity success") + 1 == keys.index("specificity magnitude")
+    assert "generalization magnitude" not in rows  # absent from this run: no row
+    assert f"\ngeneration: {setting}\n" in text
+    # A probability difference may be negative: its own panel, not a [0, 1] rate axis.
+    assert rate_family("efficacy_magnitude") == rate_family("specificity_heldout_magnitude") == "magnitude"
+    assert rate_family("efficacy_success") == "efficacy"
