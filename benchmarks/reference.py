@@ -51,8 +51,9 @@ def covariance(view: ModelView, tok, texts: list[str], layers: list[int], max_le
 
 @torch.no_grad()
 def keys_and_outputs(view: ModelView, tok, requests, templates, key_layer: int, out_layer: int):
-    """Keys at key_layer averaged over templates [n, d_ff] and the bare prompt's output of
-    out_layer at the subject's last token [n, d_model], both float64, from whole forwards."""
+    """Keys at key_layer [n, d_ff] as compute_ks averages them (the mean of the bare prompt's key
+    and of the prefixes' mean key) and the bare prompt's output of out_layer at the subject's
+    last token [n, d_model], both float64, from whole forwards."""
     sr = subject_rows(tok, requests, templates)
     batch = pad(sr.rows, tok.pad_token_id).to(view.device)
     with capture_inputs({"k": view.ffn_out(key_layer)}) as cap, capture_output(view.layer(out_layer), "h") as hid:
@@ -61,10 +62,11 @@ def keys_and_outputs(view: ModelView, tok, requests, templates, key_layer: int, 
     pos = sr.subject_pos.to(view.device)
     k = cap["k"][ar, pos].double()  # [R, d_ff]
     n = len(requests)
-    keys = torch.zeros(n, k.shape[1], dtype=torch.float64, device=view.device)
-    keys.index_add_(0, sr.owner.to(view.device), k)
+    per_template = k.view(sr.n_templates, n, -1)  # [T, n, d_ff]: rows are template-major
+    type_means = [per_template[:1].mean(0)] + ([per_template[1:].mean(0)] if sr.n_templates > 1 else [])
+    keys = torch.stack(type_means).mean(0)  # [n, d_ff]
     outs = hid["h"][ar[:n], pos[:n]].double()  # rows [0, n) are template 0, the bare prompt
-    return keys / sr.n_templates, outs
+    return keys, outs
 
 
 def z_one_request(view: ModelView, tok, req: EditRequest, templates: list[str], layer: int, cfg: TargetConfig):
@@ -99,7 +101,9 @@ def z_one_request(view: ModelView, tok, req: EditRequest, templates: list[str], 
             per_row = per_row / torch.zeros(n_rewrite, device=device).index_add(0, tgt_row, torch.ones_like(tok_nll))
             nll = per_row.mean()
             kl_row = int(is_kl.nonzero()[0])
-            kl_logp = logp[kl_row, int(batch.lengths[kl_row]) - 1]  # [V]
+            # compute_z reads the KL row at its lookup index, the subject's last token.
+            kl_at = int(edit_pos[kl_row]) if cfg.kl_position == "subject" else int(batch.lengths[kl_row]) - 1
+            kl_logp = logp[kl_row, kl_at]  # [V]
             if kl_init is None:
                 kl_init = kl_logp.detach()
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()

@@ -144,7 +144,7 @@ def test_reference_covariance_keys_and_solve_equal_editlab(tiny_llama):
     for layer in (0, 1):
         torch.testing.assert_close(mine[layer].mean(), ref[layer], rtol=1e-6, atol=1e-9)
     reqs = load_requests(str(SHARED_DATA / "multi_counterfact.json.gz"), num_edits=4)
-    templates = ["{}", "Hello. {}"]
+    templates = ["{}", "Hello. {}", "Good morning to you all. {}"]  # 3: per-type and flat means differ
     k1, h1 = keys_and_outputs(view, tok, reqs, templates, 0, 1)
     k2, h2 = reference.keys_and_outputs(view, tok, reqs, templates, 0, 1)
     torch.testing.assert_close(k1, k2, rtol=1e-5, atol=1e-6)

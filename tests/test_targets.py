@@ -124,3 +124,88 @@ def test_lower_cache_gives_the_same_targets_and_skips_the_layers_below(model_typ
     # Layer 0 ran once for the cache (and once for the prefix), not once per optimisation step.
     assert n_cached == 1 + prefix_cache and n_plain == n_cached - 1 + 6
     assert all("forward" not in m.__dict__ for m in view.layers())  # the skip is undone
+
+
+# -- the KL term's position ----------------------------------------------------------------------
+def loss_by_hand(model, tok, req, shift: torch.Tensor, layer: int, cfg: TargetConfig) -> dict[str, float]:
+    """compute_z's loss for one request, template "{}", written out: ``shift`` [d_model] added to
+    the output of ``layer`` at the subject's last token of each prompt, one plain forward per
+    prompt. Returns the loss with the KL read at the subject's last token and at the last token."""
+    view = ModelView.of(model)
+
+    def log_probs(ids: list[int], pos: int, add: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        seen = {}
+
+        def hook(module, args, out):
+            hs = (out[0] if isinstance(out, tuple) else out).clone()  # [1, S, d_model]
+            seen["h"] = hs[0, pos].clone()
+            if add is not None:
+                hs[0, pos] += add
+            return (hs, *out[1:]) if isinstance(out, tuple) else hs
+
+        handle = view.layer(layer).register_forward_hook(hook)
+        try:
+            logits = model(input_ids=torch.tensor([ids])).logits[0].float()  # [S, V]
+        finally:
+            handle.remove()
+        return logits.log_softmax(-1), seen["h"]
+
+    pre = req.prompt[: req.prompt.index("{}")]
+    subj = len(tok(pre + req.subject)["input_ids"]) - 1  # the subject's last token
+    prompt_ids = tok(req.prompt.format(req.subject))["input_ids"]
+    ans = tok(" " + req.target_new, add_special_tokens=False)["input_ids"]
+    logp, h = log_probs(prompt_ids + ans[:-1], subj, shift)
+    nll = -sum(float(logp[len(prompt_ids) - 1 + j, a]) for j, a in enumerate(ans)) / len(ans)
+    kl_ids = tok(cfg.kl_prompt.format(req.subject))["input_ids"]
+    kl_subj = len(tok(req.subject)["input_ids"]) - 1  # "{} is a": the subject starts the prompt
+    shifted, _ = log_probs(kl_ids, kl_subj, shift)
+    plain, _ = log_probs(kl_ids, kl_subj, None)
+    wd = cfg.weight_decay * float(shift.norm()) / float(h.norm()) ** 2
+    out = {}
+    for name, at in (("subject", kl_subj), ("last", len(kl_ids) - 1)):
+        kl = float((shifted[at].exp() * (shifted[at] - plain[at])).sum())  # KL(shifted || unshifted)
+        out[name] = nll + cfg.kl_factor * kl + wd
+    return out
+
+
+@pytest.mark.parametrize("caches", [True, False])  # prefix and lower-layer caches on / off
+@pytest.mark.parametrize("kl_position", ["subject", "last"])
+def test_kl_term_is_read_at_the_configured_token(kl_position, caches):
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()[:2]  # multi-token subjects; the second prompt has text before its subject
+    cfg = TargetConfig(
+        steps=2,
+        lr=2.0,
+        clamp_norm_factor=4.0,
+        kl_factor=100.0,  # large: the KL term dominates the loss
+        early_stop_loss=0.0,
+        kl_position=kl_position,
+        prefix_cache=caches,
+        lower_cache=caches,
+    )
+    # Two forwards: the loss returned is the one measured at δ₁ = z − h after one update.
+    res = optimize_targets(view, tok, reqs, ["{}"], 1, cfg, progress=False)
+    assert (res.steps == 1).all()
+    other = "last" if kl_position == "subject" else "subject"
+    for i, req in enumerate(reqs):
+        by_hand = loss_by_hand(model, tok, req, (res.z[i] - res.h[i]).float(), 1, cfg)
+        assert abs(by_hand["subject"] - by_hand["last"]) > 1e-2  # the two positions differ here
+        assert abs(float(res.loss[i]) - by_hand[kl_position]) < 1e-4, (float(res.loss[i]), by_hand)
+        assert abs(float(res.loss[i]) - by_hand[other]) > 1e-3
+
+
+def test_kl_reference_with_a_base_shift_is_the_unshifted_subject_token():
+    from editlab.editing.targets import descend_offsets
+
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()[:2]
+    cfg = TargetConfig(kl_factor=10.0, early_stop_loss=0.0)
+    base = 2.0 * torch.randn(len(reqs), model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    # One forward at the base (ECE's phase 2 start): its KL reference is an extra unshifted forward.
+    run = descend_offsets(view, tok, reqs, ["{}"], 1, cfg, 1, base=base, progress=False)
+    for i, req in enumerate(reqs):
+        by_hand = loss_by_hand(model, tok, req, base[i], 1, cfg)
+        assert abs(by_hand["subject"] - by_hand["last"]) > 1e-2
+        assert abs(float(run.loss[i]) - by_hand["subject"]) < 1e-4, (float(run.loss[i]), by_hand)
