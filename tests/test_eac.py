@@ -168,3 +168,42 @@ def test_eac_step_budget_is_checked():
         MEMIT(layers=[0], targets=CFG, eac=EACConfig(select_steps=10, retrain_steps=15))
     with pytest.raises(ValueError, match="option percentile=120"):
         EACConfig(percentile=120)
+
+
+# -- where stage 2 starts (the authors' code: ROME from δ₁, MEMIT from zero) --------------------
+@pytest.mark.parametrize("start", ["zero", "stage1"])
+def test_stage2_starts_at_zero_or_at_the_masked_stage1_shift(start):
+    # One stage-2 forward only measures (no update): the z it returns is its starting point.
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    eac = EACConfig(select_steps=3, retrain_steps=1, percentile=80.0)
+    res = eac_targets(view, tok, facts(), TEMPLATES, 1, CFG, eac, progress=False, start=start)
+    assert float(res.stage1_shift.abs().max()) > 0  # stage 1 did move
+    expected = torch.zeros_like(res.z) if start == "zero" else res.stage1_shift * res.mask
+    torch.testing.assert_close(res.z - res.h, expected)  # z = h + start: float rounding only
+
+
+@pytest.mark.parametrize(
+    ("kind", "retrain_from", "starts_at_zero"),
+    [("memit", None, True), ("rome", None, False), ("memit", "stage1", False), ("rome", "zero", True)],
+)
+def test_each_method_starts_stage2_as_its_authors_code(kind, retrain_from, starts_at_zero, tmp_path, stats_cache):
+    ctx: EditContext = context()
+    eac = EACConfig(select_steps=3, retrain_steps=1, percentile=80.0, retrain_from=retrain_from)
+    common = dict(targets=TargetConfig(steps=4, lr=0.5, kl_factor=0.0, weight_decay=0.0), eac=eac)
+    common.update(context=ContextTemplates(count=0), covariance=cov_cfg(tmp_path))
+    method = MEMIT(layers=[0, 1], mom2_weight=0.01, **common) if kind == "memit" else ROME(layer=1, **common)
+    method.setup(ctx)
+    tgt = method.compute_targets(ctx, facts())
+    shift = tgt.z - tgt.h
+    assert float(tgt.stage1_shift.abs().max()) > 0
+    if starts_at_zero:
+        assert float(shift.abs().max()) == 0.0
+    else:
+        torch.testing.assert_close(shift, tgt.stage1_shift * tgt.mask)
+
+
+def test_retrain_from_is_checked():
+    with pytest.raises(ValueError, match="option eac.retrain_from='delta1'"):
+        EACConfig(retrain_from="delta1")
+    assert EACConfig().start("zero") == "zero" and EACConfig(retrain_from="stage1").start("zero") == "stage1"

@@ -5,9 +5,10 @@ Stage 1 runs the usual optimisation for ``select_steps`` updates and records ∂
 update. The weighted-gradient saliency of each dimension is |mean_t(∂L/∂δ) ⊙ δ₁| (eq. 1; the
 gradient averaged over the recorded steps, the vector δ₁ the stage ends with). The anchors are the
 dimensions whose score reaches γ = the ``percentile``-th percentile of the request's scores
-(eq. 2; the paper's Table 2 gives P80–P95). Stage 2 starts from m ⊙ δ₁ (eq. 3: the other
-dimensions are set to zero), trains only the anchors, and adds the scored L1 term
-λ Σ_j |δ_j| / (score_j + ε) (eq. 4–6) to the loss.
+(eq. 2; the paper's Table 2 gives P80–P95). Stage 2 trains only the anchors and adds the scored
+L1 term λ Σ_j |δ_j| / (score_j + ε) (eq. 4–6) to the loss. It starts where the authors' code
+starts it (``EACConfig.retrain_from``): their ROME from m ⊙ δ₁ (eq. 3: the other dimensions set
+to zero), their MEMIT from zero (stage 1 only chooses the anchors; δ₁ is dropped).
 
 The L2 half of the elastic net (μ in eq. 4): the paper's μ (0.5 for GPT2-XL, 1e-3 for Llama3-8B,
 appendix C.5) are exactly the reference's v_weight_decay for those models, and the authors' code
@@ -20,12 +21,14 @@ The vector the saliency weighs and the L1 term penalises is the shift δ that is
 (z = h + δ), as in the authors' code; α uses |score|, since the mask is defined on |score|. The
 authors' ROME code matches stage 1 and the anchors (mean gradient times the final δ₁, top 20%,
 stage 2 from δ₁ on the anchors); it computes the weighted L1 term but never adds it to the loss:
-it is added here, as the paper states.
+it is added here, as the paper states. Their MEMIT code (top 5%, 15 stage-2 steps from zero)
+adds it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -48,6 +51,9 @@ class EACConfig:
         l2: weight of an extra squared L2 term μ‖δ‖²; 0 for ROME/MEMIT, whose μ is
             targets.weight_decay (see the module docstring); FT's L2 half.
         eps: ε in the L1 weights α = 1 / (score + ε) (the authors' code: 1e-6).
+        retrain_from: where stage 2 starts. "stage1": m ⊙ δ₁ (eq. 3; the authors' ROME code).
+            "zero": from zero on the anchors (the authors' MEMIT code: stage 1 only picks them).
+            None: the authors' choice for the method (ROME and FT "stage1", MEMIT "zero").
     """
 
     select_steps: int = 10
@@ -56,6 +62,7 @@ class EACConfig:
     l1: float = 5e-7
     l2: float = 0.0
     eps: float = 1e-6
+    retrain_from: Literal["stage1", "zero"] | None = None
 
     def __post_init__(self) -> None:
         if self.select_steps < 1 or self.retrain_steps < 1:
@@ -64,10 +71,16 @@ class EACConfig:
             raise ValueError(f"option percentile={self.percentile} must be in [0, 100]")
         if self.l1 < 0 or self.l2 < 0 or self.eps <= 0:
             raise ValueError(f"options l1, l2 must be >= 0 and eps > 0: {self}")
+        if self.retrain_from not in (None, "stage1", "zero"):
+            raise ValueError(f"option eac.retrain_from={self.retrain_from!r} must be 'stage1', 'zero' or null")
 
     @property
     def total_steps(self) -> int:
         return self.select_steps + self.retrain_steps
+
+    def start(self, authors: Literal["stage1", "zero"]) -> Literal["stage1", "zero"]:
+        """Stage 2's start: ``retrain_from``, or ``authors`` (the method's released choice) if unset."""
+        return self.retrain_from or authors
 
 
 def saliency(mean_grad: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
@@ -130,9 +143,14 @@ def eac_targets(
     cfg: TargetConfig,
     eac: EACConfig,
     progress: bool = True,
+    start: Literal["stage1", "zero"] = "stage1",
+    norm_ref: tuple[torch.nn.Module, str] | None = None,
 ) -> EACTargetResult:
-    """z_i = h_i + m_i ⊙ (δ₁ + Δ)_i, both stages through :func:`descend_offsets` (MEMIT's loss,
-    clamp and early stop; ``cfg.steps`` is not read, the stages' step counts are)."""
+    """z_i = h_i + m_i ⊙ (s + Δ)_i with s = δ₁ (``start`` "stage1") or 0 ("zero"), both stages
+    through :func:`descend_offsets` (MEMIT's loss, clamp and early stop; ``cfg.steps`` is not
+    read, the stages' step counts are). ``norm_ref``: see descend_offsets (ROME's FFN output)."""
+    if start not in ("stage1", "zero"):
+        raise ValueError(f"eac_targets: start={start!r} must be 'stage1' or 'zero'")
     n, d_model = len(requests), view.model.config.hidden_size
     grads = GradientMean((n, d_model), view.device)
     stage1 = descend_offsets(
@@ -147,10 +165,12 @@ def eac_targets(
         progress=progress,
         desc="z EAC select",
         record_grad=grads.record,
+        norm_ref=norm_ref,
     )
     score = saliency(grads.mean(), stage1.delta)  # [n, d_model]
     mask = anchor_mask(score, eac.percentile)  # [n, d_model]
-    start = stage1.delta * mask  # eq. 3: the non-anchor dimensions are set to zero
+    # eq. 3 sets the non-anchor dimensions to zero; the authors' MEMIT starts every one at zero.
+    base = stage1.delta * mask if start == "stage1" else torch.zeros_like(stage1.delta)  # [n, d_model]
 
     def elastic(act_req: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         return scored_elastic_net(shift, score[act_req], eac.l1, eac.l2, eac.eps)
@@ -163,14 +183,15 @@ def eac_targets(
         layer,
         cfg,
         eac.retrain_steps,
-        base=start,
+        base=base,
         progress=progress,
         desc="z EAC retrain",
         mask=mask,
         extra_loss=elastic,
+        norm_ref=norm_ref,
     )
     return EACTargetResult(
-        z=stage1.h + start + stage2.delta,
+        z=stage1.h + base + stage2.delta,
         h=stage1.h,
         loss=stage2.loss,
         nll=stage2.nll,

@@ -106,15 +106,16 @@ def submatrix_delta(keys: torch.Tensor, resid: torch.Tensor, preserve: torch.Ten
     return delta
 
 
-def rome_delta(key: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def rome_delta(key: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor | None) -> torch.Tensor:
     """ROME's rank-one update ΔW [d_model, d_ff] = r (C⁻¹k)ᵀ / ((C⁻¹k)ᵀ k), so that ΔW k = r.
 
     The minimiser of tr(ΔW C ΔWᵀ) (the change on the preserved keys, C = E[kkᵀ]) subject to
     (W + ΔW) k = v, with r = v − W k. Invariant to the scale of C, so ROME has no λ.
-    key: [d_ff]; resid: [d_model]; cov: [d_ff, d_ff] symmetric positive definite.
+    key: [d_ff]; resid: [d_model]; cov: [d_ff, d_ff] symmetric positive definite, or None for
+    C = I, ΔW = r kᵀ / (kᵀk) (ROME's ``mom2_adjustment: false``: no covariance at all).
     """
     k = key.double()
-    u = torch.linalg.solve(cov.double().to(k.device), k)  # [d_ff] C⁻¹k
+    u = k if cov is None else torch.linalg.solve(cov.double().to(k.device), k)  # [d_ff] C⁻¹k
     denom = u @ k
     if not torch.isfinite(u).all() or not float(denom) > 0:
         raise FloatingPointError("ROME solve failed: C is singular or k*ᵀC⁻¹k* is not positive")

@@ -47,6 +47,12 @@ class EditMethod(ABC):
 
     layers: list[int]
 
+    @property
+    def name(self) -> str:
+        """The method's name in summary.json, reports and W&B: the class name, unless a subclass
+        names its variant (MEMIT_seq, ROME-EAC, ...)."""
+        return type(self).__name__
+
     def setup(self, ctx: EditContext) -> None:
         """Work done once on the unedited model (statistics, context templates)."""
 

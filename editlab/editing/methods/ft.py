@@ -134,7 +134,9 @@ class FT(EditMethod):
                         score = saliency(grads.mean(), (weight - w0).flatten()[None])  # [1, numel]
                         flat_mask = anchor_mask(score, self.eac.percentile)  # [1, numel]
                         mask = flat_mask.view_as(weight)
-                        weight.copy_(torch.where(mask, weight, w0))  # eq. 3: non-anchors back to W₀
+                        # eq. 3: non-anchors back to W₀ (retrain_from "zero": every entry; FT-EAC
+                        # has no released code, so "stage1", the paper's eq. 3, is the default).
+                        weight.copy_(torch.where(mask, weight, w0) if self.eac.start("stage1") == "stage1" else w0)
                     loss, second = self.descend(
                         ctx, requests, weight, w0, self.eac.retrain_steps, mask=mask, score=score
                     )

@@ -124,7 +124,15 @@ class LayerSpreadMethod(KeyValueMethod):
             reqs = [requests[g] for g in idx]
             if self.eac is not None:
                 return eac_targets(
-                    ctx.view, ctx.tok, reqs, self.templates, z_layer, self.targets, self.eac, ctx.progress
+                    ctx.view,
+                    ctx.tok,
+                    reqs,
+                    self.templates,
+                    z_layer,
+                    self.targets,
+                    self.eac,
+                    ctx.progress,
+                    start=self.eac.start("zero"),  # the authors' MEMIT-EAC: stage 2 from zero
                 )
             pos = {g: i for i, g in enumerate(idx)}
             mine = [dataclasses.replace(e, owner=pos[e.owner]) for e in extra or [] if e.owner in pos]
@@ -174,7 +182,8 @@ class MEMIT(LayerSpreadMethod):
         Args:
             layers: edited layers, strictly increasing; z is optimised at the last one.
             mom2_weight: λ, the weight of the preserved key moment E[kkᵀ] in the solve.
-            sequential: accumulate Σ KKᵀ of past steps into the solve (sequential editing).
+            sequential: accumulate Σ KKᵀ of past steps into the solve (MEMIT_seq). False is
+                the seeds' MEMIT (plain apply_memit_to_model, no cache).
             targets: z optimisation settings.
             context: context-template generation settings.
             covariance: corpus and settings of E[kkᵀ].
@@ -185,6 +194,12 @@ class MEMIT(LayerSpreadMethod):
         super().__init__(layers, mom2_weight, targets, context, covariance)
         self.sequential = sequential
         self.eac = eac
+
+    @property
+    def name(self) -> str:
+        """MEMIT, MEMIT_seq (with the sequential cache), MEMIT-EAC (and MEMIT-EAC_seq)."""
+        base = "MEMIT-EAC" if self.eac is not None else "MEMIT"
+        return f"{base}_seq" if self.sequential else base
 
     def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         cache = self.cache_c.get(layer) if self.sequential else None

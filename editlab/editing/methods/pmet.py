@@ -65,12 +65,17 @@ class PMET(MEMIT):
         Args:
             layers: edited layers, strictly increasing; both offsets are optimised at the last one.
             mom2_weight: λ of the solve (PMET's GPT-J setting: 6000).
-            sequential: accumulate Σ KKᵀ of past steps into the solve.
+            sequential: accumulate Σ KKᵀ of past steps into the solve (PMET_seq); the released
+                PMET (apply_pmet_to_model) has no such cache: false.
             targets: settings of the joint attention + FFN optimisation.
             context: context-template generation settings.
             covariance: corpus and settings of E[kkᵀ].
         """
         super().__init__(layers, mom2_weight, sequential, targets, context, covariance)
+
+    @property
+    def name(self) -> str:
+        return "PMET_seq" if self.sequential else "PMET"
 
     def compute_targets(
         self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None

@@ -4,19 +4,23 @@ Per request, in order (a step's requests are applied one at a time, as the refer
 on the weights the previous one left): z at the edited layer l (the residual after layer l at the
 subject's last token, which is the FFN output plus a constant there), the key k* averaged over
 the context templates, r = z − h (h: the current output of layer l on the bare prompt), and
-ΔW = r (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀk*), which makes W' k* = W k* + r exactly (solve.rome_delta).
+ΔW = r (C⁻¹k*)ᵀ / ((C⁻¹k*)ᵀk*), which makes W' k* = W k* + r exactly (solve.rome_delta);
+C = I with ``mom2_adjustment`` false (ROME's Llama3-8B setting), and then no covariance is made.
 
-Differences from the reference, on purpose: z's clamp and weight decay are relative to the
-residual ‖h‖ (descend_offsets, shared with MEMIT) where ROME's code uses the FFN output's norm;
-and k* and r use the same averaged key (ROME's code takes r from the bare prompt's key).
-With ``eac``, z comes from EAC's two-stage optimisation (ROME-EAC).
+As rome/compute_v.py, z's clamp radius and weight decay are relative to the norm of the output
+ROME edits, the FFN output at the bare prompt's subject token (``norm_of`` "ffn_output";
+"residual" is MEMIT's rule, editlab's earlier ROME). Difference from the reference, on purpose:
+k* and r use the same averaged key (ROME's code takes r from the bare prompt's key).
+With ``eac``, z comes from EAC's two-stage optimisation (ROME-EAC), stage 2 started from δ₁ as
+the authors' ROME code does.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Literal
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context import ContextTemplates, make_context_templates
 from editlab.editing.eac import EACConfig, eac_targets
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
@@ -37,6 +41,8 @@ class ROME(KeyValueMethod):
         context: ContextTemplates = ContextTemplates(count=20, length=10, key_weighting="flat"),
         covariance: CovarianceConfig = CovarianceConfig(),
         eac: EACConfig | None = None,
+        norm_of: Literal["ffn_output", "residual"] = "ffn_output",
+        mom2_adjustment: bool = True,
     ) -> None:
         """
         Args:
@@ -49,11 +55,40 @@ class ROME(KeyValueMethod):
                 invariant to the scale of C).
             eac: EAC's anchor compression of z (ROME-EAC); targets.steps must then equal
                 eac.select_steps + eac.retrain_steps. None: plain ROME.
+            norm_of: the vector whose norm scales z's clamp radius (targets.clamp_norm_factor ·
+                ‖·‖) and weight decay (‖δ‖/‖·‖²): "ffn_output", the FFN output ROME edits, at the
+                bare prompt's subject token (rome/compute_v.py); "residual", the layer's output
+                there (MEMIT's rule; editlab's earlier ROME).
+            mom2_adjustment: solve with C = E[kkᵀ] (ROME's default); False takes C = I, ΔW =
+                r k*ᵀ / (k*ᵀk*), and computes no covariance (ROME's Llama3-8B hparams).
         """
         check_eac_steps(targets, eac)
+        if norm_of not in ("ffn_output", "residual"):
+            raise ValueError(f"option norm_of={norm_of!r} must be 'ffn_output' or 'residual'")
         super().__init__([layer], 0.0, targets, context, covariance)
         self.layer = layer
         self.eac = eac
+        self.norm_of = norm_of
+        self.mom2_adjustment = mom2_adjustment
+
+    @property
+    def name(self) -> str:
+        return "ROME-EAC" if self.eac is not None else "ROME"
+
+    def setup(self, ctx: EditContext) -> None:
+        """Templates, and C only when the solve uses it (mom2_adjustment)."""
+        if self.mom2_adjustment:
+            super().setup(ctx)
+            return
+        ctx.view.check_layers(self.layers)
+        self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
+
+    def norm_ref(self, ctx: EditContext):
+        """descend_offsets' ``norm_ref`` for ``norm_of``: the FFN out-projection (its output is the
+        FFN's; GPT-2's dropout after it is off in eval), or None for the residual."""
+        if self.norm_of == "residual":
+            return None
+        return (ctx.view.ffn_out(self.layer), ctx.view.ffn_out_name(self.layer))
 
     def compute_targets(
         self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None
@@ -62,12 +97,30 @@ class ROME(KeyValueMethod):
         ``extra``: neighbour rows of the z loss (seed 004)."""
         if self.eac is not None and extra:
             raise ValueError("ROME with eac does not take extra (neighbour) loss rows")
+        ref = self.norm_ref(ctx)
         if self.eac is not None:
             return eac_targets(
-                ctx.view, ctx.tok, requests, self.templates, self.layer, self.targets, self.eac, ctx.progress
+                ctx.view,
+                ctx.tok,
+                requests,
+                self.templates,
+                self.layer,
+                self.targets,
+                self.eac,
+                ctx.progress,
+                start=self.eac.start("stage1"),  # the authors' ROME: stage 2 from m ⊙ δ₁
+                norm_ref=ref,
             )
         return optimize_targets(
-            ctx.view, ctx.tok, requests, self.templates, self.layer, self.targets, ctx.progress, extra=extra
+            ctx.view,
+            ctx.tok,
+            requests,
+            self.templates,
+            self.layer,
+            self.targets,
+            ctx.progress,
+            extra=extra,
+            norm_ref=ref,
         )
 
     def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
@@ -79,7 +132,8 @@ class ROME(KeyValueMethod):
                 key, cur = keys_and_outputs(
                     view, ctx.tok, [req], self.templates, self.layer, self.layer, weighting=self.context.key_weighting
                 )  # [1, d_ff], [1, d]
-                delta = rome_delta(key[0], tgt.z[i].double() - cur[0], self.cov[self.layer])  # [d_model, d_ff]
+                cov = self.cov[self.layer] if self.mom2_adjustment else None  # None: C = I
+                delta = rome_delta(key[0], tgt.z[i].double() - cur[0], cov)  # [d_model, d_ff]
                 add_delta(view.ffn_out(self.layer), delta)
         change = read_weight(view.ffn_out(self.layer)).detach().double() - before
         return Spread(scalars={f"delta_norm/l{self.layer}": float(change.norm())})  # no sequential state
