@@ -227,6 +227,39 @@ def test_neighbour_term_adds_its_weighted_nll_and_changes_the_gradient():
     torch.testing.assert_close(a.z[1:], b.z[1:])
 
 
+@pytest.mark.parametrize("weight", [1.0, 2.0])
+def test_averaged_neighbour_row_is_one_more_rewrite_row(weight):
+    # As the released compute_z: the neighbour prompt (behind the first random prefix) joins the
+    # rewrite rows and the NLL term is their mean (weight: the row's weight in it).
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()
+    cfg = TargetConfig(steps=1, kl_factor=0.0)  # one measuring forward at δ = 0: no KL, no decay
+    nb_prompt = "Hello there. {} is located in the city of"  # TEMPLATES[1] around a neighbour
+    extra = [ExtraRow(0, nb_prompt, "The Louvre", "Paris", weight, averaged=True)]
+    run = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False, extra=extra)
+    rewrite = [t.format(reqs[0].prompt).format(reqs[0].subject) for t in TEMPLATES]
+    nll = score_answers(view, tok, rewrite + [nb_prompt.format("The Louvre")], [reqs[0].target_new] * 2 + ["Paris"])
+    r1, r2, nb = nll["nll"].tolist()
+    torch.testing.assert_close(run.loss[0], torch.tensor((r1 + r2 + weight * nb) / (2 + weight)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(run.nll[0], torch.tensor((r1 + r2) / 2), rtol=1e-4, atol=1e-5)  # the target's alone
+    plain = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False)
+    torch.testing.assert_close(run.loss[1:], plain.loss[1:])  # the other requests: unchanged
+
+
+def test_neighbour_prefix_is_the_first_random_context_prefix(tmp_path, stats_cache):
+    from editlab.editing.methods.iterative import neighbor_prefix
+
+    templates = ["{}", "First. {}", "Second. {}"]
+    assert neighbor_prefix(templates, NeighborAssist()) == "First. {}"
+    assert neighbor_prefix(templates, NeighborAssist(prefix=False)) == "{}"
+    with pytest.raises(ValueError, match="neighbors.prefix=true needs a random context prefix"):
+        neighbor_prefix(["{}"], NeighborAssist())
+    ctx, memit = make(tmp_path)  # context count 0: refused before any edit
+    with pytest.raises(ValueError, match="neighbors.prefix=true"):
+        IterativeEditing(memit, neighbors=NeighborAssist()).setup(ctx)
+
+
 def test_neighbour_rows_keep_only_greedy_true_neighbours_and_count_the_rest(tiny_llama, monkeypatch):
     model, tok = tiny_llama
     reqs = [
@@ -260,10 +293,16 @@ def test_neighbour_rows_keep_only_greedy_true_neighbours_and_count_the_rest(tiny
         return {"exact": torch.tensor([p in greedy_true for p in prompts])}
 
     monkeypatch.setattr(iterative_module, "score_answers", fake_scores)
-    rows, used = neighbor_rows(ModelView.of(model), tok, reqs, NeighborAssist(weight=0.5))
+    rows, used = neighbor_rows(ModelView.of(model), tok, reqs, NeighborAssist(weight=0.5, averaged=False))
     assert used == [["The mother tongue of Léon Blum is"], [], []]
-    assert rows == [ExtraRow(0, "The mother tongue of {} is", "Léon Blum", "French", 0.5)]
+    assert rows == [ExtraRow(0, "The mother tongue of {} is", "Léon Blum", "French", 0.5, averaged=False)]
     assert ("Xbox was founded by", "Bill Gates") in seen and len(seen) == 3  # only template matches scored
+    # As released: behind the given context prefix, one more rewrite row; qualified on the bare prompt.
+    seen.clear()
+    rows, used = neighbor_rows(ModelView.of(model), tok, reqs, NeighborAssist(), prefix="Once upon a time. {}")
+    assert used == [["The mother tongue of Léon Blum is"], [], []]
+    assert rows == [ExtraRow(0, "Once upon a time. The mother tongue of {} is", "Léon Blum", "French", 1.0, True)]
+    assert ("The mother tongue of Léon Blum is", "French") in seen
 
 
 def test_neighbour_assisted_step_counts_requests_without_a_neighbour(tmp_path, stats_cache, monkeypatch):
@@ -272,12 +311,12 @@ def test_neighbour_assisted_step_counts_requests_without_a_neighbour(tmp_path, s
     monkeypatch.setattr(
         iterative_module,
         "neighbor_rows",
-        lambda view, tok, requests, cfg: (
-            [ExtraRow(0, "{} is located in the city of", "The Louvre", "Paris", cfg.weight)],
+        lambda view, tok, requests, cfg, prefix: (
+            [ExtraRow(0, prefix.format("{} is located in the city of"), "The Louvre", "Paris", cfg.weight)],
             [["The Louvre is located in the city of"], [], []],
         ),
     )
-    it = IterativeEditing(memit, max_iterations=1, neighbors=NeighborAssist())
+    it = IterativeEditing(memit, max_iterations=1, neighbors=NeighborAssist(prefix=False))  # count 0: no prefix
     it.setup(ctx)
     res = it.apply(ctx, reqs)
     assert res.scalars["neighbor_missing"] == 2 and res.scalars["neighbor_rows"] == 1

@@ -15,11 +15,14 @@ the batch's keys are one edit, not max_iterations edits.
 Neighbour-assisted editing (section 3.2): a CounterFact neighbourhood prompt written with the
 request's own relation template ("The mother tongue of {} is" → "The mother tongue of Léon Blum
 is", subject "Léon Blum") whose greedy answer before the step is the request's target_true
-adds weight · NLL(target_true | neighbour prompt, δ at the neighbour subject's last token) to the
-request's z loss, without context prefixes (the paper's NA_ variant). Requests without such a
-neighbour are edited without it and counted. The prompts used are recorded per case: they are
-also specificity test prompts, so a study should leave them out of its specificity score (the
-paper removed them from evaluation).
+joins the request's z loss with NLL(target_true | neighbour prompt, δ at the neighbour subject's
+last token). By default as the released code adds it (memit_recursive_neighbor/compute_z.py):
+one more rewrite row, behind the step's first random context prefix, averaged with the rewrite
+rows. ``NeighborAssist(averaged=False, prefix=False)`` is the paper's equation instead: a
+separate weight · NLL term on the bare neighbour prompt. Requests without such a neighbour are
+edited without it and counted. The prompts used are recorded per case: they are also
+specificity test prompts, so a study should leave them out of its specificity score (the paper
+removed them from evaluation).
 """
 
 from __future__ import annotations
@@ -42,12 +45,22 @@ class NeighborAssist:
     """Neighbour-assisted editing settings.
 
     Args:
-        weight: factor of each neighbour's NLL term in the z loss (paper: 1, a plain sum).
+        weight: factor of each neighbour's NLL in the z loss: its weight in the mean over the
+            rewrite rows (``averaged``; 1 is the released plain mean) or of its separate term
+            (paper: 1, a plain sum).
         count: neighbours per request (paper: 1).
+        averaged: True (released code): each neighbour prompt is one more rewrite row of its
+            request, its NLL averaged with the rewrite rows'. False: weight · NLL is a separate
+            term of the loss (the paper's equation; editlab's earlier default).
+        prefix: True (released code): the neighbour prompt carries the first random context
+            prefix of the step's templates (it needs context.count >= 1). False: the bare
+            neighbour prompt (the paper's NA_ variant; editlab's earlier default).
     """
 
     weight: float = 1.0
     count: int = 1
+    averaged: bool = True
+    prefix: bool = True
 
     def __post_init__(self) -> None:
         if self.weight <= 0 or self.count < 1:
@@ -63,13 +76,28 @@ def split_by_template(template: str, prompt: str) -> str | None:
     return subject if subject.strip() else None
 
 
+def neighbor_prefix(templates: list[str], cfg: NeighborAssist) -> str:
+    """The context template the neighbour rows are written in: the first random prefix
+    (templates[1]; templates[0] is the bare "{}"), or "{}" without ``cfg.prefix``."""
+    if not cfg.prefix:
+        return "{}"
+    if len(templates) < 2:
+        raise ValueError(
+            "option neighbors.prefix=true needs a random context prefix (the method's context.count >= 1); "
+            "set neighbors.prefix false for bare neighbour prompts"
+        )
+    return templates[1]
+
+
 def neighbor_rows(
-    view: ModelView, tok, requests: list[EditRequest], cfg: NeighborAssist
+    view: ModelView, tok, requests: list[EditRequest], cfg: NeighborAssist, prefix: str = "{}"
 ) -> tuple[list[ExtraRow], list[list[str]]]:
     """Extra z-loss rows and, per request, the neighbour prompts used (empty: none qualified).
 
     Candidates: the request's neighbourhood prompts that are its own template with another
-    subject; kept when every target_true token is the greedy prediction on the current model."""
+    subject; kept when every target_true token is the greedy prediction on the current model
+    (asked on the bare prompt). The rows are written in the context template ``prefix``
+    (see :func:`neighbor_prefix`) and join the loss as ``cfg.averaged`` says."""
     cands: list[tuple[int, str, str]] = []  # (request, prompt, subject)
     for i, req in enumerate(requests):
         if req.target_true is None:
@@ -86,7 +114,8 @@ def neighbor_rows(
     for (i, prompt, subject), ok in zip(cands, exact.tolist(), strict=True):
         if ok and len(used[i]) < cfg.count:
             used[i].append(prompt)
-            rows.append(ExtraRow(i, requests[i].prompt, subject, requests[i].target_true, cfg.weight))
+            template = prefix.format(requests[i].prompt)  # "<prefix>. The mother tongue of {} is"
+            rows.append(ExtraRow(i, template, subject, requests[i].target_true, cfg.weight, cfg.averaged))
     return rows, used
 
 
@@ -150,6 +179,8 @@ class IterativeEditing(EditMethod):
 
     def setup(self, ctx: EditContext) -> None:
         self.method.setup(ctx)
+        if self.neighbors is not None:
+            neighbor_prefix(self.method.templates, self.neighbors)  # refuse a missing prefix before editing
 
     def state_dict(self) -> dict:
         return self.method.state_dict()
@@ -169,7 +200,8 @@ class IterativeEditing(EditMethod):
         extra: list[ExtraRow] = []
         used: list[list[str]] = [[] for _ in requests]
         if self.neighbors is not None:
-            extra, used = neighbor_rows(view, tok, requests, self.neighbors)
+            prefix = neighbor_prefix(m.templates, self.neighbors)
+            extra, used = neighbor_rows(view, tok, requests, self.neighbors, prefix=prefix)
         p_before = perplexity(target_nll(view, tok, requests, m.templates))
         iterations: list[dict] = []
         last = None
@@ -217,10 +249,9 @@ class IterativeEditing(EditMethod):
             with_nb = [i for i, u in enumerate(used) if u]
             scalars["neighbor_missing"] = float(len(requests) - len(with_nb))
             scalars["neighbor_rows"] = float(len(extra))
-            if extra:
-                kept = score_answers(
-                    view, tok, [r.template.format(r.subject) for r in extra], [r.answer for r in extra]
-                )["exact"]
+            if extra:  # on the bare neighbour prompts (the specificity prompts), not the prefixed rows
+                bare = [(p, requests[i].target_true) for i, prompts in enumerate(used) for p in prompts]
+                kept = score_answers(view, tok, [p for p, _ in bare], [a for _, a in bare])["exact"]
                 scalars["neighbor_kept_acc"] = float(kept.float().mean())  # still answered target_true
             per_request = {req.case_id: {"neighbor_prompts": used[i]} for i, req in enumerate(requests)}
         return EditResult(scalars=scalars, details={"iterations": iterations}, per_request=per_request)
