@@ -68,9 +68,12 @@ class TargetConfig:
 
 @dataclass
 class ExtraRow:
-    """One more prompt in a request's z loss (neighbour-assisted editing, seed 004):
-    ``weight`` · NLL(answer | template.format(subject)), with the request's δ added at the
-    subject's last token of this prompt, is added to that request's loss.
+    """One more prompt in a request's z loss (neighbour-assisted editing, seed 004), with the
+    request's δ added at the subject's last token of this prompt. ``averaged`` False:
+    ``weight`` · NLL(answer | template.format(subject)) is added to that request's loss as a
+    term of its own. True: the row is one more rewrite row of the request, its NLL averaged
+    with the rewrite rows' (weight: its weight in that mean, each rewrite row weighing 1), as
+    the released neighbour-assisted compute_z does.
 
     Args:
         owner: index, in the step's request list, of the request whose δ and loss the row joins.
@@ -78,6 +81,7 @@ class ExtraRow:
         subject: the subject of this prompt (where δ is added).
         answer: the answer whose NLL is minimised (a neighbour's target_true).
         weight: factor of the row's mean token NLL in the loss.
+        averaged: join the owner's rewrite rows (see above) instead of a separate term.
     """
 
     owner: int
@@ -85,6 +89,7 @@ class ExtraRow:
     subject: str
     answer: str
     weight: float = 1.0
+    averaged: bool = False
 
 
 @dataclass
@@ -350,11 +355,15 @@ def optimize_targets(
     cfg: TargetConfig,
     progress: bool = True,
     extra: list[ExtraRow] | None = None,
+    norm_ref: tuple[torch.nn.Module, str] | None = None,
 ) -> TargetResult:
     """MEMIT's z for every request of a step, batched: z_i = h_i + δ_i after at most
     ``cfg.steps`` forwards (the last one only measures, as in the reference). ``extra`` rows add
-    their weighted NLL to their owner's loss (see :class:`ExtraRow`); ``nll`` stays the target's."""
-    run = descend_offsets(view, tok, requests, templates, layer, cfg, cfg.steps, progress=progress, extra=extra)
+    their weighted NLL to their owner's loss (see :class:`ExtraRow`); ``nll`` stays the target's.
+    ``norm_ref``: see :func:`descend_offsets`."""
+    run = descend_offsets(
+        view, tok, requests, templates, layer, cfg, cfg.steps, progress=progress, extra=extra, norm_ref=norm_ref
+    )
     return TargetResult(z=run.h + run.delta, h=run.h, loss=run.loss, nll=run.nll, steps=run.updates)
 
 
@@ -387,6 +396,7 @@ def descend_offsets(
     mask: torch.Tensor | None = None,
     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     record_grad: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    norm_ref: tuple[torch.nn.Module, str] | None = None,
 ) -> OffsetDescent:
     """``optimize_targets``' loop generalised to a fixed offset ``base`` [n, width] under the
     optimised rows: the residual at the subject's last token becomes h + base + δ.
@@ -416,6 +426,10 @@ def descend_offsets(
       their whole shift base + δ [a, width] (EAC's scored elastic net).
     - ``record_grad(rows, grad)``: called before every update with the updated requests' indices
       [k] and ∂loss/∂δ of their rows [k, width] (EAC's stage 1 records them).
+    - ``norm_ref``: (module, name) inside the z layer whose output at the bare prompt's subject
+      token, read in the first forward, replaces h as the norm of the clamp radius and the weight
+      decay (ROME: the FFN output it edits, rome/compute_v.py). δ enters at the layer's output,
+      after the module, so that output does not depend on δ. None: h, the layer's output.
     """
     if steps < 1:
         raise ValueError(f"descend_offsets needs steps >= 1, got {steps}")
@@ -444,6 +458,10 @@ def descend_offsets(
     delta = torch.zeros(n, width, device=device, dtype=torch.float32)
     adam = RowAdam(delta.shape, cfg.lr, device)
     h = torch.zeros(n, d_model, device=device)
+    h_ref = torch.zeros(n, d_model, device=device) if norm_ref is not None else h  # norm of clamp and decay
+    joined = torch.zeros(len(tr.batch_rows), dtype=torch.bool, device=device)  # [R] extra rows averaged in
+    if extra:
+        joined[len(tr.batch_rows) - len(extra) :] = torch.tensor([e.averaged for e in extra], device=device)
     active = torch.ones(n, dtype=torch.bool, device=device)
     last_loss = torch.zeros(n, device=device)
     last_nll = torch.zeros(n, device=device)
@@ -489,11 +507,17 @@ def descend_offsets(
             shift = (base + d)[sel_owner, (j + 1) * d_model : (j + 2) * d_model]  # [r, d_model]
             return out.index_put((ar, sel_pos), shift.to(out.dtype), accumulate=True)
 
+        def record_ref(out: torch.Tensor, row_sel=row_sel, sel_owner=sel_owner, sel_pos=sel_pos) -> None:
+            bare = (~is_kl[row_sel]) & (torch.arange(len(row_sel), device=device) < n)
+            h_ref[sel_owner[bare]] = out[bare, sel_pos[bare]].detach().float()
+
         with ExitStack() as hooks:
             hooks.enter_context(torch.enable_grad())
             hooks.enter_context(edit_output(view.layer(layer), f"layer {layer}", shift_output))
             for j, (module, name) in enumerate(extra_sites):
                 hooks.enter_context(edit_output(module, name, partial(shift_site, j=j)))
+            if norm_ref is not None and first:
+                hooks.enter_context(edit_output(norm_ref[0], norm_ref[1], record_ref))
             hidden = rows_forward(row_sel)  # [r, S, d]
             tsel = active[owner[tgt_row]]
             t_rows = local[tgt_row[tsel]]
@@ -503,6 +527,10 @@ def descend_offsets(
             row_nll = _row_means(tok_nll, t_rows, len(row_sel))  # [r]
             rewrite = ~is_kl[row_sel] & ~is_extra[row_sel]
             nll = _row_means(row_nll[rewrite], sel_owner[rewrite], n)  # [n]
+            fit = nll  # [n] the NLL term of the loss: averaged extra rows join the rewrite rows
+            if bool(joined.any()):
+                w = torch.where(rewrite, 1.0, row_weight[row_sel]) * (rewrite | joined[row_sel])  # [r]
+                fit = _row_means(row_nll * w, sel_owner, n) / _row_means(w, sel_owner, n).clamp_min(1e-30)
             kl_rows = is_kl[row_sel].nonzero().squeeze(1)
             kl_sel = row_sel[kl_rows]
             kl_at = kl_token_index(cfg.kl_position, full.lengths[kl_sel], edit_pos[kl_sel]) - offset[kl_rows]  # [a]
@@ -510,15 +538,19 @@ def descend_offsets(
             if kl_init is None:  # zero base: the first forward is the unshifted one
                 kl_init = kl_logp.detach()
             kl = (kl_logp.exp() * (kl_logp - kl_init[act_req])).sum(-1)  # [a] KL(current || initial)
-            norm_h = h[act_req].norm(dim=1)
+            norm_h = h_ref[act_req].norm(dim=1)
             wd = cfg.weight_decay * (base[act_req] + d[act_req]).norm(dim=1) / norm_h**2
-            loss = nll[act_req] + cfg.kl_factor * kl + wd  # [a]
-            if has_extra:  # Σ weight · NLL over each request's extra rows
+            loss = fit[act_req] + cfg.kl_factor * kl + wd  # [a]
+            if has_extra:  # Σ weight · NLL over each request's extra rows; the separate ones join the loss
                 ex = is_extra[row_sel]
                 ex_nll = torch.zeros(n, device=device).index_add(
                     0, sel_owner[ex], row_nll[ex] * row_weight[row_sel][ex]
                 )
-                loss = loss + ex_nll[act_req]
+                sep = ex & ~joined[row_sel]
+                sep_nll = torch.zeros(n, device=device).index_add(
+                    0, sel_owner[sep], row_nll[sep] * row_weight[row_sel][sep]
+                )
+                loss = loss + sep_nll[act_req]
                 last_extra[act_req] = ex_nll[act_req].detach()
             if extra_loss is not None:
                 loss = loss + extra_loss(act_req, (base + d)[act_req])
@@ -541,7 +573,7 @@ def descend_offsets(
             grad = grad * mask[keep]
         adam.step(delta, grad, keep)
         with torch.no_grad():
-            max_norm = cfg.clamp_norm_factor * h[keep].norm(dim=1, keepdim=True)  # [k, 1]
+            max_norm = cfg.clamp_norm_factor * h_ref[keep].norm(dim=1, keepdim=True)  # [k, 1]
             total = base[keep] + delta[keep]  # [k, d_model] the whole shift is what is clamped
             norm = total.norm(dim=1, keepdim=True)
             total = torch.where(norm > max_norm, total * max_norm / norm, total)
