@@ -83,6 +83,7 @@ def test_tiny_fit_writes_results_into_the_run_dir(tmp_path):
     for key in ("edits", "steps", "efficacy_success", "efficacy_accuracy", "seconds_total", "seconds_per_step"):
         assert isinstance(summary[key], (int, float)), key
     assert summary["edits"] == 4 and summary["steps"] == 2
+    assert summary["method"] == "MEMIT_seq"  # the variant: tiny_args' MEMIT keeps the sequential cache (default)
     cases = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
     with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
         first_ids = [str(r["case_id"]) for r in json.load(f)[:4]]

@@ -490,7 +490,7 @@ class EditingModule(L.LightningModule):
         clock = self._clock
         stream = end - clock["stream_start"] - clock["eval_seconds"]
         summary = {
-            "method": type(self.method).__name__,
+            "method": self.method.name,  # the variant (MEMIT_seq, MEMIT-EAC, ...), not only the class
             "model": self.model_name,
             "timing": timing,
             "edits": self.edits_done if timing != "test" else 0,
@@ -523,7 +523,7 @@ class EditingModule(L.LightningModule):
                 "fingerprint": self.fingerprint,
                 "dtype": self.lm_dtype,
                 "model_type": self.lm.config.model_type,
-                "method": type(self.method).__name__,
+                "method": self.method.name,
                 "edits": self.edits_done,
             }
             delta = save_delta(out / "edit_delta.safetensors", weight_deltas(self.lm, self.initial), meta)
