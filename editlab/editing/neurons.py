@@ -13,23 +13,37 @@ Three attribution scores, each [n, d_ff] for n requests:
                                    contribution. This follows the paper; the authors' RS code mixes indices.
 
 Selection (eq. 8): the smallest set I with Σ_{j∈I} Q_j ≥ p · Σ_j Q_j, taken greedily from the top
-of the descending sort (which is the minimiser for non-negative scores). For a batch the scores
-are summed over its requests and selected once.
+of the descending sort (which is the minimiser for non-negative scores): rule "reach". The released
+code (jianghoucheng/NSE nse_main.py, from ECE's authors' group, in its batch selection and in the
+commented-out per-request selection of its clustering block) keeps instead the largest top set
+whose cumulative score stays ≤ p · total: rule "within", one neuron fewer unless a prefix sums to
+p · total exactly. With p = 1 both keep every neuron, zero-score ones included (the released prefix
+test cumsum ≤ total holds everywhere in exact arithmetic; in its float32 a rounding may drop a few
+of the smallest). For a batch the scores are summed over its requests and selected once.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Literal
 
 import torch
 
+SelectionRule = Literal["reach", "within"]
 
-def select_neurons(scores: torch.Tensor, p: float) -> torch.Tensor:
-    """Indices (ascending, LongTensor [m]) of the smallest set whose score mass reaches p·total.
 
+def select_neurons(scores: torch.Tensor, p: float, rule: SelectionRule = "reach") -> torch.Tensor:
+    """Indices (ascending, LongTensor [m]) of the top neurons by score.
+
+    rule "reach": the smallest top set whose score mass reaches p·total (paper, eq. 8);
+    "within": the largest top set whose mass stays within p·total (the released code's
+    ``sorted[: where(cumsum <= p * total)[-1] + 1]``), at least the top neuron (where the released
+    code would index an empty set).
     scores: [d_ff], non-negative. p = 1.0 keeps every neuron, including zero-score ones (so that
     ECE with p = 1 is the full MEMIT-style solve). Ties in the sort keep the lower index first.
     """
+    if rule not in ("reach", "within"):
+        raise ValueError(f"option rule={rule!r} must be 'reach' or 'within'")
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [d_ff], got shape {tuple(scores.shape)}")
     if not 0.0 < p <= 1.0:
@@ -44,8 +58,12 @@ def select_neurons(scores: torch.Tensor, p: float) -> torch.Tensor:
     total = mass[-1]  # the cumulative sum's own total, so p·total is reached within rounding
     if total <= 0:
         raise ValueError("every neuron has score 0: nothing to select (are the keys all zero?)")
-    # First position whose cumulative mass reaches p·total; the set is everything up to it.
-    m = int(torch.searchsorted(mass, p * total, side="left")) + 1
+    if rule == "reach":
+        # First position whose cumulative mass reaches p·total; the set is everything up to it.
+        m = int(torch.searchsorted(mass, p * total, side="left")) + 1
+    else:
+        # Every position whose cumulative mass is still ≤ p·total (mass is non-decreasing).
+        m = max(int(torch.searchsorted(mass, p * total, side="right")), 1)
     return order[: min(m, q.numel())].sort().values
 
 
@@ -58,15 +76,20 @@ class NeuronAttribution(ABC):
     # False when the score ignores the request (WI): per-request sets are then all identical.
     request_dependent: bool = True
 
-    def __init__(self, threshold: float = 0.8) -> None:
+    def __init__(self, threshold: float = 0.8, rule: SelectionRule = "reach") -> None:
         """
         Args:
             threshold: p of eq. 8, the fraction of the total score the selected neurons must reach
                 (paper: 0.8); 1.0 keeps every neuron.
+            rule: "reach", the smallest top set reaching p·total (paper, eq. 8); "within", the
+                largest top set staying within p·total (the released code: one neuron fewer).
         """
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"option threshold={threshold} must be in (0, 1]")
+        if rule not in ("reach", "within"):
+            raise ValueError(f"option rule={rule!r} must be 'reach' or 'within'")
         self.threshold = threshold
+        self.rule = rule
 
     @abstractmethod
     def scores(self, keys: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
@@ -75,14 +98,14 @@ class NeuronAttribution(ABC):
 
     def select_batch(self, keys: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
         """The step's neuron set (eq. 8 on the scores summed over the batch), LongTensor [m]."""
-        return select_neurons(self.scores(keys, w_out).sum(0), self.threshold)
+        return select_neurons(self.scores(keys, w_out).sum(0), self.threshold, self.rule)
 
     def select_each(self, keys: torch.Tensor, w_out: torch.Tensor) -> list[torch.Tensor]:
         """Each request's own neuron set (same p), for clustering."""
-        return [select_neurons(row, self.threshold) for row in self.scores(keys, w_out)]
+        return [select_neurons(row, self.threshold, self.rule) for row in self.scores(keys, w_out)]
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(threshold={self.threshold})"
+        return f"{type(self).__name__}(threshold={self.threshold}, rule={self.rule!r})"
 
 
 def _check(keys: torch.Tensor, w_out: torch.Tensor) -> None:
@@ -101,7 +124,9 @@ class ActivationScore(NeuronAttribution):
 
 
 class WeightImportance(NeuronAttribution):
-    """WI_j = ‖W_out[:, j]‖₁ (eq. 6, authors' reading), the same for every request."""
+    """WI_j = ‖W_out[:, j]‖₁ (eq. 6, authors' reading), the same for every request. Read in the
+    [d_model, d_ff] orientation for every architecture; the released code sums over the other axis
+    of GPT-2's transposed Conv1D weight (a bug, not followed)."""
 
     request_dependent = False
 
