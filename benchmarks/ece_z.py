@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     ece = ECE(
         layers=layers,
         neurons=ATTRIBUTIONS[args.neurons](threshold=args.threshold),
+        z_mode="two_step",
         clusters=args.clusters,
         shared_steps=first_shared,
         instance_steps=first_instance,

@@ -100,6 +100,7 @@ def test_two_process_cpu_run_edits_like_one_process(tmp_path, method):
     if method == "ece":
         extra |= {
             "--model.method": "editlab.editing.methods.ece.ECE",
+            "--model.method.z_mode": "two_step",  # clusters stay whole on one rank: the harder case
             "--model.method.shared_steps": "3",
             "--model.method.instance_steps": "1",
             "--model.method.clusters": "2",

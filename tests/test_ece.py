@@ -1,11 +1,16 @@
-"""ECE: attribution formulas, threshold selection, Jaccard k-medoids and anchors, the sub-matrix
-solve, the two-step z, and the method on a tiny model (it writes only the selected columns)."""
+"""ECE: attribution formulas, threshold selection (the paper's rule and the released one),
+Jaccard k-medoids and anchors, the sub-matrix solve, the two-step z, z on the original weights with
+its cache, the two variants (as released: per-request z; two-step: clusters), their configs, and
+the method on a tiny model (it writes only the selected columns)."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import yaml
 
+from editlab.editing import rewind as rewind_module
 from editlab.editing.cluster import anchor_of, cluster_sets, default_k, jaccard_distances, kmedoids
 from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
@@ -20,8 +25,9 @@ from editlab.editing.targets import TargetConfig, optimize_cluster_targets, opti
 from editlab.models.arch import ModelView
 from editlab.models.tiny import tiny_config, tiny_tokenizer
 from editlab.models.weights import is_transposed, read_weight
+from editlab.types import EditRequest
 
-from conftest import assert_failed_step_restores, facts, small_corpus
+from conftest import REPO, assert_failed_step_restores, facts, small_corpus
 from test_targets import TEMPLATES, peaky_model
 
 torch.set_num_threads(1)
@@ -44,6 +50,51 @@ def test_threshold_selection_on_known_scores():
         select_neurons(torch.zeros(3), 0.5)
     with pytest.raises(ValueError, match="non-negative"):
         select_neurons(torch.tensor([1.0, -1.0]), 0.5)
+
+
+def released_selection(scores: torch.Tensor, p: float) -> list[int]:
+    """The released code's selection, written out (jianghoucheng/NSE nse_main.py): the top of the
+    descending sort up to the last position whose cumsum is ≤ p · sum."""
+    sorted_scores, order = torch.sort(scores, descending=True, stable=True)
+    last = torch.where(torch.cumsum(sorted_scores, dim=0) <= p * scores.sum())[0][-1]
+    return sorted(order[: last + 1].tolist())
+
+
+def test_released_selection_rule_on_known_scores():
+    q = torch.tensor([1.0, 5.0, 2.0, 2.0, 0.0, 0.0])  # total 10, a zero-score tail of two neurons
+    within = {p: select_neurons(q, p, "within").tolist() for p in (0.5, 0.69, 0.7, 0.71, 0.9, 0.99, 1.0)}
+    assert within == {
+        0.5: [1],  # 5 ≤ 5
+        0.69: [1],  # 7 > 6.9: one neuron fewer than the paper's rule
+        0.7: [1, 2],  # 7 ≤ 7: equal to the paper's rule at an exact prefix sum
+        0.71: [1, 2],
+        0.9: [1, 2, 3],
+        0.99: [1, 2, 3],  # 10 > 9.9
+        1.0: [0, 1, 2, 3, 4, 5],  # p = 1: every neuron, the zero-score tail included
+    }
+    assert select_neurons(q, 0.69).tolist() == [1, 2] and select_neurons(q, 0.99).tolist() == [0, 1, 2, 3]
+    for p, got in within.items():
+        assert got == released_selection(q, p), p  # exact binary sums: no rounding anywhere
+    # At p = 1 the released prefix test cumsum ≤ total holds up to the last position, zeros included;
+    # the paper's rule (first position reaching the total) would stop at the last non-zero neuron.
+    assert released_selection(q, 1.0) == list(range(6))
+    assert select_neurons(q, 1.0, "reach").tolist() == list(range(6))  # editlab: p = 1 keeps all, either rule
+    # Below the top score the released code would index an empty set; "within" keeps the top neuron.
+    assert select_neurons(q, 0.4, "within").tolist() == [1]
+    with pytest.raises(ValueError, match="option rule='most'"):
+        select_neurons(q, 0.5, "most")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="option rule='most'"):
+        WeightImportance(rule="most")  # type: ignore[arg-type]
+
+
+def test_released_selection_rule_matches_the_released_code_on_random_scores():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        q = torch.rand(512, generator=gen, dtype=torch.float64) ** 3  # skewed, no ties
+        for p in (0.3, 0.8, 0.95):
+            ours = select_neurons(q, p, "within").tolist()
+            assert ours == released_selection(q, p)
+            assert len(select_neurons(q, p, "reach")) == len(ours) + 1  # no prefix sums to p·total exactly
 
 
 def test_attribution_formulas_on_hand_made_tensors():
@@ -232,21 +283,29 @@ def peaky(model_type: str):
     return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False), tok
 
 
-def make(tmp_path, model_type: str = "llama", **kw):
+TARGETS = TargetConfig(steps=12, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
+
+
+def make(tmp_path, model_type: str = "llama", z_mode: str = "two_step", **kw):
+    """A set-up ECE on a fresh peaky model; two_step takes shared_steps / instance_steps (8 + 4),
+    per_request targets.steps 12."""
     corpus = small_corpus(tmp_path)
     model, tok = peaky(model_type)
     view = ModelView.of(model)
     ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
-    steps = kw.pop("shared_steps", 8), kw.pop("instance_steps", 4)
-    targets = TargetConfig(steps=sum(steps), lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
+    split = {}
+    targets = TARGETS
+    if z_mode == "two_step":
+        split = {"shared_steps": kw.pop("shared_steps", 8), "instance_steps": kw.pop("instance_steps", 4)}
+        targets = dataclasses.replace(TARGETS, steps=sum(split.values()))
     method = ECE(
         layers=[0, 1],
         mom2_weight=kw.pop("mom2_weight", 0.01),
-        shared_steps=steps[0],
-        instance_steps=steps[1],
+        z_mode=z_mode,
         targets=targets,
         context=ContextTemplates(count=0, length=3),
         covariance=CovarianceConfig(corpus=str(corpus), num_samples=20, batch_size=8),
+        **split,
         **kw,
     )
     method.setup(ctx)
@@ -275,11 +334,15 @@ def test_ece_writes_only_the_selected_columns_of_its_layers(tmp_path, stats_cach
         d_ff = diff.shape[1]
         assert changed and changed <= selected[layer] and len(selected[layer]) < d_ff, (layer, changed)
         assert result.scalars[f"neurons/l{layer}"] == len(selected[layer])
+    assert method.name == "ECE-two-step"
     assert result.scalars["clusters"] == 2 and sorted(result.details["cluster_sizes"]) == [1, 2]
     assert result.details["cluster_attribution"] == "ResidualSensitivity"
+    assert result.details["z_mode"] == "two_step" and result.details["z_weights"] == "original"
+    assert result.scalars["z_rewound"] == 1.0 and result.scalars["z_from_cache"] == 0
     assert set(result.per_request) == {r.case_id for r in reqs}
     assert sum(v["anchor"] for v in result.per_request.values()) == 2
     assert {v["cluster"] for v in result.per_request.values()} == {0, 1}
+    assert all(v["z_weights"] == "original" and not v["z_from_cache"] for v in result.per_request.values())
     # The full KKᵀ (every neuron) entered the sequential cache; it survives a state round trip.
     assert set(method.cache_c) == {0, 1} and all(c.abs().sum() > 0 for c in method.cache_c.values())
     fresh = ECE(layers=[0, 1])
@@ -288,7 +351,8 @@ def test_ece_writes_only_the_selected_columns_of_its_layers(tmp_path, stats_cach
 
 
 def test_ece_with_every_neuron_and_no_sharing_is_sequential_memit(tmp_path, stats_cache):
-    # p = 1 keeps every neuron and shared_steps = 0 is per-instance z: the update is MEMIT_seq's.
+    # p = 1 keeps every neuron and shared_steps = 0 is per-instance z: on the unedited model the
+    # update is MEMIT_seq's.
     ctx, ece = make(tmp_path, neurons=WeightImportance(threshold=1.0), shared_steps=0, instance_steps=6)
     ece.apply(ctx, facts())
     edited = {layer: read_weight(ctx.view.ffn_out(layer)).clone() for layer in ece.layers}
@@ -300,16 +364,175 @@ def test_ece_with_every_neuron_and_no_sharing_is_sequential_memit(tmp_path, stat
         torch.testing.assert_close(edited[layer], read_weight(ctx2.view.ffn_out(layer)), rtol=1e-5, atol=1e-6)
 
 
+def test_default_ece_is_as_released_per_request_z_with_every_step(tmp_path, stats_cache, monkeypatch):
+    default = ECE(layers=[0, 1])
+    assert (default.z_mode, default.rewind, default.name) == ("per_request", True, "ECE")
+    assert (default.neurons.threshold, default.neurons.rule) == (0.8, "within")
+    # Nothing clusters: the clustering is never called and the step records no cluster.
+    monkeypatch.setattr(ece_module, "cluster_sets", lambda *a, **k: pytest.fail("per-request ECE clustered"))
+    ctx, ece = make(tmp_path, z_mode="per_request", neurons=WeightImportance(threshold=1.0, rule="within"))
+    reqs = facts()
+    z, cached = ece.request_targets(ctx, reqs)
+    # z is MEMIT's optimize_targets with all targets.steps, each request on its own.
+    fresh, tok = peaky_model()
+    ref = optimize_targets(ModelView.of(fresh), tok, reqs, ece.templates, 1, TARGETS, progress=False)
+    torch.testing.assert_close(z.z, ref.z, rtol=1e-5, atol=1e-6)
+    assert torch.equal(z.steps, ref.steps) and not cached.any()
+    result = ece.apply(ctx, reqs)
+    assert "clusters" not in result.scalars and "cluster_sizes" not in result.details
+    assert result.details["z_mode"] == "per_request" and result.scalars["z_steps"] == float(ref.steps.float().mean())
+    assert all(set(v) == {"z_weights", "z_from_cache"} for v in result.per_request.values())
+    assert result.scalars["z_from_cache"] == 3  # the step's z came from the cache request_targets filled
+    # With p = 1 the first step is MEMIT_seq's (z on θ₀ is z on the unedited model).
+    ctx2, _ = make(tmp_path, z_mode="per_request")
+    memit = MEMIT(layers=[0, 1], mom2_weight=0.01, targets=TARGETS, context=ece.context, covariance=ece.covariance)
+    memit.setup(ctx2)
+    memit.apply(ctx2, reqs)
+    for layer in ece.layers:
+        torch.testing.assert_close(
+            read_weight(ctx.view.ffn_out(layer)), read_weight(ctx2.view.ffn_out(layer)), rtol=1e-5, atol=1e-6
+        )
+
+
+NEW = [
+    EditRequest("9", "{} was founded by", "Toyota", "Apple", "Kiichiro"),
+    EditRequest("8", "{} plays", "Messi", "chess", "football"),
+]
+
+
+@pytest.mark.parametrize("z_mode", ["per_request", "two_step"])
+def test_rewound_z_equals_z_on_the_unedited_model_after_an_edit(tmp_path, stats_cache, z_mode):
+    ctx, ece = make(tmp_path, z_mode=z_mode, z_cache=False)
+    ece.apply(ctx, facts())  # the edited layers change
+    edited = {layer: read_weight(ctx.view.ffn_out(layer)).clone() for layer in ece.layers}
+    clu = None
+    if z_mode == "per_request":
+        got, cached = ece.request_targets(ctx, NEW)
+    else:
+        clu = ece.locate(ctx, NEW).clustering
+        got, cached = ece.cluster_targets(ctx, NEW, clu)
+    assert not cached.any()
+    for layer in ece.layers:  # the swap put the edited matrices back
+        assert torch.equal(read_weight(ctx.view.ffn_out(layer)), edited[layer])
+
+    def z_on(view, tok):
+        if clu is None:
+            return optimize_targets(view, tok, NEW, ece.templates, 1, ece.targets, progress=False)
+        return optimize_cluster_targets(
+            view, tok, NEW, ece.templates, 1, ece.targets, clu.clusters, clu.anchors, 8, 4, progress=False
+        )
+
+    fresh, tok = peaky_model()
+    on_theta0 = z_on(ModelView.of(fresh), tok)
+    torch.testing.assert_close(got.z, on_theta0.z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.h, on_theta0.h, rtol=1e-5, atol=1e-6)
+    # ... and differs from z on the edited weights (the edit moved these requests' residuals).
+    on_current = z_on(ctx.view, ctx.tok)
+    assert not torch.allclose(on_current.z, on_theta0.z, atol=1e-3)
+    # rewind: false is z on the current weights.
+    ctx_now, now = make(tmp_path, z_mode=z_mode, rewind=False)
+    assert now.original is None and now.name == ece.name
+    now.apply(ctx_now, facts())
+    got_now = now.request_targets(ctx_now, NEW)[0] if clu is None else now.cluster_targets(ctx_now, NEW, clu)[0]
+    torch.testing.assert_close(got_now.z, on_current.z, rtol=1e-5, atol=1e-6)
+    assert now.apply(ctx_now, NEW).per_request["9"]["z_weights"] == "current"
+
+
+@pytest.mark.parametrize("z_mode", ["per_request", "two_step"])
+def test_z_cache_serves_a_new_run_and_keys_the_cluster(tmp_path, stats_cache, monkeypatch, z_mode):
+    ctx, ece = make(tmp_path, z_mode=z_mode, clusters=2) if z_mode == "two_step" else make(tmp_path, z_mode=z_mode)
+    first = ece.apply(ctx, facts())
+    assert first.scalars["z_from_cache"] == 0
+    # A new run with the same settings (fresh unedited model) is served from disk without optimising.
+    calls = []
+    for name in ("optimize_targets", "optimize_cluster_targets"):
+        real = getattr(rewind_module, name)
+        monkeypatch.setattr(rewind_module, name, lambda *a, _r=real, **k: calls.append(1) or _r(*a, **k))
+    ctx_new, again = (
+        make(tmp_path, z_mode=z_mode, clusters=2) if z_mode == "two_step" else make(tmp_path, z_mode=z_mode)
+    )
+    second = again.apply(ctx_new, facts())
+    assert second.scalars["z_from_cache"] == 3 and calls == []
+    assert all(v["z_from_cache"] for v in second.per_request.values())
+    for layer in ece.layers:
+        torch.testing.assert_close(read_weight(ctx.view.ffn_out(layer)), read_weight(ctx_new.view.ffn_out(layer)))
+    if z_mode == "two_step":
+        # Another clustering of the same requests: a changed cluster is recomputed; one that
+        # kept its members (and so its anchor) is still served.
+        ctx3, three = make(tmp_path, z_mode=z_mode, clusters=3)
+        third = three.apply(ctx3, facts())
+
+        def groups(res):
+            labels = {cid: v["cluster"] for cid, v in res.per_request.items()}
+            return [sorted(c for c, lab in labels.items() if lab == k) for k in set(labels.values())]
+
+        kept = [g for g in groups(third) if g in groups(first)]
+        assert third.scalars["z_from_cache"] == sum(map(len, kept)) < 3 and calls
+        assert all(third.per_request[c]["z_from_cache"] == any(c in g for g in kept) for c in third.per_request)
+
+
 def test_ece_failed_step_restores_the_weights(tmp_path, stats_cache, monkeypatch):
     ctx, method = make(tmp_path, shared_steps=2, instance_steps=1)
     assert_failed_step_restores(ctx, method, ece_module, "submatrix_delta", monkeypatch)
 
 
 def test_bad_options_are_named():
+    two = {"z_mode": "two_step"}
     with pytest.raises(ValueError, match=r"option targets.steps=25 must equal shared_steps \+ instance_steps"):
-        ECE(layers=[0], shared_steps=15, instance_steps=5)
+        ECE(layers=[0], shared_steps=15, instance_steps=5, **two)
     with pytest.raises(ValueError, match="option clusters=0"):
-        ECE(layers=[0], clusters=0)
+        ECE(layers=[0], clusters=0, **two)
     with pytest.raises(ValueError, match="option cluster_neurons=WeightImportance"):
-        ECE(layers=[0], cluster_neurons=WeightImportance())
-    assert type(ECE(layers=[0]).clustering_attribution()).__name__ == "ActivationScore"  # WI has no per-request sets
+        ECE(layers=[0], cluster_neurons=WeightImportance(), **two)
+    with pytest.raises(ValueError, match="option z_mode='paper'"):
+        ECE(layers=[0], z_mode="paper")  # type: ignore[arg-type]
+    for option in (
+        {"clusters": 4},
+        {"shared_steps": 20},
+        {"instance_steps": 5},
+        {"cluster_neurons": ActivationScore()},
+    ):
+        with pytest.raises(ValueError, match=rf"option {next(iter(option))}=.* is only read with z_mode='two_step'"):
+            ECE(layers=[0], **option)
+    # WI has no per-request sets: clustering falls back to AS with the same threshold and rule.
+    attr = ECE(layers=[0], **two).clustering_attribution()
+    assert type(attr).__name__ == "ActivationScore" and (attr.threshold, attr.rule) == (0.8, "within")
+    # The paper's split fills in: 5 per-instance rounds, the rest shared.
+    paper = ECE(layers=[0], **two)
+    assert (paper.shared_steps, paper.instance_steps, paper.name) == (20, 5, "ECE-two-step")
+    gpt2xl = ECE(layers=[0], targets=TargetConfig(steps=20), **two)
+    assert (gpt2xl.shared_steps, gpt2xl.instance_steps) == (15, 5)
+
+
+def ece_of(config):
+    """The ECE a config builds (its option checks run; no model is loaded)."""
+    from jsonargparse import ArgumentParser
+
+    from editlab.editing.methods.base import EditMethod
+
+    spec = yaml.safe_load(config.read_text())
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(EditMethod, "method")
+    return parser.instantiate(parser.parse_object({"method": spec["model"]["method"]})).method
+
+
+RELEASED_THRESHOLD = {"gptj": 1.0, "llama3_8b": 1.0, "gpt2xl": 0.8, "smollm2": 1.0}  # smollm2: the Llama3 WI value
+
+
+@pytest.mark.parametrize("model", sorted(RELEASED_THRESHOLD))
+def test_ece_configs_are_as_released_and_two_step_configs_cluster(model):
+    released = ece_of(REPO / "configs" / f"ece_{model}.yaml")
+    assert isinstance(released, ECE) and released.name == "ECE"
+    assert (released.z_mode, released.rewind, released.z_cache) == ("per_request", True, True)
+    assert type(released.neurons) is WeightImportance
+    assert (released.neurons.threshold, released.neurons.rule) == (RELEASED_THRESHOLD[model], "within")
+    two = ece_of(REPO / "configs" / f"ece_twostep_{model}.yaml")
+    assert two.name == "ECE-two-step" and two.rewind and (two.neurons.threshold, two.neurons.rule) == (0.8, "reach")
+    assert two.instance_steps == 5 and two.shared_steps + 5 == two.targets.steps == released.targets.steps
+    assert two.layers == released.layers and two.mom2_weight == released.mom2_weight
+    assert dataclasses.asdict(two.targets) == dataclasses.asdict(released.targets)
+
+
+def test_every_ece_config_has_its_two_step_twin():
+    names = {p.stem for p in (REPO / "configs").glob("ece_*.yaml")}
+    assert names == {f"ece_{m}" for m in RELEASED_THRESHOLD} | {f"ece_twostep_{m}" for m in RELEASED_THRESHOLD}

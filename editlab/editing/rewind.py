@@ -1,4 +1,5 @@
-"""Weights rewinding (NSE, seed 002): every target z is computed on the original weights θ₀.
+"""Weights rewinding (NSE, seed 002; ECE, seed 001 appendix C.4): every target z is computed on
+the original weights θ₀ — ECE's two-step z in both phases too (:func:`rewound_cluster_targets`).
 
 How z gets θ₀ while the model is already edited: the methods of the MEMIT family write only the
 FFN out-projections of their edited layers, so θ₀ is the current model with those matrices put
@@ -27,14 +28,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from editlab.editing.stats import StaleCacheError
-from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
+from editlab.editing.targets import (
+    ClusterTargetResult,
+    ExtraRow,
+    TargetConfig,
+    TargetResult,
+    optimize_cluster_targets,
+    optimize_targets,
+)
 from editlab.files import save_torch_atomic
 from editlab.models.arch import ModelView
 from editlab.models.load import cache_root
@@ -138,9 +146,30 @@ def rewound_targets(
     fingerprint: str,
     progress: bool = True,
 ) -> tuple[TargetResult, int]:
+    """:func:`rewound_target_rows`, with the number of z that came from the cache."""
+    res, cached = rewound_target_rows(
+        view, tok, requests, templates, layer, cfg, original, cache, model_id, fingerprint, progress
+    )
+    return res, int(cached.sum())
+
+
+def rewound_target_rows(
+    view: ModelView,
+    tok,
+    requests: list[EditRequest],
+    templates: list[str],
+    layer: int,
+    cfg: TargetConfig,
+    original: OriginalWeights | None,
+    cache: TargetCache,
+    model_id: str,
+    fingerprint: str,
+    progress: bool = True,
+) -> tuple[TargetResult, torch.Tensor]:
     """z of every request on θ₀ (``original`` swapped in; None: on the model as it is, which must
     then be θ₀ or the ablation "without rewinding"), from the cache where present. Returns the
-    targets (rows in request order) and how many came from the cache.
+    targets (rows in request order) and which rows came from the cache (bool [n], per row so
+    that ranks can gather it).
 
     With ``original`` None the key cannot promise θ₀, so nothing is cached."""
     fields = ("z", "h", "loss", "nll", "steps")
@@ -149,11 +178,8 @@ def rewound_targets(
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:
         todo = [requests[i] for i in missing]
-        if original is None:
+        with original.swapped_in(view) if original is not None else nullcontext():
             res = optimize_targets(view, tok, todo, templates, layer, cfg, progress)
-        else:
-            with original.swapped_in(view):
-                res = optimize_targets(view, tok, todo, templates, layer, cfg, progress)
         for j, i in enumerate(missing):
             entry = {f: getattr(res, f)[j] for f in fields}
             found[i] = entry
@@ -161,4 +187,112 @@ def rewound_targets(
                 cache.put(keys[i], entry)
     device = view.device
     stacked = {f: torch.stack([found[i][f].to(device) for i in range(len(requests))]) for f in fields}
-    return TargetResult(**stacked), len(requests) - len(missing)
+    cached = torch.ones(len(requests), dtype=torch.bool, device=device)
+    cached[missing] = False
+    return TargetResult(**stacked), cached
+
+
+def _request_id(request: EditRequest) -> list[str]:
+    return [request.prompt, request.subject, request.target_new]
+
+
+def two_step_cache_key(
+    key: dict, shared_steps: int, instance_steps: int, members: list[EditRequest], anchor: EditRequest
+) -> dict:
+    """A request's z cache key (:func:`z_cache_key`) for ECE's two-step z: its z also depends on
+    the split and on its cluster (whose anchor's loss drives the shared shift)."""
+    return {
+        **key,
+        "two_step": {
+            "shared_steps": shared_steps,
+            "instance_steps": instance_steps,
+            "cluster": [_request_id(r) for r in members],
+            "anchor": _request_id(anchor),
+        },
+    }
+
+
+def rewound_cluster_targets(
+    view: ModelView,
+    tok,
+    requests: list[EditRequest],
+    templates: list[str],
+    layer: int,
+    cfg: TargetConfig,
+    clusters: list[list[int]],
+    anchors: list[int],
+    shared_steps: int,
+    instance_steps: int,
+    original: OriginalWeights | None,
+    cache: TargetCache,
+    model_id: str,
+    fingerprint: str,
+    progress: bool = True,
+) -> tuple[ClusterTargetResult, torch.Tensor]:
+    """ECE's two-step z (both phases) on θ₀ as :func:`rewound_target_rows`: a cluster is served
+    from the cache when every member is, otherwise all of it is optimised again (the members share
+    one shift). ``clusters``/``anchors`` index ``requests``. Returns the targets in request order
+    (cluster ids are positions in ``clusters``) and which rows came from the cache (bool [n])."""
+    fields = ("z", "h", "loss", "nll", "steps", "shared", "shared_updates", "instance_updates")
+    keys = [
+        two_step_cache_key(
+            z_cache_key(model_id, fingerprint, view, layer, templates, cfg, requests[i]),
+            shared_steps,
+            instance_steps,
+            [requests[m] for m in members],
+            requests[anchor],
+        )
+        for members, anchor in zip(clusters, anchors, strict=True)
+        for i in members
+    ]
+    order = [i for members in clusters for i in members]  # keys[j] belongs to request order[j]
+    found: list[dict | None] = [None] * len(requests)
+    if original is not None:
+        for i, key in zip(order, keys, strict=True):
+            found[i] = cache.get(key)
+    todo = [c for c, members in enumerate(clusters) if any(found[i] is None for i in members)]
+    seconds = (0.0, 0.0)
+    if todo:
+        idx = [i for c in todo for i in clusters[c]]
+        pos = {g: j for j, g in enumerate(idx)}
+        with original.swapped_in(view) if original is not None else nullcontext():
+            res = optimize_cluster_targets(
+                view,
+                tok,
+                [requests[g] for g in idx],
+                templates,
+                layer,
+                cfg,
+                [[pos[g] for g in clusters[c]] for c in todo],
+                [pos[anchors[c]] for c in todo],
+                shared_steps,
+                instance_steps,
+                progress,
+            )
+        seconds = (res.seconds_shared, res.seconds_instance)
+        key_of = dict(zip(order, keys, strict=True))
+        for j, g in enumerate(idx):
+            found[g] = {f: getattr(res, f)[j] for f in fields}
+            if original is not None:
+                cache.put(key_of[g], found[g])
+    device = view.device
+    n = len(requests)
+    stacked = {f: torch.stack([found[i][f].to(device) for i in range(n)]) for f in fields}
+    cluster = torch.empty(n, dtype=torch.long)
+    for c, members in enumerate(clusters):
+        cluster[members] = c
+    is_anchor = torch.zeros(n, dtype=torch.bool)
+    is_anchor[anchors] = True
+    cached = torch.ones(n, dtype=torch.bool)
+    for c in todo:
+        cached[clusters[c]] = False
+    return (
+        ClusterTargetResult(
+            **stacked,
+            cluster=cluster.to(device),
+            is_anchor=is_anchor.to(device),
+            seconds_shared=seconds[0],
+            seconds_instance=seconds[1],
+        ),
+        cached.to(device),
+    )

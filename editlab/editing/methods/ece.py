@@ -1,19 +1,29 @@
 """ECE — Explainable and effiCient Editing (Zhang et al., WWW 2025), sequential batch editing.
 
+Two variants (``z_mode``), named in summary.json by :attr:`ECE.name`:
+  "per_request" (default, "ECE") — ECE as released (tianyuzhangterry/ECE WI_main.py / AS_main.py /
+      RS_main.py): every request's own z with all targets.steps; no clustering (n_clusters is
+      commented out in the authors' hparams);
+  "two_step" ("ECE-two-step") — the paper's clustering and two-step z (section 3.2.2).
+
 One step, in order:
   1. keys K_l [n, d_ff] at every edited layer l (FFN activations at the subject's last token,
      averaged over the context templates), on the weights as this step finds them;
   2. attribution (AS / WI / RS, eq. 5–7) per layer, scores summed over the batch, neuron set I_l by
      the threshold rule (eq. 8);
-  3. each request's own neuron set (same rule on its own scores) over *all* edited layers, as
-     (layer, neuron) pairs: the paper clusters a request by "its set of identified neurons", which
-     span every edited layer; pairs keep neuron j of layer 4 apart from neuron j of layer 8;
-  4. k-medoids under Jaccard distance (eq. 9) and one anchor per cluster (eq. 10);
-  5. two-step z at the last edited layer L (eq. 11–13): a shared shift per cluster optimised on
-     its anchor, then per-request refinements;
-  6. for each edited layer in order: keys, current outputs at L, R = (z − h_L)/(layers left) as
+  3. two_step only: each request's own neuron set (same rule on its own scores) over *all* edited
+     layers, as (layer, neuron) pairs: the paper clusters a request by "its set of identified
+     neurons", which span every edited layer; pairs keep neuron j of layer 4 apart from neuron j of
+     layer 8; k-medoids under Jaccard distance (eq. 9) and one anchor per cluster (eq. 10);
+  4. z at the last edited layer L on the ORIGINAL weights θ₀ (``rewind``; appendix C.4: "we
+     utilize the original model weights during the calculation of z_i"; see
+     editlab/editing/rewind.py), from the z cache where present: per request, or two_step's
+     shared shift per cluster optimised on its anchor, then per-request refinements (eq. 11–13),
+     both phases on θ₀;
+  5. for each edited layer in order: keys, CURRENT outputs at L, R = (z − h_L)/(layers left) as
      MEMIT, ΔW zero outside I_l's columns (eq. 14/19) with P = λC + Σ past KKᵀ, W_l += ΔW;
-  7. cache_c[l] += K_l K_lᵀ (full d_ff), so this step's keys are preserved by later steps.
+  6. cache_c[l] += K_l K_lᵀ (full d_ff), so this step's keys are preserved by later steps.
+The clusters come from the keys of step 1 (the current weights), as the paper's stage order has it.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 
@@ -31,24 +42,42 @@ from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
+from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_cluster_targets, rewound_target_rows
 from editlab.editing.solve import preserve_matrix, submatrix_delta
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import ClusterTargetResult, TargetConfig, optimize_cluster_targets
+from editlab.editing.targets import ClusterTargetResult, TargetConfig, TargetResult
 from editlab.models.weights import add_delta, read_weight
 from editlab.types import EditRequest, EditResult
+
+ZMode = Literal["per_request", "two_step"]
+INSTANCE_STEPS = 5  # the paper's per-instance phase (section 3.2.2: 20 + 5 of 25)
 
 
 @dataclass
 class NeuronPlan:
-    """Stages 1-4 of one step (see :meth:`ECE.locate`)."""
+    """Stages 1-3 of one step (see :meth:`ECE.locate`); the clustering fields are None per request."""
 
     first_pass: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer → keys [n, d_ff], outputs at L [n, d]
     selected: dict[int, torch.Tensor]  # layer → the step's neuron indices I_l [m_l]
-    sets: list[torch.Tensor]  # each request's own (layer, neuron) ids, layer j's neuron k as j·d_ff + k
-    clustering: Clustering
-    cluster_attribution: str  # class name of the attribution the sets came from
+    sets: list[torch.Tensor] | None  # each request's own (layer, neuron) ids, layer j's neuron k as j·d_ff + k
+    clustering: Clustering | None
+    cluster_attribution: str | None  # class name of the attribution the sets came from
     seconds_attribution: float
     seconds_cluster: float
+
+
+def two_step_split(steps: int, shared_steps: int | None, instance_steps: int | None) -> tuple[int, int]:
+    """(shared, instance) rounds of the two-step z from the options; None fills in the paper's
+    split: 5 per-instance rounds and the shared phase gets the rest of targets.steps."""
+    instance = INSTANCE_STEPS if instance_steps is None else instance_steps
+    shared = steps - instance if shared_steps is None else shared_steps
+    if shared < 0 or instance < 0 or shared + instance < 1:
+        raise ValueError(f"options shared_steps={shared}, instance_steps={instance} must be >= 0 with a positive sum")
+    if steps != shared + instance:
+        raise ValueError(
+            f"option targets.steps={steps} must equal shared_steps + instance_steps ({shared} + {instance})"
+        )
+    return shared, instance
 
 
 def _nanmean(x: torch.Tensor) -> float:
@@ -61,11 +90,14 @@ class ECE(KeyValueMethod):
         self,
         layers: list[int],
         mom2_weight: float = 15000.0,
-        neurons: NeuronAttribution = WeightImportance(threshold=0.8),
+        neurons: NeuronAttribution = WeightImportance(threshold=0.8, rule="within"),
+        z_mode: ZMode = "per_request",
+        rewind: bool = True,
+        z_cache: bool = True,
         cluster_neurons: NeuronAttribution | None = None,
         clusters: int | None = None,
-        shared_steps: int = 20,
-        instance_steps: int = 5,
+        shared_steps: int | None = None,
+        instance_steps: int | None = None,
         targets: TargetConfig = TargetConfig(),
         context: ContextTemplates = ContextTemplates(),
         covariance: CovarianceConfig = CovarianceConfig(),
@@ -76,29 +108,45 @@ class ECE(KeyValueMethod):
             mom2_weight: λ, the weight of the preserved key moment E[kkᵀ] in the solve.
             neurons: the attribution stage (ActivationScore, WeightImportance, ResidualSensitivity)
                 and its threshold p; selects the updated neurons of every layer (eq. 5–8).
-            cluster_neurons: the attribution whose per-request neuron sets are clustered. None:
-                ``neurons`` when it depends on the request; WeightImportance does not (every request
-                would get the same set and the clustering nothing to go on), so with WI the sets
-                come from ActivationScore with the same threshold.
-            clusters: number of clusters k (capped at the batch size); None: ceil(sqrt(n / 2)).
-            shared_steps: phase-1 forward+update rounds of each cluster's shared shift (paper: 20).
-            instance_steps: phase-2 forwards of the per-request refinement (paper: 5).
-            targets: z optimisation settings; targets.steps must equal shared_steps + instance_steps
-                (the per-instance budget the two phases replace).
+                Default: WI, p = 0.8 with the released selection rule ("within").
+            z_mode: "per_request", ECE as released (each request's own z with all targets.steps,
+                no clustering); "two_step", the paper's clustering and shared + per-instance z.
+            rewind: compute z on the original weights θ₀ (appendix C.4; both phases with
+                two_step); False: on the current weights.
+            z_cache: keep the z computed on θ₀ on disk as well as in memory (key: every z setting,
+                and with two_step the split and the request's cluster and anchor).
+            cluster_neurons: two_step only. The attribution whose per-request neuron sets are
+                clustered. None: ``neurons`` when it depends on the request; WeightImportance does
+                not (every request would get the same set and the clustering nothing to go on), so
+                with WI the sets come from ActivationScore with the same threshold and rule.
+            clusters: two_step only. Number of clusters k (capped at the batch size); None:
+                ceil(sqrt(n / 2)).
+            shared_steps: two_step only. Phase-1 forward+update rounds of each cluster's shared
+                shift (paper: 20); None: targets.steps − instance_steps.
+            instance_steps: two_step only. Phase-2 forwards of the per-request refinement (paper:
+                5); None: 5.
+            targets: z optimisation settings; with two_step targets.steps must equal
+                shared_steps + instance_steps (the per-instance budget the two phases replace).
             context: context-template generation settings.
             covariance: corpus and settings of E[kkᵀ].
         """
+        if z_mode not in ("per_request", "two_step"):
+            raise ValueError(f"option z_mode={z_mode!r} must be 'per_request' or 'two_step'")
+        if z_mode == "per_request":
+            two_step_options = {
+                "cluster_neurons": cluster_neurons,
+                "clusters": clusters,
+                "shared_steps": shared_steps,
+                "instance_steps": instance_steps,
+            }
+            for option, value in two_step_options.items():
+                if value is not None:
+                    raise ValueError(f"option {option}={value!r} is only read with z_mode='two_step'")
+            split = (0, targets.steps)  # every round per instance
+        else:
+            split = two_step_split(targets.steps, shared_steps, instance_steps)
         if clusters is not None and clusters < 1:
             raise ValueError(f"option clusters={clusters} must be >= 1 (or null for automatic)")
-        if shared_steps < 0 or instance_steps < 0 or shared_steps + instance_steps < 1:
-            raise ValueError(
-                f"options shared_steps={shared_steps}, instance_steps={instance_steps} must be >= 0 with a positive sum"
-            )
-        if targets.steps != shared_steps + instance_steps:
-            raise ValueError(
-                f"option targets.steps={targets.steps} must equal shared_steps + instance_steps "
-                f"({shared_steps} + {instance_steps})"
-            )
         if cluster_neurons is not None and not cluster_neurons.request_dependent:
             raise ValueError(
                 f"option cluster_neurons={cluster_neurons!r} does not depend on the request: every request "
@@ -106,23 +154,38 @@ class ECE(KeyValueMethod):
             )
         super().__init__(layers, mom2_weight, targets, context, covariance)
         self.neurons = neurons
+        self.z_mode = z_mode
+        self.rewind = rewind
+        self.z_cache = z_cache
         self.cluster_neurons = cluster_neurons
         self.clusters = clusters
-        self.shared_steps = shared_steps
-        self.instance_steps = instance_steps
+        self.shared_steps, self.instance_steps = split
+        self.original: OriginalWeights | None = None
+        self.cache = TargetCache(disk=z_cache)
+
+    @property
+    def name(self) -> str:
+        """ECE (as released: per-request z) or ECE-two-step (the paper's clustering variant)."""
+        return "ECE" if self.z_mode == "per_request" else "ECE-two-step"
+
+    def setup(self, ctx: EditContext) -> None:
+        super().setup(ctx)
+        # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
+        self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
 
     def clustering_attribution(self) -> NeuronAttribution:
         if self.cluster_neurons is not None:
             return self.cluster_neurons
         if self.neurons.request_dependent:
             return self.neurons
-        return ActivationScore(threshold=self.neurons.threshold)
+        return ActivationScore(threshold=self.neurons.threshold, rule=self.neurons.rule)
 
     def locate(self, ctx: EditContext, requests: list[EditRequest]) -> NeuronPlan:
-        """Steps 1-4: keys, batch neuron selection per layer, per-request sets, clusters and anchors.
-        Reads the model, writes nothing (the benchmark calls it on its own)."""
+        """Steps 1-3: keys, batch neuron selection per layer, and with two_step the per-request
+        sets, clusters and anchors. Reads the model, writes nothing (the benchmark calls it on its own)."""
         view = ctx.view
         n = len(requests)
+        two_step = self.z_mode == "two_step"
         t0 = time.perf_counter()
         first_pass: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         selected: dict[int, torch.Tensor] = {}
@@ -135,10 +198,12 @@ class ECE(KeyValueMethod):
             w_out = read_weight(view.ffn_out(layer))  # [d_model, d_ff]
             d_ff = keys.shape[1]
             selected[layer] = self.neurons.select_batch(keys, w_out)  # [m_l]
-            for i, own in enumerate(cluster_attr.select_each(keys, w_out)):
+            for i, own in enumerate(cluster_attr.select_each(keys, w_out) if two_step else []):
                 own_sets[i].append(own + j * d_ff)  # offset: neuron ids of layer j live in [j·d_ff, (j+1)·d_ff)
-        sets = [torch.cat(parts) for parts in own_sets]
         t1 = time.perf_counter()
+        if not two_step:
+            return NeuronPlan(first_pass, selected, None, None, None, t1 - t0, 0.0)
+        sets = [torch.cat(parts) for parts in own_sets]
         clu = cluster_sets(sets, self.clusters, ctx.seed, universe=len(self.layers) * d_ff)
         t2 = time.perf_counter()
         return NeuronPlan(first_pass, selected, sets, clu, type(cluster_attr).__name__, t1 - t0, t2 - t1)
@@ -158,13 +223,43 @@ class ECE(KeyValueMethod):
             ),
         )
 
-    def cluster_targets(self, ctx: EditContext, requests: list[EditRequest], clu: Clustering) -> ClusterTargetResult:
-        """Step 5 with whole clusters shared over ranks (a cluster's members need its shift)."""
+    def check_setup(self) -> None:
+        if self.rewind and self.original is None:
+            raise RuntimeError("ECE.setup must run on the unedited model before the first step (rewind: true)")
 
-        def share(idx: list[int]) -> ClusterTargetResult:
+    def request_targets(self, ctx: EditContext, requests: list[EditRequest]) -> tuple[TargetResult, torch.Tensor]:
+        """Step 4 per request: z on θ₀ (with rewinding) from the z cache where present, shared
+        over ranks. Returns the targets and which rows came from the cache (bool [n])."""
+        self.check_setup()
+        return ctx.per_request(
+            requests,
+            lambda part: rewound_target_rows(
+                ctx.view,
+                ctx.tok,
+                part,
+                self.templates,
+                self.layers[-1],
+                self.targets,
+                self.original,
+                self.cache,
+                ctx.model_id,
+                ctx.fingerprint,
+                ctx.progress,
+            ),
+        )
+
+    def cluster_targets(
+        self, ctx: EditContext, requests: list[EditRequest], clu: Clustering
+    ) -> tuple[ClusterTargetResult, torch.Tensor]:
+        """Step 4 with two_step: both phases on θ₀ (with rewinding), whole clusters shared over
+        ranks (a cluster's members need its shift). Returns the targets and which rows came from
+        the z cache (bool [n])."""
+        self.check_setup()
+
+        def share(idx: list[int]) -> tuple[ClusterTargetResult, torch.Tensor]:
             pos = {g: i for i, g in enumerate(idx)}
             mine = [c for c, members in enumerate(clu.clusters) if members[0] in pos]
-            res = optimize_cluster_targets(
+            res, cached = rewound_cluster_targets(
                 ctx.view,
                 ctx.tok,
                 [requests[g] for g in idx],
@@ -175,17 +270,21 @@ class ECE(KeyValueMethod):
                 [pos[clu.anchors[c]] for c in mine],
                 self.shared_steps,
                 self.instance_steps,
+                self.original,
+                self.cache,
+                ctx.model_id,
+                ctx.fingerprint,
                 ctx.progress,
             )
             to_global = torch.tensor(mine, dtype=torch.long, device=res.cluster.device)
-            return dataclasses.replace(res, cluster=to_global[res.cluster])  # cluster ids of the whole step
+            return dataclasses.replace(res, cluster=to_global[res.cluster]), cached  # cluster ids of the whole step
 
         return ctx.per_index(len(requests), share, groups=clu.clusters)
 
     def spread(
         self, ctx: EditContext, requests: list[EditRequest], z: torch.Tensor, plan: NeuronPlan
     ) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
-        """Step 6: write the neuron-restricted update of every edited layer towards targets z
+        """Step 5: write the neuron-restricted update of every edited layer towards targets z
         [n, d_model] (eq. 14, 19). Returns per-layer scalars and each layer's K Kᵀ for the
         sequential cache; the caller accumulates it once the whole step succeeded."""
         view = ctx.view
@@ -206,44 +305,64 @@ class ECE(KeyValueMethod):
         return scalars, new_kk
 
     def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
-        # 1-4. Keys, batch selection per layer, per-request sets as (layer, neuron) pairs, clusters.
+        # 1-3. Keys, batch selection per layer (and with two_step: per-request sets, clusters).
         plan = self.locate(ctx, requests)
         selected, clu = plan.selected, plan.clustering
         t2 = time.perf_counter()
-        # 5. Two-step z at the last edited layer.
-        tgt = self.cluster_targets(ctx, requests, clu)
+        # 4. z at the last edited layer, on θ₀ with rewinding.
+        if clu is None:
+            tgt, cached = self.request_targets(ctx, requests)
+        else:
+            tgt, cached = self.cluster_targets(ctx, requests, clu)
         t3 = time.perf_counter()
-        # 6. Neuron-restricted spread over the edited layers.
+        # 5. Neuron-restricted spread over the edited layers, residuals against the current model.
         scalars, new_kk = self.spread(ctx, requests, tgt.z, plan)
-        # 7. Sequential cache (only once every layer was written).
+        # 6. Sequential cache (only once every layer was written).
         self.accumulate(new_kk)
         t4 = time.perf_counter()
         for layer in self.layers:
             scalars[f"neurons/l{layer}"] = float(len(selected[layer]))
+        z_weights = "original" if self.rewind else "current"
         scalars.update(
             {
-                "clusters": float(len(clu.clusters)),
+                "z_rewound": float(self.rewind),
+                "z_from_cache": float(cached.sum()),
                 "z_loss": _nanmean(tgt.loss),
                 "z_nll": _nanmean(tgt.nll),
-                "z_steps": float(tgt.steps.mean()),
-                "z_shared_steps": float(tgt.shared_updates.mean()),
-                "z_instance_steps": float(tgt.instance_updates.mean()),
+                "z_steps": float(tgt.steps.float().mean()),
                 "seconds_attribution": plan.seconds_attribution,
-                "seconds_cluster": plan.seconds_cluster,
-                "seconds_z_shared": tgt.seconds_shared,
-                "seconds_z_instance": tgt.seconds_instance,
                 "seconds_z": t3 - t2,
                 "seconds_solve": t4 - t3,
             }
         )
-        details = {
-            "cluster_sizes": [len(c) for c in clu.clusters],
-            "cluster_cost": clu.cost,
-            "cluster_attribution": plan.cluster_attribution,
+        details: dict = {
+            "z_mode": self.z_mode,
+            "z_weights": z_weights,
             "selected_neurons": {f"l{layer}": len(selected[layer]) for layer in self.layers},
         }
-        anchors = set(clu.anchors)
         per_request = {
-            req.case_id: {"cluster": int(clu.labels[i]), "anchor": i in anchors} for i, req in enumerate(requests)
+            req.case_id: {"z_weights": z_weights, "z_from_cache": bool(cached[i])} for i, req in enumerate(requests)
         }
+        if clu is not None:
+            assert isinstance(tgt, ClusterTargetResult)
+            scalars.update(
+                {
+                    "clusters": float(len(clu.clusters)),
+                    "z_shared_steps": float(tgt.shared_updates.float().mean()),
+                    "z_instance_steps": float(tgt.instance_updates.float().mean()),
+                    "seconds_cluster": plan.seconds_cluster,
+                    "seconds_z_shared": tgt.seconds_shared,
+                    "seconds_z_instance": tgt.seconds_instance,
+                }
+            )
+            details.update(
+                {
+                    "cluster_sizes": [len(c) for c in clu.clusters],
+                    "cluster_cost": clu.cost,
+                    "cluster_attribution": plan.cluster_attribution,
+                }
+            )
+            anchors = set(clu.anchors)
+            for i, req in enumerate(requests):
+                per_request[req.case_id].update({"cluster": int(clu.labels[i]), "anchor": i in anchors})
         return EditResult(scalars=scalars, details=details, per_request=per_request)
