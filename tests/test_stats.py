@@ -2,6 +2,7 @@
 mismatched cache."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from editlab.editing.stats import (
     model_fingerprint,
     read_corpus,
     second_moments,
+    token_cap,
 )
 from editlab.models.arch import ModelView
 from editlab.models.hooks import capture_inputs
@@ -105,3 +107,115 @@ def test_real_corpus_reads(tmp_path):
 
     texts, ident = read_corpus(CovarianceConfig(corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=10))
     assert len(texts) == 10 and all(texts) and ident.startswith("file:ME-PPL.json.gz:")
+
+
+# -- which texts, how long: as rome/layer_stats.py ---------------------------------------------------
+def numbered_corpus(tmp_path, n: int = 60) -> str:
+    """n numbered lines with a blank line after every fifth (blank texts are never drawn)."""
+    lines = []
+    for i in range(n):
+        lines.append(f"Line {i} talks about a city.")
+        if i % 5 == 4:
+            lines.append("   ")
+    path = tmp_path / "numbered.txt"
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def test_the_sample_is_a_seeded_random_subset(tmp_path):
+    corpus = numbered_corpus(tmp_path)
+    every = [f"Line {i} talks about a city." for i in range(60)]
+    cfg = CovarianceConfig(corpus=corpus, num_samples=10)
+    assert cfg.sample == "random" and cfg.seed == 0
+    torch.manual_seed(1)  # the global RNG plays no part: every rank and every run draw the same
+    texts, _ = read_corpus(cfg)
+    torch.manual_seed(2)
+    assert read_corpus(cfg)[0] == texts
+    assert len(set(texts)) == 10 and set(texts) <= set(every)
+    assert texts != every[:10] and max(every.index(t) for t in texts) >= 10  # not the first lines
+    other, _ = read_corpus(CovarianceConfig(corpus=corpus, num_samples=10, seed=1))
+    assert set(other) <= set(every) and other != texts
+    first, _ = read_corpus(CovarianceConfig(corpus=corpus, num_samples=10, sample="first"))
+    assert first == every[:10]  # the earlier behaviour, blank lines skipped
+    with pytest.raises(ValueError, match="option covariance.sample='all'"):
+        CovarianceConfig(sample="all")
+
+
+def test_cache_key_records_sampling_and_the_resolved_cap(tiny_llama, tmp_path):
+    model, _ = tiny_llama
+    view = ModelView.of(model)
+    corpus = numbered_corpus(tmp_path)
+
+    def key(**kw):
+        cfg = CovarianceConfig(corpus=corpus, num_samples=10, **kw)
+        return cache_key("tiny", "fp", view, 0, cfg, read_corpus(cfg)[1])
+
+    base = key()
+    assert base["sample"] == "random" and base["seed"] == 0
+    assert base["max_length"] == model.config.max_position_embeddings == 512  # None resolved
+    for change in ({"seed": 1}, {"sample": "first"}, {"max_length": 128}):
+        assert cache_path(key(**change)) != cache_path(base), change
+    assert key(max_length=512) == base  # the same cap, the same statistics
+
+
+def test_token_cap_defaults_to_the_context_length(tiny_llama):
+    model, tok = tiny_llama
+    view = ModelView.of(model)
+    long_text = " ".join(TEXTS * 3)
+    n_tokens = len(tok(long_text)["input_ids"])
+    assert 128 < n_tokens < 512
+    full = accumulate_second_moments(view, tok, [long_text], [0], CovarianceConfig(corpus="x"), progress=False)
+    assert full[0].count == n_tokens  # not cut at the former default 128
+    capped = CovarianceConfig(corpus="x", max_length=128)
+    assert accumulate_second_moments(view, tok, [long_text], [0], capped, progress=False)[0].count == 128
+    assert token_cap(SimpleNamespace(n_positions=1024), CovarianceConfig()) == 1024  # GPT-2's name
+    with pytest.raises(ValueError, match="option covariance.max_length=None"):
+        token_cap(SimpleNamespace(), CovarianceConfig())
+
+
+def test_a_131k_context_pads_only_to_the_longest_text(tiny_llama):
+    model, tok = tiny_llama
+    view = ModelView.of(model)
+    widths = []
+    handle = view.ffn_out(0).register_forward_pre_hook(lambda m, args: widths.append(args[0].shape[1]))
+    saved = model.config.max_position_embeddings
+    model.config.max_position_embeddings = 131072  # Llama-3.1's context
+    try:
+        cfg = CovarianceConfig(corpus="x", batch_size=len(TEXTS))
+        assert token_cap(model.config, cfg) == 131072
+        accumulate_second_moments(view, tok, TEXTS, [0], cfg, progress=False)
+    finally:
+        model.config.max_position_embeddings = saved
+        handle.remove()
+    assert widths == [max(len(tok(t)["input_ids"]) for t in TEXTS)]
+
+
+def test_ranks_share_exactly_the_sampled_texts(tiny_llama, tmp_path, monkeypatch):
+    from editlab.editing import stats
+
+    model, tok = tiny_llama
+    view = ModelView.of(model)
+    cfg = CovarianceConfig(corpus=numbered_corpus(tmp_path), num_samples=11, use_cache=False)
+    seen: list[str] = []
+    real = stats.accumulate_second_moments
+    monkeypatch.setattr(
+        stats,
+        "accumulate_second_moments",
+        lambda v, t, texts, *a, **k: seen.extend(texts) or real(v, t, texts, *a, **k),
+    )
+
+    class FakeRanks:  # world 3 without torch.distributed: each call is one rank's share
+        world, barrier = 3, staticmethod(lambda: None)
+
+        def __init__(self, rank):
+            self.rank, self.is_main = rank, rank == 0
+
+        def all_gather_object(self, obj):
+            return [obj]
+
+        def all_reduce_sum(self, t):
+            return t
+
+    for rank in range(3):
+        second_moments(view, tok, "tiny", "fp", [0], cfg, progress=False, ranks=FakeRanks(rank))
+    assert sorted(seen) == sorted(read_corpus(cfg)[0]) and len(seen) == 11

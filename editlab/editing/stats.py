@@ -1,9 +1,13 @@
 """Streaming second moment E[kkᵀ] of FFN keys over a text corpus, with a keyed disk cache.
 
+As ``rome/layer_stats.py`` (the statistics of every released MEMIT-family method) computes it by
+default: texts drawn at random from the corpus (seeded here; ``random_sample=1`` there), each cut
+at the model's context length.
+
 The cache file name is a hash of a key holding everything that changes the result (model
-identity and weights fingerprint, layer and module, corpus identity, sample count, token cap,
-dtype). The key is stored in the file and compared on load: a file whose key differs is an error,
-never silently reused.
+identity and weights fingerprint, layer and module, corpus identity, sampling rule and seed,
+sample count, token cap, dtype). The key is stored in the file and compared on load: a file whose
+key differs is an error, never silently reused.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +31,7 @@ from editlab.models.arch import ModelView
 from editlab.models.load import cache_root
 from editlab.models.trace import trace
 
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: random sampling, seed and the resolved token cap in the key
 
 
 class StaleCacheError(RuntimeError):
@@ -41,9 +45,16 @@ class CovarianceConfig:
     Args:
         corpus: "demo" (the package's own small corpus), a local .txt (one text per line),
             .json/.json.gz/.jsonl file (strings or objects with ``text_field``), or a hub dataset id.
-        num_samples: number of texts used (the first ones, in file order).
-        max_length: token cap per text (long-context models would otherwise allocate their full
-            context).
+        num_samples: number of (non-empty) texts used.
+        sample: which texts. "random": a random subset drawn with ``seed`` (layer_stats draws
+            at random too); "first": the first ``num_samples`` in corpus order (editlab's
+            earlier default).
+        seed: seed of the random draw (not the run's seed: the statistics, and their cache,
+            stay the same across runs).
+        max_length: token cap per text; None: the model's context length (max_position_embeddings
+            or n_positions), as layer_stats cuts its texts. Texts are only truncated, never
+            padded beyond the longest text of their batch, so a 131k context allocates nothing
+            more for short texts (editlab's earlier default was 128).
         batch_size: texts per forward.
         dtype: accumulation dtype of the sum of kkᵀ.
         text_field: field holding the text in JSON objects / hub rows; None tries "text", "Text".
@@ -57,7 +68,9 @@ class CovarianceConfig:
 
     corpus: str = "demo"
     num_samples: int = 400
-    max_length: int = 128
+    sample: Literal["random", "first"] = "random"
+    seed: int = 0
+    max_length: int | None = None
     batch_size: int = 16
     dtype: Literal["float32", "float64"] = "float64"
     text_field: str | None = None
@@ -67,8 +80,10 @@ class CovarianceConfig:
     offload: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.max_length < 2 or self.batch_size < 1:
+        if self.num_samples < 1 or (self.max_length is not None and self.max_length < 2) or self.batch_size < 1:
             raise ValueError(f"invalid covariance options: {self}")
+        if self.sample not in ("random", "first"):
+            raise ValueError(f"option covariance.sample={self.sample!r} must be 'random' or 'first'")
 
 
 class SecondMoment:
@@ -103,8 +118,32 @@ def _text_of(item, field: str | None, where: str) -> str:
     raise ValueError(f"{where}: no text field {field or 'text/Text'} in corpus item {str(item)[:80]!r}")
 
 
+def sample_order(n_items: int, cfg: CovarianceConfig) -> torch.Tensor:
+    """Order [n_items] in which corpus items are taken: corpus order ("first") or a permutation
+    drawn from its own generator seeded with ``cfg.seed`` ("random"), so every rank of a
+    multi-process run, and every run, draws the same texts whatever the global RNG state."""
+    if cfg.sample == "first":
+        return torch.arange(n_items)
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def take_texts(order: torch.Tensor, fetch: Callable[[list[int]], list], cfg: CovarianceConfig, where: str) -> list[str]:
+    """The first ``cfg.num_samples`` non-empty texts of the items in ``order`` (indices [N]);
+    ``fetch(indices)`` returns those items. Items are fetched in chunks, so a hub corpus reads
+    only about as many rows as it needs."""
+    texts: list[str] = []
+    chunk = 2 * cfg.num_samples  # room for empty texts (wikitext's blank lines)
+    for start in range(0, len(order), chunk):
+        items = fetch(order[start : start + chunk].tolist())
+        texts += [t for t in (_text_of(x, cfg.text_field, where) for x in items) if t.strip()]
+        if len(texts) >= cfg.num_samples:
+            return texts[: cfg.num_samples]
+    raise ValueError(f"option covariance.num_samples={cfg.num_samples}: corpus {where!r} has only {len(texts)} texts")
+
+
 def read_corpus(cfg: CovarianceConfig) -> tuple[list[str], str]:
-    """The first ``num_samples`` non-empty texts and a string identifying the corpus content."""
+    """``num_samples`` non-empty texts, drawn as ``cfg.sample`` says, and a string identifying
+    the corpus content."""
     corpus = cfg.corpus
     if corpus == "demo":
         raw = resources.files("editlab.data").joinpath("demo_corpus.txt").read_bytes()
@@ -126,16 +165,22 @@ def read_corpus(cfg: CovarianceConfig) -> tuple[list[str], str]:
         import datasets
 
         ds = datasets.load_dataset(corpus, cfg.subset, split=cfg.split)
-        items, ident = (
-            ds.select(range(min(len(ds), cfg.num_samples * 2))),
-            f"hub:{corpus}:{cfg.subset}:{cfg.split}:{ds._fingerprint}",
-        )
-    texts = [t for t in (_text_of(x, cfg.text_field, corpus) for x in items) if t.strip()]
-    if len(texts) < cfg.num_samples:
+        ident = f"hub:{corpus}:{cfg.subset}:{cfg.split}:{ds._fingerprint}"
+        return take_texts(sample_order(len(ds), cfg), ds.select, cfg, corpus), ident
+    return take_texts(sample_order(len(items), cfg), lambda idx: [items[i] for i in idx], cfg, corpus), ident
+
+
+def token_cap(model_config, cfg: CovarianceConfig) -> int:
+    """Tokens kept per text: ``cfg.max_length``, or the model's context length when it is None."""
+    if cfg.max_length is not None:
+        return cfg.max_length
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if not limit:
         raise ValueError(
-            f"option covariance.num_samples={cfg.num_samples}: corpus {corpus!r} has only {len(texts)} texts"
+            "option covariance.max_length=None needs the model's context length, but its config has neither "
+            "max_position_embeddings nor n_positions: set covariance.max_length"
         )
-    return texts[: cfg.num_samples], ident
+    return int(limit)
 
 
 def model_fingerprint(model) -> str:
@@ -160,8 +205,10 @@ def cache_key(
         "module": view.ffn_out_name(layer),
         "corpus": corpus_id,
         "text_field": cfg.text_field,
+        "sample": cfg.sample,
+        "seed": cfg.seed,
         "num_samples": cfg.num_samples,
-        "max_length": cfg.max_length,
+        "max_length": token_cap(view.model.config, cfg),  # resolved: None and the same explicit cap agree
         "dtype": cfg.dtype,
     }
 
@@ -201,6 +248,7 @@ def accumulate_second_moments(
 ) -> dict[int, SecondMoment]:
     """Σ kkᵀ over every non-pad token, all layers in one pass stopped after the highest layer."""
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    cap = token_cap(view.model.config, cfg)
     d_ff = view.ffn_out(layers[0]).weight.numel() // view.model.config.hidden_size
     moms = {layer: SecondMoment(d_ff, dtype, view.device) for layer in layers}
     bar = tqdm(total=len(texts), desc="covariance", unit="text", disable=not progress, file=sys.stderr, leave=False)
@@ -208,8 +256,8 @@ def accumulate_second_moments(
         enc = tok(
             texts[start : start + cfg.batch_size],
             truncation=True,
-            max_length=cfg.max_length,
-            padding=True,
+            max_length=cap,
+            padding=True,  # to the batch's longest text only, however large the cap
             return_tensors="pt",
         ).to(view.device)
         keys, _ = trace(view, enc["input_ids"], enc["attention_mask"], key_layers=layers)
@@ -233,8 +281,9 @@ def second_moments(
 ) -> dict[int, torch.Tensor]:
     """E[kkᵀ] per layer, [d_ff, d_ff], from the disk cache or computed (and cached) now.
 
-    With several ranks each accumulates every world-th text and the sums and counts are
-    all-reduced, so every rank gets the whole corpus's moment; only rank 0 writes the cache."""
+    With several ranks each accumulates every world-th text of the sample (which every rank draws
+    identically: :func:`sample_order` has its own seeded generator) and the sums and counts are
+    all-reduced, so every rank gets the whole sample's moment; only rank 0 writes the cache."""
     texts, corpus_id = read_corpus(cfg)
     keys = {layer: cache_key(model_id, fingerprint, view, layer, cfg, corpus_id) for layer in layers}
     found = {layer: load_cached(cache_path(k), k) for layer, k in keys.items()} if cfg.use_cache else {}
