@@ -13,9 +13,11 @@ import torch
 from editlab.editing.context import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import LayerSpreadMethod
+from editlab.editing.methods.stages import Spread
 from editlab.editing.solve import alphaedit_delta, null_space_projection
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import TargetConfig
+from editlab.editing.targets import TargetConfig, TargetResult
+from editlab.types import EditRequest
 
 
 class AlphaEdit(LayerSpreadMethod):
@@ -60,3 +62,11 @@ class AlphaEdit(LayerSpreadMethod):
 
     def null_space_dims(self) -> dict[int, int]:
         return {layer: round(float(p.trace())) for layer, p in self.proj.items()}
+
+    def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
+        """MEMIT's spread with the projected solve, plus each layer's null-space dimension: the
+        threshold is absolute, so how many directions P keeps depends on C's scale (corpus, token
+        cap, model), and the step's scalars (steps.jsonl, metrics.csv) record it."""
+        out = super().spread(ctx, requests, tgt)
+        out.scalars.update({f"nullspace_dim/l{layer}": float(dim) for layer, dim in self.null_space_dims().items()})
+        return out
