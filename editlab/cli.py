@@ -41,6 +41,8 @@ class RunDirConfig(SaveConfigCallback):
             multifile=self.multifile,
         )
         resolved = self.config.clone().as_dict()
+        # The variant (MEMIT_seq, ECE-two-step, ...): the class_path alone does not say it.
+        resolved["method_name"] = pl_module.method.name
         for logger in trainer.loggers:
             logger.log_hyperparams(resolved)
         self.already_saved = True

@@ -122,4 +122,7 @@ def test_two_process_cpu_run_edits_like_one_process(tmp_path, method):
     assert same["metrics_compared"] >= 10 and same["metrics_differing"] == {}
     s2 = json.loads((runs[2] / "summary.json").read_text())
     assert s2["steps"] == 2
+    if method == "ece":  # the variant's name, in summary.json and the loggers' hyperparameters (W&B config)
+        assert s2["method"] == "ECE-two-step"
+        assert "method_name: ECE-two-step" in (runs[2] / "hparams.yaml").read_text()
     assert "estimated memory per device" in proc.stderr  # printed before the run starts
