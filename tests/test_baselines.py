@@ -13,6 +13,7 @@ from editlab.editing.methods import rome as rome_module
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ft import FT
+from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.pmet import PMET, ffn_outputs
 from editlab.editing.methods.rome import ROME
 from editlab.editing.solve import alphaedit_delta, null_space_projection, rome_delta
@@ -299,10 +300,8 @@ def test_every_baseline_has_its_four_configs():
     assert {"rome_eac_smollm2", "memit_eac_smollm2", "rome_eac_gpt2xl", "memit_eac_llama3_8b"} <= names
 
 
-@pytest.mark.parametrize("config", NEW_CONFIGS, ids=[p.name for p in NEW_CONFIGS])
-def test_baseline_config_builds_its_method(config):
-    # --print_config (test_cli) only parses; building the method also runs its option checks
-    # (e.g. EAC's step budget), without loading the model.
+def method_of(config):
+    """The method a config builds (its option checks run; no model is loaded)."""
     import yaml
     from jsonargparse import ArgumentParser
 
@@ -311,7 +310,19 @@ def test_baseline_config_builds_its_method(config):
     spec = yaml.safe_load(config.read_text())
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(EditMethod, "method")
-    method = parser.instantiate_classes(parser.parse_object({"method": spec["model"]["method"]})).method
+    return parser.instantiate_classes(parser.parse_object({"method": spec["model"]["method"]})).method
+
+
+@pytest.mark.parametrize("config", NEW_CONFIGS, ids=[p.name for p in NEW_CONFIGS])
+def test_baseline_config_builds_its_method(config):
+    # --print_config (test_cli) only parses; building the method also runs its option checks
+    # (e.g. EAC's step budget), without loading the model.
+    import yaml
+
+    from editlab.editing.methods.base import EditMethod
+
+    spec = yaml.safe_load(config.read_text())
+    method = method_of(config)
     assert isinstance(method, EditMethod) and method.edited_layers()
     if "eac" in config.stem:
         assert method.eac is not None and method.targets.steps == method.eac.total_steps
@@ -396,3 +407,153 @@ def test_one_iteration_of_the_iterative_wrapper_is_the_method(kind, tmp_path, st
     for layer in plain.edited_layers():
         torch.testing.assert_close(read_weight(ctx.view.ffn_out(layer)), read_weight(ctx2.view.ffn_out(layer)))
     assert set(getattr(method, "cache_c", {})) == set(getattr(plain, "cache_c", {}))
+
+
+# --- the baselines as the released code runs them ---------------------------------------------
+# Read in the released hparams files: kmeng01/rome hparams/ROME/gpt2-xl.json and
+# EleutherAI_gpt-j-6B.json; jianghoucheng/AlphaEdit hparams/ROME/Llama3-8B.json and
+# hparams/FT/Llama3-8B.json; MEMIT's hparams/FT/{gpt2-xl,EleutherAI_gpt-j-6B}_constr.json (as
+# mirrored in zjunlp/EasyEdit).
+RELEASED_ROME = {  # (layer, v_lr, v_num_grad_steps, clamp_norm_factor, v_weight_decay, kl_factor, mom2_adjustment)
+    "rome_gpt2xl": (17, 0.5, 20, 4.0, 0.5, 0.0625, True),
+    "rome_gptj": (5, 0.5, 20, 4.0, 0.5, 0.0625, True),
+    "rome_llama3_8b": (5, 0.5, 25, 4.0, 1e-3, 0.0625, False),
+}
+RELEASED_FT = {  # (layer, lr, num_steps, weight_decay, norm_constraint)
+    "ft_gpt2xl": (0, 5e-4, 25, 0.0, 5e-4),
+    "ft_gptj": (0, 5e-4, 25, 0.0, 5e-5),
+    "ft_llama3_8b": (21, 5e-4, 25, 0.0, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_ROME))
+def test_rome_configs_carry_the_released_hparams(name):
+    m = method_of(REPO / "configs" / f"{name}.yaml")
+    t = m.targets
+    got = (m.layer, t.lr, t.steps, t.clamp_norm_factor, t.weight_decay, t.kl_factor, m.mom2_adjustment)
+    assert got == RELEASED_ROME[name]
+    assert m.norm_of == "ffn_output"  # compute_v.py: clamp and decay relative to the MLP output
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED_FT))
+def test_ft_configs_carry_the_released_hparams(name):
+    m = method_of(REPO / "configs" / f"{name}.yaml")
+    assert (m.layer, m.lr, m.steps, m.weight_decay, m.norm_constraint) == RELEASED_FT[name]
+
+
+MEMIT_CONFIGS = sorted((REPO / "configs").glob("memit_*.yaml"))
+
+
+@pytest.mark.parametrize("config", MEMIT_CONFIGS, ids=[p.name for p in MEMIT_CONFIGS])
+def test_memit_configs_have_no_cache_unless_named_seq(config):
+    # The seeds' tables run plain apply_memit_to_model: no Σ KKᵀ of past steps in the solve.
+    m = method_of(config)
+    seq = config.stem.startswith("memit_seq_")
+    assert m.sequential == seq
+    assert m.name == ("MEMIT-EAC" if m.eac is not None else "MEMIT_seq" if seq else "MEMIT")
+
+
+def test_sequential_memit_has_its_own_config():
+    names = {p.stem for p in MEMIT_CONFIGS}
+    assert {"memit_smollm2", "memit_seq_smollm2"} <= names
+    plain, seq = (method_of(REPO / "configs" / f"{n}.yaml") for n in ("memit_smollm2", "memit_seq_smollm2"))
+    # The same setting, only the cache differs.
+    assert (plain.layers, plain.mom2_weight, plain.targets) == (seq.layers, seq.mom2_weight, seq.targets)
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("pmet_*.yaml")), ids=lambda p: p.name)
+def test_pmet_configs_have_no_cache(config):
+    m = method_of(config)  # the released apply_pmet_to_model solves with λC + KKᵀ only
+    assert not m.sequential and m.name == "PMET"
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*_eac_*.yaml")), ids=lambda p: p.name)
+def test_eac_configs_start_stage2_as_the_authors_code(config):
+    m = method_of(config)
+    # The config's choice, or the method's default for it: MEMIT from zero, ROME from δ₁.
+    assert m.eac.start("unset") == ("zero" if isinstance(m, MEMIT) else "stage1")
+    assert m.name == ("MEMIT-EAC" if isinstance(m, MEMIT) else "ROME-EAC")
+    assert not getattr(m, "sequential", False)  # EAC's MEMIT has no sequential cache either
+
+
+def test_method_names_say_the_variant():
+    from editlab.editing.eac import EACConfig
+
+    eac = EACConfig(select_steps=2, retrain_steps=2)
+    four = TargetConfig(steps=4)
+    assert MEMIT(layers=[0], sequential=False).name == "MEMIT"
+    assert MEMIT(layers=[0], sequential=True).name == "MEMIT_seq"
+    assert MEMIT(layers=[0], sequential=False, targets=four, eac=eac).name == "MEMIT-EAC"
+    assert ROME(layer=0).name == "ROME" and ROME(layer=0, targets=four, eac=eac).name == "ROME-EAC"
+    assert AlphaEdit(layers=[0]).name == "AlphaEdit"
+    assert PMET(layers=[0], sequential=False).name == "PMET" and PMET(layers=[0]).name == "PMET_seq"
+    assert FT(layer=0).name == "FT"
+
+
+def ffn_output_at_subject(ctx, req, layer: int) -> torch.Tensor:
+    """The FFN output [d_model] at the bare prompt's subject-last token, read by a hook on the
+    out-projection (what rome/compute_v.py's target_init is)."""
+    from editlab.editing.prompts import subject_last_index
+    from editlab.models.hooks import capture_output
+
+    ids, idx = subject_last_index(ctx.tok, req.prompt, req.subject)
+    with torch.no_grad(), capture_output(ctx.view.ffn_out(layer), "ffn") as got:
+        ctx.model(input_ids=torch.tensor([ids], device=ctx.view.device))
+    return got["ffn"][0, idx].double()
+
+
+@pytest.mark.parametrize("norm_of", ["ffn_output", "residual"])
+def test_rome_clamp_radius_is_the_factor_times_the_norm_of_what_it_edits(norm_of, tmp_path, stats_cache):
+    # lr 5 overshoots any radius on the first update, so δ ends on the sphere the clamp projects to.
+    targets = TargetConfig(steps=4, lr=5.0, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=0.05)
+    ctx, method = make("rome", tmp_path, targets=targets, norm_of=norm_of)
+    req = facts()[:1]
+    ffn = ffn_output_at_subject(ctx, req[0], 1)
+    _, h = keys_and_outputs(ctx.view, ctx.tok, req, ["{}"], 1, 1)  # [1, d_model] the residual
+    assert abs(float(ffn.norm() - h[0].norm())) > 0.1 * float(h[0].norm())  # the two rules differ here
+    tgt = method.compute_targets(ctx, req)
+    radius = 0.05 * (ffn.norm() if norm_of == "ffn_output" else h[0].norm())
+    torch.testing.assert_close((tgt.z[0] - tgt.h[0]).double().norm(), radius, rtol=1e-4, atol=0.0)
+
+
+def test_rome_weight_decay_divides_by_the_squared_ffn_output_norm():
+    # One measuring forward at a fixed shift b: the decay term is weight_decay · ‖b‖ / ‖FFN output‖².
+    from dataclasses import replace
+
+    from editlab.editing.targets import descend_offsets
+
+    ctx = context()
+    req = facts()[:1]
+    base = torch.zeros(1, ctx.model.config.hidden_size)
+    base[0, :3] = torch.tensor([0.3, -0.4, 1.2])  # ‖b‖ = 1.3
+    cfg = TargetConfig(steps=1, kl_factor=0.0, weight_decay=0.0)
+    ref = (ctx.view.ffn_out(1), "ffn out")
+    runs = [
+        descend_offsets(
+            ctx.view, ctx.tok, req, ["{}"], 1, replace(cfg, weight_decay=wd), 1, base=base, progress=False, norm_ref=ref
+        )
+        for wd in (0.0, 2.0)
+    ]
+    expected = 2.0 * 1.3 / ffn_output_at_subject(ctx, req[0], 1).norm() ** 2
+    torch.testing.assert_close((runs[1].loss - runs[0].loss).double()[0], expected, rtol=1e-4, atol=1e-7)
+
+
+def test_rome_without_mom2_adjustment_writes_r_kT_over_kTk_and_makes_no_covariance(monkeypatch):
+    from editlab.editing import stats
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mom2_adjustment false must not compute a covariance")
+
+    monkeypatch.setattr(stats, "second_moments", refuse)
+    ctx = context()
+    method = ROME(layer=1, targets=TARGETS, context=ContextTemplates(count=0), mom2_adjustment=False)
+    method.setup(ctx)
+    assert method.cov == {}
+    req = facts()[:1]
+    tgt = method.compute_targets(ctx, req)
+    key, cur = keys_and_outputs(ctx.view, ctx.tok, req, method.templates, 1, 1)  # [1, d_ff], [1, d_model]
+    before = read_weight(ctx.view.ffn_out(1)).detach().double().clone()
+    method.spread(ctx, req, tgt)
+    change = read_weight(ctx.view.ffn_out(1)).detach().double() - before
+    k, r = key[0], tgt.z[0].double() - cur[0]
+    torch.testing.assert_close(change, torch.outer(r, k) / (k @ k), rtol=1e-4, atol=1e-6)
