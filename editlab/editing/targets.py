@@ -497,14 +497,17 @@ def descend_offsets(
                 bare = (~is_kl[row_sel]) & (torch.arange(len(row_sel), device=device) < n)
                 h[sel_owner[bare]] = out[bare, sel_pos[bare]].detach().float()
             ar = torch.arange(out.shape[0], device=device)
-            shift = (base + d)[sel_owner, :d_model]  # [r, d_model]
+            # index_select, not [sel_owner]: the backward of advanced indexing with repeated indices
+            # (one δ row feeds every template row of its request) is an index_put with accumulate,
+            # whose CPU kernel adds with atomics and makes z differ between processes at > 1 thread.
+            shift = (base + d).index_select(0, sel_owner)[:, :d_model]  # [r, d_model]
             return out.index_put((ar, sel_pos), shift.to(out.dtype), accumulate=True)
 
         def shift_site(
             out: torch.Tensor, j: int, row_sel=row_sel, sel_owner=sel_owner, sel_pos=sel_pos, d=d
         ) -> torch.Tensor:  # out: [r, S, d_model]
             ar = torch.arange(out.shape[0], device=device)
-            shift = (base + d)[sel_owner, (j + 1) * d_model : (j + 2) * d_model]  # [r, d_model]
+            shift = (base + d).index_select(0, sel_owner)[:, (j + 1) * d_model : (j + 2) * d_model]  # [r, d_model]
             return out.index_put((ar, sel_pos), shift.to(out.dtype), accumulate=True)
 
         def record_ref(out: torch.Tensor, row_sel=row_sel, sel_owner=sel_owner, sel_pos=sel_pos) -> None:
