@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from editlab.data.datamodule import EditDataModule
 from editlab.lightning.editstate import config_differences, edit_state_path
 from editlab.lightning.module import EditingModule
+from editlab.numerics import set_threads
 
 DEFAULT_ROOT = "runs/editlab"
 
@@ -82,12 +84,21 @@ class EditLabCLI(LightningCLI):
             default=False,
             help="Allow writing into a run directory that already holds a finished run (its summary.json).",
         )
+        parser.add_argument(
+            "--threads",
+            type=Optional[int],
+            default=None,
+            help="Intra-op CPU threads (default: torch's, all cores). Results are bit-identical for the same "
+            "torch version and thread count; the count in use is written into config.yaml.",
+        )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         trainer = cfg.trainer
         root = trainer.default_root_dir or DEFAULT_ROOT
         trainer.default_root_dir = root
+        # Before anything runs a kernel: the thread count decides the bits of every float reduction.
+        cfg.threads = set_threads(cfg.get("threads"))
         self.check_run_dir(Path(root), cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
         if cfg.get("ckpt_path") is not None and (Path(root) / "config.yaml").is_file():
             self.check_same_run(Path(root) / "config.yaml", cfg)

@@ -200,3 +200,22 @@ def test_checkpoint_after_the_last_step_redoes_only_the_final_evaluation(base, f
     assert no_timing(sa) == no_timing(sb)
     for name in ("cases.jsonl", "curve.jsonl", "steps.jsonl"):
         assert jsonl(full / name) == jsonl(run / name), name
+
+
+def test_resuming_with_another_thread_count_says_so(base, full):
+    # The bits depend on the thread count: the run records it, and a resumption with another one
+    # is told that its results will not be bit-identical to an uninterrupted run's.
+    saved = load_edit_state(edit_state_path(full))["numerics"]
+    assert saved["torch_version"] == torch.__version__ and saved["threads"] >= 1
+    assert f"threads: {saved['threads']}" in (full / "config.yaml").read_text()
+    other = saved["threads"] + 1
+    run = base / "other_threads"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(edit_state_path(full), edit_state_path(run))
+    shutil.copy(full / "config.yaml", run / "config.yaml")
+    resumed = fit(base, args(base, "other_threads", "--ckpt_path", "last", "--threads", str(other)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"threads: {saved['threads']} -> {other}" in resumed.stderr and "not be bit-identical" in resumed.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["threads"] == other and summary["torch_version"] == torch.__version__
+    assert f"threads: {other}" in (run / "config.yaml").read_text()

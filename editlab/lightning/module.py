@@ -46,6 +46,7 @@ from editlab.memory import MemoryEstimate, estimate_memory
 from editlab.models.arch import ModelView
 from editlab.models.delta import apply_weight_deltas, save_delta, snapshot, weight_deltas
 from editlab.models.load import DType, load_model_and_tokenizer
+from editlab.numerics import numerics, numerics_differences
 from editlab.report import write_run_report
 from editlab.types import EditRequest
 
@@ -247,6 +248,8 @@ class EditingModule(L.LightningModule):
             "edited_fingerprint": model_fingerprint(self.lm),
             "method_state": self.method.state_dict(),
             "rng": rng_state(),
+            # torch version and thread count: a resumed run compares them (the bits depend on them).
+            "numerics": numerics(),
             # JSON (what the result files hold): plain strings for the weights_only loader.
             "results": json.dumps(results),
         }
@@ -277,6 +280,13 @@ class EditingModule(L.LightningModule):
         self.steps_done, self.edits_done = int(state["steps_done"]), int(state["edits_done"])
         self.resumed_from_step = self.steps_done
         set_rng_state(state["rng"])
+        changed = numerics_differences(state.get("numerics"), numerics())
+        if changed:
+            print(
+                f"[editlab] warning: resuming with other numerics than the interrupted run ({'; '.join(changed)}): "
+                "its results will not be bit-identical to an uninterrupted run's",
+                file=sys.stderr,
+            )
         print(f"[editlab] resumed from {self.resume_from} after step {self.steps_done}", file=sys.stderr)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -502,6 +512,7 @@ class EditingModule(L.LightningModule):
                 if self.pre
                 else {}
             ),
+            **numerics(),  # what the bits depend on besides the config
             "seconds_total": time.perf_counter() - clock["start"],
             "seconds_setup": clock["setup_done"] - clock["start"],
             "seconds_editing": stream,
