@@ -237,6 +237,10 @@ def main(args: list[str] | None = None) -> None:
         from editlab.report import report_main
 
         sys.exit(report_main(argv[1:]))
+    if argv and argv[0] == "study":
+        from editlab.study import study_main
+
+        sys.exit(study_main(argv[1:]))
     if argv and argv[0] == "apply-delta":
         from editlab.models.delta import apply_delta_main
 

@@ -17,7 +17,6 @@ the RNG states and every result so far instead of evaluating the unedited model 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from editlab.editing.methods.base import EditContext, EditMethod, KeyValueMethod
 from editlab.editing.prompts import check_context_length
 from editlab.editing.stats import model_fingerprint
 from editlab.evaluation import EvaluationConfig, Evaluator, held_out_specificity
+from editlab.files import write_text_atomic
 from editlab.lightning.callbacks import WeightNormTracker
 from editlab.lightning.editstate import (
     EditStateError,
@@ -580,14 +580,8 @@ class EditingModule(L.LightningModule):
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

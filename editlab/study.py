@@ -1,0 +1,216 @@
+"""``editlab study FILE`` — run a list of ``editlab fit`` runs as one resumable study.
+
+A study file (YAML) names the runs and where they go:
+
+    name: parity_smollm2
+    runs_dir: runs/studies/parity      # run directories (stay out of git)
+    out: studies/parity                # one results JSON per run and the side-by-side report
+    parallel: 2                        # processes at once
+    threads: 1                         # intra-op threads per process
+    runs:
+      - name: alphaedit_30
+        config: configs/alphaedit_smollm2.yaml
+        args: [--data.num_edits, "30", --data.edits_per_step, "10"]
+
+Every run is ``editlab fit --config C ARGS --trainer.default_root_dir RUNS_DIR/NAME --ckpt_path last
+--threads T``: a study stopped at any moment and started again resumes each unfinished run from its
+last edit-state checkpoint, and a finished run (its summary.json) is not run again. Each finished
+run gets ``OUT/NAME.json``: its command, the commit it ran on (a dirty tree is named as such), its
+seconds, the machine's load while it ran, the per-stage seconds and its summary. When every run has
+finished, ``editlab report`` puts them side by side in ``OUT/report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from editlab.files import write_text_atomic
+
+
+@dataclass
+class StudyRun:
+    name: str
+    config: str
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Study:
+    name: str
+    runs_dir: Path
+    out: Path
+    runs: list[StudyRun]
+    parallel: int = 2
+    threads: int = 1
+
+
+class StudyError(ValueError):
+    pass
+
+
+def read_study(path: str | Path) -> Study:
+    """Parse and check a study file; every problem is one line naming the file and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such study file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: a study file is a mapping with name, runs_dir, out and runs")
+    for key in ("name", "runs_dir", "out", "runs"):
+        if key not in raw:
+            raise StudyError(f"{path}: missing field {key!r}")
+    runs, seen = [], set()
+    for i, item in enumerate(raw["runs"] or []):
+        if not isinstance(item, dict) or "name" not in item or "config" not in item:
+            raise StudyError(f"{path}: runs[{i}] needs a name and a config")
+        if item["name"] in seen:
+            raise StudyError(f"{path}: runs[{i}]: the name {item['name']!r} is used twice")
+        if not Path(item["config"]).is_file():
+            raise StudyError(f"{path}: runs[{i}] ({item['name']}): no such config {item['config']}")
+        seen.add(item["name"])
+        runs.append(StudyRun(str(item["name"]), str(item["config"]), [str(a) for a in item.get("args", [])]))
+    if not runs:
+        raise StudyError(f"{path}: runs is empty")
+    study = Study(
+        str(raw["name"]),
+        Path(raw["runs_dir"]),
+        Path(raw["out"]),
+        runs,
+        int(raw.get("parallel", 2)),
+        int(raw.get("threads", 1)),
+    )
+    if study.parallel < 1 or study.threads < 1:
+        raise StudyError(f"{path}: parallel and threads must be >= 1")
+    return study
+
+
+def run_command(study: Study, run: StudyRun) -> list[str]:
+    """The ``editlab fit`` command of one run (resumable, with the study's thread count)."""
+    return [
+        "editlab",
+        "fit",
+        "--config",
+        run.config,
+        *run.args,
+        "--trainer.default_root_dir",
+        str(study.runs_dir / run.name),
+        "--ckpt_path",
+        "last",
+        "--threads",
+        str(study.threads),
+    ]
+
+
+def commit_of(repo: Path) -> str:
+    """The commit the code runs on, with ``-dirty`` when tracked files differ from it."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def stage_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds per edit of each stage, summed over steps.jsonl's ``*seconds*`` values."""
+    path = run_dir / "steps.jsonl"
+    if not path.is_file():
+        return {}
+    totals: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        for key, value in json.loads(line).items():
+            if "seconds" in key and isinstance(value, (int, float)):
+                totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None = None) -> dict:
+    """Run one member of the study (or skip it when it has finished) and write its results JSON."""
+    run_dir = study.runs_dir / run.name
+    result_path = study.out / f"{run.name}.json"
+    cmd = run_command(study, run)
+    if (run_dir / "summary.json").is_file() and result_path.is_file():
+        return json.loads(result_path.read_text())
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(study.threads),
+        "MKL_NUM_THREADS": str(study.threads),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
+    }
+    load_start = os.getloadavg()
+    start = time.time()
+    # ``launcher`` stands in for the ``editlab`` program (tests run this checkout's module).
+    argv = launcher + cmd[1:] if launcher else cmd
+    with open(study.runs_dir / f"{run.name}.log", "a") as log:
+        rc = subprocess.run(argv, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - start
+    record = {"name": run.name, "command": " ".join(cmd), "returncode": rc, "commit": commit_of(repo)}
+    if rc != 0:
+        print(f"editlab study: {run.name} failed (exit {rc}); see {study.runs_dir / run.name}.log", file=sys.stderr)
+        return record
+    summary = json.loads((run_dir / "summary.json").read_text())
+    edits = max(int(summary.get("edits", 0)), 1)
+    record.update(
+        {
+            "seconds_this_sitting": round(seconds, 1),
+            "loadavg_1min_start_end": [round(load_start[0], 2), round(os.getloadavg()[0], 2)],
+            "cpus": os.cpu_count(),
+            "threads": study.threads,
+            "parallel": study.parallel,
+            "seconds_per_edit": {k: v / edits for k, v in stage_seconds(run_dir).items()},
+            "summary": summary,
+        }
+    )
+    study.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(result_path, json.dumps(record, indent=1) + "\n")
+    print(f"editlab study: {run.name} done in {seconds:.0f} s -> {result_path}", file=sys.stderr)
+    return record
+
+
+def run_study(study: Study, repo: Path, launcher: list[str] | None = None) -> list[dict]:
+    with ThreadPoolExecutor(max_workers=study.parallel) as pool:
+        records = list(pool.map(lambda r: execute(study, r, repo, launcher), study.runs))
+    done = [study.runs_dir / r.name for r, rec in zip(study.runs, records, strict=True) if rec.get("returncode") == 0]
+    if len(done) == len(study.runs) and len(done) > 1:
+        from editlab.report import write_comparison
+
+        write_comparison([str(d) for d in done], study.out / "report")
+    return records
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="editlab study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("file", help="the study file (YAML)")
+    parser.add_argument("--list", action="store_true", help="print each run's command and whether it has finished")
+    args = parser.parse_args(argv)
+    try:
+        study = read_study(args.file)
+    except StudyError as err:
+        print(f"editlab study: error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        for run in study.runs:
+            state = "finished" if (study.runs_dir / run.name / "summary.json").is_file() else "to run"
+            print(f"{run.name}\t{state}\t{' '.join(run_command(study, run))}")
+        return 0
+    records = run_study(study, Path.cwd())
+    failed = [r["name"] for r in records if r.get("returncode") != 0]
+    if failed:
+        print(f"editlab study: error: runs failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    print(study.out)
+    return 0

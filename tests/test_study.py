@@ -1,0 +1,83 @@
+"""``editlab study``: a list of runs, resumable, one results JSON per run and a side-by-side report."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from editlab.models.tiny import save_tiny
+from editlab.study import StudyError, read_study, run_command, run_study
+
+from conftest import REPO, SHARED_DATA
+
+
+def write_study(tmp_path: Path, runs: list[dict], **extra) -> Path:
+    spec = {"name": "s", "runs_dir": str(tmp_path / "runs"), "out": str(tmp_path / "out"), "runs": runs, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_study_file_problems_name_the_field(tmp_path):
+    config = REPO / "configs" / "memit_smollm2.yaml"
+    with pytest.raises(StudyError, match="missing field 'out'"):
+        (tmp_path / "a.yaml").write_text(yaml.safe_dump({"name": "s", "runs_dir": "r", "runs": []}))
+        read_study(tmp_path / "a.yaml")
+    with pytest.raises(StudyError, match=r"runs\[1\].*used twice"):
+        read_study(write_study(tmp_path, [{"name": "a", "config": str(config)}, {"name": "a", "config": str(config)}]))
+    with pytest.raises(StudyError, match=r"runs\[0\] \(a\): no such config /no/such.yaml"):
+        read_study(write_study(tmp_path, [{"name": "a", "config": "/no/such.yaml"}]))
+    with pytest.raises(StudyError, match="parallel and threads"):
+        read_study(write_study(tmp_path, [{"name": "a", "config": str(config)}], threads=0))
+
+
+def test_every_run_resumes_with_the_study_thread_count(tmp_path):
+    config = REPO / "configs" / "memit_smollm2.yaml"
+    study = read_study(write_study(tmp_path, [{"name": "a", "config": str(config), "args": ["--data.num_edits", 30]}]))
+    cmd = run_command(study, study.runs[0])
+    assert cmd[:4] == ["editlab", "fit", "--config", str(config)]
+    assert cmd[4:6] == ["--data.num_edits", "30"]
+    assert cmd[cmd.index("--ckpt_path") + 1] == "last" and cmd[cmd.index("--threads") + 1] == "1"
+    assert cmd[cmd.index("--trainer.default_root_dir") + 1] == str(tmp_path / "runs" / "a")
+
+
+@pytest.mark.slow  # launches editlab fit processes
+def test_a_two_run_study_writes_results_and_a_report_and_skips_finished_runs(tmp_path, monkeypatch):
+    save_tiny(tmp_path / "tiny", "gpt2")
+    with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
+        (tmp_path / "data.json").write_text(json.dumps(json.load(f)[:4]))
+    (tmp_path / "corpus.txt").write_text("\n".join(f"Sentence {i} is about a city." for i in range(20)))
+    common = [
+        "--model.model", str(tmp_path / "tiny"), "--model.progress", "false",
+        "--model.method.layers", "[0, 1]", "--model.method.targets.steps", "3",
+        "--model.method.context.count", "2", "--model.method.context.length", "3",
+        "--model.method.covariance.corpus", str(tmp_path / "corpus.txt"),
+        "--model.method.covariance.num_samples", "20", "--model.evaluation.fluency", "false",
+        "--model.evaluation.me_ppl", "null",
+        "--data.path", str(tmp_path / "data.json"), "--data.num_edits", "4", "--data.edits_per_step", "2",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    runs = [
+        {"name": "memit", "config": str(REPO / "configs" / "memit_smollm2.yaml"), "args": common},
+        {"name": "memit_seq", "config": str(REPO / "configs" / "memit_seq_smollm2.yaml"), "args": common},
+    ]
+    study = read_study(write_study(tmp_path, runs, parallel=2, threads=1))
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    records = run_study(study, REPO, launcher=[sys.executable, "-m", "editlab.cli"])
+    assert [r["returncode"] for r in records] == [0, 0], (tmp_path / "runs" / "memit.log").read_text()[-2000:]
+    for name, method in (("memit", "MEMIT"), ("memit_seq", "MEMIT_seq")):
+        record = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert record["summary"]["method"] == method and record["summary"]["threads"] == 1
+        assert record["command"].endswith("--ckpt_path last --threads 1") and len(record["commit"]) >= 40
+        assert record["seconds_per_edit"] and all(v >= 0 for v in record["seconds_per_edit"].values())
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
+    first = (tmp_path / "out" / "memit.json").read_text()
+    again = run_study(study, REPO, launcher=["false"])  # nothing may run: "false" would fail
+    assert [r["returncode"] for r in again] == [0, 0] and (tmp_path / "out" / "memit.json").read_text() == first
