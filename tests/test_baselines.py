@@ -488,6 +488,9 @@ def test_method_names_say_the_variant():
     assert AlphaEdit(layers=[0]).name == "AlphaEdit"
     assert PMET(layers=[0], sequential=False).name == "PMET" and PMET(layers=[0]).name == "PMET_seq"
     assert FT(layer=0).name == "FT"
+    from editlab.editing.methods.nse import NSE
+
+    assert NSE(layers=[0]).name == "NSE" and NSE(layers=[0], rewind=False).name == "NSE-no-rewind"
 
 
 def ffn_output_at_subject(ctx, req, layer: int) -> torch.Tensor:

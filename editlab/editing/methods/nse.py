@@ -92,6 +92,11 @@ class NSE(KeyValueMethod):
         self.original: OriginalWeights | None = None
         self.cache = TargetCache(disk=z_cache)
 
+    @property
+    def name(self) -> str:
+        """NSE, or NSE-no-rewind (z on the current weights: the seed's ablation)."""
+        return "NSE" if self.rewind else "NSE-no-rewind"
+
     def setup(self, ctx: EditContext) -> None:
         super().setup(ctx)
         # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
