@@ -59,3 +59,40 @@ def test_the_row_gather_of_z_has_a_deterministic_gradient():
     d = torch.zeros(100, 576, requires_grad=True)
     (d.index_select(0, owner) * grad_out).sum().backward()
     torch.testing.assert_close(d.grad, by_hand)
+
+
+def _fit_smollm2(run, cache) -> dict:
+    import os
+
+    from conftest import REPO
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cache)}
+    env.pop("OMP_NUM_THREADS", None)  # --threads decides
+    cmd = [sys.executable, "-m", "editlab.cli", "fit", "--config", str(REPO / "configs" / "memit_seq_smollm2.yaml")]
+    cmd += ["--data.num_edits", "10", "--data.edits_per_step", "5", "--seed_everything", "7", "--threads", "2"]
+    cmd += ["--model.evaluation.fluency", "false", "--model.evaluation.pre", "false", "--model.progress", "false"]
+    cmd += ["--model.method.init_args.covariance.num_samples", "200", "--trainer.enable_progress_bar", "false"]
+    cmd += ["--trainer.default_root_dir", str(run)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: (run / name).read_bytes() for name in ("steps.jsonl", "cases.jsonl", "summary.json")}
+
+
+def _without_seconds(name: str, data: bytes) -> list[dict]:
+    """The rows of a result file (summary.json is one object), with every seconds value left out."""
+    import json
+
+    text = data.decode()
+    rows = [json.loads(text)] if name == "summary.json" else [json.loads(line) for line in text.splitlines()]
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows]
+
+
+@pytest.mark.slow  # two SmolLM2 editlab fit processes
+def test_two_smollm2_processes_at_two_threads_write_the_same_bits(tmp_path):
+    # Before the index_select gather, step 1 already differed in delta_norm's 8th digit.
+    a = _fit_smollm2(tmp_path / "a", tmp_path / "cache")
+    b = _fit_smollm2(tmp_path / "b", tmp_path / "cache")
+    assert a["cases.jsonl"] == b["cases.jsonl"]  # no seconds in case records: byte-identical
+    for name in ("steps.jsonl", "summary.json"):
+        assert _without_seconds(name, a[name]) == _without_seconds(name, b[name]), name
+    assert b'"threads": 2' in a["summary.json"]
