@@ -18,10 +18,20 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from editlab.console import quiet_library_bars, quiet_lightning, stderr_is_terminal
 from editlab.data.datamodule import EditDataModule
+from editlab.errors import (
+    USAGE_EXIT,
+    ConfigError,
+    RunDirRefused,
+    debug_requested,
+    user_error_message,
+    without_debug_flag,
+)
 from editlab.lightning.editstate import config_differences, edit_state_path
 from editlab.lightning.module import EditingModule
 from editlab.numerics import set_threads
+from editlab.runlock import acquire_run_lock, is_rank_zero_process, release_run_lock
 
 DEFAULT_ROOT = "runs/editlab"
 
@@ -91,17 +101,39 @@ class EditLabCLI(LightningCLI):
             help="Intra-op CPU threads (default: torch's, all cores). Results are bit-identical for the same "
             "torch version and thread count; the count in use is written into config.yaml.",
         )
+        parser.add_argument(
+            "--plan",
+            type=Optional[bool],
+            nargs="?",
+            const=True,
+            default=False,
+            help="Print the resolved plan (model, method, layers, dtype, steps) and the memory estimate, "
+            "built on the meta device without the weights, then exit.",
+        )
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
+        if cfg.get("plan"):  # before the run-directory checks: a plan writes nothing
+            from editlab.plan import make_plan
+
+            print(make_plan(cfg.model, cfg.data).describe(), flush=True)
+            sys.exit(0)
         trainer = cfg.trainer
         root = trainer.default_root_dir or DEFAULT_ROOT
         trainer.default_root_dir = root
         # Before anything runs a kernel: the thread count decides the bits of every float reduction.
         cfg.threads = set_threads(cfg.get("threads"))
-        self.check_run_dir(Path(root), cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
-        if cfg.get("ckpt_path") is not None and (Path(root) / "config.yaml").is_file():
-            self.check_same_run(Path(root) / "config.yaml", cfg)
+        # The lock first: a directory another run is writing is "in use", not "interrupted".
+        self.take_run_dir(Path(root))
+        try:
+            self.check_run_dir(Path(root), cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
+            if cfg.get("ckpt_path") is not None and (Path(root) / "config.yaml").is_file():
+                self.check_same_run(Path(root) / "config.yaml", cfg)
+        except BaseException:
+            self.release_run_dir()  # refused: the directory stays free for the run that may write it
+            raise
+        if trainer.enable_progress_bar is None and not stderr_is_terminal():
+            trainer.enable_progress_bar = False  # a log file gets the module's line per step instead
         if trainer.strategy in (None, "auto") and wants_several_processes(trainer.devices, trainer.num_nodes):
             from jsonargparse import Namespace
 
@@ -130,30 +162,56 @@ class EditLabCLI(LightningCLI):
             loggers.insert(0, csv)
         trainer.logger = loggers
 
+    def take_run_dir(self, root: Path) -> None:
+        """Lock the run directory for this process (editlab.runlock); the other ranks of a
+        multi-device run are this process's children and write under its lock."""
+        self.run_lock = acquire_run_lock(root) if is_rank_zero_process() else None
+
+    def release_run_dir(self) -> None:
+        lock = getattr(self, "run_lock", None)
+        if lock is not None:
+            release_run_lock(lock)
+            self.run_lock = None
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException as err:
+            self.release_run_dir()
+            if isinstance(err, ValueError) and not isinstance(err, ConfigError):
+                raise ConfigError(str(err)) from err  # an option value refused by the class it configures
+            raise
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # an in-process run (tests) frees the directory at once, not at interpreter exit
+            self.release_run_dir()
+
     def check_run_dir(self, root: Path, ckpt_path: str | None, overwrite: bool) -> None:
         """Refuse, before any work, to overwrite a finished run or to restart an interrupted one."""
         state = edit_state_path(root)
         if (root / "summary.json").exists() and not overwrite:
             hint = " (nothing to resume)" if ckpt_path else ""
-            raise SystemExit(
+            raise RunDirRefused(
                 f"editlab: {root} already holds a finished run (summary.json){hint}; choose another "
                 "--trainer.default_root_dir or pass --overwrite true"
             )
         if self.subcommand != "fit":
             if ckpt_path is not None:
-                raise SystemExit(
+                raise RunDirRefused(
                     f"editlab {self.subcommand}: --ckpt_path is for fit; evaluate a saved model with --model.model DIR"
                 )
             return
         if ckpt_path is None and state.exists():
             if not overwrite:
-                raise SystemExit(
+                raise RunDirRefused(
                     f"editlab: {root} holds an interrupted run ({state}); continue it with --ckpt_path last, "
                     "or start over with --overwrite true"
                 )
             state.unlink()  # starting over: the old edit state must not be resumed by mistake later
         if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
-            raise SystemExit(f"editlab: --ckpt_path {ckpt_path}: no such file (use 'last' or an edit_state.pt)")
+            raise RunDirRefused(f"editlab: --ckpt_path {ckpt_path}: no such file (use 'last' or an edit_state.pt)")
 
     def check_same_run(self, saved_path: Path, cfg) -> None:
         """A resumed run must have the interrupted run's model and data options (the edits and the
@@ -165,7 +223,7 @@ class EditLabCLI(LightningCLI):
         current = yaml.safe_load(self._parser(self.subcommand).dump(cfg)) or {}
         diff = config_differences(saved, current)
         if diff:
-            raise SystemExit(
+            raise RunDirRefused(
                 f"editlab: cannot resume {saved_path.parent}: options differ from the interrupted run's "
                 f"({saved_path}): " + "; ".join(diff) + ". Use the same options, or start over with --overwrite true"
             )
@@ -232,7 +290,13 @@ def quiet_expected_warnings() -> None:
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    debug = debug_requested(argv)
+    argv = without_debug_flag(argv)
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself, and would refuse --debug
     quiet_expected_warnings()
+    quiet_lightning()
+    quiet_library_bars()
     if argv and argv[0] == "report":
         from editlab.report import report_main
 
@@ -245,8 +309,15 @@ def main(args: list[str] | None = None) -> None:
         from editlab.models.delta import apply_delta_main
 
         sys.exit(apply_delta_main(argv[1:]))
-    # args=None lets LightningCLI read sys.argv itself (it warns when given both).
-    EditLabCLI(args=None if args is None else argv)
+    try:
+        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
+        EditLabCLI(args=None if args is None else argv)
+    except BaseException as err:
+        message = None if debug else user_error_message(err)
+        if message is None:
+            raise  # a bug, an ordinary exit (--help), or --debug: as it is, with its traceback
+        print(f"editlab: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(USAGE_EXIT)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,21 @@
 """An estimate, printed before a run starts, of the memory it needs.
 
-Counted: the model's weights; the method's per-layer statistics (E[kkᵀ] and the accumulated
-Σ KKᵀ: d_ff x d_ff float64 each) on the device or, offloaded, on the CPU; the largest solve's
-working set (the d_ff x d_ff float64 system and its factorisation); and the activations kept for
-z's backward pass (every row of a step through every layer, float32). The last is the roughest:
-real peaks depend on the attention kernel and on how many rows early stopping has removed.
+Counted, per device (every count below was checked against the code that allocates it):
+- weights: every parameter in the LM's dtype;
+- statistics: the d_ff x d_ff float64 matrices each edited layer keeps for the whole run: E[kkᵀ],
+  the sequential cache Σ KKᵀ, and AlphaEdit's null-space projector P; on the CPU when offloaded;
+- solve: the d_ff x d_ff float64 matrices alive at once in the largest solve (solve.py: MEMIT's
+  λC + cache, KᵀK and A, then A's LU copy; the sub-matrix solve of ECE / NSE one more for the
+  sliced P[I, I], AlphaEdit's P M, l2·I and A beside M); offloading moves the persistent ones to
+  the CPU but each solve still copies its operands to the device;
+- rewind (ECE, NSE): W_0 of the edited matrices, and the current weights held aside while z runs on W_0;
+- z activations: what autograd keeps for the backward pass of the z optimisation, every row of a
+  step (requests x (context templates + the KL row)) in one forward: per token, about
+  6 d_model + 2 d_ff values in the LM's dtype in each layer above the z layer (δ enters at the z
+  layer's output, so the layers below keep nothing), and three float32 vocabulary-wide rows
+  (logits, log-softmax, gradient) per row. The roughest part: real peaks depend on the attention
+  kernel, the prefix cache and how many rows early stopping has removed.
+Not counted: the evaluation's forwards (no gradient, smaller) and allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -17,14 +28,16 @@ GiB = 1024**3
 @dataclass(frozen=True)
 class MemoryEstimate:
     weights: int  # bytes on each device
-    statistics: int  # bytes of E[kkᵀ] + Σ KKᵀ for every edited layer
+    statistics: int  # bytes of the per-layer float64 matrices kept for the run, all edited layers
     statistics_on_cpu: bool
-    solve: int  # bytes of the largest transient solve
+    solve: int  # bytes of the largest transient solve, on the device
     activations: int  # bytes kept for z's backward pass
+    rewind: int = 0  # bytes of W_0 and the set-aside current weights (ECE / NSE weights rewinding)
 
     @property
     def device_total(self) -> int:
-        return self.weights + self.solve + self.activations + (0 if self.statistics_on_cpu else self.statistics)
+        on_device = 0 if self.statistics_on_cpu else self.statistics
+        return self.weights + on_device + self.solve + self.activations + self.rewind
 
     @property
     def cpu_total(self) -> int:
@@ -35,9 +48,42 @@ class MemoryEstimate:
         return (
             f"estimated memory per device ~{self.device_total / GiB:.2f} GiB "
             f"(weights {self.weights / GiB:.2f}, statistics {self.statistics / GiB:.2f} on the {where}, "
-            f"solve {self.solve / GiB:.2f}, z activations {self.activations / GiB:.2f})"
+            f"solve {self.solve / GiB:.2f}, z activations {self.activations / GiB:.2f}"
+            + (f", rewind {self.rewind / GiB:.2f}" if self.rewind else "")
+            + ")"
             + (f"; CPU {self.cpu_total / GiB:.2f} GiB" if self.cpu_total else "")
         )
+
+
+@dataclass(frozen=True)
+class MethodMemory:
+    """How many d_ff x d_ff float64 matrices a method keeps and solves with (see the module doc)."""
+
+    stat_matrices: int  # kept per edited layer for the whole run
+    solve_matrices: int  # alive at once on the device in its largest solve
+    rewind: bool  # keeps W_0 of the edited matrices on the device
+
+
+def method_memory(method, offload: bool) -> MethodMemory:
+    """The counts of one method object (editlab.editing.methods), read from its type and options."""
+    from editlab.editing.methods.alphaedit import AlphaEdit
+    from editlab.editing.methods.base import KeyValueMethod
+    from editlab.editing.methods.ece import ECE
+    from editlab.editing.methods.nse import NSE
+
+    inner = getattr(method, "method", None)  # IterativeEditing wraps a key-value method
+    if isinstance(inner, KeyValueMethod):
+        method = inner
+    if not isinstance(method, KeyValueMethod):
+        return MethodMemory(0, 0, False)  # FT: no statistics
+    sequential = bool(getattr(method, "sequential", True))
+    if isinstance(method, AlphaEdit):
+        # C, P and the cache; solve: M, P M, l2·I and A (offloaded: P's device copy too).
+        return MethodMemory(2 + sequential, 5 if offload else 4, False)
+    if isinstance(method, (ECE, NSE)):
+        # C and the cache; solve: λC + cache, P[I, I], KᵀK and A (offloaded: P stays on the CPU).
+        return MethodMemory(2, 3 if offload else 4, bool(getattr(method, "rewind", False)))
+    return MethodMemory(1 + sequential, 3, False)  # MEMIT family: λC + cache (or its copy), KᵀK, A
 
 
 def estimate_memory(
@@ -51,14 +97,63 @@ def estimate_memory(
     offload: bool,
     rows_per_step: int,
     tokens_per_row: int,
+    *,
+    solve_matrices: int | None = None,
+    grad_layers: int | None = None,
+    vocab_size: int = 0,
+    rewind: bool = False,
 ) -> MemoryEstimate:
     """Bytes of each part (see the module docstring). ``stat_matrices_per_layer``: 2 for
     sequential key-value methods (C and Σ KKᵀ), 1 without the sequential cache, 0 for methods that
-    keep no statistics. ``rows_per_step``: requests x (context templates + 1 KL row)."""
+    keep no statistics (:func:`method_memory` gives the counts of a method object).
+    ``rows_per_step``: requests x (context templates + 1 KL row). ``solve_matrices``: default 3
+    (MEMIT's). ``grad_layers``: layers above the z layer (default all)."""
     mat = 8 * d_ff * d_ff  # one float64 d_ff x d_ff matrix
     statistics = stat_matrices_per_layer * edited_layers * mat
-    solve = 2 * mat if stat_matrices_per_layer else 0  # the system and its LU factors
-    # Per token and layer autograd keeps about the residual stream, attention projections and the
-    # FFN's two intermediate activations: ~ (6 d_model + 2 d_ff) float32 values.
-    activations = rows_per_step * tokens_per_row * n_layers * (6 * d_model + 2 * d_ff) * 4
-    return MemoryEstimate(n_params * param_bytes, statistics, offload, solve, activations)
+    if solve_matrices is None:
+        solve_matrices = 3 if stat_matrices_per_layer else 0
+    grad_layers = n_layers if grad_layers is None else grad_layers
+    per_token = grad_layers * (6 * d_model + 2 * d_ff) * param_bytes
+    logits = 3 * vocab_size * 4  # float32 logits, log-softmax and gradient of one position
+    activations = rows_per_step * (tokens_per_row * per_token + logits)
+    rewound = 2 * edited_layers * d_model * d_ff * param_bytes if rewind else 0
+    return MemoryEstimate(n_params * param_bytes, statistics, offload, solve_matrices * mat, activations, rewound)
+
+
+# Tokens of a CounterFact / ZsRE rewrite prompt with its target, assumed where no tokenizer is
+# at hand (a plan without the weights); runs count their own prompts.
+PLAN_PROMPT_TOKENS = 24
+
+
+def plan_memory(
+    config, method, param_bytes: int, n_params: int, requests_per_step: int, prompt_tokens: int = PLAN_PROMPT_TOKENS
+) -> MemoryEstimate:
+    """The estimate of one run from the model's config, the method object and the step size —
+    nothing here needs the weights (``n_params``: count them on a meta-device build)."""
+    offload = bool(getattr(getattr(method, "covariance", None), "offload", False))
+    counts = method_memory(method, offload)
+    layers = method.edited_layers()
+    context = getattr(method, "context", None)
+    templates = 1 + (context.count if context is not None else 0)
+    return estimate_memory(
+        n_params=n_params,
+        param_bytes=param_bytes,
+        d_ff=ffn_width(config),
+        d_model=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        edited_layers=len(layers),
+        stat_matrices_per_layer=counts.stat_matrices,
+        offload=offload,
+        rows_per_step=requests_per_step * (templates + 1),
+        tokens_per_row=prompt_tokens + (context.length if context is not None else 0),
+        solve_matrices=counts.solve_matrices,
+        grad_layers=config.num_hidden_layers - layers[-1] - 1,  # z at the last edited layer
+        vocab_size=config.vocab_size,
+        rewind=counts.rewind,
+    )
+
+
+def ffn_width(config) -> int:
+    """d_ff from a transformers config (GPT-2 / GPT-J: n_inner, None meaning 4 x hidden)."""
+    width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+    return int(width or 4 * config.hidden_size)

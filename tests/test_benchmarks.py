@@ -210,3 +210,124 @@ def test_iterative_benchmark_holds_out_exactly_the_neighbour_prompts_used():
     assert held_out(reqs, [[], []]) == [("a is", "x"), ("b is", "x"), ("c is", "x"), ("d is", "y")]
     # The first request trained on "b is"; the second had no qualifying neighbour.
     assert held_out(reqs, [["b is"], []]) == [("a is", "x"), ("c is", "x"), ("d is", "y")]
+
+
+@pytest.mark.slow  # launches five editlab fit processes (about a minute on 2 CPU cores)
+def test_soak_killed_three_times_ends_identical_to_the_uninterrupted_run(tmp_path: Path, stats_cache):
+    """benchmarks/soak.py on a tiny model: a run killed in a step, in a checkpoint write and in the
+    final evaluation, resumed each time, ends with every compared file identical to a run left alone."""
+    import gzip
+
+    from benchmarks import soak
+
+    save_tiny(tmp_path / "tiny", "gpt2")
+    with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
+        (tmp_path / "data.json").write_text(json.dumps(json.load(f)[:7]))
+    (tmp_path / "corpus.txt").write_text("\n".join(f"Sentence {i} talks about cities and people." for i in range(20)))
+    fit = {
+        "--model.model": str(tmp_path / "tiny"),
+        "--model.progress": "false",
+        "--model.method": "editlab.editing.methods.memit.MEMIT",
+        "--model.method.layers": "[0, 1]",
+        "--model.method.mom2_weight": "1.0",
+        "--model.method.targets.steps": "4",
+        "--model.method.context.count": "2",
+        "--model.method.context.length": "3",
+        "--model.method.covariance.corpus": str(tmp_path / "corpus.txt"),
+        "--model.method.covariance.num_samples": "20",
+        "--model.evaluation.max_new_tokens": "8",
+        # periodic every 3 of 7 steps: evaluations inside steps, and a final one of its own
+        "--model.evaluation.timing": "periodic",
+        "--model.evaluation.every_n_steps": "3",
+        "--data.path": str(tmp_path / "data.json"),
+        "--trainer.enable_progress_bar": "false",
+    }
+    out = tmp_path / "soak.json"
+    argv = ["--num-edits", "7", "--edits-per-step", "1", "--kills", "3", "--seed", "0", "--threads", "1"]
+    argv += ["--out", str(out), "--dir", str(tmp_path / "soak"), *[x for kv in fit.items() for x in kv]]
+    status = soak.main(argv)
+    result = json.loads(out.read_text())
+    assert status in (0, 2), (
+        result
+    )  # 2: identical, but a moment was never hit (a checkpoint write can be quicker than the watcher)
+    assert result["identical"] and all(f["identical"] for f in result["files"].values()), result["files"]
+    assert set(result["files"]) >= {
+        "steps.jsonl",
+        "cases.jsonl",
+        "curve.jsonl",
+        "summary.json",
+        "edit_delta.safetensors",
+    }
+    assert result["steps"] == 7 and result["threads"] == 1 and len(result["commit"]) == 40
+    kills = result["kills"]
+    assert len(kills) == 3 and len({k["phase"] for k in kills}) >= 2, kills
+    assert all(r["as_expected"] for r in result["resumes"]) and len(result["resumes"]) == 3
+    assert {"step", "final_eval", "final_write"} & set(result["phases_hit"]), kills
+
+
+def test_gpu_check_tiny_cpu_run_writes_its_report(tmp_path):
+    """``python -m benchmarks.gpu_check --device cpu --tiny``: every method in both dtypes, stage
+    seconds, estimates, no problems (peak memory is CUDA's only: None on the CPU)."""
+    import json
+
+    from benchmarks import gpu_check
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["problems"] == []
+    assert set(report["dtypes"]) == {"bfloat16", "float32"}
+    for res in report["dtypes"].values():
+        assert res["covariance_seconds"] > 0 and res["requests"] == 4
+        assert set(res["methods"]) == set(gpu_check.METHODS)
+        for name, run in res["methods"].items():
+            assert run["error"] is None and run["finite"] and 0 <= run["efficacy"] <= 1
+            assert run["peak_bytes"] is None and run["estimate_bytes"] > 0
+            assert {"z", "evaluation"} <= set(run["seconds"])
+            assert {"keys", "solve"} <= set(run["seconds"]) if name == "memit" else "spread" in run["seconds"]
+    assert report["cpu_figures"]["methods"]["memit"]["z"] > 0
+
+
+def test_gpu_check_flags_what_is_off():
+    from benchmarks.gpu_check import problems
+
+    def run(**kw):
+        return {"error": None, "finite": True, "efficacy": 0.9, "peak_bytes": 10, "estimate_bytes": 20, **kw}
+
+    report = {
+        "dtypes": {
+            "bfloat16": {"methods": {"memit": run(efficacy=0.7), "ece": run(peak_bytes=30), "nse": run(finite=False)}},
+            "float32": {"methods": {"memit": run(), "ece": run(), "nse": run(error="RuntimeError: x")}},
+        }
+    }
+    found = problems(report, tolerance=0.05)
+    assert any("memit: bf16 efficacy 0.700 is 0.200 below" in p for p in found)
+    assert any("ece bfloat16: peak" in p for p in found)
+    assert "nse bfloat16: non-finite edited weights" in found and "nse float32: RuntimeError: x" in found
+
+
+def test_soak_plan_covers_every_phase_and_kills_are_placed_by_what_the_process_left():
+    import random
+
+    from benchmarks import soak
+
+    for seed in range(20):
+        plan = soak.plan_kills(5, 10, random.Random(seed))
+        assert {t["phase"] for t in plan} == {"step", "checkpoint", "final"}
+        assert plan[-1]["phase"] == "final" and [t["phase"] for t in plan].count("final") == 1
+        assert [t["step"] for t in plan] == sorted(t["step"] for t in plan)  # in the order they occur
+    assert soak.plan_kills(5, 10, random.Random(3)) == soak.plan_kills(5, 10, random.Random(3))
+    ev = lambda event, step: {"event": event, "step": step, "t": 0.0}  # noqa: E731
+    stream = [ev("start", 4), ev("forward", 4), ev("end", 4), ev("start", 5)]
+    assert soak.landed(stream, True, False, False) == ("checkpoint", 4)  # its temporary file is left
+    assert soak.landed(stream[:2], False, False, False) == ("step", 4)
+    assert soak.landed(stream, False, False, False) == ("after_start", 5)  # neither: not counted as covered
+    final = [ev("end", 7), ev("final", 7), ev("final_eval", 7)]
+    assert soak.landed(final, False, False, False) == ("final_eval", 7)
+    assert soak.landed(final, False, True, False) == ("final_write", 7)
+    assert soak.landed(final, False, True, True) == ("after_results", 7)
+    assert [soak.expected_resume(p, 4) for p in ("step", "checkpoint", "final_eval", "after_start")] == [3, 3, 4, None]
+    dropped = set()
+    row = {"step": 1, "seconds": 2.0, "edit": {"z_seconds": 1.0, "n": [{"seconds_x": 0}]}, "export_dir": "x"}
+    assert soak.strip(row, dropped) == {"step": 1, "edit": {"n": [{}]}}
+    assert dropped == {"seconds", "z_seconds", "seconds_x", "export_dir"}

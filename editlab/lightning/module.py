@@ -24,9 +24,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from editlab.console import stderr_is_terminal, step_line
 from editlab.data.sources import DataError, check_tokenization
 from editlab.distributed import Ranks
-from editlab.editing.methods.base import EditContext, EditMethod, KeyValueMethod
+from editlab.editing.methods.base import EditContext, EditMethod
 from editlab.editing.prompts import check_context_length
 from editlab.editing.stats import model_fingerprint
 from editlab.evaluation import EvaluationConfig, Evaluator, held_out_specificity
@@ -42,7 +43,7 @@ from editlab.lightning.editstate import (
     save_edit_state,
     set_rng_state,
 )
-from editlab.memory import MemoryEstimate, estimate_memory
+from editlab.memory import MemoryEstimate, plan_memory
 from editlab.models.arch import ModelView
 from editlab.models.delta import apply_weight_deltas, save_delta, snapshot, weight_deltas
 from editlab.models.load import DType, load_model_and_tokenizer
@@ -144,6 +145,20 @@ class EditingModule(L.LightningModule):
         return batch  # a list of EditRequest: strings only, nothing to move
 
     # -- stream ------------------------------------------------------------------------------
+    @property
+    def bars(self) -> bool:
+        """Progress bars on a terminal only; a log file gets one line per step instead (step_line)."""
+        return self.progress and stderr_is_terminal()
+
+    def stream_length(self) -> int | None:
+        """Steps of the whole stream as this run will do them (a resumed run counts the earlier
+        steps; limit_train_batches may cut it short); None when the trainer does not know."""
+        dm, batches = self.trainer.datamodule, self.trainer.num_training_batches
+        steps = len(dm.steps()) if dm is not None and hasattr(dm, "steps") else None
+        if isinstance(batches, int) and steps is not None:
+            return min(steps, (self.resumed_from_step or 0) + batches)
+        return steps
+
     def run_dir(self) -> Path:
         return Path(self.trainer.default_root_dir)
 
@@ -155,7 +170,7 @@ class EditingModule(L.LightningModule):
             raise ValueError("EditingModule needs an EditDataModule (option data)")
         self.requests = list(dm.requests)
         self.validate_requests(self.requests)
-        self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.progress)
+        self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.bars)
 
     def on_fit_start(self) -> None:
         self._fit_device = self.device
@@ -181,7 +196,7 @@ class EditingModule(L.LightningModule):
         ranks = Ranks(self.global_rank, self.trainer.world_size)
         self.fingerprint = model_fingerprint(self.lm)
         self.ctx = EditContext(
-            self.lm, self.tok, self.view, self.model_name, self.fingerprint, self.seed, self.progress, ranks
+            self.lm, self.tok, self.view, self.model_name, self.fingerprint, self.seed, self.bars, ranks
         )
         if ranks.is_main:
             self.memory = self.estimate_memory()
@@ -307,30 +322,12 @@ class EditingModule(L.LightningModule):
 
     def estimate_memory(self) -> MemoryEstimate:
         """What this run will need (editlab.memory), from the model and the method's settings."""
-        method, cfg = self.method, self.lm.config
-        stats = 0
-        offload = False
-        if isinstance(method, KeyValueMethod):
-            stats = 2 if getattr(method, "sequential", True) else 1
-            offload = bool(getattr(method.covariance, "offload", False))
-        context = getattr(method, "context", None)
-        templates = 1 + (context.count if context is not None else 0)
         per_step = max(len(b) for b in self.trainer.datamodule.steps())
         prompt = max(len(self.tok(r.rewrite_prompt)["input_ids"]) for r in self.requests)
-        layer = method.edited_layers()[0]
         first = next(self.lm.parameters())
-        return estimate_memory(
-            n_params=sum(p.numel() for p in self.lm.parameters()),
-            param_bytes=first.element_size(),
-            d_ff=self.view.ffn_out(layer).weight.numel() // cfg.hidden_size,
-            d_model=cfg.hidden_size,
-            n_layers=cfg.num_hidden_layers,
-            edited_layers=len(method.edited_layers()),
-            stat_matrices_per_layer=stats,
-            offload=offload,
-            rows_per_step=per_step * (templates + 1),
-            tokens_per_row=prompt + (context.length if context is not None else 0) + 8,
-        )
+        n_params = sum(p.numel() for p in self.lm.parameters())
+        # + 8: room for the target's tokens after the prompt
+        return plan_memory(self.lm.config, self.method, first.element_size(), n_params, per_step, prompt + 8)
 
     def validate_requests(self, requests: list[EditRequest]) -> None:
         """Everything that can be checked without editing, checked before the first edit."""
@@ -371,6 +368,8 @@ class EditingModule(L.LightningModule):
             {"step": self.steps_done, "edits": self.edits_done, "seconds": seconds, **result.scalars, **result.details}
         )
         self.case_edit_info.update(result.per_request)
+        if self.progress and not stderr_is_terminal() and self.ctx.ranks.is_main:
+            print(step_line(self.steps_log[-1], self.stream_length()), file=sys.stderr, flush=True)
         self.evaluate_during_stream(list(batch))
         return None
 
