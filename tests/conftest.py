@@ -11,8 +11,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from editlab.models.tiny import tiny_model  # noqa: E402
+from editlab.models.tiny import tiny_config, tiny_model, tiny_tokenizer  # noqa: E402
 from editlab.types import EditRequest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,19 @@ def stats_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_llama():
     return tiny_model("llama")
+
+
+def peaky_model(model_type: str = "llama", dtype: torch.dtype = torch.float32):
+    """A tiny random model whose predictions depend on the edited residual (a larger init than
+    the default 0.02), built in float32 and then converted to ``dtype``: the float32 model and its
+    half-precision copies hold the same weights up to rounding."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(model_type, len(tok))
+    cfg.initializer_range = 0.3
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval().requires_grad_(False), tok
 
 
 def small_corpus(tmp_path: Path) -> Path:

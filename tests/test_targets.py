@@ -6,21 +6,8 @@ import torch
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.models.arch import ModelView
-from editlab.models.tiny import tiny_config, tiny_tokenizer
 
-from conftest import facts
-
-
-def peaky_model(model_type: str = "llama"):
-    # A larger init makes the tiny random model's predictions depend on the edited residual.
-    from transformers import AutoModelForCausalLM
-
-    tok = tiny_tokenizer()
-    cfg = tiny_config(model_type, len(tok))
-    cfg.initializer_range = 0.3
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False), tok
-
+from conftest import facts, peaky_model
 
 TEMPLATES = ["{}", "Hello there. {}"]
 

@@ -82,37 +82,45 @@ class FT(EditMethod):
         ctx: EditContext,
         requests: list[EditRequest],
         weight: torch.nn.Parameter,
+        master: torch.Tensor,
         w0: torch.Tensor,
         steps: int,
         mask: torch.Tensor | None = None,
         score: torch.Tensor | None = None,
         grads: GradientMean | None = None,
     ) -> tuple[float, int]:
-        """``steps`` Adam updates of ``weight`` (storage orientation: everything here is
-        elementwise); returns the last loss and the updates made."""
-        opt = torch.optim.Adam([weight], lr=self.lr, weight_decay=self.weight_decay)
+        """``steps`` Adam updates of ``master`` (storage orientation: everything here is
+        elementwise; ``w0`` in master's dtype), each written into the model's ``weight``; returns
+        the last loss and the updates made. ``master`` is ``weight`` itself in float32, else its
+        float32 copy (:func:`float32_master`)."""
+        opt = torch.optim.Adam([master], lr=self.lr, weight_decay=self.weight_decay)
         loss_value, done = float("nan"), 0
         for _ in range(steps):
             opt.zero_grad()
+            weight.grad = None
             loss = edit_loss(ctx.view, ctx.tok, requests)
             loss_value = float(loss.detach())
             if loss_value < self.early_stop_loss:
                 break
             if score is not None:
                 assert self.eac is not None
-                change = (weight - w0).flatten()[None]  # [1, numel]
+                change = (master - w0).flatten()[None]  # [1, numel]
                 loss = loss + scored_elastic_net(change, score, self.eac.l1, self.eac.l2, self.eac.eps).sum()
             loss.backward()
+            if master is not weight:  # the NLL's gradient reached the model's weight: move it to master
+                master.grad = weight.grad.float() if master.grad is None else master.grad + weight.grad.float()
             if grads is not None:
                 grads.record(
-                    torch.zeros(1, dtype=torch.long, device=weight.device), weight.grad.detach().flatten()[None]
+                    torch.zeros(1, dtype=torch.long, device=weight.device), master.grad.detach().flatten()[None]
                 )
             opt.step()
             with torch.no_grad():
                 if mask is not None:  # Adam's weight decay would move non-anchors: pin them
-                    weight.copy_(torch.where(mask, weight, w0))
+                    master.copy_(torch.where(mask, master, w0))
                 if self.norm_constraint is not None:
-                    weight.copy_(torch.clamp(weight, w0 - self.norm_constraint, w0 + self.norm_constraint))
+                    master.copy_(torch.clamp(master, w0 - self.norm_constraint, w0 + self.norm_constraint))
+                if master is not weight:
+                    weight.copy_(master)  # the model runs in its dtype: one rounding per update
             done += 1
         return loss_value, done
 
@@ -120,25 +128,33 @@ class FT(EditMethod):
         view = ctx.view
         weight = view.ffn_out(self.layer).weight
         w0 = weight.detach().clone()
+        master = float32_master(weight)
+        w0_master = w0 if master is weight else w0.float()
         t0 = time.perf_counter()
         scalars: dict[str, float] = {}
         with restore_on_error(view, [self.layer]):
             weight.requires_grad_(True)
+            master.requires_grad_(True)
             try:
                 if self.eac is None:
-                    loss, updates = self.descend(ctx, requests, weight, w0, self.steps)
+                    loss, updates = self.descend(ctx, requests, weight, master, w0_master, self.steps)
                 else:
                     grads = GradientMean((1, weight.numel()), weight.device)
-                    _, first = self.descend(ctx, requests, weight, w0, self.eac.select_steps, grads=grads)
+                    _, first = self.descend(
+                        ctx, requests, weight, master, w0_master, self.eac.select_steps, grads=grads
+                    )
                     with torch.no_grad():
-                        score = saliency(grads.mean(), (weight - w0).flatten()[None])  # [1, numel]
+                        score = saliency(grads.mean(), (master - w0_master).flatten()[None])  # [1, numel]
                         flat_mask = anchor_mask(score, self.eac.percentile)  # [1, numel]
                         mask = flat_mask.view_as(weight)
                         # eq. 3: non-anchors back to W₀ (retrain_from "zero": every entry; FT-EAC
                         # has no released code, so "stage1", the paper's eq. 3, is the default).
-                        weight.copy_(torch.where(mask, weight, w0) if self.eac.start("stage1") == "stage1" else w0)
+                        stage1 = self.eac.start("stage1") == "stage1"
+                        master.copy_(torch.where(mask, master, w0_master) if stage1 else w0_master)
+                        if master is not weight:
+                            weight.copy_(master)
                     loss, second = self.descend(
-                        ctx, requests, weight, w0, self.eac.retrain_steps, mask=mask, score=score
+                        ctx, requests, weight, master, w0_master, self.eac.retrain_steps, mask=mask, score=score
                     )
                     updates = first + second
                     scalars["eac/anchor_fraction"] = float(flat_mask.float().mean())
@@ -155,3 +171,14 @@ class FT(EditMethod):
             }
         )
         return EditResult(scalars=scalars)
+
+
+def float32_master(weight: torch.nn.Parameter) -> torch.Tensor:
+    """What Adam trains: the weight itself when it is float32 or float64; a float32 copy of a
+    bfloat16 / float16 weight. In half precision Adam's state underflows (float16: eps = 1e-8 and
+    grad² below ~6e-8 are 0, so m / (√v + eps) is inf or NaN) and an update below half a unit in
+    the last place of an entry is lost; the copy accumulates them and each update is rounded into
+    the model once."""
+    if weight.dtype in (torch.float32, torch.float64):
+        return weight
+    return weight.detach().float()
