@@ -231,3 +231,193 @@ def test_evaluation_pre_false_skips_only_the_before_evaluation(tmp_path):
     assert len(cases) == 4 and all("pre" not in c and "post" in c for c in cases)
     curve = [json.loads(line) for line in (tmp_path / "nopre" / "curve.jsonl").read_text().splitlines()]
     assert [p["timing"] for p in curve] == ["final"]
+
+
+# -- user errors: one "editlab: error: …" line, exit status 2 ----------------------------------
+
+
+def refused_in_process(args: list[str], capsys) -> tuple[int, list[str]]:
+    """``editlab fit ARGS`` through main() in this process: its exit status and stderr lines."""
+    from editlab.cli import main
+
+    capsys.readouterr()  # what came before (save_tiny's bars) is not the command's
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *args])
+    return info.value.code, capsys.readouterr().err.splitlines()
+
+
+def assert_one_error(code, lines: list[str], expected: str) -> None:
+    assert code == 2, lines
+    assert len(lines) <= 3, lines
+    assert lines[-1] == f"editlab: error: {expected}", lines
+
+
+def bad_record_file(tmp_path: Path) -> tuple[Path, str]:
+    with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
+        data = json.load(f)[:4]
+    del data[2]["requested_rewrite"]["subject"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return path, f"case {data[2]['case_id']} (record 2 of {path}): field 'requested_rewrite.subject' is missing"
+
+
+def test_malformed_record_is_one_error_line(tmp_path, capsys):
+    path, expected = bad_record_file(tmp_path)
+    code, lines = refused_in_process(tiny_args(tmp_path, str(path)), capsys)
+    assert_one_error(code, lines, expected)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_bad_option_value_is_one_error_line(tmp_path, capsys):
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **{"--data.num_edits": "-5"})
+    code, lines = refused_in_process(args, capsys)
+    assert_one_error(code, lines, "option num_edits=-5 must be >= 1 (or None for all)")
+
+
+def test_missing_model_is_one_error_line(tmp_path, capsys):
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **{"--model.model": "/no/such"})
+    code, lines = refused_in_process(args, capsys)
+    assert_one_error(code, lines, "model /no/such: no such directory, and not a hub model id (owner/name) either")
+
+
+def test_debug_shows_the_traceback_instead(tmp_path, monkeypatch):
+    from editlab.cli import main
+    from editlab.errors import ConfigError
+
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **{"--data.num_edits": "-5"})
+    with pytest.raises(ConfigError, match="num_edits=-5"):
+        main(["fit", *args, "--debug"])
+    monkeypatch.setenv("EDITLAB_DEBUG", "1")
+    with pytest.raises(ConfigError, match="num_edits=-5"):
+        main(["fit", *args])
+
+
+def hold_lock(run: Path) -> subprocess.Popen:
+    """A live process that owns ``run``'s lock, as a running editlab fit would."""
+    import socket
+
+    from editlab.runlock import lock_path, lock_text
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    run.mkdir(parents=True, exist_ok=True)
+    lock_path(run).write_text(lock_text(holder.pid, socket.gethostname()))
+    return holder
+
+
+def test_directory_in_use_is_one_error_line(tmp_path, capsys):
+    from editlab.runlock import lock_path, parse_lock
+
+    run = tmp_path / "run"
+    holder = hold_lock(run)
+    try:
+        code, lines = refused_in_process(tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz")), capsys)
+        lock = lock_path(run)
+        assert_one_error(
+            code,
+            lines,
+            f"{run} is in use by another editlab run (process {holder.pid}, lock {lock}); wait for it to end "
+            "or choose another --trainer.default_root_dir",
+        )
+        assert parse_lock(lock.read_text())[0] == holder.pid  # the owner's lock is left alone
+        assert sorted(p.name for p in run.iterdir()) == [lock.name]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_and_released(tmp_path):
+    import socket
+
+    from editlab.runlock import RunDirInUse, acquire_run_lock, lock_path, lock_text, parse_lock, release_run_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a killed run leaves its lock behind: its pid is no longer alive
+    lock_path(tmp_path).write_text(lock_text(dead.pid, socket.gethostname()))
+    path = acquire_run_lock(tmp_path)
+    assert parse_lock(path.read_text()) == (os.getpid(), socket.gethostname())
+    assert acquire_run_lock(tmp_path) == path  # the same process again: already its own
+    assert not list(tmp_path.glob("*.stale")) and not list(tmp_path.glob("*.tmp"))
+    release_run_lock(path)
+    assert not path.exists()
+    # A lock from another host cannot be checked for liveness: it is respected.
+    lock_path(tmp_path).write_text(lock_text(1, "another-host"))
+    with pytest.raises(RunDirInUse, match="process 1 on another-host"):
+        acquire_run_lock(tmp_path)
+
+
+def test_full_disk_keeps_the_previous_file_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from editlab import files
+    from editlab.errors import DiskFullError, user_error_message
+
+    target = files.write_text_atomic(tmp_path / "summary.json", '{"edits": 4}\n')
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    with pytest.raises(DiskFullError) as info:
+        files.write_text_atomic(target, '{"edits": 8}\n')
+    assert target.read_text() == '{"edits": 4}\n'  # the previous file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no half-written temporary left
+    message = user_error_message(info.value)
+    assert message.startswith(f"no space left on device while writing {target}; the previous summary.json")
+    with pytest.raises(DiskFullError):
+        files.save_torch_atomic({"x": 1}, tmp_path / "state.pt")
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_step_line_says_where_the_stream_is():
+    from editlab.console import step_line
+
+    record = {"step": 3, "edits": 6, "seconds": 12.34, "seconds_z": 10.0, "seconds_solve": 2.2, "z_loss": 0.12345}
+    assert step_line(record, 10) == "editlab: step 3/10, 6 edits, 12.3s (z 10.0s, solve 2.2s), z loss 0.1235"
+    assert step_line({"step": 1, "edits": 1, "seconds": 0.5}, None) == "editlab: step 1, 1 edits, 0.5s"
+
+
+@pytest.mark.slow
+def test_user_errors_in_a_subprocess_print_one_line(tmp_path):
+    """The real stderr of a process: no Lightning start-up lines, no traceback."""
+    path, expected = bad_record_file(tmp_path)
+    proc = run_cli(tiny_args(tmp_path, str(path)), tmp_path)
+    assert_one_error(proc.returncode, proc.stderr.splitlines(), expected)
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **{"--data.num_edits": "-5"})
+    proc = run_cli(args, tmp_path)
+    assert_one_error(proc.returncode, proc.stderr.splitlines(), "option num_edits=-5 must be >= 1 (or None for all)")
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **{"--model.model": "/no/such"})
+    proc = run_cli(args, tmp_path)
+    assert_one_error(
+        proc.returncode,
+        proc.stderr.splitlines(),
+        "model /no/such: no such directory, and not a hub model id (owner/name) either",
+    )
+    run = tmp_path / "busy"
+    holder = hold_lock(run)
+    try:
+        args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))
+        args[args.index("--trainer.default_root_dir") + 1] = str(run)
+        proc = run_cli(args, tmp_path)
+        lines = proc.stderr.splitlines()
+        assert_one_error(proc.returncode, lines, lines[-1].removeprefix("editlab: error: "))
+        assert f"{run} is in use by another editlab run (process {holder.pid}" in lines[-1]
+    finally:
+        holder.kill()
+        holder.wait()
+    # --debug: the traceback, for a bug report.
+    proc = run_cli([*tiny_args(tmp_path, str(path)), "--debug"], tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "requested_rewrite.subject" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_log_file_gets_one_line_per_step(tmp_path):
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **{"--model.progress": "true"})
+    args.remove("--trainer.enable_progress_bar")
+    args.remove("false")
+    proc = run_cli(args, tmp_path)  # stderr is a pipe, as a log file
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [line for line in proc.stderr.splitlines() if line.startswith("editlab: step ")]
+    assert [s.split(",")[0] for s in steps] == ["editlab: step 1/2", "editlab: step 2/2"]
+    assert "z loss" in steps[0] and "\r" not in proc.stderr
+    for noise in ("GPU available", "TPU available", "litlogger", "Seed set"):
+        assert noise not in proc.stderr, noise

@@ -81,9 +81,28 @@ def embedded_model_dir() -> Path:
     return target
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local directory nor loadable from the hub."""
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a hub model id (``name`` or ``owner/name``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == EMBEDDED_DEFAULT:
         return str(embedded_model_dir())
+    # Without this, a mistyped path reaches the user as transformers' "Repo id must be in the form …".
+    if not Path(name_or_path).exists() and not is_hub_id(name_or_path):
+        raise ModelNotFoundError(f"model {name_or_path}: no such directory, and not a hub model id (owner/name) either")
     return name_or_path
 
 
@@ -92,11 +111,24 @@ def load_model_and_tokenizer(name_or_path: str, dtype: DType = "float32", device
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        if Path(path).exists():
+            raise  # a local directory that is not a model: transformers' message names what is missing
+        # A hub id that is not on the hub, or not in the cache while offline (HF_HUB_OFFLINE=1).
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is searched)" if _offline() else ""
+        raise ModelNotFoundError(
+            f"model {name_or_path}: no such directory, and no such model on the hub{offline}"
+        ) from err
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype)).to(device)
     model.eval().requires_grad_(False)
     prepare_tokenizer(tok)
     return model, tok
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "") not in ("", "0") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def prepare_tokenizer(tok):
