@@ -41,14 +41,7 @@ from editlab.models.tiny import tiny_model, tiny_tokenizer
 
 from conftest import SHARED_DATA
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on 2 shared cores: two intra-op threads contend and run ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

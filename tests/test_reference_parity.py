@@ -22,14 +22,7 @@ from editlab.metrics.generation import left_pad, token_budgets, word_tokens
 from editlab.models.tiny import tiny_model
 from editlab.types import EditRequest
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on 2 shared cores: two intra-op threads contend and run ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nll(p: float) -> float:
