@@ -64,6 +64,23 @@ def peaky_model(model_type: str = "llama", dtype: torch.dtype = torch.float32):
     return AutoModelForCausalLM.from_config(cfg).to(dtype).eval().requires_grad_(False), tok
 
 
+def louvre_neighbour_for_request_0(monkeypatch) -> None:
+    """Replaces iterative.neighbor_rows for the test: request 0 gets one neighbour row ("The
+    Louvre is located in the city of" → "Paris", behind the prefix, at the configured weight),
+    the other two none."""
+    from editlab.editing.methods import iterative as iterative_module
+    from editlab.editing.targets import ExtraRow
+
+    monkeypatch.setattr(
+        iterative_module,
+        "neighbor_rows",
+        lambda view, tok, requests, cfg, prefix: (
+            [ExtraRow(0, prefix.format("{} is located in the city of"), "The Louvre", "Paris", cfg.weight)],
+            [["The Louvre is located in the city of"], [], []],
+        ),
+    )
+
+
 def small_corpus(tmp_path: Path) -> Path:
     """A 20-line covariance corpus for tiny-model method tests."""
     corpus = tmp_path / "c.txt"

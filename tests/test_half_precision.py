@@ -17,7 +17,6 @@ import torch
 
 from editlab.editing.context import ContextTemplates
 from editlab.editing.eac import EACConfig
-from editlab.editing.methods import iterative as iterative_module
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE
@@ -29,12 +28,12 @@ from editlab.editing.methods.pmet import PMET
 from editlab.editing.methods.rome import ROME
 from editlab.editing.neurons import ActivationScore, WeightImportance
 from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
-from editlab.editing.targets import ExtraRow, TargetConfig
+from editlab.editing.targets import TargetConfig
 from editlab.metrics.editing import prompt_success
 from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
 
-from conftest import facts, peaky_model
+from conftest import facts, louvre_neighbour_for_request_0, peaky_model
 
 TARGETS = TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
 EAC = EACConfig(select_steps=10, retrain_steps=10, percentile=80.0, l1=5e-7)
@@ -115,14 +114,7 @@ def build(kind: str, ctx: EditContext, tmp_path, monkeypatch):
     if kind == "iterative-neighbours-MEMIT":
         # The random tiny model answers no neighbour with target_true, so none would qualify:
         # give request 0 one neighbour row, as test_iterative does, to run the extra z rows.
-        monkeypatch.setattr(
-            iterative_module,
-            "neighbor_rows",
-            lambda view, tok, requests, cfg, prefix: (
-                [ExtraRow(0, prefix.format("{} is located in the city of"), "The Louvre", "Paris", cfg.weight)],
-                [["The Louvre is located in the city of"], [], []],
-            ),
-        )
+        louvre_neighbour_for_request_0(monkeypatch)
         inner = MEMIT(**{**memit, "context": ONE_PREFIX})
         return IterativeEditing(inner, epsilon=0.0, max_iterations=1, neighbors=NeighborAssist())
     if kind == "ROME-EAC":

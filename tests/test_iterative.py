@@ -32,7 +32,7 @@ from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight
 from editlab.types import EditRequest
 
-from conftest import SHARED_DATA, assert_failed_step_restores, facts
+from conftest import SHARED_DATA, assert_failed_step_restores, facts, louvre_neighbour_for_request_0
 from test_targets import TEMPLATES, peaky_model
 
 TARGETS = TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
@@ -308,14 +308,7 @@ def test_neighbour_rows_keep_only_greedy_true_neighbours_and_count_the_rest(tiny
 def test_neighbour_assisted_step_counts_requests_without_a_neighbour(tmp_path, stats_cache, monkeypatch):
     ctx, memit = make(tmp_path)
     reqs = facts()  # 1 and 2 have a same-template neighbour, 3 has none
-    monkeypatch.setattr(
-        iterative_module,
-        "neighbor_rows",
-        lambda view, tok, requests, cfg, prefix: (
-            [ExtraRow(0, prefix.format("{} is located in the city of"), "The Louvre", "Paris", cfg.weight)],
-            [["The Louvre is located in the city of"], [], []],
-        ),
-    )
+    louvre_neighbour_for_request_0(monkeypatch)
     it = IterativeEditing(memit, max_iterations=1, neighbors=NeighborAssist(prefix=False))  # count 0: no prefix
     it.setup(ctx)
     res = it.apply(ctx, reqs)
