@@ -40,6 +40,7 @@ from editlab.editing.targets import (
     ExtraRow,
     TargetConfig,
     TargetResult,
+    cluster_labels,
     optimize_cluster_targets,
     optimize_targets,
 )
@@ -278,9 +279,7 @@ def rewound_cluster_targets(
     device = view.device
     n = len(requests)
     stacked = {f: torch.stack([found[i][f].to(device) for i in range(n)]) for f in fields}
-    cluster = torch.empty(n, dtype=torch.long)
-    for c, members in enumerate(clusters):
-        cluster[members] = c
+    cluster = cluster_labels(n, clusters)
     is_anchor = torch.zeros(n, dtype=torch.bool)
     is_anchor[anchors] = True
     cached = torch.ones(n, dtype=torch.bool)

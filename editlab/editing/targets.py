@@ -608,6 +608,14 @@ def check_clusters(n: int, clusters: list[list[int]], anchors: list[int]) -> Non
         raise ValueError(f"anchors {anchors} must name one member of each cluster {clusters}")
 
 
+def cluster_labels(n: int, clusters: list[list[int]]) -> torch.Tensor:
+    """[n] long on the CPU: each request's cluster, as its position in ``clusters``."""
+    cluster = torch.empty(n, dtype=torch.long)
+    for c, members in enumerate(clusters):
+        cluster[members] = c
+    return cluster
+
+
 def optimize_cluster_targets(
     view: ModelView,
     tok,
@@ -649,10 +657,7 @@ def optimize_cluster_targets(
     device = view.device
     d_model = view.model.config.hidden_size
     k = len(clusters)
-    cluster = torch.empty(n, dtype=torch.long)
-    for c, members in enumerate(clusters):
-        cluster[members] = c
-    cluster = cluster.to(device)
+    cluster = cluster_labels(n, clusters).to(device)
     anchor_idx = torch.tensor(anchors, dtype=torch.long, device=device)
     is_anchor = torch.zeros(n, dtype=torch.bool, device=device)
     is_anchor[anchor_idx] = True
