@@ -81,6 +81,27 @@ def louvre_neighbour_for_request_0(monkeypatch) -> None:
     )
 
 
+def tiny_memit_fit_options(root: Path) -> dict[str, str]:
+    """The first ``editlab fit`` options of the subprocess runs on the tiny GPT-2 ``root/tiny``:
+    MEMIT on layers 0 and 1 (covariance from ``root/corpus.txt``), short z and generations,
+    evaluation periodic every 3 steps. Callers add their own options after these."""
+    return {
+        "--model.model": str(root / "tiny"),
+        "--model.progress": "false",
+        "--model.method": "editlab.editing.methods.memit.MEMIT",
+        "--model.method.layers": "[0, 1]",
+        "--model.method.mom2_weight": "1.0",
+        "--model.method.targets.steps": "4",
+        "--model.method.context.count": "2",
+        "--model.method.context.length": "3",
+        "--model.method.covariance.corpus": str(root / "corpus.txt"),
+        "--model.method.covariance.num_samples": "20",
+        "--model.evaluation.max_new_tokens": "8",
+        "--model.evaluation.timing": "periodic",
+        "--model.evaluation.every_n_steps": "3",
+    }
+
+
 def small_corpus(tmp_path: Path) -> Path:
     """A 20-line covariance corpus for tiny-model method tests."""
     corpus = tmp_path / "c.txt"

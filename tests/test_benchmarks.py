@@ -11,7 +11,7 @@ import torch
 
 from editlab.models.tiny import save_tiny
 
-from conftest import REPO, SHARED_DATA, facts
+from conftest import REPO, SHARED_DATA, facts, tiny_memit_fit_options
 
 
 def load_script(name: str):
@@ -225,20 +225,8 @@ def test_soak_killed_three_times_ends_identical_to_the_uninterrupted_run(tmp_pat
         (tmp_path / "data.json").write_text(json.dumps(json.load(f)[:7]))
     (tmp_path / "corpus.txt").write_text("\n".join(f"Sentence {i} talks about cities and people." for i in range(20)))
     fit = {
-        "--model.model": str(tmp_path / "tiny"),
-        "--model.progress": "false",
-        "--model.method": "editlab.editing.methods.memit.MEMIT",
-        "--model.method.layers": "[0, 1]",
-        "--model.method.mom2_weight": "1.0",
-        "--model.method.targets.steps": "4",
-        "--model.method.context.count": "2",
-        "--model.method.context.length": "3",
-        "--model.method.covariance.corpus": str(tmp_path / "corpus.txt"),
-        "--model.method.covariance.num_samples": "20",
-        "--model.evaluation.max_new_tokens": "8",
         # periodic every 3 of 7 steps: evaluations inside steps, and a final one of its own
-        "--model.evaluation.timing": "periodic",
-        "--model.evaluation.every_n_steps": "3",
+        **tiny_memit_fit_options(tmp_path),
         "--data.path": str(tmp_path / "data.json"),
         "--trainer.enable_progress_bar": "false",
     }

@@ -24,7 +24,7 @@ from editlab.cli import EditLabCLI
 from editlab.lightning.editstate import edit_state_path, load_edit_state
 from editlab.models.tiny import save_tiny
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, tiny_memit_fit_options
 
 STEPS = 10
 KILL_STEP = 6
@@ -46,20 +46,8 @@ def base(tmp_path_factory) -> Path:
 
 def args(base: Path, run: str, *extra: str) -> list[str]:
     opts = {
-        "--model.model": str(base / "tiny"),
-        "--model.progress": "false",
-        "--model.method": "editlab.editing.methods.memit.MEMIT",
-        "--model.method.layers": "[0, 1]",
-        "--model.method.mom2_weight": "1.0",
-        "--model.method.targets.steps": "4",
-        "--model.method.context.count": "2",
-        "--model.method.context.length": "3",
-        "--model.method.covariance.corpus": str(base / "corpus.txt"),
-        "--model.method.covariance.num_samples": "20",
-        "--model.evaluation.max_new_tokens": "8",
         # periodic: the curve has points before and after the interruption (steps 3, 6, 9, 10)
-        "--model.evaluation.timing": "periodic",
-        "--model.evaluation.every_n_steps": "3",
+        **tiny_memit_fit_options(base),
         "--model.checkpoint_every": str(EVERY),
         "--model.export": "true",
         "--data.path": str(base / "data.json"),
