@@ -16,7 +16,7 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Everything, including the SmolLM2 tests marked slow (565 tests, about 6 minutes on 2 quiet CPU cores).
+# Everything, including the SmolLM2 tests marked slow (734 tests, about 15 minutes on 2 quiet CPU cores).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 

@@ -36,7 +36,10 @@ def compare(run_a: Path, run_b: Path) -> dict:
     if da.keys() != db.keys():
         raise ValueError(f"the runs edited different matrices: {sorted(da)} vs {sorted(db)}")
     sa, sb = (json.loads((Path(r) / "summary.json").read_text()) for r in (run_a, run_b))
-    metrics = sorted(k for k, v in sa.items() if isinstance(v, (int, float)) and not k.startswith("seconds"))
+    # threads is a run setting, not a result: Lightning gives each of N processes 1/N of the cores.
+    metrics = sorted(
+        k for k, v in sa.items() if isinstance(v, (int, float)) and not k.startswith("seconds") and k != "threads"
+    )
     return {
         "runs": [str(run_a), str(run_b)],
         "max_abs_delta_difference": max(float((da[k] - db[k]).abs().max()) for k in da),

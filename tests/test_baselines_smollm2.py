@@ -11,6 +11,7 @@ from jsonargparse import ArgumentParser
 
 from editlab.data.sources import load_requests
 from editlab.editing.methods.base import EditContext, EditMethod
+from editlab.editing.methods.memit import MEMIT
 from editlab.editing.stats import model_fingerprint
 from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
@@ -39,7 +40,11 @@ def shorten(method: EditMethod) -> None:
     if hasattr(method, "context"):
         method.context = dataclasses.replace(method.context, count=1)
     if getattr(method, "eac", None) is not None and hasattr(method, "targets"):
-        method.eac = dataclasses.replace(method.eac, select_steps=5, retrain_steps=5)
+        # MEMIT-EAC's stage 2 starts from zero (the authors' code): it makes the whole edit in its
+        # own steps, so it keeps the config's; ROME-EAC's starts from stage 1's δ and is cut too.
+        from_zero = isinstance(method, MEMIT) and method.eac.start("zero") == "zero"
+        retrain = method.eac.retrain_steps if from_zero else 5
+        method.eac = dataclasses.replace(method.eac, select_steps=5, retrain_steps=retrain)
         method.targets = dataclasses.replace(method.targets, steps=10)
     elif hasattr(method, "targets"):
         method.targets = dataclasses.replace(method.targets, steps=10)
