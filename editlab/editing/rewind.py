@@ -134,26 +134,6 @@ class TargetCache:
             save_torch_atomic(blob, self.path(key))
 
 
-def rewound_targets(
-    view: ModelView,
-    tok,
-    requests: list[EditRequest],
-    templates: list[str],
-    layer: int,
-    cfg: TargetConfig,
-    original: OriginalWeights | None,
-    cache: TargetCache,
-    model_id: str,
-    fingerprint: str,
-    progress: bool = True,
-) -> tuple[TargetResult, int]:
-    """:func:`rewound_target_rows`, with the number of z that came from the cache."""
-    res, cached = rewound_target_rows(
-        view, tok, requests, templates, layer, cfg, original, cache, model_id, fingerprint, progress
-    )
-    return res, int(cached.sum())
-
-
 def rewound_target_rows(
     view: ModelView,
     tok,

@@ -29,7 +29,7 @@ from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.neurons import ActivationScore, NeuronAttribution
-from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_targets
+from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_target_rows
 from editlab.editing.solve import preserve_matrix, submatrix_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, TargetResult
@@ -106,7 +106,7 @@ class NSE(KeyValueMethod):
         """z of ``requests`` (on θ₀ with rewinding) and how many came from the z cache."""
         if self.rewind and self.original is None:
             raise RuntimeError("NSE.setup must run on the unedited model before the first step")
-        return rewound_targets(
+        res, cached = rewound_target_rows(
             ctx.view,
             ctx.tok,
             requests,
@@ -119,6 +119,7 @@ class NSE(KeyValueMethod):
             ctx.fingerprint,
             ctx.progress,
         )
+        return res, int(cached.sum())
 
     def residuals(self, ctx: EditContext, requests: list[EditRequest], z: torch.Tensor) -> torch.Tensor:
         """‖z_i − h_i^L‖ on the current model, bare prompt, [n] float64."""
