@@ -226,13 +226,13 @@ def test_generation_stops_at_eos_and_pads_after_it():
     class Scripted(torch.nn.Module):
         """Row 0 says EOS (1) at once; row 1 says 5, then EOS; the step is the cache length."""
 
-        def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
-            step = 0 if past_key_values is None else past_key_values
+        def forward(self, input_ids, attention_mask, position_ids, cache, use_cache):
+            step = 0 if cache is None else cache
             logits = torch.zeros(2, input_ids.shape[1], 8)
             logits[0, -1, 1] = 10.0
             logits[1, -1, 5 if step == 0 else 1] = 10.0
             assert attention_mask.shape[1] == 3 + step  # the full mask, growing each step
-            return types.SimpleNamespace(logits=logits, past_key_values=step + 1)
+            return types.SimpleNamespace(logits=logits, cache=step + 1)
 
     ids, mask = left_pad([[3, 4, 4], [4]], pad_id=0)
     new = generate_ids(Scripted(), ids, mask, 10, 1, torch.Generator().manual_seed(0), [1], 0)

@@ -72,10 +72,10 @@ def test_three_prompts_give_three_texts_of_the_full_length_including_the_prompt(
 class AlwaysEos(torch.nn.Module):
     """Says token 1 (the EOS) at every step, whatever the input; the cache is the step count."""
 
-    def forward(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
+    def forward(self, input_ids, attention_mask, position_ids, cache, use_cache):
         logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], 8)
         logits[:, -1, 1] = 10.0
-        return types.SimpleNamespace(logits=logits, past_key_values=(past_key_values or 0) + 1)
+        return types.SimpleNamespace(logits=logits, cache=(cache or 0) + 1)
 
 
 def test_sampling_goes_on_past_eos_to_each_rows_own_budget():

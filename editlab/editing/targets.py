@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from editlab.editing.prompts import PaddedBatch, answer_ids, pad, subject_last_index
 from editlab.models.arch import ModelView
-from editlab.models.cache import select_cache_rows
+from editlab.models.cache import returned_cache, select_cache_rows
 from editlab.models.hooks import StopForward, capture_inputs, edit_output
 from editlab.types import EditRequest
 
@@ -238,7 +238,7 @@ class PrefixCachedForward:
             self.prefix_mask[empty, 0] = 0
             with torch.no_grad():
                 out = self.base(input_ids=pre.input_ids, attention_mask=run_mask, use_cache=True)
-            self.cache = out.past_key_values
+            self.cache = returned_cache(out)
 
     def offset(self, row_sel: torch.Tensor) -> torch.Tensor:
         return self.prefix_len[row_sel]
@@ -253,7 +253,7 @@ class PrefixCachedForward:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
         ).last_hidden_state
 

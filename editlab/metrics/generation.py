@@ -38,6 +38,7 @@ import torch
 
 from editlab.metrics.base import LocalMetric
 from editlab.metrics.editing import case_means
+from editlab.models.cache import returned_cache
 
 # Combining marks (U+0300-U+036F) belong to their word: the texts are NFKD-normalised, which splits
 # "é" into "e" + U+0301, and nltk.word_tokenize (the reference) leaves the pair in one token.
@@ -174,10 +175,8 @@ def generate_ids(
     done = budget == 0  # [B] on CPU, like the sampled ids
     out, past, step_ids = [], None, input_ids
     for step in range(int(budget.max()) if len(budget) else 0):
-        res = model(
-            input_ids=step_ids, attention_mask=mask, position_ids=position_ids, past_key_values=past, use_cache=True
-        )
-        past = res.past_key_values
+        res = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, cache=past, use_cache=True)
+        past = returned_cache(res)
         nxt = sample_top_k(res.logits[:, -1], top_k, generator)  # [B]
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         out.append(nxt)
