@@ -58,10 +58,18 @@ def owner_alive(pid: int | None, host: str | None, here: str) -> bool:
     return pid_alive(pid)
 
 
-def is_rank_zero_process() -> bool:
-    """Whether this process is the launcher (rank 0): the other ranks of a multi-device run are
-    started by it with the same command line and share its run directory and its lock."""
-    return all(os.environ.get(name, "0") == "0" for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+# Variables that give a process a non-zero rank before Lightning has set anything up: those that
+# Lightning's own environments read (LightningEnvironment: LOCAL_RANK, NODE_RANK or GROUP_RANK;
+# torchrun: RANK; SLURMEnvironment: SLURM_PROCID; LSFEnvironment: JSM_NAMESPACE_RANK).
+RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def is_rank_zero_process(environ=os.environ) -> bool:
+    """Whether this process will be global rank 0, the one that locks and writes the run directory.
+    The other ranks share its directory and its lock: the processes Lightning starts on each node
+    (LOCAL_RANK set), a second node's launcher (NODE_RANK), and, under ``srun``, every task but the
+    first (SLURM starts them all with the same command line and only SLURM_PROCID tells them apart)."""
+    return all(environ.get(name, "0") == "0" for name in RANK_VARIABLES)
 
 
 def _create_exclusive(path: Path, text: str) -> bool:

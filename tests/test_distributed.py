@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_cli import run_cli, tiny_args
+from test_cli import hold_lock, run_cli, tiny_args
 
 from benchmarks.same_edit import compare
 from editlab.cli import wants_several_processes
 from editlab.distributed import Ranks, _assemble, map_rows
+from editlab.runlock import is_rank_zero_process, lock_path, parse_lock
 
-from conftest import SHARED_DATA
+from conftest import REPO, SHARED_DATA
 
 
 @pytest.mark.parametrize("n, world", [(10, 3), (2, 3), (7, 2), (0, 2)])
@@ -126,3 +132,122 @@ def test_two_process_cpu_run_edits_like_one_process(tmp_path, method):
         assert s2["method"] == "ECE-two-step"
         assert "method_name: ECE-two-step" in (runs[2] / "hparams.yaml").read_text()
     assert "estimated memory per device" in proc.stderr  # printed before the run starts
+
+
+@pytest.mark.parametrize(
+    "env, zero",
+    [({}, True), ({"LOCAL_RANK": "0", "NODE_RANK": "0", "RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
+     ({"NODE_RANK": "1"}, False), ({"GROUP_RANK": "1"}, False), ({"RANK": "3"}, False),
+     ({"SLURM_PROCID": "0", "SLURM_NODEID": "0"}, True), ({"SLURM_PROCID": "2", "SLURM_NODEID": "1"}, False),
+     ({"SLURM_PROCID": "1", "SLURM_NODEID": "0", "SLURM_LOCALID": "1"}, False), ({"JSM_NAMESPACE_RANK": "1"}, False)],
+)  # fmt: skip
+def test_which_process_is_rank_zero_before_lightning_starts(env, zero):
+    assert is_rank_zero_process(env) is zero
+
+
+def test_a_second_srun_task_shares_the_first_ones_lock(tmp_path, monkeypatch):
+    """Under ``srun`` every task runs the same ``editlab fit``; only SLURM_PROCID tells them apart.
+    Task 1 must not take (and so be refused) the run directory that task 0 holds."""
+    from types import SimpleNamespace
+
+    from editlab.cli import EditLabCLI
+
+    for name in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    run = tmp_path / "run"
+    task0 = hold_lock(run)  # a live process holding the lock, as task 0 does
+    try:
+        cli = SimpleNamespace()
+        EditLabCLI.take_run_dir(cli, run)  # raised RunDirInUse when SLURM_PROCID was not read
+        assert cli.run_lock is None
+        assert parse_lock(lock_path(run).read_text())[0] == task0.pid
+    finally:
+        task0.kill()
+        task0.wait()
+
+
+def _this_checkout() -> str:
+    """PYTHONPATH that imports editlab from this checkout, whatever the installed copy points to."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def _start_node(args: list[str], cwd: Path, **env_extra: str) -> subprocess.Popen:
+    """One simulated machine: ``editlab fit`` in its own session (so a hang kills all its ranks)."""
+    cwd.mkdir()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "EDITLAB_CACHE": str(cwd / "cache"),  # each machine its own statistics cache
+        "PYTHONPATH": _this_checkout(),
+        **env_extra,
+    }
+    cmd = [sys.executable, "-m", "editlab.cli", "fit", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _wait_nodes(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+    """Wait for every node; a node that fails or a run past ``timeout`` kills them all (a node whose
+    peer died would otherwise wait at the rendezvous for gloo's 30 minutes) and fails the test."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = [p for p in procs if p.returncode not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            errs = [p.communicate()[1][-3000:] for p in procs]
+            why = "a node failed" if failed else f"no result in {timeout:.0f} s"
+            pytest.fail(f"{why}: " + "\n---\n".join(errs))
+        time.sleep(0.5)
+    outs = [p.communicate() for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+@pytest.mark.slow  # launches 5 processes
+def test_two_nodes_of_two_processes_edit_like_one_process(tmp_path):
+    """``--trainer.num_nodes 2 --trainer.devices 2`` on localhost: two launchers with NODE_RANK 0/1,
+    MASTER_ADDR and MASTER_PORT (what Lightning's LightningEnvironment reads), each starting its
+    second rank itself, 4 gloo ranks in all. Each node has its own working directory, run
+    directory and statistics cache, as machines without a shared file system would: the second
+    node (global ranks 2 and 3, local ranks 0 and 1) must write nothing."""
+    data = str(SHARED_DATA / "multi_counterfact.json.gz")
+    # 4 requests a step: one per rank; 2 steps: the second edits on the first's shared result.
+    extra = {"--model.export": "true", "--data.num_edits": "8", "--data.edits_per_step": "4", "--threads": "1"}
+    args = tiny_args(tmp_path, data, **extra)  # tiny GPT-2 and corpus, saved once under tmp_path
+    one = tmp_path / "one"
+    one.mkdir()
+    proc = run_cli(args, one, timeout=600, PYTHONPATH=_this_checkout(), OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run1 = tmp_path / "run"
+
+    port = _free_port()
+    procs = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"
+        node_args = [*args, "--trainer.num_nodes", "2", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+        node_args[node_args.index("--trainer.default_root_dir") + 1] = str(cwd / "run")
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node)}
+        procs.append(_start_node(node_args, cwd, **env))
+    (out0, _), (out1, err1) = _wait_nodes(procs, timeout=900)  # four processes share two cores here
+
+    run0 = tmp_path / "node0" / "run"
+    assert out0.strip().splitlines()[-1] == str(run0 / "summary.json")
+    assert "num_nodes: 2" in (run0 / "config.yaml").read_text()
+    same = compare(run1, run0)  # edit_delta.safetensors of both, and their summaries
+    diff, changed = same["max_abs_delta_difference"], same["largest_edit"]
+    print(f"\n1 process vs 2 nodes x 2 processes: max |ΔW| difference {diff:.3e} (largest edit {changed:.3e})")
+    assert changed > 1e-3  # the runs did edit
+    assert diff < 1e-5 * max(changed, 1.0)  # the tolerance of the 2-process test above
+    assert same["metrics_compared"] >= 10 and same["metrics_differing"] == {}
+    assert json.loads((run0 / "summary.json").read_text())["steps"] == 2
+    # Global rank 0 alone wrote: the second node has no run directory, no statistics cache, printed
+    # no summary path; the lock was released.
+    assert sorted(p.name for p in (tmp_path / "node1").iterdir()) == [], err1[-2000:]
+    assert out1.strip() == ""
+    assert not lock_path(run0).exists()
