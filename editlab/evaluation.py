@@ -26,7 +26,7 @@ from editlab.metrics.functional import score_answers
 from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
 from editlab.models.arch import ModelView
-from editlab.probes import ProbeConfig, run_probes
+from editlab.probes import ProbeConfig
 from editlab.types import EditRequest
 
 FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}
@@ -237,16 +237,18 @@ class Evaluator:
         self.me_ppl_texts = load_me_ppl(cfg.me_ppl) if cfg.me_ppl else None
         self.reference, reason = consistency_reference(cfg.consistency_reference)
         self.consistency_reason = None if self.reference is not None else reason
-        self.probe_tasks = cfg.probes.load() if cfg.probes.enabled else []
-        self.quality_keys = {"fluency", "consistency", "me_ppl50_perplexity"} | {
-            f"probe/{t.name}_accuracy" for t in self.probe_tasks
-        }
+        self.probe_suite = cfg.probes.suite() if cfg.probes.enabled else None
+        self.quality_keys = {"fluency", "consistency", "me_ppl50_perplexity"} | (
+            self.probe_suite.metric_names() if self.probe_suite else set()
+        )
 
-    def evaluate(self, requests: list[EditRequest], quality: bool) -> tuple[list[dict], dict]:
+    def evaluate(self, requests: list[EditRequest], quality: bool, final: bool = True) -> tuple[list[dict], dict]:
+        """``final``: a point before or after the stream (probes on every loaded example), not one
+        during it (probes on their intermediate subset)."""
         cases = evaluate_cases(self.view, self.tok, requests, self.cfg.batch_size)
         metrics = self.summarise_cases(cases)
         if quality:
-            metrics.update(self.quality(requests))
+            metrics.update(self.quality(requests, final))
         return cases, metrics
 
     def summarise_cases(self, cases: list[dict]) -> dict[str, float]:
@@ -254,7 +256,7 @@ class Evaluator:
 
     case_summary = staticmethod(case_summary)
 
-    def quality(self, requests: list[EditRequest]) -> dict:
+    def quality(self, requests: list[EditRequest], final: bool = True) -> dict:
         out: dict = {}
         if self.cfg.fluency:
             out.update(self.generation_metrics(requests))
@@ -262,13 +264,16 @@ class Evaluator:
             ppl = Perplexity()
             ppl.update(*sequence_nll(self.view.model, self.tok, self.me_ppl_texts, self.cfg.batch_size))
             out["me_ppl50_perplexity"] = float(ppl.compute())
-        out.update(self.probes())
+        if self.probe_suite is not None:
+            out.update(self.probes(final))
+            out["probe_setting"] = self.probe_suite.setting
         return out
 
-    def probes(self) -> dict[str, float]:
-        if not self.probe_tasks:
+    def probes(self, final: bool = True) -> dict[str, float]:
+        """The probe scores: every loaded example when ``final``, else the intermediate subset."""
+        if self.probe_suite is None:
             return {}
-        return run_probes(self.view.model, self.tok, self.probe_tasks, self.cfg.probes.batch_size)
+        return self.probe_suite.run(self.view.model, self.tok, full=final)
 
     def generation_metrics(self, requests: list[EditRequest]) -> dict:
         cfg = self.cfg

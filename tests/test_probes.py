@@ -110,7 +110,7 @@ def test_run_probes_keys(llama):
     model, tok = llama
     tasks = ProbeConfig(tasks=["cola", "mmlu"], num_examples=4).load()
     out = run_probes(model, tok, tasks, batch_size=8)
-    assert list(out) == ["probe/cola_accuracy", "probe/mmlu_accuracy"]
+    assert list(out) == ["probe/cola/accuracy", "probe/mmlu/accuracy"]
     assert all(0.0 <= v <= 1.0 for v in out.values())
     with pytest.raises(ValueError, match="repeat"):
         run_probes(model, tok, [tasks[0], tasks[0]])

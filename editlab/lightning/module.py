@@ -36,9 +36,11 @@ from editlab.lightning.callbacks import WeightNormTracker
 from editlab.lightning.editstate import (
     EditStateError,
     check_resumable,
+    check_same_resume_point,
     edit_state_path,
     load_edit_state,
     requests_digest,
+    resume_point,
     rng_state,
     save_edit_state,
     set_rng_state,
@@ -174,10 +176,14 @@ class EditingModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_device = self.device
-        if self.resume_from is None:
+        if self.resume_from is not None:
+            # Read before the train dataloader is made: the data module must start where the stream stopped.
+            self._resume = load_edit_state(self.resume_from)
+        # Every rank reads the edit state from its own view of the run directory (several machines).
+        points = Ranks(self.global_rank, self.trainer.world_size).all_gather_object(resume_point(self._resume))
+        check_same_resume_point(points, edit_state_path(self.run_dir()))
+        if self._resume is None:
             return
-        # Read before the train dataloader is made: the data module must start where the stream stopped.
-        self._resume = load_edit_state(self.resume_from)
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "first_step"):
             raise ValueError("resuming needs an EditDataModule (option data)")
@@ -387,18 +393,20 @@ class EditingModule(L.LightningModule):
             metrics.update(self.held_out(batch, cases))
             self.add_curve_point("immediate", metrics)
         elif cfg.timing == "periodic" and self.steps_done % cfg.every_n_steps == 0:
-            self.evaluate_all_so_far("periodic")
+            # The stream's last point is its final evaluation: probes on their full sets.
+            self.evaluate_all_so_far("periodic", final=self.steps_done == self.stream_length())
         if cfg.probes.due(self.steps_done) and not (
             cfg.timing == "periodic" and self.curve and self.curve[-1]["step"] == self.steps_done
         ):
-            probes = self.evaluator.probes()
+            probes = self.evaluator.probes(final=False)
             self.log_dict(probes, on_step=True, on_epoch=False, batch_size=1)
             self.steps_log[-1].update(probes)
         self._clock["eval_seconds"] += time.perf_counter() - t0
 
-    def evaluate_all_so_far(self, timing: str) -> dict:
+    def evaluate_all_so_far(self, timing: str, final: bool = True) -> dict:
+        """``final``: probes on every loaded example (after the stream), else on their subset."""
         done = [r for r in self.requests if r.case_id in self.case_step]
-        cases, metrics = self.evaluator.evaluate(done, quality=True)
+        cases, metrics = self.evaluator.evaluate(done, quality=True, final=final)
         self.post_cases = {c["case_id"]: c for c in cases}
         metrics.update(self.held_out(done, cases))
         self.add_curve_point(timing, metrics)
@@ -447,6 +455,12 @@ class EditingModule(L.LightningModule):
             }
         else:
             final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing")}
+            if self.steps_done != self.stream_length():  # the last periodic point probed the subsets only
+                full = self.evaluator.probes(final=True)
+                final.update(full)
+                last.update(full)
+                for logger in self.loggers:
+                    logger.log_metrics({f"eval/{k}": v for k, v in full.items()}, step=self.steps_done)
         self.write_results(final, end)
 
     # -- editlab test: evaluate the loaded model as it is ---------------------------------------
