@@ -7,6 +7,7 @@ line ``editlab fit`` prints is the path of summary.json.
 ``editlab fit ... --ckpt_path last`` continues an interrupted run from its edit-state checkpoint
 (``<run dir>/checkpoints/edit_state.pt``, editlab's own: Lightning's checkpoints would hold the
 whole LM). ``editlab apply-delta`` applies an exported delta file to the original model.
+``editlab stats`` computes, exports and imports the covariance statistics (editlab/stats_cli.py).
 """
 
 from __future__ import annotations
@@ -310,6 +311,10 @@ def main(args: list[str] | None = None) -> None:
 
         sys.exit(apply_delta_main(argv[1:]))
     try:
+        if argv and argv[0] == "stats":  # in here: its user errors get the one line too
+            from editlab.stats_cli import stats_main
+
+            sys.exit(stats_main(argv[1:]))
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         EditLabCLI(args=None if args is None else argv)
     except BaseException as err:

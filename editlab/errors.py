@@ -56,6 +56,7 @@ def user_error_message(exc: BaseException) -> str | None:
     """The one line for a user error, or None for anything else (a bug, an ordinary exit)."""
     from editlab.data.sources import DataError
     from editlab.editing.stats import StaleCacheError
+    from editlab.editing.stats_files import StatsFileError
     from editlab.lightning.editstate import EditStateError
     from editlab.models.delta import DeltaMismatchError
 
@@ -78,6 +79,6 @@ def user_error_message(exc: BaseException) -> str | None:
         if exc.filename is not None:  # the OS's own: "[Errno 2] No such file or directory: 'x'"
             return f"{exc.filename}: no such file or directory"
         return one_line(str(exc))
-    if isinstance(exc, (DataError, ConfigError, StaleCacheError, EditStateError, DeltaMismatchError)):
+    if isinstance(exc, (DataError, ConfigError, StaleCacheError, StatsFileError, EditStateError, DeltaMismatchError)):
         return one_line(str(exc))
     return None

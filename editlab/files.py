@@ -42,6 +42,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """``safetensors.torch.save_file`` the same way: a temporary file per process, fsync, rename."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with _disk_full_named(path, tmp):
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 @contextmanager
 def _disk_full_named(path: Path, tmp: Path):
     """A failed write removes its half-written temporary file (on a full disk it holds the space

@@ -17,7 +17,8 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Literal
@@ -30,6 +31,7 @@ from editlab.files import save_torch_atomic
 from editlab.models.arch import ModelView
 from editlab.models.load import cache_root
 from editlab.models.trace import trace
+from editlab.numerics import numerics
 
 STATS_VERSION = 2  # 2: random sampling, seed and the resolved token cap in the key
 
@@ -92,6 +94,9 @@ class SecondMoment:
     def __init__(self, dim: int, dtype: torch.dtype, device) -> None:
         self.sum = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.count = 0
+        # How the sum was computed (torch version, threads, device: its bits depend on them); None
+        # until it is saved, and for cache entries written before editlab recorded it.
+        self.made_with: dict | None = None
 
     def update(self, k: torch.Tensor) -> None:  # k: [T, dim]
         k = k.to(self.sum.dtype)
@@ -213,9 +218,12 @@ def cache_key(
     }
 
 
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def cache_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_root() / "stats" / f"mom2_l{key['layer']}_{digest}.pt"
+    return cache_root() / "stats" / f"mom2_l{key['layer']}_{key_digest(key)}.pt"
 
 
 def load_cached(path: Path, key: dict) -> SecondMoment | None:
@@ -234,24 +242,35 @@ def load_cached(path: Path, key: dict) -> SecondMoment | None:
         }
         raise StaleCacheError(f"covariance cache {path} does not match this run (stored, wanted): {diff}; delete it")
     mom = SecondMoment(blob["sum"].shape[0], blob["sum"].dtype, "cpu")
-    mom.sum, mom.count = blob["sum"], int(blob["count"])
+    mom.sum, mom.count, mom.made_with = blob["sum"], int(blob["count"]), blob.get("made_with")
     return mom
 
 
 def save_cached(path: Path, key: dict, mom: SecondMoment) -> None:
-    save_torch_atomic({"key": key, "sum": mom.sum.cpu(), "count": mom.count}, path)
+    made_with = mom.made_with or {**numerics(), "device": str(mom.sum.device)}  # an import keeps the file's
+    save_torch_atomic({"key": key, "sum": mom.sum.cpu(), "count": mom.count, "made_with": made_with}, path)
 
 
 @torch.no_grad()
 def accumulate_second_moments(
-    view: ModelView, tok, texts: list[str], layers: list[int], cfg: CovarianceConfig, progress: bool = True
+    view: ModelView,
+    tok,
+    texts: list[str],
+    layers: list[int],
+    cfg: CovarianceConfig,
+    progress: bool = True,
+    report: Callable[[int, int], None] | None = None,
 ) -> dict[int, SecondMoment]:
-    """Σ kkᵀ over every non-pad token, all layers in one pass stopped after the highest layer."""
+    """Σ kkᵀ over every non-pad token, all layers in one pass stopped after the highest layer.
+
+    ``report(texts_done, tokens_done)`` is called after every batch (``editlab stats`` prints a
+    plain progress line from it where no bar can be drawn)."""
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     cap = token_cap(view.model.config, cfg)
     d_ff = view.ffn_out(layers[0]).weight.numel() // view.model.config.hidden_size
     moms = {layer: SecondMoment(d_ff, dtype, view.device) for layer in layers}
     bar = tqdm(total=len(texts), desc="covariance", unit="text", disable=not progress, file=sys.stderr, leave=False)
+    started, tokens = time.perf_counter(), 0
     for start in range(0, len(texts), cfg.batch_size):
         enc = tok(
             texts[start : start + cfg.batch_size],
@@ -264,9 +283,66 @@ def accumulate_second_moments(
         real = enc["attention_mask"].bool()  # [B, S]
         for layer in layers:
             moms[layer].update(keys[layer][real])  # [tokens, d_ff]
+        tokens += int(real.sum())
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f} tokens/s", refresh=False)
         bar.update(enc["input_ids"].shape[0])
+        if report is not None:
+            report(min(start + cfg.batch_size, len(texts)), tokens)
     bar.close()
     return moms
+
+
+def layer_keys(
+    model_id: str, fingerprint: str, view: ModelView, layers: list[int], cfg: CovarianceConfig, corpus_id: str
+) -> dict[int, dict]:
+    """The cache key of every layer's statistics under ``cfg``."""
+    return {layer: cache_key(model_id, fingerprint, view, layer, cfg, corpus_id) for layer in layers}
+
+
+@dataclass
+class CacheFill:
+    """What :func:`fill_cache` did: the key and cache file of every layer, which layers were
+    already there, and the work done for the others."""
+
+    keys: dict[int, dict]
+    cached: list[int]
+    computed: list[int]
+    texts: int = 0
+    tokens: int = 0  # per layer (every layer sees the same tokens)
+    seconds: float = 0.0
+    paths: dict[int, Path] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def fill_cache(
+    view: ModelView,
+    tok,
+    model_id: str,
+    fingerprint: str,
+    layers: list[int],
+    cfg: CovarianceConfig,
+    progress: bool = True,
+    report: Callable[[int, int], None] | None = None,
+) -> CacheFill:
+    """Compute into the disk cache the statistics of every layer of ``layers`` it lacks (one
+    process: ``editlab stats compute``), the same entries :func:`second_moments` reads and writes."""
+    texts, corpus_id = read_corpus(cfg)
+    keys = layer_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
+    paths = {layer: cache_path(key) for layer, key in keys.items()}
+    cached = [layer for layer in layers if load_cached(paths[layer], keys[layer]) is not None]
+    missing = [layer for layer in layers if layer not in cached]
+    fill = CacheFill(keys, cached, missing, paths=paths)
+    if missing:
+        started = time.perf_counter()
+        moms = accumulate_second_moments(view, tok, texts, missing, cfg, progress, report)
+        fill.seconds = time.perf_counter() - started
+        fill.texts, fill.tokens = len(texts), moms[missing[0]].count
+        for layer in missing:
+            save_cached(paths[layer], keys[layer], moms[layer])
+    return fill
 
 
 def second_moments(
@@ -285,7 +361,7 @@ def second_moments(
     identically: :func:`sample_order` has its own seeded generator) and the sums and counts are
     all-reduced, so every rank gets the whole sample's moment; only rank 0 writes the cache."""
     texts, corpus_id = read_corpus(cfg)
-    keys = {layer: cache_key(model_id, fingerprint, view, layer, cfg, corpus_id) for layer in layers}
+    keys = layer_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
     found = {layer: load_cached(cache_path(k), k) for layer, k in keys.items()} if cfg.use_cache else {}
     missing = [layer for layer in layers if found.get(layer) is None]
     # Every rank must take part in the same reductions: compute what any rank lacks.

@@ -63,6 +63,12 @@ class EditMethod(ABC):
     def edited_layers(self) -> list[int]:
         return list(self.layers)
 
+    def covariance_statistics(self) -> tuple[list[int], object] | None:
+        """The layers whose key statistics ``setup`` reads (editlab.editing.stats) and their
+        CovarianceConfig, or None for a method that uses none (``editlab stats`` computes,
+        exports and imports exactly these)."""
+        return None
+
     def edited_parameters(self, view: ModelView) -> list[str]:
         """Names of every parameter ``apply`` may change (checkpoints store their deltas; a resumed
         run checks that nothing else changed). Default: the FFN out-projections of the edited layers."""
@@ -118,6 +124,9 @@ class KeyValueMethod(EditMethod):
         self.cov = second_moments(
             ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress, ctx.ranks
         )
+
+    def covariance_statistics(self) -> tuple[list[int], object] | None:
+        return list(self.layers), self.covariance
 
     def accumulate(self, new_kk: dict[int, torch.Tensor]) -> None:
         """cache[l] += K_l K_lᵀ once a step has been fully applied (kept beside C: on the CPU

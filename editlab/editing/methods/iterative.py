@@ -177,6 +177,9 @@ class IterativeEditing(EditMethod):
     def edited_layers(self) -> list[int]:
         return self.method.edited_layers()
 
+    def covariance_statistics(self):
+        return self.method.covariance_statistics()
+
     def setup(self, ctx: EditContext) -> None:
         self.method.setup(ctx)
         if self.neighbors is not None:

@@ -75,6 +75,9 @@ class ROME(KeyValueMethod):
     def name(self) -> str:
         return "ROME-EAC" if self.eac is not None else "ROME"
 
+    def covariance_statistics(self):
+        return super().covariance_statistics() if self.mom2_adjustment else None
+
     def setup(self, ctx: EditContext) -> None:
         """Templates, and C only when the solve uses it (mom2_adjustment)."""
         if self.mom2_adjustment:
