@@ -306,6 +306,10 @@ def main(args: list[str] | None = None) -> None:
         from editlab.study import study_main
 
         sys.exit(study_main(argv[1:]))
+    if argv and argv[0] == "locate":
+        from editlab.locate import locate_main
+
+        sys.exit(locate_main(argv[1:], debug=debug))
     if argv and argv[0] == "apply-delta":
         from editlab.models.delta import apply_delta_main
 
