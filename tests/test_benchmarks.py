@@ -319,3 +319,16 @@ def test_soak_plan_covers_every_phase_and_kills_are_placed_by_what_the_process_l
     row = {"step": 1, "seconds": 2.0, "edit": {"z_seconds": 1.0, "n": [{"seconds_x": 0}]}, "export_dir": "x"}
     assert soak.strip(row, dropped) == {"step": 1, "edit": {"n": [{}]}}
     assert dropped == {"seconds", "z_seconds", "seconds_x", "export_dir"}
+
+
+def test_determinism_cost_benchmark_times_both_gathers_and_checks_their_gradients(tmp_path):
+    from benchmarks import determinism_cost
+
+    out = tmp_path / "dc.json"
+    res = determinism_cost.main(["--tiny", "--repeats", "2", "--inner", "2", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    # Both gathers give the per-request sum of their rows' gradients; on one thread, bit for bit.
+    assert res["max_grad_difference"] == 0.0
+    assert set(res["gather_seconds"]) == {"advanced_index", "index_select"}
+    assert all(s > 0 for s in res["gather_seconds"].values()) and res["z_iteration_seconds"] > 0
+    assert res["shapes"]["rows"] == res["shapes"]["requests"] * 6
