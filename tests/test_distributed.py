@@ -20,6 +20,7 @@ from test_cli import hold_lock, run_cli, tiny_args
 from benchmarks.same_edit import compare
 from editlab.cli import wants_several_processes
 from editlab.distributed import Ranks, _assemble, map_rows
+from editlab.lightning.editstate import EditStateError, check_same_resume_point, resume_point
 from editlab.runlock import is_rank_zero_process, lock_path, parse_lock
 
 from conftest import REPO, SHARED_DATA
@@ -97,6 +98,51 @@ def test_two_gloo_processes_share_and_gather():
     assert out[0][1] == out[1][1] == [[float(i)] * 3 for i in range(5)]  # every rank holds every row, in order
     assert sorted(i for r in (0, 1) for i in out[r][0][0]) == list(range(5))  # each row computed once
     assert out[0][3] == out[1][3] == [3.0, 3.0]
+
+
+def _resume_worker(rank: int, port: int, points: list, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=len(points))
+    try:
+        gathered = Ranks(rank, len(points)).all_gather_object(points[rank])
+        try:
+            check_same_resume_point(gathered, "run/checkpoints/edit_state.pt")
+            out[rank] = "ok"
+        except EditStateError as err:
+            out[rank] = str(err)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_resume_point_of_an_edit_state():
+    assert resume_point(None) is None
+    assert resume_point({"steps_done": 3, "edits_done": 6, "final": False, "deltas": {}}) == (3, 6, False)
+
+
+@pytest.mark.parametrize(
+    "points, bad_rank",
+    [([None, None], None), ([(2, 4, False)] * 3, None), ([(2, 4, False), None], 1), ([None, (2, 4, False)], 1),
+     ([(2, 4, False), (2, 4, False), (1, 2, False)], 2), ([(2, 4, True), (2, 4, False)], 1)],
+)  # fmt: skip
+def test_every_rank_must_resume_from_rank_zeros_point(points, bad_rank):
+    if bad_rank is None:
+        check_same_resume_point(points, "run/checkpoints/edit_state.pt")
+        return
+    with pytest.raises(EditStateError, match=rf"rank 0 .*, rank {bad_rank} .*file system all nodes share"):
+        check_same_resume_point(points, "run/checkpoints/edit_state.pt")
+
+
+def test_a_node_without_the_edit_state_stops_every_rank():
+    """A second node that cannot see the run directory (no edit state: it would start over while
+    rank 0 continues) makes both ranks raise the same error, rather than one edit a mixed batch or
+    hang in a collective."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_resume_worker, args=(_free_port(), [(2, 4, False), None], out), nprocs=2, join=True)
+        out = dict(out)
+    assert out[0] == out[1]
+    assert out[0].startswith("run/checkpoints/edit_state.pt: rank 0 continues after step 2 (4 edits), rank 1 found "
+                             "no edit state and starts from the first step")  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["memit", "ece"])

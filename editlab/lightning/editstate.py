@@ -109,6 +109,34 @@ def check_resumable(state: dict, model_id: str, fingerprint: str, dtype: str, me
         )
 
 
+def resume_point(state: dict | None) -> tuple[int, int, bool] | None:
+    """Where a run continues: (steps done, edits done, final) of its edit state; None: from the start."""
+    if state is None:
+        return None
+    return int(state["steps_done"]), int(state["edits_done"]), bool(state["final"])
+
+
+def _describe_point(point: tuple[int, int, bool] | None) -> str:
+    if point is None:
+        return "found no edit state and starts from the first step"
+    steps, edits, final = point
+    return f"continues after step {steps} ({edits} edits{', finished' if final else ''})"
+
+
+def check_same_resume_point(points: list, state_path: str | Path) -> None:
+    """Every rank of a multi-process run continues from rank 0's point (``points[r]``: rank r's
+    :func:`resume_point`). A node that does not see the run directory would start the stream over
+    while the others continue it: the ranks would share out different batches and gather rows of
+    different requests into one edit. Called with the same list on every rank: all raise or none."""
+    differing = [r for r, point in enumerate(points) if point != points[0]]
+    if differing:
+        r = differing[0]
+        raise EditStateError(
+            f"{state_path}: rank 0 {_describe_point(points[0])}, rank {r} {_describe_point(points[r])}; every "
+            "process must read the same edit state: put --trainer.default_root_dir on a file system all nodes share"
+        )
+
+
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Dotted option names whose values differ between two resolved configs (model and data only:
     the trainer, logging and checkpoint options may change on resume)."""
