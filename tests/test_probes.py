@@ -635,3 +635,30 @@ def test_seed_tasks_on_smollm2_equal_the_reference_loop():
         _, table = slow_predictions(model, tok, task)
         torch.testing.assert_close(details.logprobs, table, atol=1e-4, rtol=1e-4)
         assert details.predictions == predict(table, task.ties_invalid)
+
+
+def test_probe_benchmark_reports_chance_levels_and_the_side_by_side(tmp_path):
+    """benchmarks/probes_smollm2.py on a tiny model: each task's chance levels come from its labels
+    (balanced binary sets: majority 0.5, constant F1 1/3, MCC 0), the verdict follows the stated
+    rule, and the batched scorer agrees with the reference-style loop."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("probes_smollm2", REPO / "benchmarks" / "probes_smollm2.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "probes.json"
+    argv = ["--tiny", "--tasks", "sst2,cola", "--limit", "10", "--compare", "3", "--compare-tasks", "sst2"]
+    result = bench.main([*argv, "--seeds-dir", str(SEEDS_DATA), "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    for name in ("sst2", "cola"):
+        row = result["tasks"][name]
+        labels = load_seed_task(name, str(SEEDS_DATA), 10).labels
+        assert row["examples"] == 10 and labels.count(0) == labels.count(1)
+        assert row["chance"]["majority_rate"] == 0.5 and row["chance"]["uniform_rate"] == 0.5
+        assert row["chance"]["constant_f1"] == pytest.approx(1 / 3) and row["chance"]["constant_mcc"] == 0.0
+        assert row["above_chance"] == (row["accuracy"] > 0.5 + 2 * (0.25 / 10) ** 0.5)
+        assert sum(row["prediction_rates"].values()) == pytest.approx(1.0)
+    assert result["side_by_side"]["sst2"]["max_abs_logprob_difference"] < 1e-4
+    assert not bench.above_chance(0.55, 0.5, 100) and bench.above_chance(0.61, 0.5, 100)  # 2 SE = 0.1
