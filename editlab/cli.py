@@ -210,7 +210,9 @@ class EditLabCLI(LightningCLI):
                     f"editlab: {root} holds an interrupted run ({state}); continue it with --ckpt_path last, "
                     "or start over with --overwrite true"
                 )
-            state.unlink()  # starting over: the old edit state must not be resumed by mistake later
+            # Starting over: the old edit state must not be resumed by mistake later. missing_ok:
+            # under srun every task of a shared run directory runs this check, and one removes it first.
+            state.unlink(missing_ok=True)
         if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
             raise RunDirRefused(f"editlab: --ckpt_path {ckpt_path}: no such file (use 'last' or an edit_state.pt)")
 
