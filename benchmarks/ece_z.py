@@ -29,6 +29,7 @@ import math
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -154,18 +155,28 @@ def work_two_step(res, shared_steps: int, instance_steps: int, rows_per_request:
     }
 
 
-def efficacy_after_update(ece: ECE, ctx: EditContext, requests, z: torch.Tensor, plan) -> dict:
-    """Write ECE's update towards z on the current (unedited) weights, score the rewrite prompts,
-    put the weights back. Efficacy only: the benchmark compares z, not the stream."""
-    view, tok = ctx.view, ctx.tok
-    saved = {layer: read_weight(view.ffn_out(layer)).detach().clone() for layer in ece.layers}
+EFFICACY_KEYS = ("efficacy_success", "efficacy_accuracy", "efficacy_token_accuracy")
+
+
+def scored_then_restored(
+    view, tok, layers: list[int], requests, write: Callable[[], object], keys=EFFICACY_KEYS
+) -> dict:
+    """Run ``write`` (an update of the FFN out-projections of ``layers``) on the current weights,
+    score the requests' prompts (editing_metrics; ``keys`` of it, None: all), put the weights back."""
+    saved = {layer: read_weight(view.ffn_out(layer)).detach().clone() for layer in layers}
     try:
-        ece.spread(ctx, requests, z, plan)
+        write()
         metrics = editing_metrics(evaluate_cases(view, tok, requests))
     finally:
         for layer, weight in saved.items():
             set_weight(view.ffn_out(layer), weight)
-    return {k: metrics[k] for k in ("efficacy_success", "efficacy_accuracy", "efficacy_token_accuracy")}
+    return dict(metrics) if keys is None else {k: metrics[k] for k in keys}
+
+
+def efficacy_after_update(ece: ECE, ctx: EditContext, requests, z: torch.Tensor, plan) -> dict:
+    """Write ECE's update towards z on the current (unedited) weights, score the rewrite prompts,
+    put the weights back. Efficacy only: the benchmark compares z, not the stream."""
+    return scored_then_restored(ctx.view, ctx.tok, ece.layers, requests, lambda: ece.spread(ctx, requests, z, plan))
 
 
 def sync(device: str) -> None:

@@ -332,3 +332,120 @@ def test_determinism_cost_benchmark_times_both_gathers_and_checks_their_gradient
     assert set(res["gather_seconds"]) == {"advanced_index", "index_select"}
     assert all(s > 0 for s in res["gather_seconds"].values()) and res["z_iteration_seconds"] > 0
     assert res["shapes"]["rows"] == res["shapes"]["requests"] * 6
+
+
+def tiny_memit_config(tmp_path: Path) -> Path:
+    """An editlab fit config of MEMIT on the tiny Llama's layers 0 and 1 (z options of the SmolLM2
+    config but 5 steps and clamp factor 10, 2 short context templates, covariance from the demo
+    corpus). The tiny model's residual is short: at 0.75 one Adam step of lr 0.5 already reaches
+    the clamp, at 10 the reference setting stays inside it."""
+    model_dir = save_tiny(tmp_path / "tiny", "llama")
+    targets = {"lr": 0.5, "steps": 5, "clamp_norm_factor": 10.0, "weight_decay": 0.5, "kl_factor": 0.0625}
+    config = {
+        "model": {
+            "model": str(model_dir),
+            "dtype": "float32",
+            "seed": 0,
+            "method": {
+                "class_path": "editlab.editing.methods.memit.MEMIT",
+                "init_args": {
+                    "layers": [0, 1],
+                    "mom2_weight": 1.0,
+                    "sequential": True,
+                    "targets": targets,
+                    "context": {"count": 2, "length": 3},
+                    "covariance": {"corpus": "demo", "num_samples": 40},
+                },
+            },
+        }
+    }
+    path = tmp_path / "tiny_memit.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def test_z_setting_benchmark_times_each_setting_and_scores_the_memit_step_it_gives(tmp_path: Path, stats_cache):
+    from benchmarks import z_setting
+    from editlab.data.sources import load_requests
+    from editlab.editing.methods.base import EditContext
+    from editlab.editing.stats import model_fingerprint
+    from editlab.evaluation import editing_metrics, evaluate_cases
+    from editlab.models.arch import ModelView
+    from editlab.models.load import load_model_and_tokenizer
+
+    config = tiny_memit_config(tmp_path)
+    out = tmp_path / "z_setting.json"
+    data = str(SHARED_DATA / "multi_counterfact.json.gz")
+    settings = ["lr=0.5,steps=5", "lr=0.5,steps=2", "lr=50,steps=5"]
+    argv = ["--config", str(config), "--data", data, "--n", "6", "--repeats", "2", "--out", str(out)]
+    result = z_setting.main([*argv, "--settings", *settings])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["config"]["reference_is_config"] is True
+    entries = {e["setting"]: e for e in result["settings"]}
+    assert list(entries) == ["lr=0.5,steps=5", "lr=0.5,steps=2", "lr=50,steps=5"]
+    for label, e in entries.items():
+        # Two rounds, the second in reverse order: the last setting ran last, then first.
+        assert [r["round"] for r in e["runs"]] == [0, 1]
+        assert all(r["cpu_seconds"] > 0 and r["wall_seconds"] > 0 for r in e["runs"])
+        assert sum(e["updates_histogram"].values()) == 6
+        assert e["updates_max"] <= e["steps"] - 1  # the last forward only measures
+        assert e["shift_over_clamp_max"] <= 1 + 1e-5  # the clamp holds
+        assert result["z_identical_across_repeats"][label] is True
+        for key in z_setting.METRICS:
+            assert 0.0 <= e[key] <= 1.0
+            assert e["gap_points"][key] == pytest.approx(100 * (result["settings"][0][key] - e[key]), abs=1e-3)
+    assert result["weights_restored"] is True
+    # Two steps allow one update: less work than five.
+    assert entries["lr=0.5,steps=2"]["updates_max"] <= 1
+    assert entries["lr=0.5,steps=2"]["row_forwards"] < entries["lr=0.5,steps=5"]["row_forwards"]
+    # Adam's first step moves every coordinate by ~lr: at lr 50 every shift is projected onto the clamp.
+    assert entries["lr=50,steps=5"]["fraction_at_clamp"] == 1.0
+    assert entries["lr=0.5,steps=5"]["fraction_at_clamp"] < 1.0
+
+    # The reference's scores are those of one real MEMIT step (MEMIT.apply, no sequential cache) on
+    # a fresh copy of the model: the benchmark's z and update are the runs' own.
+    block, memit = z_setting.method_from_config(config)
+    model, tok = load_model_and_tokenizer(block["model"], "float32", "cpu")
+    view = ModelView.of(model)
+    ctx = EditContext(model, tok, view, block["model"], model_fingerprint(model), 0, progress=False)
+    memit.setup(ctx)
+    assert memit.templates == result["config"]["templates"]
+    requests = load_requests(data, num_edits=6)
+    memit.apply(ctx, requests)
+    applied = editing_metrics(evaluate_cases(view, tok, requests))
+    for key in z_setting.METRICS:
+        assert entries["lr=0.5,steps=5"][key] == pytest.approx(applied[key], abs=1e-6)
+
+
+def test_z_setting_options_and_recommendation():
+    from benchmarks import z_setting
+
+    assert z_setting.parse_setting("lr=1.0, steps=15") == {"lr": 1.0, "steps": 15}
+    assert z_setting.parse_setting("steps=10") == {"steps": 10}
+    for bad in ("lr=1,lr=2", "clamp_norm_factor=1.0", "steps=x", "lr"):
+        with pytest.raises(ValueError):
+            z_setting.parse_setting(bad)
+    with pytest.raises(SystemExit):
+        z_setting.parse_args(["--settings", "early_stop_loss=0.5"])  # a looser stop rule is not a z setting
+
+    def entry(setting, cpu, eff, acc, para):
+        lr, steps = (float(x.split("=")[1]) for x in setting.split(","))
+        return (
+            {"setting": setting, "lr": lr, "steps": int(steps), "cpu_seconds": cpu, "cpu_speedup": 10.0 / cpu}
+            | {"wall_speedup": 1.0, "row_forward_ratio": 1.0}
+            | {"efficacy_success": eff, "efficacy_accuracy": acc, "generalization_success": para}
+        )
+
+    ref = entry("lr=0.5,steps=25", 10.0, 0.97, 0.80, 0.60)
+    fast_lower_paraphrase = entry("lr=2,steps=10", 4.0, 0.97, 0.80, 0.58)
+    fast_lower_efficacy = entry("lr=2,steps=12", 5.0, 0.95, 0.80, 0.60)
+    slower_equal = entry("lr=1,steps=15", 6.0, 0.965, 0.795, 0.61)
+    fastest_equal = entry("lr=1,steps=12", 5.5, 0.97, 0.81, 0.60)
+    entries = [ref, fast_lower_paraphrase, fast_lower_efficacy, slower_equal, fastest_equal]
+    best = z_setting.recommend(entries, 1.0, 0.0)
+    assert best["setting"] == "lr=1,steps=12"
+    assert best["options"] == "--model.method.init_args.targets.lr 1 --model.method.init_args.targets.steps 12"
+    # A looser tolerance admits the faster settings in turn; none but the reference: no recommendation.
+    assert z_setting.recommend(entries, 2.0, 0.0)["setting"] == "lr=2,steps=12"
+    assert z_setting.recommend(entries, 2.0, 2.0)["setting"] == "lr=2,steps=10"
+    assert z_setting.recommend([ref, fast_lower_paraphrase, fast_lower_efficacy], 1.0, 0.0) is None
