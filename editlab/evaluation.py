@@ -38,11 +38,11 @@ def _prompts(req: EditRequest, family: str) -> list[str]:
     return req.paraphrase_prompts if family == "paraphrase" else req.neighborhood_prompts
 
 
-def evaluate_cases(view: ModelView, tok, requests: list[EditRequest], batch_size: int = 32) -> list[dict]:
-    """One record per request: for each prompt family, per-prompt NLL/greedy scores of the answers.
+Pair = tuple[int, str, int, str]  # (request index, family, prompt index, role)
 
-    Every (prompt, answer) pair of every request is scored in one batched pass.
-    """
+
+def case_pairs(requests: list[EditRequest]) -> tuple[list[str], list[str], list[Pair]]:
+    """Every (prompt, answer) pair of every request, and where each belongs in the records."""
     prompts, answers, where = [], [], []
     for i, req in enumerate(requests):
         for family in FAMILIES:
@@ -55,7 +55,11 @@ def evaluate_cases(view: ModelView, tok, requests: list[EditRequest], batch_size
                         prompts.append(prompt)
                         answers.append(answer)
                         where.append((i, family, p, role))
-    scores = score_answers(view, tok, prompts, answers, batch_size)
+    return prompts, answers, where
+
+
+def case_records(requests: list[EditRequest], where: list[Pair], scores: dict[str, torch.Tensor]) -> list[dict]:
+    """One record per request from the pair scores (``score_answers``' output, in ``where``'s order)."""
     cases = [{"case_id": r.case_id, **{f: [{} for _ in _prompts(r, f)] for f in FAMILIES}} for r in requests]
     for k, (i, family, p, role) in enumerate(where):
         cases[i][family][p][role] = {
@@ -64,6 +68,16 @@ def evaluate_cases(view: ModelView, tok, requests: list[EditRequest], batch_size
             "token_acc": float(scores["token_acc"][k]),
         }
     return cases
+
+
+def evaluate_cases(view: ModelView, tok, requests: list[EditRequest], batch_size: int = 32) -> list[dict]:
+    """One record per request: for each prompt family, per-prompt NLL/greedy scores of the answers.
+
+    Every (prompt, answer) pair of every request is scored in one batched pass (``score_answers``:
+    shared prompts run once, rows batched by length).
+    """
+    prompts, answers, where = case_pairs(requests)
+    return case_records(requests, where, score_answers(view, tok, prompts, answers, batch_size))
 
 
 @dataclass

@@ -38,27 +38,41 @@ def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: tor
 
 
 @torch.no_grad()
-def sequence_nll(model, tok, texts: list[str], batch_size: int = 8, max_length: int = 512) -> tuple[float, int]:
+def sequence_nll(
+    model, tok, texts: list[str], batch_size: int = 8, max_length: int = 512, chunk_tokens: int = 2048
+) -> tuple[float, int]:
     """(sum of token NLLs, number of predicted tokens) of ``model`` over ``texts``, truncated to
-    ``max_length`` tokens each (BOS included), in right-padded batches."""
+    ``max_length`` tokens each (BOS included), in right-padded batches.
+
+    The texts are batched longest first, so a batch pads to texts of about its own length, and the
+    vocabulary logits are computed at the predicting positions only (never at padding), at most
+    ``chunk_tokens`` positions at a time: a [positions, V] block instead of [B, S, V].
+    """
     if isinstance(texts, str):
         raise TypeError("sequence_nll takes a list of texts, not one string")
-    if batch_size < 1 or max_length < 2:
-        raise ValueError(f"need batch_size >= 1 and max_length >= 2; got {batch_size}, {max_length}")
+    if batch_size < 1 or max_length < 2 or chunk_tokens < 1:
+        raise ValueError(
+            f"need batch_size >= 1, max_length >= 2, chunk_tokens >= 1; got {batch_size}, {max_length}, {chunk_tokens}"
+        )
     if model.training:
         raise ValueError("sequence_nll needs model.eval(): dropout would perturb the NLL")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)  # masked out anyway
     device = next(model.parameters()).device
+    base, head = model.base_model, model.get_output_embeddings()
     rows = [tok(t)["input_ids"][:max_length] for t in texts]
+    order = sorted((i for i, r in enumerate(rows) if r), key=lambda i: -len(rows[i]))
     total, count = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        chunk = [r for r in rows[start : start + batch_size] if r]
-        if not chunk:
-            continue
-        batch = pad(chunk, pad_id).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        s, n = token_nll(logits, batch.input_ids, batch.attention_mask)
-        total, count = total + s, count + n
+    for start in range(0, len(order), batch_size):
+        batch = pad([rows[i] for i in order[start : start + batch_size]], pad_id).to(device)
+        hidden = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        # Right padding: a target is real iff its own mask bit is set (its context then is too).
+        real = batch.attention_mask[:, 1:].bool()  # [B, S-1]
+        states, targets = hidden[:, :-1][real], batch.input_ids[:, 1:][real]  # [n, d], [n]
+        for c in range(0, len(targets), chunk_tokens):
+            logits = head(states[c : c + chunk_tokens]).float()  # [c, V]
+            nll = F.cross_entropy(logits, targets[c : c + chunk_tokens], reduction="none")  # [c]
+            total += float(nll.double().sum())
+        count += len(targets)
     return total, count
 
 
