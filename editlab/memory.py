@@ -135,6 +135,9 @@ def plan_memory(
     layers = method.edited_layers()
     context = getattr(method, "context", None)
     templates = 1 + (context.count if context is not None else 0)
+    # z's forwards hold at most targets.requests_per_forward requests at a time.
+    chunk = getattr(getattr(method, "targets", None), "requests_per_forward", None)
+    z_requests = requests_per_step if chunk is None else min(chunk, requests_per_step)
     return estimate_memory(
         n_params=n_params,
         param_bytes=param_bytes,
@@ -144,7 +147,7 @@ def plan_memory(
         edited_layers=len(layers),
         stat_matrices_per_layer=counts.stat_matrices,
         offload=offload,
-        rows_per_step=requests_per_step * (templates + 1),
+        rows_per_step=z_requests * (templates + 1),
         tokens_per_row=prompt_tokens + (context.length if context is not None else 0),
         solve_matrices=counts.solve_matrices,
         grad_layers=config.num_hidden_layers - layers[-1] - 1,  # z at the last edited layer

@@ -55,6 +55,8 @@ NO_FILTER = dict(alpha=0.0, upper_bound=float("inf"), max_iterations=2)  # one p
 
 # -- z cache key -----------------------------------------------------------------------------
 def _changed(value):
+    if value is None:  # an optional count (requests_per_forward)
+        return 7
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):

@@ -11,6 +11,7 @@ from jsonargparse import Namespace
 
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.stats import CovarianceConfig
+from editlab.editing.targets import TargetConfig
 from editlab.memory import GiB, plan_memory
 from editlab.models.arch import ModelView
 from editlab.models.shapes import PUBLISHED, meta_model
@@ -69,6 +70,15 @@ def test_published_shapes_on_meta_device(model_id):
         saving = 2 * 5 * d_ff * d_ff * 8 if offload else 0  # C and Σ KKᵀ of 5 layers move to the CPU
         assert est.device_total == expect - saving
         assert est.cpu_total == saving
+
+    # z in chunks of 25 requests: the activations of 25, not 100, requests are alive at once.
+    chunked = MEMIT(layers=layers, targets=TargetConfig(requests_per_forward=25))
+    est = plan_memory(model.config, chunked, 2, params, 100, prompt_tokens=24)
+    expect = hand_count(
+        params, d, d_ff, n_layers, vocab, layers=layers, stats=2, solve=3, rewind=False,
+        requests=25, templates=6, prompt=24 + 10, dtype_bytes=2,
+    )  # fmt: skip
+    assert est.device_total == expect
 
 
 def readme_rows() -> dict[str, tuple[float, float]]:

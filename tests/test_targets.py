@@ -1,10 +1,12 @@
 """Batched z optimisation equals per-request optimisation; the loss goes down."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from editlab.editing.keys import keys_and_outputs
-from editlab.editing.targets import TargetConfig, optimize_targets
+from editlab.editing.targets import ExtraRow, TargetConfig, descend_offsets, optimize_targets
 from editlab.models.arch import ModelView
 
 from conftest import facts, peaky_model
@@ -196,3 +198,69 @@ def test_kl_reference_with_a_base_shift_is_the_unshifted_subject_token():
         by_hand = loss_by_hand(model, tok, req, base[i], 1, cfg)
         assert abs(by_hand["subject"] - by_hand["last"]) > 1e-2
         assert abs(float(run.loss[i]) - by_hand["subject"]) < 1e-4, (float(run.loss[i]), by_hand)
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_requests_in_chunks_give_the_z_of_one_forward(chunk):
+    """Each request's z depends only on its own rows: chunks of 1 (the reference's one request at
+    a time) or 2 of the 3 requests give one forward's z, losses and step counts."""
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    cfg = TargetConfig(steps=8, lr=0.2)
+    together = optimize_targets(view, tok, facts(), TEMPLATES, 1, cfg, progress=False)
+    chunked = optimize_targets(
+        view, tok, facts(), TEMPLATES, 1, dataclasses.replace(cfg, requests_per_forward=chunk), progress=False
+    )
+    torch.testing.assert_close(chunked.z, together.z, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.h, together.h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.loss, together.loss, rtol=1e-4, atol=1e-4)
+    assert torch.equal(chunked.steps, together.steps)
+
+
+def test_chunks_renumber_extra_rows_base_mask_and_callbacks():
+    """A neighbour row owned by the third request, a base and a mask sliced per chunk, and
+    callbacks that see the step's request indices: the same as one forward."""
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()
+    d = model.config.hidden_size
+    extra = [ExtraRow(2, "{} was created by", "Apple", "Steve Jobs", 1.5)]
+    base = torch.zeros(len(reqs), d)
+    base[1, :4] = 0.3
+    mask = torch.ones(len(reqs), d, dtype=torch.bool)
+    mask[:, -3:] = False
+    runs, seen = {}, {}
+    for chunk in (None, 2):
+        cfg = TargetConfig(steps=5, lr=0.2, requests_per_forward=chunk)
+        rows: list[torch.Tensor] = []
+        runs[chunk] = descend_offsets(
+            view,
+            tok,
+            reqs,
+            TEMPLATES,
+            1,
+            cfg,
+            5,
+            base=base,
+            progress=False,
+            extra=extra,
+            mask=mask,
+            extra_loss=lambda act, shift: 0.01 * shift.pow(2).sum(1) * (act + 1),  # depends on the index
+            record_grad=lambda r, g, rows=rows: rows.append(r.clone()),
+        )
+        seen[chunk] = sorted(set(torch.cat(rows).tolist()))
+    one, chunked = runs[None], runs[2]
+    torch.testing.assert_close(chunked.delta, one.delta, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked.extra_nll, one.extra_nll, rtol=1e-4, atol=1e-4)
+    assert float(one.extra_nll[2]) > 0 and float(one.extra_nll[0]) == 0.0  # the row joined request 3
+    assert seen[2] == seen[None] == [0, 1, 2]
+    assert bool((chunked.delta[:, -3:] == 0).all())
+
+
+def test_requests_per_forward_is_in_the_z_cache_key_only_when_set():
+    from editlab.editing.rewind import z_settings
+
+    assert "requests_per_forward" not in z_settings(TargetConfig())
+    assert z_settings(TargetConfig(requests_per_forward=10))["requests_per_forward"] == 10
+    with pytest.raises(ValueError, match="requests_per_forward"):
+        TargetConfig(requests_per_forward=0)

@@ -90,12 +90,21 @@ def z_cache_key(
         "layer": layer,
         "module": view.ffn_out_name(layer),
         "templates": list(templates),
-        "targets": dataclasses.asdict(cfg),
+        "targets": z_settings(cfg),
         "prompt": request.prompt,
         "subject": request.subject,
         "target_new": request.target_new,
         "extra": [[r.template, r.subject, r.answer, r.weight] for r in extra or []],
     }
+
+
+def z_settings(cfg: TargetConfig) -> dict:
+    """Every TargetConfig field; requests_per_forward only when set, so the keys of z computed
+    before the option existed (every request in one forward) stay valid."""
+    settings = dataclasses.asdict(cfg)
+    if settings["requests_per_forward"] is None:
+        del settings["requests_per_forward"]
+    return settings
 
 
 def key_digest(key: dict) -> str:

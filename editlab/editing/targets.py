@@ -8,6 +8,7 @@ a request leaves the batch once its loss is under ``early_stop_loss``.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ class TargetConfig:
             every optimisation forward there (δ enters at the z layer's output, so the layers
             below it do not depend on δ). False runs them every step, as the reference does; both
             give the same z up to float rounding.
+        requests_per_forward: optimise the z of at most this many requests per forward (a step's
+            requests in consecutive chunks). A request's z depends only on its own rows (its loss,
+            per-row Adam and early stop are its own), so chunks give the same z up to float
+            rounding (other batch shapes and padding), and the activations kept for the backward
+            pass shrink with the chunk: about 13 GiB for 100 SmolLM2 requests in one forward.
+            None: every request of the step in one forward (the reference runs one at a time).
     """
 
     lr: float = 0.5
@@ -60,10 +67,15 @@ class TargetConfig:
     early_stop_loss: float = 5e-2
     prefix_cache: bool = True
     lower_cache: bool = True
+    requests_per_forward: int | None = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.steps < 1 or self.clamp_norm_factor <= 0:
             raise ValueError(f"invalid target options: {self}")
+        if self.requests_per_forward is not None and self.requests_per_forward < 1:
+            raise ValueError(
+                f"option targets.requests_per_forward={self.requests_per_forward}: use a positive count or null"
+            )
 
 
 @dataclass
@@ -433,6 +445,12 @@ def descend_offsets(
     """
     if steps < 1:
         raise ValueError(f"descend_offsets needs steps >= 1, got {steps}")
+    chunk = cfg.requests_per_forward
+    if chunk is not None and len(requests) > chunk:
+        return _descend_in_chunks(
+            view, tok, requests, templates, layer, cfg, steps, base, update_last, progress, desc, extra,
+            extra_sites, mask, extra_loss, record_grad, norm_ref,
+        )  # fmt: skip
     device = view.device
     tr = target_rows(tok, requests, templates, cfg.kl_prompt, extra)
     n = tr.n_requests
@@ -584,6 +602,63 @@ def descend_offsets(
         active[act_req[done]] = False
     bar.close()
     return OffsetDescent(delta=delta, h=h, loss=last_loss, nll=last_nll, updates=adam.t.clone(), extra_nll=last_extra)
+
+
+def _descend_in_chunks(
+    view, tok, requests, templates, layer, cfg, steps, base, update_last, progress, desc, extra,
+    extra_sites, mask, extra_loss, record_grad, norm_ref,
+) -> OffsetDescent:  # fmt: skip
+    """:func:`descend_offsets` over consecutive chunks of ``cfg.requests_per_forward`` requests,
+    concatenated in request order. Each chunk gets its own requests' base, mask and extra rows
+    (owners renumbered), and the callbacks see the step's request indices, not the chunk's."""
+    size = cfg.requests_per_forward
+    one_forward = dataclasses.replace(cfg, requests_per_forward=None)
+    parts: list[OffsetDescent] = []
+    n_chunks = -(-len(requests) // size)
+    for c, start in enumerate(range(0, len(requests), size)):
+        stop = min(start + size, len(requests))
+        rows = [dataclasses.replace(e, owner=e.owner - start) for e in extra or [] if start <= e.owner < stop]
+        parts.append(
+            descend_offsets(
+                view,
+                tok,
+                requests[start:stop],
+                templates,
+                layer,
+                one_forward,
+                steps,
+                base=None if base is None else base[start:stop],
+                update_last=update_last,
+                progress=progress,
+                desc=f"{desc} {c + 1}/{n_chunks}",
+                extra=rows or None,
+                extra_sites=extra_sites,
+                mask=None if mask is None else mask[start:stop],
+                extra_loss=None if extra_loss is None else partial(_shifted_loss, extra_loss, start),
+                record_grad=None if record_grad is None else partial(_shifted_record, record_grad, start),
+                norm_ref=norm_ref,
+            )
+        )
+    extra_nll = [p.extra_nll for p in parts]
+    return OffsetDescent(
+        delta=torch.cat([p.delta for p in parts]),
+        h=torch.cat([p.h for p in parts]),
+        loss=torch.cat([p.loss for p in parts]),
+        nll=torch.cat([p.nll for p in parts]),
+        updates=torch.cat([p.updates for p in parts]),
+        # A chunk without extra rows returns None: its requests' extra NLL is 0.
+        extra_nll=None
+        if all(e is None for e in extra_nll)
+        else torch.cat([torch.zeros_like(p.loss) if e is None else e for p, e in zip(parts, extra_nll, strict=True)]),
+    )
+
+
+def _shifted_loss(fn, start: int, act_req: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    return fn(act_req + start, shift)
+
+
+def _shifted_record(fn, start: int, rows: torch.Tensor, grad: torch.Tensor) -> None:
+    fn(rows + start, grad)
 
 
 @dataclass
