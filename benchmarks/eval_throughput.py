@@ -20,6 +20,10 @@ alternates), medians reported with cases/s and the ratio:
   any re-batching (by length, dropping finished rows, larger batches) can change a near-tied
   sample and with it the rest of a text. ``generation_waste`` counts the row-steps that re-batching
   could save, so the choice is measured.
+- generated: the generation-based scores (``*_generated_exact`` / ``*_generated_prefix``, greedy
+  continuations of the rewrite and paraphrase prompts; new, no earlier path), timed against
+  editlab's teacher-forced scoring of the same cases, interleaved: their cost per case and the
+  ratio. The totals add them as ``editlab_with_generated_seconds``.
 
 The 2,000-case evaluation (--project-to) is projected from --n: the fixed parts (generation,
 ME-PPL: they do not grow with the cases) plus the scoring, scaled two ways. ``linear``: scoring
@@ -29,6 +33,7 @@ times the positions each path runs at --project-to (``forward_positions``, count
 tokenised data); the matrix products, proportional to the positions, are ~88% of the scoring time.
 
     python -m benchmarks.eval_throughput --n 100 --threads 1 --out benchmarks/results/eval_throughput_smollm2.json
+    python -m benchmarks.eval_throughput --n 100 --threads 1 --parts generated --out /tmp/generated_cost.json
     python -m benchmarks.eval_throughput --tiny --n 6 --generation-cases 2 --out /tmp/eval_throughput.json
 """
 
@@ -48,7 +53,15 @@ import yaml
 
 from editlab.data.sources import load_requests
 from editlab.editing.prompts import pad
-from editlab.evaluation import EvaluationConfig, Evaluator, case_pairs, case_records, editing_metrics
+from editlab.evaluation import (
+    EvaluationConfig,
+    Evaluator,
+    case_pairs,
+    case_records,
+    editing_metrics,
+    evaluate_cases,
+    generated_metrics,
+)
 from editlab.metrics.functional import answer_rows, reduce_rows, shared_rows, token_nll_and_hits
 from editlab.metrics.perplexity import sequence_nll, token_nll
 from editlab.models.arch import ModelView
@@ -56,6 +69,7 @@ from editlab.probes import ProbeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
+PARTS = ("scoring", "me_ppl", "generation", "generated")
 # Keys of editing_metrics that are means of flags: equal flags give them exactly equal.
 FLAG_METRICS = ("_success", "_accuracy", "_token_accuracy", "score")
 
@@ -278,22 +292,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nll-tolerance", type=float, default=1e-4, help="largest |NLL difference| allowed")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
-    return ap.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    model, tok = load(args)
-    view = ModelView.of(model)
-    cfg = evaluation_config(
-        Path(args.config), {"generation_cases": args.generation_cases, "batch_size": args.batch_size}
+    ap.add_argument(
+        "--parts",
+        type=lambda v: set(v.split(",")),
+        default=set(PARTS),
+        help=f"comma list of {','.join(PARTS)} (default all); totals need scoring",
     )
-    evaluator = Evaluator(cfg, view, tok, seed=args.seed, progress=False)
-    requests = load_requests(args.data, num_edits=args.n)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if args.parts - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(args.parts - set(PARTS))}; use {','.join(PARTS)}")
+    return args
 
+
+def run_scoring(args, view, tok, cfg, evaluator, requests) -> dict:
     ref_s, new_s, ref_cases, new_cases = ab(
         args.repeats,
         lambda: reference_evaluate_cases(view, tok, requests, cfg.batch_size),
@@ -308,54 +320,82 @@ def main(argv: list[str] | None = None) -> dict:
             tok, load_requests(args.data, num_edits=args.project_to), cfg.batch_size
         ),
     }
+    return scoring
 
-    result: dict = {"benchmark": "eval_throughput", "scoring": scoring}
-    fixed_ref = fixed_new = 0.0
-    if evaluator.me_ppl_texts is not None:
-        texts = evaluator.me_ppl_texts
-        ref_s, new_s, ref_ppl, new_ppl = ab(
-            args.repeats,
-            lambda: reference_sequence_nll(model, tok, texts, cfg.batch_size),
-            lambda: sequence_nll(model, tok, texts, cfg.batch_size),
-        )
-        exact = float64_sequence_nll(model, tok, texts)
-        if not ref_ppl[1] == new_ppl[1] == exact[1]:
-            raise SystemExit(f"ME-PPL token counts differ: {ref_ppl[1]} / {new_ppl[1]} / {exact[1]}")
-        gaps = {name: abs(v[0] - exact[0]) / exact[1] for name, v in (("reference", ref_ppl), ("editlab", new_ppl))}
-        # The earlier path's log-softmax over the strided class dimension of [B, V, S] loses up to
-        # ~1e-4 nats per token in float32; editlab's must be at least as close to float64.
-        if gaps["editlab"] > max(gaps["reference"], args.nll_tolerance):
-            raise SystemExit(f"ME-PPL mean NLL further from float64 than before: {gaps}")
-        result["me_ppl"] = part(len(texts), "texts", ref_s, new_s) | {
-            "tokens_predicted": exact[1],
-            "abs_mean_nll_difference_from_float64": gaps,
-            "perplexity": {
-                name: math.exp(v[0] / v[1])
-                for name, v in (("reference", ref_ppl), ("editlab", new_ppl), ("float64", exact))
-            },
-        }
-        fixed_ref += statistics.median(ref_s)
-        fixed_new += statistics.median(new_s)
-    if cfg.fluency:
-        chosen = [r for r in requests if r.generation_prompts][: cfg.generation_cases or None]
-        seconds, metrics = timed(evaluator.generation_metrics, requests)
-        prompts = [p for r in chosen for p in cfg.generation_prompts_of(r)]
-        result["generation"] = {
-            "seconds": seconds,
-            "texts": metrics.get("fluency_texts", 0),
-            "fluency": metrics.get("fluency"),
-            "generation_setting": metrics.get("generation_setting"),
-            "note": "one code path (unchanged), timed once; it counts in both totals",
-            "generation_waste": generation_waste(tok, prompts, cfg),
-        }
-        fixed_ref += seconds
-        fixed_new += seconds
 
-    n, target = len(requests), args.project_to
+def run_me_ppl(args, model, tok, cfg, texts: list[str]) -> dict:
+    ref_s, new_s, ref_ppl, new_ppl = ab(
+        args.repeats,
+        lambda: reference_sequence_nll(model, tok, texts, cfg.batch_size),
+        lambda: sequence_nll(model, tok, texts, cfg.batch_size),
+    )
+    exact = float64_sequence_nll(model, tok, texts)
+    if not ref_ppl[1] == new_ppl[1] == exact[1]:
+        raise SystemExit(f"ME-PPL token counts differ: {ref_ppl[1]} / {new_ppl[1]} / {exact[1]}")
+    gaps = {name: abs(v[0] - exact[0]) / exact[1] for name, v in (("reference", ref_ppl), ("editlab", new_ppl))}
+    # The earlier path's log-softmax over the strided class dimension of [B, V, S] loses up to
+    # ~1e-4 nats per token in float32; editlab's must be at least as close to float64.
+    if gaps["editlab"] > max(gaps["reference"], args.nll_tolerance):
+        raise SystemExit(f"ME-PPL mean NLL further from float64 than before: {gaps}")
+    return part(len(texts), "texts", ref_s, new_s) | {
+        "tokens_predicted": exact[1],
+        "abs_mean_nll_difference_from_float64": gaps,
+        "perplexity": {
+            name: math.exp(v[0] / v[1])
+            for name, v in (("reference", ref_ppl), ("editlab", new_ppl), ("float64", exact))
+        },
+    }
+
+
+def run_generation(tok, cfg, evaluator, requests) -> dict:
+    chosen = [r for r in requests if r.generation_prompts][: cfg.generation_cases or None]
+    seconds, metrics = timed(evaluator.generation_metrics, requests)
+    prompts = [p for r in chosen for p in cfg.generation_prompts_of(r)]
+    return {
+        "seconds": seconds,
+        "texts": metrics.get("fluency_texts", 0),
+        "fluency": metrics.get("fluency"),
+        "generation_setting": metrics.get("generation_setting"),
+        "note": "one code path (unchanged), timed once; it counts in both totals",
+        "generation_waste": generation_waste(tok, prompts, cfg),
+    }
+
+
+def run_generated(args, view, tok, cfg, requests) -> dict:
+    """The generation-based scores against editlab's teacher-forced scoring, interleaved."""
+    tf_s, gen_s, _, metrics = ab(
+        args.repeats,
+        lambda: evaluate_cases(view, tok, requests, cfg.batch_size),
+        lambda: generated_metrics(view, tok, requests, cfg.generated_margin, cfg.batch_size),
+    )
+    n = len(requests)
+    return {
+        "teacher_forced_seconds": tf_s,
+        "generated_seconds": gen_s,
+        "generated_seconds_per_case": statistics.median(gen_s) / n,
+        "teacher_forced_seconds_per_case": statistics.median(tf_s) / n,
+        "generated_over_teacher_forced_median": statistics.median(gen_s) / statistics.median(tf_s),
+        "generated_over_teacher_forced_per_repeat": [g / t for g, t in zip(gen_s, tf_s, strict=True)],
+        "prompts": sum(1 + len(r.paraphrase_prompts) for r in requests),
+        "margin": cfg.generated_margin,
+        "metrics": metrics,
+    }
+
+
+def run_totals(result: dict, n: int, target: int) -> dict:
+    """The evaluation's seconds at --n and projected to --project-to (see the module docstring)."""
+    scoring = result["scoring"]
+    fixed = {"reference": 0.0, "editlab": 0.0}
+    if "me_ppl" in result:
+        for k in fixed:
+            fixed[k] += statistics.median(result["me_ppl"][f"{k}_seconds"])
+    if "generation" in result:
+        for k in fixed:
+            fixed[k] += result["generation"]["seconds"]
     here, there = scoring["forward_positions"][f"n{n}"], scoring["forward_positions"][f"n{target}"]
     scoring_seconds = {k: statistics.median(scoring[f"{k}_seconds"]) for k in ("reference", "editlab")}
-    fixed = {"reference": fixed_ref, "editlab": fixed_new}
-    result["total"] = {
+    total = {
+        "fixed_parts": sorted({"me_ppl", "generation"} & result.keys()),
         f"n{n}": totals(fixed, scoring_seconds),
         # Scoring time per case at --n times the cases: ignores that more cases share more rows.
         f"projected_n{target}_linear": totals(fixed, {k: v * target / n for k, v in scoring_seconds.items()}),
@@ -364,6 +404,41 @@ def main(argv: list[str] | None = None) -> dict:
             fixed, {k: v * there[k] / here[k] for k, v in scoring_seconds.items()}
         ),
     }
+    if "generated" in result:
+        # The generated scores are new: editlab's evaluation with them on, each prompt run once.
+        per_case = result["generated"]["generated_seconds_per_case"]
+        for key, cases in (
+            (f"n{n}", n),
+            (f"projected_n{target}_linear", target),
+            (f"projected_n{target}_by_positions", target),
+        ):
+            total[key]["editlab_with_generated_seconds"] = total[key]["editlab_seconds"] + per_case * cases
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    model, tok = load(args)
+    view = ModelView.of(model)
+    cfg = evaluation_config(
+        Path(args.config), {"generation_cases": args.generation_cases, "batch_size": args.batch_size}
+    )
+    evaluator = Evaluator(cfg, view, tok, seed=args.seed, progress=False)
+    requests = load_requests(args.data, num_edits=args.n)
+
+    result: dict = {"benchmark": "eval_throughput"}
+    if "scoring" in args.parts:
+        result["scoring"] = run_scoring(args, view, tok, cfg, evaluator, requests)
+    if "me_ppl" in args.parts and evaluator.me_ppl_texts is not None:
+        result["me_ppl"] = run_me_ppl(args, model, tok, cfg, evaluator.me_ppl_texts)
+    if "generation" in args.parts and cfg.fluency:
+        result["generation"] = run_generation(tok, cfg, evaluator, requests)
+    if "generated" in args.parts:
+        result["generated"] = run_generated(args, view, tok, cfg, requests)
+    if "scoring" in result:
+        result["total"] = run_totals(result, len(requests), args.project_to)
     result |= {
         "model": "tiny llama (random)" if args.tiny else args.model,
         "config": args.config,
@@ -372,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
             "generation_cases": cfg.generation_cases,
             "me_ppl": cfg.me_ppl is not None,
         },
-        "n": n,
+        "n": len(requests),
+        "parts": sorted(args.parts),
         "repeats": args.repeats,
         "threads": args.threads,
         "nll_tolerance": args.nll_tolerance,
@@ -382,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["total"], indent=2))
+    print(json.dumps(result.get("total", {}), indent=2))
     return result
 
 

@@ -21,8 +21,16 @@ from typing import Literal
 
 import torch
 
-from editlab.metrics.editing import PromptAccuracy, PromptMagnitude, PromptSuccess, TokenAccuracy, harmonic_mean
+from editlab.metrics.editing import (
+    CaseMean,
+    PromptAccuracy,
+    PromptMagnitude,
+    PromptSuccess,
+    TokenAccuracy,
+    harmonic_mean,
+)
 from editlab.metrics.functional import score_answers
+from editlab.metrics.generated import DEFAULT_MARGIN, generated_answers
 from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
 from editlab.models.arch import ModelView
@@ -30,6 +38,8 @@ from editlab.probes import ProbeConfig
 from editlab.types import EditRequest
 
 FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}
+# Families scored by greedy generation too (``*_generated_exact`` / ``*_generated_prefix``).
+GENERATED_FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization"}
 
 
 def _prompts(req: EditRequest, family: str) -> list[str]:
@@ -108,6 +118,11 @@ class EvaluationConfig:
         consistency_reference: directory with ``attribute_snippets.json``, ``idf.npy`` and
             ``tfidf_vocab.json``; without them consistency is absent and the summary says why.
         probes: general-ability probe tasks.
+        generated: with the quality metrics (pre, final and periodic points), greedy generation
+            from the rewrite and paraphrase prompts scored against target_new:
+            ``efficacy_generated_{exact,prefix}``, ``generalization_generated_{exact,prefix}``
+            (editlab.metrics.generated; zsRE's src and rephrase prompts too).
+        generated_margin: new tokens allowed beyond the answer's own token count.
         pre: evaluate the unedited model first (the summary's ``pre_*`` values and each case's
             "pre"). False skips it, for a study whose runs share one data slice and model: the
             before column then comes from one run, and each other run saves that time (on
@@ -128,6 +143,8 @@ class EvaluationConfig:
     me_ppl: str | None = None
     consistency_reference: str | None = None
     probes: ProbeConfig = field(default_factory=ProbeConfig)
+    generated: bool = True
+    generated_margin: int = DEFAULT_MARGIN
     pre: bool = True
 
     def __post_init__(self) -> None:
@@ -135,6 +152,8 @@ class EvaluationConfig:
             raise ValueError(f"option evaluation.timing={self.timing!r}: use immediate, periodic or final")
         if self.every_n_steps < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"invalid evaluation options: {self}")
+        if self.generated_margin < 0:
+            raise ValueError(f"option evaluation.generated_margin={self.generated_margin}: use 0 or more tokens")
         if self.generation_prompts_per_case is not None and self.generation_prompts_per_case < 1:
             raise ValueError(
                 f"option evaluation.generation_prompts_per_case={self.generation_prompts_per_case}: "
@@ -242,6 +261,43 @@ def case_summary(case: dict) -> dict[str, float]:
     return {**rewrite_probs(case), **case_flags(case)}
 
 
+def generated_metric_names() -> set[str]:
+    return {f"{m}_generated_{kind}" for m in GENERATED_FAMILIES.values() for kind in ("exact", "prefix")}
+
+
+def generated_metrics(
+    view: ModelView, tok, requests: list[EditRequest], margin: int = DEFAULT_MARGIN, batch_size: int = 32
+) -> dict:
+    """``efficacy_generated_{exact,prefix}`` and ``generalization_generated_{exact,prefix}``: greedy
+    continuations of the rewrite and paraphrase prompts matched against target_new
+    (``editlab.metrics.generated``), averaged per case, then over cases; and ``generated_setting``."""
+    prompts, answers, owner, family_of = [], [], [], []
+    for i, req in enumerate(requests):
+        for family in GENERATED_FAMILIES:
+            for prompt in _prompts(req, family):
+                prompts.append(prompt)
+                answers.append(req.target_new)
+                owner.append(i)
+                family_of.append(family)
+    if not prompts:
+        return {}
+    said = generated_answers(view.model, tok, prompts, answers, margin, batch_size)
+    out: dict = {}
+    for family, metric in GENERATED_FAMILIES.items():
+        mine = [k for k, f in enumerate(family_of) if f == family]
+        if not mine:
+            continue
+        for kind in ("exact", "prefix"):
+            mean = CaseMean()
+            mean.update(torch.tensor([said[kind][k] for k in mine]), torch.tensor([owner[k] for k in mine]))
+            out[f"{metric}_generated_{kind}"] = float(mean.compute())
+    out["generated_setting"] = (
+        f"greedy, answer tokens + {margin}, stopped at EOS or a line break, SQuAD normalisation; "
+        "exact: cut at a clause boundary; prefix: starts with the answer"
+    )
+    return out
+
+
 class Evaluator:
     """Runs the configured metrics on the current model. Reference data (ME-PPL-50, the
     consistency files) is read once at construction, before the first edit."""
@@ -252,8 +308,10 @@ class Evaluator:
         self.reference, reason = consistency_reference(cfg.consistency_reference)
         self.consistency_reason = None if self.reference is not None else reason
         self.probe_suite = cfg.probes.suite() if cfg.probes.enabled else None
-        self.quality_keys = {"fluency", "consistency", "me_ppl50_perplexity"} | (
-            self.probe_suite.metric_names() if self.probe_suite else set()
+        self.quality_keys = (
+            {"fluency", "consistency", "me_ppl50_perplexity"}
+            | (self.probe_suite.metric_names() if self.probe_suite else set())
+            | (generated_metric_names() if cfg.generated else set())
         )
 
     def evaluate(self, requests: list[EditRequest], quality: bool, final: bool = True) -> tuple[list[dict], dict]:
@@ -272,6 +330,8 @@ class Evaluator:
 
     def quality(self, requests: list[EditRequest], final: bool = True) -> dict:
         out: dict = {}
+        if self.cfg.generated:
+            out.update(generated_metrics(self.view, self.tok, requests, self.cfg.generated_margin, self.cfg.batch_size))
         if self.cfg.fluency:
             out.update(self.generation_metrics(requests))
         if self.me_ppl_texts is not None:

@@ -150,8 +150,31 @@ def test_eval_throughput_benchmark_on_a_tiny_model(tmp_path: Path):
     assert total["projected_n10_linear"]["editlab_seconds"] == pytest.approx(fixed + scored * 10 / 4)
     ratio = scoring["forward_positions"]["n10"]["editlab"] / positions["editlab"]
     assert total["projected_n10_by_positions"]["editlab_seconds"] == pytest.approx(fixed + scored * ratio)
-    for entry in total.values():
+    for key in ("n4", "projected_n10_linear", "projected_n10_by_positions"):
+        entry = total[key]
         assert entry["speedup"] == pytest.approx(entry["reference_seconds"] / entry["editlab_seconds"])
+    # The generated scores: timed against editlab's teacher-forced scoring, added to its totals.
+    generated = result["generated"]
+    assert len(generated["generated_seconds"]) == len(generated["teacher_forced_seconds"]) == 2
+    assert generated["generated_over_teacher_forced_median"] == pytest.approx(
+        statistics.median(generated["generated_seconds"]) / statistics.median(generated["teacher_forced_seconds"])
+    )
+    assert set(generated["metrics"]) >= {"efficacy_generated_exact", "generalization_generated_prefix"}
+    assert generated["prompts"] == 4 * 3  # CounterFact: a rewrite and two paraphrase prompts per case
+    extra = generated["generated_seconds_per_case"] * 10
+    assert total["projected_n10_linear"]["editlab_with_generated_seconds"] == pytest.approx(
+        total["projected_n10_linear"]["editlab_seconds"] + extra
+    )
+
+
+def test_eval_throughput_benchmark_runs_the_parts_asked_for(tmp_path: Path):
+    from benchmarks import eval_throughput
+
+    out = tmp_path / "generated.json"
+    result = eval_throughput.main(["--tiny", "--n", "2", "--parts", "generated", "--repeats", "1", "--out", str(out)])
+    assert {"scoring", "me_ppl", "generation", "total"}.isdisjoint(result) and "generated" in result
+    with pytest.raises(SystemExit):
+        eval_throughput.parse_args(["--parts", "scoring,fluency", "--out", str(out)])
 
 
 def test_the_benchmark_refuses_records_that_disagree():
