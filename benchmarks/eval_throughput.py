@@ -118,6 +118,14 @@ def reference_sequence_nll(model, tok, texts: list[str], batch_size: int = 8, ma
     return total, count
 
 
+def problems_of(result: dict) -> list[list[str]]:
+    """Every ``problems`` list in the result, however deep."""
+    if isinstance(result, dict):
+        own = [result["problems"]] if isinstance(result.get("problems"), list) else []
+        return own + [p for v in result.values() if isinstance(v, dict) for p in problems_of(v)]
+    return []
+
+
 @torch.no_grad()
 def float64_sequence_nll(model, tok, texts: list[str], max_length: int = 512) -> tuple[float, int]:
     """The ME-PPL sums with each text run alone (no padding) and its log-softmax in float64."""
@@ -157,12 +165,14 @@ def forward_positions(tok, requests, batch_size: int) -> dict[str, int]:
 
 
 def compare_records(ref: list[dict], new: list[dict], tolerance: float) -> dict:
-    """Flags and token accuracies must be equal, NLLs within ``tolerance``; returns the worst gaps."""
+    """Flags and token accuracies must be equal, NLLs within ``tolerance``: the worst gap and the
+    ``problems`` found (empty when the records agree)."""
     worst, flags, entries = 0.0, 0, 0
     problems = []
     for a, b in zip(ref, new, strict=True):
         if a["case_id"] != b["case_id"] or a.keys() != b.keys():
-            raise SystemExit(f"case records differ in layout: {a['case_id']} / {b['case_id']}")
+            problems.append(f"case records differ in layout: {a['case_id']} / {b['case_id']}")
+            continue
         for family in ("rewrite", "paraphrase", "neighborhood"):
             for pa, pb in zip(a[family], b[family], strict=True):
                 if pa.keys() != pb.keys():
@@ -182,23 +192,21 @@ def compare_records(ref: list[dict], new: list[dict], tolerance: float) -> dict:
                     if win_a != (pb["expected"]["nll"] < pb["competitor"]["nll"]):
                         margin = pa["expected"]["nll"] - pa["competitor"]["nll"]
                         problems.append(f"{a['case_id']} {family}: success flag differs (margin {margin:.2e})")
-    if problems:
-        raise SystemExit("the scoring paths disagree:\n  " + "\n  ".join(problems[:20]))
-    return {"entries": entries, "flags_compared": flags, "max_abs_nll_difference": worst}
+    return {"entries": entries, "flags_compared": flags, "max_abs_nll_difference": worst, "problems": problems}
 
 
 def compare_metrics(ref: dict, new: dict, tolerance: float) -> dict:
+    """Means of flags exactly equal, the others within ``tolerance``; ``problems`` as above."""
     if ref.keys() != new.keys():
-        raise SystemExit(f"metric names differ: {sorted(ref.keys() ^ new.keys())}")
+        return {"problems": [f"metric names differ: {sorted(ref.keys() ^ new.keys())}"]}
     gaps = {k: abs(ref[k] - new[k]) for k in ref}
     exact = [k for k in ref if k.endswith(FLAG_METRICS)]
     unequal = [k for k in exact if gaps[k] != 0.0]
     loose = [k for k in ref if k not in exact and gaps[k] > tolerance]
-    if unequal or loose:
-        raise SystemExit(f"metrics differ: {unequal + loose}")
     return {
         "exactly_equal": sorted(exact),
         "max_abs_difference_others": max((gaps[k] for k in ref if k not in exact), default=0.0),
+        "problems": [f"metric {k} differs: {ref[k]} / {new[k]}" for k in unequal + loose],
     }
 
 
@@ -330,14 +338,16 @@ def run_me_ppl(args, model, tok, cfg, texts: list[str]) -> dict:
         lambda: sequence_nll(model, tok, texts, cfg.batch_size),
     )
     exact = float64_sequence_nll(model, tok, texts)
+    problems = []
     if not ref_ppl[1] == new_ppl[1] == exact[1]:
-        raise SystemExit(f"ME-PPL token counts differ: {ref_ppl[1]} / {new_ppl[1]} / {exact[1]}")
+        problems.append(f"ME-PPL token counts differ: {ref_ppl[1]} / {new_ppl[1]} / {exact[1]}")
     gaps = {name: abs(v[0] - exact[0]) / exact[1] for name, v in (("reference", ref_ppl), ("editlab", new_ppl))}
     # The earlier path's log-softmax over the strided class dimension of [B, V, S] loses up to
     # ~1e-4 nats per token in float32; editlab's must be at least as close to float64.
     if gaps["editlab"] > max(gaps["reference"], args.nll_tolerance):
-        raise SystemExit(f"ME-PPL mean NLL further from float64 than before: {gaps}")
+        problems.append(f"ME-PPL mean NLL further from float64 than before: {gaps}")
     return part(len(texts), "texts", ref_s, new_s) | {
+        "problems": problems,
         "tokens_predicted": exact[1],
         "abs_mean_nll_difference_from_float64": gaps,
         "perplexity": {
@@ -459,6 +469,10 @@ def main(argv: list[str] | None = None) -> dict:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result.get("total", {}), indent=2))
+    # Written first, so a disagreement keeps its timings and says where it is.
+    problems = [p for entry in problems_of(result) for p in entry]
+    if problems:
+        raise SystemExit(f"the paths disagree ({args.out}):\n  " + "\n  ".join(problems[:20]))
     return result
 
 

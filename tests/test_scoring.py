@@ -177,7 +177,7 @@ def test_eval_throughput_benchmark_runs_the_parts_asked_for(tmp_path: Path):
         eval_throughput.parse_args(["--parts", "scoring,fluency", "--out", str(out)])
 
 
-def test_the_benchmark_refuses_records_that_disagree():
+def test_the_benchmark_reports_records_that_disagree():
     from benchmarks import eval_throughput
 
     entry = {
@@ -185,12 +185,26 @@ def test_the_benchmark_refuses_records_that_disagree():
         "competitor": {"nll": 2.0, "exact": False, "token_acc": 0.5},
     }
     case = {"case_id": "0", "rewrite": [entry], "paraphrase": [], "neighborhood": []}
-    assert eval_throughput.compare_records([case], [case], 1e-4)["max_abs_nll_difference"] == 0.0
+    same = eval_throughput.compare_records([case], [case], 1e-4)
+    assert same["max_abs_nll_difference"] == 0.0 and same["problems"] == []
     flipped = json.loads(json.dumps(case))
     flipped["rewrite"][0]["expected"]["exact"] = False
-    with pytest.raises(SystemExit, match="accuracy flags differ"):
-        eval_throughput.compare_records([case], [flipped], 1e-4)
+    assert eval_throughput.compare_records([case], [flipped], 1e-4)["problems"] == [
+        "0 rewrite expected: accuracy flags differ"
+    ]
     moved = json.loads(json.dumps(case))
     moved["rewrite"][0]["expected"]["nll"] = 2.5  # beyond the tolerance, and the success flag flips
-    with pytest.raises(SystemExit, match="success flag differs"):
-        eval_throughput.compare_records([case], [moved], 1e-4)
+    problems = eval_throughput.compare_records([case], [moved], 1e-4)["problems"]
+    assert len(problems) == 2 and "nll 1.0 / 2.5" in problems[0] and "success flag differs" in problems[1]
+    metrics = eval_throughput.compare_metrics(
+        {"efficacy_success": 0.5, "efficacy_magnitude": 0.1},
+        {"efficacy_success": 0.5, "efficacy_magnitude": 0.1 + 1e-6},
+        1e-4,
+    )
+    assert metrics["problems"] == [] and metrics["exactly_equal"] == ["efficacy_success"]
+    assert eval_throughput.compare_metrics({"efficacy_success": 0.5}, {"efficacy_success": 0.5 + 1e-9}, 1e-4)[
+        "problems"
+    ]
+    # main writes its JSON first, then exits non-zero naming every problem found at any depth.
+    result = {"scoring": {"records": {"problems": ["a"]}, "metrics": {"problems": []}}, "me_ppl": {"problems": ["b"]}}
+    assert sorted(p for entry in eval_throughput.problems_of(result) for p in entry) == ["a", "b"]
