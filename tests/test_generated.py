@@ -75,7 +75,7 @@ def slow_greedy(model, tok, prompt: str, budget: int) -> str:
         if nxt == tok.eos_token_id:
             break
         ids.append(nxt)
-    return tok.decode(ids[start:], skip_special_tokens=True).split("\n")[0]
+    return tok.decode(ids[start:], skip_special_tokens=True).lstrip().split("\n")[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
@@ -121,6 +121,9 @@ def request(case_id: str, target_new: str, paraphrases: list[str], target_true: 
         (" Paris, France", {"exact": 1.0, "prefix": 1.0}),
         (" Paris and Rome", {"exact": 0.0, "prefix": 1.0}),
         (" Rome", {"exact": 0.0, "prefix": 0.0}),
+        ("\n\nParis, France", {"exact": 1.0, "prefix": 1.0}),  # answered on a later line (zsRE questions)
+        (" Paris\nFrance", {"exact": 1.0, "prefix": 1.0}),  # the line break ends the answer: stopped
+        (" The\nParis", {"exact": 0.0, "prefix": 0.0}),  # ... and only the first line counts
     ],
 )
 def test_generated_metrics_of_a_scripted_model(said, expected):

@@ -6,7 +6,8 @@ the model the bare prompt instead:
 
 - greedy continuation of ``len(answer tokens) + margin`` new tokens (margin 3 by default: room for
   the punctuation that ends the answer and for a tokenisation of the answer longer than the
-  target's), stopped at EOS; the text is cut at its first line break;
+  target's), stopped at EOS; leading whitespace and blank lines are skipped (a question, as zsRE's,
+  is often answered on the next line) and the text is cut at the line break after it;
 - SQuAD's ``normalize_answer``: lowercase, ASCII punctuation removed, the articles a / an / the
   removed, whitespace collapsed;
 - ``prefix``: the normalised continuation starts with the normalised target at a word boundary
@@ -112,7 +113,8 @@ def greedy_ids(
 def greedy_continuations(
     model, tok, prompts: Sequence[str], budgets: Sequence[int], batch_size: int = 32
 ) -> list[tuple[str, bool]]:
-    """(continuation text cut at its first line break, stopped on its own) per prompt, greedy.
+    """(continuation text, stopped on its own) per prompt, greedy; the text starts at its first
+    non-space character and ends before the line break that follows (or at EOS or the budget).
     The prompts run in batches of ``batch_size`` sorted by token length; results in input order."""
     if len(prompts) != len(budgets):
         raise ValueError(f"{len(prompts)} prompts but {len(budgets)} budgets")
@@ -135,6 +137,8 @@ def greedy_continuations(
             ends = [j for j, t in enumerate(gen) if t in eos]
             stopped = bool(ends)
             text = tok.decode(gen[: ends[0]] if ends else gen, skip_special_tokens=True)
+            # A question (zsRE) is often answered on the next line: leading blank lines are skipped.
+            text = text.lstrip()
             if "\n" in text:
                 text, stopped = text[: text.index("\n")], True
             out[i] = (text, stopped)
