@@ -4,7 +4,10 @@ A run directory always holds ``summary.json``; ``curve.jsonl`` (evaluation point
 ``steps.jsonl`` (one row per edit step) and ``config.yaml`` (the resolved config) are optional.
 
 - :func:`write_run_report` turns one run into ``report.md`` + ``plot_*.png`` inside the run directory.
-- :func:`write_comparison` puts several runs side by side in ``out_dir/report.md`` + ``compare_metrics.png``.
+- :func:`write_comparison` puts several runs side by side in ``out_dir/report.md`` + ``compare_metrics.png``
+  (edit metrics, fluency, perplexity and probes against edits, one line per run) + ``compare_norms.png``
+  (layer x step heatmaps of the edited matrices, one row per run, one colour scale per quantity).
+- :func:`log_report_images` hands a run's plots to the loggers that take images (W&B).
 - :func:`report_main` is the command line: ``editlab report RUN_DIR [RUN_DIR ...] [--out DIR]``.
 
 Absent files and absent or null values are expected (a run stopped early, a metric disabled) and show
@@ -20,8 +23,11 @@ import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:  # matplotlib is imported lazily: importing editlab must not pull in a plotting backend
     from matplotlib.axes import Axes
@@ -32,6 +38,7 @@ __all__ = [
     "load_config",
     "load_jsonl",
     "load_summary",
+    "log_report_images",
     "report_main",
     "write_comparison",
     "write_run_report",
@@ -45,7 +52,9 @@ REPORT = "report.md"
 PLOT_METRICS = "plot_metrics.png"
 PLOT_QUALITY = "plot_quality.png"
 PLOT_STEPS = "plot_steps.png"
+PLOT_NORMS = "plot_norms.png"
 PLOT_COMPARE = "compare_metrics.png"
+PLOT_COMPARE_NORMS = "compare_norms.png"
 DEFAULT_COMPARE_DIR = "report_compare"
 
 MISSING = "—"
@@ -89,7 +98,15 @@ LABELS = {"me_ppl50_perplexity": "ME-PPL-50 perplexity"}
 # "magnitude" (probability differences, in [-1, 1]) has its own panel: pre-edit efficacy magnitudes
 # are negative and would fall off a [0, 1] axis.
 RATE_FAMILIES = ("efficacy", "generalization", "specificity", "overall", "zsre", "magnitude")
-COMPARE_METRICS = ("efficacy_success", "generalization_success", "specificity_success")
+# Comparison panels, in order: per family the first key some run has (CounterFact's success rate;
+# zsRE, which has no competing answer, has token accuracy only), then fluency, every perplexity and
+# one accuracy panel per probe task.
+COMPARE_FAMILIES = (
+    ("efficacy_success", "efficacy_token_accuracy"),
+    ("generalization_success", "generalization_token_accuracy"),
+    ("specificity_success", "specificity_token_accuracy"),
+)
+PROBE_ACCURACY = re.compile(r"probe/([^/]+)/(?:subset_)?accuracy")
 POINT_KEYS = frozenset({"step", "edits", "timing"})  # coordinates of a curve/steps row, not metrics
 
 
@@ -387,35 +404,152 @@ def is_quality(key: str) -> bool:
     return key == "fluency" or key.endswith("perplexity")
 
 
+def is_rate(key: str) -> bool:
+    """A value in [0, 1] (success rates, accuracies, probe accuracies); magnitudes are in [-1, 1]."""
+    return (rate_family(key) not in (None, "magnitude")) or PROBE_ACCURACY.fullmatch(key) is not None
+
+
+def comparison_rows(curve: Sequence[Mapping[str, Any]] | None, summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The points a run adds to the comparison curves: its pre/periodic/final evaluations from
+    curve.jsonl; for a run without curve.jsonl rows, the same two points summary.json holds (the
+    ``pre_*`` values at 0 edits and the final ones at its edit count). Immediate points are left
+    out: they may score other cases than the rest (see :func:`draw_curve_metric`)."""
+    if curve:
+        return [dict(row) for row in curve if is_stream(row)]
+    rows: list[dict[str, Any]] = []
+    pre = {key.removeprefix("pre_"): value for key, value in summary.items() if key.startswith("pre_")}
+    if pre:
+        rows.append({**pre, "edits": 0, "timing": "pre"})
+    if summary.get("edits") is not None:
+        final = {key: value for key, value in summary.items() if not key.startswith("pre_")}
+        rows.append({**final, "timing": summary.get("timing") or "final"})
+    return [row for row in rows if is_stream(row)]
+
+
+def comparison_keys(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The comparison figure's panels (see COMPARE_FAMILIES), keys some run has a point of. A probe
+    task's panel is its ``subset_accuracy`` when logged: the same examples at every point, where the
+    plain accuracy switches between the subset (during the stream) and the full set (before, after)."""
+    present = {key for rows in runs for key in numeric_keys(rows)}
+    keys = [next((key for key in family if key in present), None) for family in COMPARE_FAMILIES]
+    keys += ["fluency"] if "fluency" in present else []
+    keys += sorted(key for key in present if key.endswith("perplexity"))
+    for task in sorted({match[1] for key in present if (match := PROBE_ACCURACY.fullmatch(key))}):
+        subset = f"probe/{task}/subset_accuracy"
+        keys.append(subset if subset in present else f"probe/{task}/accuracy")
+    return [key for key in keys if key is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Edited matrices per layer and step
+
+
+@dataclass(frozen=True)
+class NormQuantity:
+    pattern: re.Pattern[str]  # a steps.jsonl key; its one group is the layer
+    title: str
+    unit: str  # the colour bar's label
+
+
+NORM_QUANTITIES = (
+    NormQuantity(re.compile(r"delta_norm/l(\d+)"), "each step's update", r"$\Vert\Delta W\Vert_F$"),
+    NormQuantity(
+        re.compile(r"weight_norm/l(\d+)/rel_fro_growth"),
+        "norm growth",
+        r"$\Vert W_t\Vert_F \,/\, \Vert W_0\Vert_F - 1$",
+    ),
+    NormQuantity(
+        re.compile(r"weight_norm/l(\d+)/rel_fro_delta"),
+        "accumulated change",
+        r"$\Vert W_t - W_0\Vert_F \,/\, \Vert W_0\Vert_F$",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class LayerGrid:
+    """One quantity of the edited matrices: a row per layer (ascending), a column per step."""
+
+    layers: list[int]
+    edits: list[float]  # edits done after each column's step
+    values: np.ndarray  # [len(layers), len(edits)]; nan where a step did not log that layer
+
+
+def layer_grid(rows: Sequence[Mapping[str, Any]] | None, pattern: re.Pattern[str]) -> LayerGrid | None:
+    """The values of ``pattern``'s keys in steps.jsonl as a layer x step grid; None when no row has one.
+
+    Rows without such a key (or with nulls only) add no column; a later row at the same edit count
+    replaces an earlier one, as in :func:`series`.
+    """
+    columns: dict[float, dict[int, float]] = {}
+    for index, row in enumerate(rows or []):
+        where = f"{STEPS} row {index + 1}"
+        found = {}
+        for key, value in row.items():
+            match = pattern.fullmatch(key)
+            number = None if match is None else as_number(value, f"{where} {key!r}")
+            if number is not None:
+                found[int(match[1])] = number
+        if found:
+            columns[x_of(row, where)] = found
+    if not columns:
+        return None
+    edits = sorted(columns)
+    layers = sorted({layer for column in columns.values() for layer in column})
+    values = np.array([[columns[x].get(layer, np.nan) for x in edits] for layer in layers], dtype=float)
+    return LayerGrid(layers, edits, values)
+
+
+def value_range(grids: Sequence[LayerGrid]) -> tuple[float, float]:
+    """Smallest and largest finite value of the grids: one colour scale for all runs of a quantity."""
+    finite = np.concatenate([grid.values[np.isfinite(grid.values)] for grid in grids])
+    if finite.size == 0:
+        return 0.0, 1.0
+    return float(finite.min()), float(finite.max())
+
+
+def tick_positions(count: int, most: int = 10) -> list[int]:
+    """At most ``most`` indices of ``count`` columns at an even stride, counted back from the last
+    column: the last step's edit count (the stream's total) is always labelled, and the others are
+    multiples of the stride's edits when the steps are equal."""
+    stride = max(1, math.ceil(count / most))
+    return list(range((count - 1) % stride, count, stride))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Plots
 
 
-def new_figure(panels: int) -> tuple[Figure, list[Axes]]:
-    """A figure with ``panels`` axes on a grid of at most three columns; unused cells hidden."""
+def blank_figure(width: float, height: float) -> Figure:
     import matplotlib
 
     matplotlib.use("Agg")  # reports are written on headless machines (cluster nodes, CI)
     from matplotlib.figure import Figure
 
+    # Figure rather than pyplot: no global figure registry to leak into when many reports are written.
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def new_figure(panels: int) -> tuple[Figure, list[Axes]]:
+    """A figure with ``panels`` axes on a grid of at most three columns; unused cells hidden."""
     cols = min(3, panels)
     rows = math.ceil(panels / cols)
-    # Figure rather than pyplot: no global figure registry to leak into when many reports are written.
-    figure = Figure(figsize=(4.8 * cols, 3.4 * rows), layout="constrained")
+    figure = blank_figure(4.8 * cols, 3.4 * rows)
     axes = list(figure.subplots(rows, cols, squeeze=False).ravel())
     for unused in axes[panels:]:
         unused.set_visible(False)
     return figure, axes[:panels]
 
 
-def style_axes(ax: Axes, title: str, *, rate: bool, signed: bool = False) -> None:
-    """``rate``: y on [0, 1]; with ``signed`` on [-1, 1] (probability differences)."""
+def style_axes(ax: Axes, title: str, *, rate: bool, signed: bool = False, legend: bool = True) -> None:
+    """``rate``: y on [0, 1]; with ``signed`` on [-1, 1] (probability differences). ``legend``: False
+    when the figure has one legend for all panels."""
     ax.set_title(title)
     ax.set_xlabel("edits")
     ax.grid(alpha=0.3)
     if rate:
         ax.set_ylim(-1.02 if signed else -0.02, 1.02)
-    if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:  # keep a legend drawn already (twin axes)
+    if legend and ax.get_legend() is None and ax.get_legend_handles_labels()[0]:  # keep one drawn (twin axes)
         ax.legend(fontsize="small")
 
 
@@ -455,19 +589,14 @@ def plot_curve(rows: Sequence[Mapping[str, Any]] | None, *, quality: bool) -> Fi
 
 
 def step_groups(keys: Sequence[str]) -> dict[str, list[str]]:
-    """Panels of the steps plot: growth of the edited matrices (‖W_t‖/‖W_0‖ − 1), size of the
-    accumulated change (‖W_t − W_0‖/‖W_0‖), z_loss (left axis) with seconds (right axis), the rest.
-    Absolute norms (``weight_norm/*/l1``, ``/fro``) are 10⁴× larger than the relative ones and would
-    flatten them: they stay in steps.jsonl, not in the plot."""
-    weight = [key for key in keys if key.startswith("weight_norm/")]
-    growth = [key for key in weight if key.endswith("_growth")]
-    change = [key for key in weight if key.endswith("_delta")]
+    """Panels of the steps plot: z_loss (left axis) with seconds (right axis), the rest. The norms of
+    the edited matrices (``weight_norm/*``, ``delta_norm/*``: one line per layer and quantity) are the
+    heatmaps of :func:`plot_norm_heatmaps`; the absolute ones (``/l1``, ``/fro``) stay in steps.jsonl."""
+    matrices = [key for key in keys if key.startswith(("weight_norm/", "delta_norm/"))]
     loss = [key for key in keys if key == "z_loss"]
     seconds = [key for key in keys if key == "seconds" or key.startswith("seconds_")]
-    rest = [key for key in keys if key not in {*weight, *loss, *seconds}]
+    rest = [key for key in keys if key not in {*matrices, *loss, *seconds}]
     groups = {
-        "weight growth ‖W_t‖/‖W_0‖ − 1": growth,
-        "accumulated change ‖W_t − W_0‖/‖W_0‖": change,
         "z_loss and seconds": loss + seconds,
         "other step statistics": rest,
     }
@@ -514,17 +643,72 @@ def plot_steps(rows: Sequence[Mapping[str, Any]] | None) -> Figure | None:
     return figure
 
 
-def plot_comparison(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]] | None]]) -> Figure | None:
-    """One panel per headline success rate, one line per run (pre/periodic/final points)."""
-    if not any(series(rows, key, CURVE, is_stream)[0] for _, rows in runs if rows for key in COMPARE_METRICS):
+def plot_comparison(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> Figure | None:
+    """One panel per :func:`comparison_keys` metric, one line per run over its ``rows`` (see
+    :func:`comparison_rows`), one legend for the figure. A run with one point (evaluated once, at
+    the end) is a marker: there is no line to draw. A run keeps its colour in every panel."""
+    keys = comparison_keys([rows for _, rows in runs])
+    if not keys:
         return None
-    figure, axes = new_figure(len(COMPARE_METRICS))
-    for ax, key in zip(axes, COMPARE_METRICS, strict=True):
+    figure, axes = new_figure(len(keys))
+    handles: dict[str, Any] = {}
+    for ax, key in zip(axes, keys, strict=True):
         for index, (name, rows) in enumerate(runs):
-            xs, ys = series(rows or [], key, CURVE, is_stream)
+            xs, ys = series(rows, key, CURVE)
             if xs:
-                ax.plot(xs, ys, "-o", color=f"C{index % 10}", markersize=4, label=name)
-        style_axes(ax, label(key), rate=True)
+                style, size = ("-o", 4) if len(xs) > 1 else ("o", 7)
+                (line,) = ax.plot(xs, ys, style, color=f"C{index % 10}", markersize=size, label=name)
+                handles.setdefault(name, line)
+        style_axes(ax, label(key), rate=is_rate(key), legend=False)
+    names = [name for name, _ in runs if name in handles]  # the runs' order, not the panels'
+    figure.legend([handles[name] for name in names], names, loc="outside lower center", ncols=min(3, len(names)))
+    return figure
+
+
+def draw_heatmap(ax: Axes, grid: LayerGrid, vmin: float, vmax: float) -> Any:
+    """``grid`` as an image: layers upwards, steps to the right labelled with the edits done."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")  # a layer a step did not log: grey
+    image = ax.imshow(
+        grid.values, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, vmin=vmin, vmax=vmax
+    )
+    rows = tick_positions(len(grid.layers), 12)
+    ax.set_yticks(rows, labels=[str(grid.layers[i]) for i in rows])
+    columns = tick_positions(len(grid.edits))
+    ax.set_xticks(columns, labels=[fmt_count(grid.edits[i]) for i in columns])
+    ax.set_xlabel("edits")
+    return image
+
+
+def plot_norm_heatmaps(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]] | None]]) -> Figure | None:
+    """Layer x step heatmaps of the edited matrices (:data:`NORM_QUANTITIES`, Frobenius norms): a
+    column per quantity some run logged, a row per run that logged any, one colour bar per column so
+    that the runs of a column read on one scale. None when no run logged any."""
+    grids = [(name, [layer_grid(rows, q.pattern) for q in NORM_QUANTITIES]) for name, rows in runs]
+    grids = [(name, row) for name, row in grids if any(grid is not None for grid in row)]
+    columns = [j for j in range(len(NORM_QUANTITIES)) if any(row[j] is not None for _, row in grids)]
+    if not columns:
+        return None
+    layers = max(len(grid.layers) for _, row in grids for grid in row if grid is not None)
+    figure = blank_figure(4.8 * len(columns), 0.4 + len(grids) * max(2.0, 0.3 * layers + 1.2))
+    # A subfigure per quantity: its colour bar spans exactly its own column of runs.
+    for subfigure, j in zip(figure.subfigures(1, len(columns), squeeze=False)[0], columns, strict=True):
+        quantity = NORM_QUANTITIES[j]
+        subfigure.suptitle(quantity.title)
+        vmin, vmax = value_range([row[j] for _, row in grids if row[j] is not None])
+        axes = list(subfigure.subplots(len(grids), 1, squeeze=False)[:, 0])
+        image = None
+        for ax, (name, row) in zip(axes, grids, strict=True):
+            if len(grids) > 1:
+                ax.set_title(name, fontsize="medium")
+            if row[j] is None:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+                continue
+            image = draw_heatmap(ax, row[j], vmin, vmax)
+            ax.set_ylabel("layer")
+        subfigure.colorbar(image, ax=axes, label=quantity.unit)
     return figure
 
 
@@ -597,6 +781,12 @@ def write_run_report(run_dir: Path) -> Path:
         absence(curve, CURVE, "fluency or perplexity values"),
     )
     lines += embed(
+        plot_norm_heatmaps([(run_dir.name, steps)]),
+        run_dir / PLOT_NORMS,
+        "edited matrices per layer and step",
+        absence(steps, STEPS, "norms of the edited matrices (delta_norm/*, weight_norm/*)"),
+    )
+    lines += embed(
         plot_steps(steps),
         run_dir / PLOT_STEPS,
         "step statistics against edits",
@@ -638,6 +828,7 @@ def write_comparison(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     summaries = [load_summary(d) for d in run_dirs]
     configs = [load_config(d) for d in run_dirs]
     curves = [load_jsonl(d / CURVE) for d in run_dirs]
+    steps = [load_jsonl(d / STEPS) for d in run_dirs]
     labels = run_labels(run_dirs, [method_name(s, c) for s, c in zip(summaries, configs, strict=True)])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -645,22 +836,50 @@ def write_comparison(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     lines = [f"# editlab comparison of {len(run_dirs)} runs", "", "## Runs", ""]
     lines += [f"- {name}: `{d}`" for name, d in zip(labels, run_dirs, strict=True)] + [""]
     lines += comparison_tables(summaries, labels)
-    lines += weight_norm_section([final_weight_norms(load_jsonl(d / STEPS)) for d in run_dirs], ["matrix", *labels])
+    lines += weight_norm_section([final_weight_norms(rows) for rows in steps], ["matrix", *labels])
     reasons = [(name, s.get("consistency_reason")) for name, s in zip(labels, summaries, strict=True)]
     lines += [f"- {name} consistency: {render(reason)}" for name, reason in reasons if reason is not None]
     lines += ([""] if any(reason is not None for _, reason in reasons) else []) + ["## Curves", ""]
     without = [name for name, rows in zip(labels, curves, strict=True) if not rows]
     if without:
-        lines += [f"_No {CURVE} data for: {', '.join(without)}._", ""]
+        lines += [f"_No {CURVE} data for: {', '.join(without)}; their points are the values of {SUMMARY}._", ""]
+    points = [comparison_rows(rows, s) for rows, s in zip(curves, summaries, strict=True)]
     lines += embed(
-        plot_comparison(list(zip(labels, curves, strict=True))),
+        plot_comparison(list(zip(labels, points, strict=True))),
         out_dir / PLOT_COMPARE,
-        "success rates against edits",
-        f"No run has success rates in {CURVE}: comparison curves not plotted.",
+        "edit metrics, fluency, perplexity and probes against edits",
+        "No run has evaluation points: comparison curves not plotted.",
+    )
+    lines += embed(
+        plot_norm_heatmaps(list(zip(labels, steps, strict=True))),
+        out_dir / PLOT_COMPARE_NORMS,
+        "edited matrices per layer and step",
+        f"No run has norms of the edited matrices in {STEPS}: heatmaps not plotted.",
     )
     path = out_dir / REPORT
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
+
+
+# Run plots handed to image-taking loggers, by the key they are logged under.
+REPORT_IMAGES = {
+    "report/metrics": PLOT_METRICS,
+    "report/quality": PLOT_QUALITY,
+    "report/norms": PLOT_NORMS,
+    "report/steps": PLOT_STEPS,
+}
+
+
+def log_report_images(loggers: Sequence[Any], run_dir: Path, step: int | None = None) -> list[str]:
+    """Give the plots :func:`write_run_report` left in ``run_dir`` to every logger with ``log_image``
+    (W&B's WandbLogger; the CSV logger has none, so a run without W&B logs nothing). Returns the keys
+    logged, or [] when no logger takes images."""
+    images = {key: Path(run_dir) / name for key, name in REPORT_IMAGES.items() if (Path(run_dir) / name).is_file()}
+    takers = [logger for logger in loggers if callable(getattr(logger, "log_image", None))]
+    for logger in takers:
+        for key, path in images.items():
+            logger.log_image(key=key, images=[str(path)], step=step)
+    return list(images) if takers else []
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,17 +7,30 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
 from editlab.report import (
+    NORM_QUANTITIES,
     PLOT_COMPARE,
+    PLOT_COMPARE_NORMS,
     PLOT_METRICS,
+    PLOT_NORMS,
     PLOT_QUALITY,
     PLOT_STEPS,
+    REPORT_IMAGES,
     RunDataError,
+    comparison_keys,
+    comparison_rows,
+    layer_grid,
+    log_report_images,
+    plot_comparison,
+    plot_norm_heatmaps,
+    plot_steps,
     rate_family,
     report_main,
+    tick_positions,
     write_comparison,
     write_run_report,
 )
@@ -93,7 +106,8 @@ def curve_rows(scale: float = 1.0) -> list[dict[str, Any]]:
     return rows
 
 
-def step_rows() -> list[dict[str, Any]]:
+def step_rows(scale: float = 1.0) -> list[dict[str, Any]]:
+    """Ten steps of 10 edits; norms of layers 4 and 5 as the methods and WeightNormTracker log them."""
     return [
         {
             "step": step,
@@ -103,6 +117,10 @@ def step_rows() -> list[dict[str, Any]]:
             "weight_norm/l4/rel_l1": 0.01 * (step + 1),
             "weight_norm/l4/rel_fro": 0.02 * (step + 1),
             "z_steps": 12,
+            **{f"delta_norm/l{layer}": scale * (layer + step / 8) for layer in (4, 5)},
+            **{f"weight_norm/l{layer}/rel_fro_growth": scale * layer * step / 100 for layer in (4, 5)},
+            **{f"weight_norm/l{layer}/rel_fro_delta": scale * layer * step / 50 for layer in (4, 5)},
+            **{f"weight_norm/l{layer}/fro": 100.0 + step for layer in (4, 5)},
         }
         for step in range(10)
     ]
@@ -178,7 +196,7 @@ def test_run_report_table_and_settings(tmp_path):
 def test_run_report_plots_are_pngs(tmp_path):
     run = make_run(tmp_path, "run")
     text = write_run_report(run).read_text()
-    for name in (PLOT_METRICS, PLOT_QUALITY, PLOT_STEPS):
+    for name in (PLOT_METRICS, PLOT_QUALITY, PLOT_NORMS, PLOT_STEPS):
         assert_png(run / name)
         assert f"]({name})" in text  # relative link, so the report renders wherever the dir is copied
 
@@ -237,6 +255,8 @@ def test_comparison_has_one_column_per_run(tmp_path):
     assert table_rows(before)["efficacy success"] == ["0.100", "0.100", "0.100"]
     assert "No curve.jsonl data for: c (ROME)" in text
     assert_png(tmp_path / "cmp" / PLOT_COMPARE)
+    assert_png(tmp_path / "cmp" / PLOT_COMPARE_NORMS)
+    assert f"]({PLOT_COMPARE})" in text and f"]({PLOT_COMPARE_NORMS})" in text
 
 
 def test_cli_single_run_and_comparison(tmp_path, capsys, monkeypatch):
@@ -313,3 +333,225 @@ def test_magnitude_rows_sit_beside_success_and_the_generation_setting_is_shown(t
     # A probability difference may be negative: its own panel, not a [0, 1] rate axis.
     assert rate_family("efficacy_magnitude") == rate_family("specificity_heldout_magnitude") == "magnitude"
     assert rate_family("efficacy_success") == "efficacy"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layer x step heatmaps of the edited matrices
+
+
+def expected_grid(rows: list[dict[str, Any]], key: str, layers: list[int]) -> np.ndarray:
+    """The grid written out from the rows, nan where a row lacks a layer's key."""
+    return np.array([[row.get(key.format(layer=layer), np.nan) for row in rows] for layer in layers], dtype=float)
+
+
+def heatmap_axes(figure) -> list:
+    return [ax for ax in figure.axes if ax.images]
+
+
+def test_layer_grid_equals_the_per_layer_values_of_steps_jsonl():
+    rows = step_rows()
+    del rows[3]["delta_norm/l5"]  # a step that did not log layer 5: nan, not a shifted column
+    rows[4]["delta_norm/l4"] = None  # a null value: also nan
+    rows.insert(5, {"step": 99, "edits": 55, "seconds": 1.0})  # a row without norms adds no column
+    grid = layer_grid(rows, NORM_QUANTITIES[0].pattern)
+    assert grid.layers == [4, 5]
+    assert grid.edits == [float(10 * (step + 1)) for step in range(10)]
+    kept = [row for row in rows if "delta_norm/l4" in row]
+    expected = expected_grid(kept, "delta_norm/l{layer}", [4, 5])
+    expected[0, 4] = np.nan
+    np.testing.assert_array_equal(grid.values, expected)
+    assert np.isnan(grid.values[1, 3]) and np.isnan(grid.values[0, 4]) and np.isfinite(grid.values).sum() == 18
+
+    growth = layer_grid(rows, NORM_QUANTITIES[1].pattern)
+    np.testing.assert_array_equal(growth.values, expected_grid(kept, "weight_norm/l{layer}/rel_fro_growth", [4, 5]))
+    # A later row at the same edit count replaces the earlier one (the latest record of that state).
+    again = [*rows, {"step": 10, "edits": 100, "delta_norm/l4": -1.0}]
+    assert layer_grid(again, NORM_QUANTITIES[0].pattern).values[0, -1] == -1.0
+    assert layer_grid([{"step": 0, "edits": 1, "z_loss": 0.1}], NORM_QUANTITIES[0].pattern) is None
+    with pytest.raises(RunDataError, match="delta_norm/l4"):
+        layer_grid([{"edits": 1, "delta_norm/l4": "big"}], NORM_QUANTITIES[0].pattern)
+
+
+def test_tick_positions_label_the_last_column_at_an_even_stride():
+    assert tick_positions(0) == []
+    assert tick_positions(3) == [0, 1, 2]
+    assert tick_positions(10, most=8) == [1, 3, 5, 7, 9]
+    assert tick_positions(100) == list(range(9, 100, 10))
+    for count in range(1, 60):
+        ticks = tick_positions(count, most=7)
+        assert ticks[-1] == count - 1 and len(ticks) <= 7 and len(set(np.diff(ticks))) <= 1, count
+
+
+def test_norm_heatmap_of_one_run_shows_each_quantity_with_its_colour_bar():
+    rows = step_rows()
+    figure = plot_norm_heatmaps([("run", rows)])
+    axes = heatmap_axes(figure)
+    assert len(axes) == len(NORM_QUANTITIES)
+    assert [sub._suptitle.get_text() for sub in figure.subfigs] == [q.title for q in NORM_QUANTITIES]
+    keys = ["delta_norm/l{layer}", "weight_norm/l{layer}/rel_fro_growth", "weight_norm/l{layer}/rel_fro_delta"]
+    for ax, quantity, key in zip(axes, NORM_QUANTITIES, keys, strict=True):
+        image = ax.images[0]
+        expected = expected_grid(rows, key, [4, 5])
+        assert image.get_array().shape == (2, 10)  # layers x steps
+        np.testing.assert_array_equal(image.get_array().filled(np.nan), expected)
+        assert image.get_clim() == (expected.min(), expected.max())
+        assert image.colorbar.ax.get_ylabel() == quantity.unit
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["4", "5"]
+        assert [t.get_text() for t in ax.get_xticklabels()] == [str(10 * (s + 1)) for s in range(10)]
+        assert ax.get_xlabel() == "edits" and ax.get_ylabel() == "layer"
+    assert plot_norm_heatmaps([("run", [{"step": 0, "edits": 1, "z_loss": 0.1}])]) is None
+    assert plot_norm_heatmaps([("run", None)]) is None
+
+
+def test_norm_heatmaps_of_several_runs_share_one_colour_scale_per_quantity():
+    small, large = step_rows(), step_rows(scale=3.0)
+    partial = [{key: value for key, value in row.items() if not key.startswith("weight_norm/")} for row in step_rows()]
+    runs = [("a (MEMIT)", small), ("none (ROME)", None), ("b (ECE)", large), ("c (FT)", partial)]
+    figure = plot_norm_heatmaps(runs)
+    # One row per run that logged norms (the run without steps.jsonl has none), one column per quantity.
+    for sub in figure.subfigs:
+        assert [ax.get_title() for ax in sub.axes if not ax.get_label() == "<colorbar>"] == [
+            "a (MEMIT)",
+            "b (ECE)",
+            "c (FT)",
+        ]
+    columns = [[ax for ax in sub.axes if ax.images] for sub in figure.subfigs]
+    assert [len(column) for column in columns] == [3, 2, 2]  # c logged ‖ΔW‖ only: "not logged" elsewhere
+    keys = ["delta_norm/l{layer}", "weight_norm/l{layer}/rel_fro_growth", "weight_norm/l{layer}/rel_fro_delta"]
+    for column, key in zip(columns, keys, strict=True):
+        values = np.concatenate([expected_grid(rows, key, [4, 5]).ravel() for rows in (small, large)])
+        for ax in column:
+            assert ax.images[0].get_clim() == (values.min(), values.max())
+    np.testing.assert_array_equal(
+        columns[0][1].images[0].get_array().filled(np.nan), expected_grid(large, "delta_norm/l{layer}", [4, 5])
+    )
+    assert "not logged" in [text.get_text() for ax in figure.subfigs[1].axes for text in ax.texts]
+
+
+def test_steps_plot_leaves_the_matrix_norms_to_the_heatmaps():
+    figure = plot_steps(step_rows())
+    labels = {line.get_label() for ax in figure.axes for line in ax.get_lines()}
+    assert {"z_loss", "seconds", "z_steps"} <= labels
+    assert not any(label.startswith(("weight_norm/", "delta_norm/")) for label in labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Comparison curves
+
+
+def test_comparison_rows_are_the_stream_points_or_the_summary_values():
+    curve = curve_rows()
+    rows = comparison_rows(curve, SUMMARY)
+    assert [(row["edits"], row["timing"]) for row in rows] == [(0, "pre")] + [
+        (20 * step, "final" if step == 5 else "periodic") for step in range(1, 6)
+    ]
+    alone = comparison_rows(None, SUMMARY)
+    assert [(row["edits"], row["timing"]) for row in alone] == [(0, "pre"), (SUMMARY["edits"], "final")]
+    assert alone[0]["efficacy_success"] == SUMMARY["pre_efficacy_success"]
+    assert alone[1]["efficacy_success"] == SUMMARY["efficacy_success"]
+    no_pre = {key: value for key, value in SUMMARY.items() if not key.startswith("pre_")}
+    assert [row["timing"] for row in comparison_rows([], no_pre)] == ["final"]
+    assert comparison_rows(None, {**no_pre, "timing": "immediate"}) == []  # immediate values are not joined
+
+
+def test_comparison_keys_fall_back_to_token_accuracy_and_prefer_the_probe_subset():
+    counterfact = comparison_rows(curve_rows(), SUMMARY)
+    assert comparison_keys([counterfact]) == [
+        "efficacy_success",
+        "generalization_success",
+        "specificity_success",
+        "fluency",
+        "me_ppl50_perplexity",
+    ]
+    zsre = [
+        {
+            "edits": 10,
+            "timing": "final",
+            "efficacy_token_accuracy": 0.9,
+            "generalization_token_accuracy": 0.7,
+            "specificity_token_accuracy": 0.3,
+            "probe/sst2/accuracy": 0.8,
+            "probe/sst2/subset_accuracy": 0.75,
+            "probe/sst2/f1": 0.7,
+            "probe/cola/accuracy": 0.6,
+        }
+    ]
+    assert comparison_keys([zsre]) == [
+        "efficacy_token_accuracy",
+        "generalization_token_accuracy",
+        "specificity_token_accuracy",
+        "probe/cola/accuracy",
+        "probe/sst2/subset_accuracy",
+    ]
+    # A panel shows the first key some run has: a zsRE run beside a CounterFact one has no success rate.
+    assert comparison_keys([zsre, counterfact])[:3] == [
+        "efficacy_success",
+        "generalization_success",
+        "specificity_success",
+    ]
+
+
+def test_comparison_figure_has_one_line_per_run_and_markers_for_a_single_point():
+    stream = comparison_rows(curve_rows(), SUMMARY)
+    final_only = [row for row in comparison_rows(curve_rows(scale=0.2), SUMMARY) if row["timing"] == "final"]
+    runs = [("a (MEMIT)", stream), ("b (ECE)", final_only), ("c (ROME)", [])]
+    figure = plot_comparison(runs)
+    keys = comparison_keys([rows for _, rows in runs])
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == [
+        "efficacy success",
+        "generalization success",
+        "specificity success",
+        "fluency",
+        "ME-PPL-50 perplexity",
+    ]
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["a (MEMIT)", "b (ECE)"]
+    for ax, key in zip(axes, keys, strict=True):
+        assert ax.get_legend() is None  # one legend for the figure
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == {"a (MEMIT)", "b (ECE)"}
+        xs = [row["edits"] for row in stream if row.get(key) is not None]
+        assert list(lines["a (MEMIT)"].get_xdata()) == xs
+        assert list(lines["a (MEMIT)"].get_ydata()) == [row[key] for row in stream if row.get(key) is not None]
+        assert lines["a (MEMIT)"].get_linestyle() == "-"
+        assert lines["b (ECE)"].get_linestyle() == "None" and lines["b (ECE)"].get_marker() == "o"
+        assert list(lines["b (ECE)"].get_ydata()) == [final_only[0][key]]
+        assert (ax.get_ylim() == (-0.02, 1.02)) == key.endswith("_success")  # rates on [0, 1], the rest free
+        assert xs[0] == (0 if key in curve_rows()[0] else 20)  # the pre point at 0 edits where the run has one
+    assert plot_comparison([("a", []), ("b", [])]) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plots to W&B
+
+
+class ImageLogger:
+    """Stands in for WandbLogger: records log_image calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None) -> None:
+        self.calls.append({"key": key, "images": images, "step": step})
+
+
+class MetricsOnlyLogger:  # as the CSV logger: no log_image
+    def log_metrics(self, metrics, step=None) -> None:
+        raise AssertionError("log_report_images must not log metrics")
+
+
+def test_report_plots_go_to_loggers_that_take_images(tmp_path):
+    run = make_run(tmp_path, "run")
+    write_run_report(run)
+    image_logger = ImageLogger()
+    keys = log_report_images([MetricsOnlyLogger(), image_logger], run, step=10)
+    assert keys == list(REPORT_IMAGES)
+    assert [call["key"] for call in image_logger.calls] == list(REPORT_IMAGES)
+    for call in image_logger.calls:
+        assert call["images"] == [str(run / REPORT_IMAGES[call["key"]])] and call["step"] == 10
+    assert log_report_images([MetricsOnlyLogger()], run, step=10) == []
+    # Only the plots the report wrote: a run without steps.jsonl has no norms or steps plot to log.
+    (run / "steps.jsonl").unlink()
+    write_run_report(run)
+    image_logger = ImageLogger()
+    assert log_report_images([image_logger], run) == ["report/metrics", "report/quality"]
