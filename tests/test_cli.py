@@ -11,6 +11,7 @@ import pytest
 
 from editlab.cli import EditLabCLI
 from editlab.models.tiny import save_tiny
+from editlab.report import REPORT_IMAGES
 
 from conftest import REPO, SHARED_DATA
 
@@ -160,6 +161,12 @@ def test_wandb_offline_run_records_the_step_metrics(tmp_path):
     for key in (b"edit/z_loss", b"edit/seconds_step", b"eval/efficacy_success", b"cases", b"mom2_weight"):
         assert key in blob, key
     assert (run / "metrics.csv").is_file()
+    # The report's plots (metrics, quality, norm heatmaps, step statistics) as W&B images.
+    media = runs[0] / "files" / "media" / "images"
+    logged = sorted(p.relative_to(media).as_posix() for p in media.rglob("*.png"))
+    for key in REPORT_IMAGES:
+        assert key.encode() in blob, key
+        assert sum(name.startswith(f"{key}_") for name in logged) == 1, (key, logged)
 
 
 def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp_path):

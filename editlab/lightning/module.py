@@ -50,7 +50,7 @@ from editlab.models.arch import ModelView
 from editlab.models.delta import apply_weight_deltas, save_delta, snapshot, weight_deltas
 from editlab.models.load import DType, load_model_and_tokenizer
 from editlab.numerics import numerics, numerics_differences
-from editlab.report import write_run_report
+from editlab.report import log_report_images, write_run_report
 from editlab.types import EditRequest
 
 
@@ -555,6 +555,7 @@ class EditingModule(L.LightningModule):
         self.summary_path = out / "summary.json"
         write_json_atomic(self.summary_path, summary)
         write_run_report(out)
+        log_report_images(self.loggers, out, step=self.steps_done)  # W&B: the report's plots as images
         for logger in self.loggers:
             if hasattr(logger, "log_table"):  # W&B: the per-case table
                 cols = [
