@@ -126,7 +126,7 @@ class EvaluationConfig:
         pre: evaluate the unedited model first (the summary's ``pre_*`` values and each case's
             "pre"). False skips it, for a study whose runs share one data slice and model: the
             before column then comes from one run, and each other run saves that time (on
-            SmolLM2, 300 CounterFact cases take ~10 CPU-minutes).
+            SmolLM2, 100 CounterFact cases: ~110 s of scoring, benchmarks/eval_throughput.py).
     """
 
     timing: Literal["immediate", "periodic", "final"] = "final"
