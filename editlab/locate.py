@@ -487,7 +487,8 @@ def plot_locate(result: dict, path: str | Path, model_name: str = "") -> Path:
     }
     vmax = max(float(np.nanmax(t)) for t in tables.values())
     vmax = vmax if vmax > 0 else 1.0
-    figure = Figure(figsize=(4.4 * len(kinds), 2.9), dpi=150, layout="constrained")
+    # One panel gets the width of two: the title names the model, the facts and the suggestion.
+    figure = Figure(figsize=(4.4 * max(2, len(kinds)), 2.9), dpi=150, layout="constrained")
     axes = figure.subplots(1, len(kinds), squeeze=False)[0]
     step = 1 if n_layers <= 12 else 5
     for ax, kind in zip(axes, kinds, strict=True):
@@ -497,9 +498,9 @@ def plot_locate(result: dict, path: str | Path, model_name: str = "") -> Path:
         ax.set_yticklabels(GROUPS if ax is axes[0] else [], fontsize=8)
         ax.set_xticks([0.5 + i for i in range(0, n_layers, step)])
         ax.set_xticklabels([str(i) for i in range(0, n_layers, step)], fontsize=8)
-        what = TITLES[kind] if kind == "residual" else f"{TITLES[kind]}, window {window}"
-        ax.set_title(what, fontsize=9)
-        ax.set_xlabel("layer" if kind == "residual" else "centre layer of the restored window", fontsize=8)
+        single = kind == "residual" or window == 1
+        ax.set_title(TITLES[kind] if single else f"{TITLES[kind]}, window {window}", fontsize=9)
+        ax.set_xlabel("layer" if single else "centre layer of the restored window", fontsize=8)
         figure.colorbar(mesh, ax=ax).ax.tick_params(labelsize=7)
         if kind == "mlp":
             layers = result["suggestion"]["layers"]
