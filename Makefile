@@ -16,7 +16,7 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Everything, including the SmolLM2 tests marked slow (734 tests, about 15 minutes on 2 quiet CPU cores).
+# Everything, including the SmolLM2 tests marked slow (885 tests, 22 slow; 6.3 + 9.3 minutes measured on 2 CPU cores).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 
