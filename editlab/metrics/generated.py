@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from editlab.editing.prompts import answer_ids
-from editlab.metrics.generation import _eos_ids, left_pad
+from editlab.metrics.generation import _eos_ids, decode, left_pad
 from editlab.models.cache import returned_cache
 
 PUNCTUATION = frozenset(string.punctuation)
@@ -85,29 +85,14 @@ def greedy_ids(
     ``generate_ids`` (the seeded sampler, which keeps the reference's full-sequence logits so its
     draws stay as they were), the vocabulary is projected at the last position only.
     """
-    device = input_ids.device
     base, head = model.base_model, model.get_output_embeddings()
-    budget = torch.as_tensor(list(budgets), dtype=torch.long)  # [B]
-    mask = attention_mask.clone()  # [B, S + t]
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
-    done = budget == 0  # [B]
-    out, cache, step_ids = [], None, input_ids
-    for step in range(int(budget.max()) if len(budget) else 0):
+
+    def greedy(step_ids, mask, position_ids, cache):
         res = base(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
-        cache = returned_cache(res)
-        nxt = head(res.last_hidden_state[:, -1]).argmax(-1).cpu()  # [B]
-        nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-        out.append(nxt)
-        done |= torch.isin(nxt, eos) | (budget <= step + 1)
-        if bool(done.all()):
-            break
-        step_ids = nxt.unsqueeze(1).to(device)  # [B, 1]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position_ids = mask.sum(-1, keepdim=True) - 1  # [B, 1]
-    if not out:
-        return torch.zeros((len(input_ids), 0), dtype=torch.long)
-    return torch.stack(out, dim=1)  # [B, n]
+        return head(res.last_hidden_state[:, -1]).argmax(-1).cpu(), returned_cache(res)  # [B]
+
+    budget = torch.as_tensor(list(budgets), dtype=torch.long)  # [B]
+    return decode(greedy, input_ids, attention_mask, budget, eos_token_ids, pad_token_id)
 
 
 def greedy_continuations(

@@ -30,7 +30,7 @@ import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,19 +165,39 @@ def generate_ids(
     positions count real tokens only, so left padding does not shift them (absolute-position
     models such as GPT-2 depend on it).
     """
-    device = input_ids.device
     budget = torch.as_tensor(max_new_tokens, dtype=torch.long).expand(len(input_ids)).cpu()  # [B]
     if bool((budget < 0).any()):
         raise ValueError(f"token budgets must be >= 0, got {budget.tolist()}")
+
+    def sample(step_ids, mask, position_ids, cache):
+        res = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+        return sample_top_k(res.logits[:, -1], top_k, generator), returned_cache(res)  # [B]
+
+    return decode(sample, input_ids, attention_mask, budget, eos_token_ids, pad_token_id)
+
+
+def decode(
+    next_tokens: Callable,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    budget: torch.Tensor,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """The incremental decoding loop shared by the sampler and greedy decoding.
+
+    ``next_tokens(step_ids, mask, position_ids, cache)`` runs one forward and returns the next
+    token of every row ([B], on the CPU) and the model's cache. ``budget``: [B] new tokens per row
+    (CPU). The full attention mask is passed at every step and positions count real tokens only.
+    """
+    device = input_ids.device
     mask = attention_mask.clone()  # [B, S + t]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
-    done = budget == 0  # [B] on CPU, like the sampled ids
-    out, past, step_ids = [], None, input_ids
+    done = budget == 0  # [B] on CPU, like the chosen ids
+    out, cache, step_ids = [], None, input_ids
     for step in range(int(budget.max()) if len(budget) else 0):
-        res = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids, cache=past, use_cache=True)
-        past = returned_cache(res)
-        nxt = sample_top_k(res.logits[:, -1], top_k, generator)  # [B]
+        nxt, cache = next_tokens(step_ids, mask, position_ids, cache)  # [B]
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         out.append(nxt)
         done |= torch.isin(nxt, eos) | (budget <= step + 1)
