@@ -317,6 +317,17 @@ class CacheFill:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
+def cached_entries(
+    view: ModelView, model_id: str, fingerprint: str, layers: list[int], cfg: CovarianceConfig, read: bool
+):
+    """The corpus sample, each layer's cache key, and each layer's cached moment (None where the
+    cache lacks it, or everywhere when ``read`` is off)."""
+    texts, corpus_id = read_corpus(cfg)
+    keys = layer_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
+    found = {layer: load_cached(cache_path(k), k) if read else None for layer, k in keys.items()}
+    return texts, keys, found
+
+
 def fill_cache(
     view: ModelView,
     tok,
@@ -329,10 +340,10 @@ def fill_cache(
 ) -> CacheFill:
     """Compute into the disk cache the statistics of every layer of ``layers`` it lacks (one
     process: ``editlab stats compute``), the same entries :func:`second_moments` reads and writes."""
-    texts, corpus_id = read_corpus(cfg)
-    keys = layer_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
+    # The cache is what this fills, whatever covariance.use_cache says for fits.
+    texts, keys, found = cached_entries(view, model_id, fingerprint, layers, cfg, read=True)
     paths = {layer: cache_path(key) for layer, key in keys.items()}
-    cached = [layer for layer in layers if load_cached(paths[layer], keys[layer]) is not None]
+    cached = [layer for layer in layers if found[layer] is not None]
     missing = [layer for layer in layers if layer not in cached]
     fill = CacheFill(keys, cached, missing, paths=paths)
     if missing:
@@ -360,10 +371,8 @@ def second_moments(
     With several ranks each accumulates every world-th text of the sample (which every rank draws
     identically: :func:`sample_order` has its own seeded generator) and the sums and counts are
     all-reduced, so every rank gets the whole sample's moment; only rank 0 writes the cache."""
-    texts, corpus_id = read_corpus(cfg)
-    keys = layer_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
-    found = {layer: load_cached(cache_path(k), k) for layer, k in keys.items()} if cfg.use_cache else {}
-    missing = [layer for layer in layers if found.get(layer) is None]
+    texts, keys, found = cached_entries(view, model_id, fingerprint, layers, cfg, read=cfg.use_cache)
+    missing = [layer for layer in layers if found[layer] is None]
     # Every rank must take part in the same reductions: compute what any rank lacks.
     missing = sorted({layer for part in ranks.all_gather_object(missing) for layer in part})
     if missing:
