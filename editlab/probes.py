@@ -92,6 +92,15 @@ def _where(task: str, index: int, origin: str = "") -> str:
     return f"probe task {task!r}{f' ({origin})' if origin else ''}, example {index}"
 
 
+def check_record(where: str, row: Any, fields, label_field: str, error: type[ValueError]) -> None:
+    """Raise ``error`` naming the record unless ``row`` is an object holding ``fields`` and the label."""
+    if not isinstance(row, dict):
+        raise error(f"{where}: is a {type(row).__name__}, expected an object with fields {fields}")
+    for key in [*fields, label_field]:
+        if key not in row:
+            raise error(f"{where}: missing field {key!r}")
+
+
 def check_example(task: str, template: str, n_labels: int, example: Any, index: int, origin: str = "") -> None:
     """Raise ValueError naming task, example index and field unless ``example`` fills ``template`` and
     carries an integer ``label`` in ``[0, n_labels)``."""
@@ -455,11 +464,7 @@ def task_spec(name: str) -> TaskSpec:
 def example_from_row(name: str, spec: TaskSpec, row: Any, index: int, origin: str = "") -> dict:
     """The template fields and integer label of one row in the hub's layout (validated)."""
     where = _where(name, index, origin)
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: is a {type(row).__name__}, expected an object with fields {spec.fields}")
-    for key in [*spec.fields, spec.label_field]:
-        if key not in row:
-            raise ValueError(f"{where}: missing field {key!r}")
+    check_record(where, row, spec.fields, spec.label_field, ValueError)
     example = {key: row[key] for key in spec.fields}
     label = row[spec.label_field]
     if isinstance(label, str) and label in spec.label_words:
@@ -645,11 +650,7 @@ def label_index(raw: Any, values: Sequence[Any]) -> int | None:
 def seed_example(name: str, spec: SeedSpec, row: Any, index: int, origin: str) -> dict:
     """The template fields and class index of record ``index`` of the seeds' set (validated)."""
     where = _where(name, index, origin)
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: is a {type(row).__name__}, expected an object with fields {spec.fields}")
-    for key in [*spec.fields, spec.label_field]:
-        if key not in row:
-            raise DataError(f"{where}: missing field {key!r}")
+    check_record(where, row, spec.fields, spec.label_field, DataError)
     label = label_index(row[spec.label_field], spec.label_values)
     if label is None:
         raise DataError(
