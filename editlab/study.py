@@ -196,12 +196,22 @@ def study_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="editlab study", description=__doc__.split("\n\n")[0])
     parser.add_argument("file", help="the study file (YAML)")
     parser.add_argument("--list", action="store_true", help="print each run's command and whether it has finished")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        help="processes at once, instead of the file's (e.g. 1 while another study shares the machine)",
+    )
     args = parser.parse_args(argv)
     try:
         study = read_study(args.file)
     except StudyError as err:
         print(f"editlab study: error: {err}", file=sys.stderr)
         return 2
+    if args.parallel is not None:
+        if args.parallel < 1:
+            print("editlab study: error: --parallel must be >= 1", file=sys.stderr)
+            return 2
+        study.parallel = args.parallel
     if args.list:
         for run in study.runs:
             state = "finished" if (study.runs_dir / run.name / "summary.json").is_file() else "to run"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from editlab import study as study_module
 from editlab.models.tiny import save_tiny
-from editlab.study import StudyError, read_study, run_command, run_study
+from editlab.study import StudyError, read_study, run_command, run_study, study_main
 
 from conftest import REPO, SHARED_DATA
 
@@ -35,6 +36,16 @@ def test_study_file_problems_name_the_field(tmp_path):
         read_study(write_study(tmp_path, [{"name": "a", "config": "/no/such.yaml"}]))
     with pytest.raises(StudyError, match="parallel and threads"):
         read_study(write_study(tmp_path, [{"name": "a", "config": str(config)}], threads=0))
+
+
+def test_parallel_option_overrides_the_file(tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path, [{"name": "a", "config": str(REPO / "configs" / "memit_smollm2.yaml")}], parallel=2)
+    seen = []
+    monkeypatch.setattr(study_module, "run_study", lambda study, repo: seen.append(study.parallel) or [])
+    assert study_main([str(path), "--parallel", "1"]) == 0 and seen == [1]
+    assert study_main([str(path)]) == 0 and seen == [1, 2]
+    assert study_main([str(path), "--parallel", "0"]) == 2
+    assert "--parallel must be >= 1" in capsys.readouterr().err
 
 
 def test_every_run_resumes_with_the_study_thread_count(tmp_path):
