@@ -38,10 +38,11 @@ from editlab.editing.context import ContextTemplates, make_context_templates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
-from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments
 from editlab.editing.targets import TargetConfig, TargetResult, optimize_cluster_targets, optimize_targets
 from editlab.evaluation import editing_metrics, evaluate_cases
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import load_model_and_tokenizer
 from editlab.models.weights import read_weight, set_weight
 

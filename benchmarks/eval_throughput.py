@@ -52,7 +52,6 @@ import torch
 import yaml
 
 from editlab.data.sources import load_requests
-from editlab.editing.prompts import pad
 from editlab.evaluation import (
     EvaluationConfig,
     Evaluator,
@@ -62,9 +61,10 @@ from editlab.evaluation import (
     evaluate_cases,
     generated_metrics,
 )
-from editlab.metrics.functional import answer_rows, reduce_rows, shared_rows, token_nll_and_hits
 from editlab.metrics.perplexity import sequence_nll, token_nll
 from editlab.models.arch import ModelView
+from editlab.models.prompts import pad
+from editlab.models.scoring import answer_rows, reduce_rows, shared_rows, token_nll_and_hits
 from editlab.probes import ProbeConfig
 
 REPO = Path(__file__).resolve().parents[1]

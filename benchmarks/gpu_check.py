@@ -35,10 +35,11 @@ from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.nse import NSE
 from editlab.editing.rewind import OriginalWeights
 from editlab.editing.solve import memit_delta, null_space_projection
-from editlab.editing.stats import CovarianceConfig, accumulate_second_moments, model_fingerprint, read_corpus
+from editlab.editing.stats import CovarianceConfig, accumulate_second_moments, read_corpus
 from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.memory import GiB, plan_memory
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import EMBEDDED_DEFAULT, load_model_and_tokenizer, torch_dtype
 from editlab.models.weights import read_weight, set_weight
 

@@ -34,11 +34,12 @@ from editlab.editing.context import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.iterative import IterativeEditing, NeighborAssist, neighbor_rows, should_stop
 from editlab.editing.methods.memit import MEMIT
-from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig
-from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import load_model_and_tokenizer
+from editlab.models.scoring import score_answers
 
 REPO = Path(__file__).resolve().parents[1]
 

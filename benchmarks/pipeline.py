@@ -36,10 +36,11 @@ from editlab.editing.methods.nse import NSE
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
 from editlab.editing.rewind import OriginalWeights
 from editlab.editing.solve import memit_delta, preserve_matrix
-from editlab.editing.stats import CovarianceConfig, accumulate_second_moments, model_fingerprint, read_corpus
+from editlab.editing.stats import CovarianceConfig, accumulate_second_moments, read_corpus
 from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.evaluation import editing_metrics, evaluate_cases
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import load_model_and_tokenizer
 from editlab.models.weights import add_delta, read_weight, set_weight
 from editlab.types import EditResult

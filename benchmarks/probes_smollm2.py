@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from editlab.editing.prompts import answer_ids
+from editlab.models.prompts import answer_ids
 from editlab.probes import (
     SEED_TASKS,
     SEEDS_DIR,

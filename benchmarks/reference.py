@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 
 from editlab.editing.keys import subject_rows
-from editlab.editing.prompts import pad
 from editlab.editing.targets import TargetConfig, target_rows
 from editlab.models.arch import ModelView
 from editlab.models.hooks import capture_inputs, capture_output, edit_output
+from editlab.models.prompts import pad
 from editlab.types import EditRequest
 
 

@@ -56,9 +56,10 @@ from editlab.data.sources import load_requests
 from editlab.editing.context import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
-from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, TargetResult
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import cache_root, load_model_and_tokenizer
 from editlab.models.weights import read_weight
 

@@ -29,11 +29,11 @@ from editlab.metrics.editing import (
     TokenAccuracy,
     harmonic_mean,
 )
-from editlab.metrics.functional import score_answers
 from editlab.metrics.generated import DEFAULT_MARGIN, generated_answers
 from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
 from editlab.models.arch import ModelView
+from editlab.models.scoring import score_answers
 from editlab.probes import ProbeConfig
 from editlab.types import EditRequest
 

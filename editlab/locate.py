@@ -330,7 +330,7 @@ def suggest_window(effects: Sequence[float], width: int) -> list[int]:
 def select_known_facts(view: ModelView, tok, requests, n: int, batch_size: int = 32) -> tuple[list[TraceFact], int]:
     """The first ``n`` requests whose greedy next token after the prompt is the first token of
     `` target_true``, and how many requests were read to find them."""
-    from editlab.editing.prompts import answer_ids, pad
+    from editlab.models.prompts import answer_ids, pad
 
     facts: list[TraceFact] = []
     scanned = 0

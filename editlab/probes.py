@@ -9,7 +9,7 @@ multi-token label words work). This is the rule of the seeds' ``glue_eval/*_eval
 
 All (example, label word) pairs of a task are scored in batches (:func:`choice_logprobs`): one row
 per prompt serves every single-token label word, rows sorted by length; the prompt and answer
-tokens are built as :func:`editlab.metrics.functional.score_answers` builds them, so a probe and an
+tokens are built as :func:`editlab.models.scoring.score_answers` builds them, so a probe and an
 edit metric can never disagree on how an answer is tokenised.
 
 Two families of tasks:
@@ -44,9 +44,9 @@ from typing import Any, Literal, get_args
 import torch
 
 from editlab.data.sources import DataError, read_records
-from editlab.editing.prompts import answer_ids, check_context_length, pad
-from editlab.metrics.functional import token_nll_and_hits
 from editlab.models.arch import ModelView
+from editlab.models.prompts import answer_ids, check_context_length, pad
+from editlab.models.scoring import token_nll_and_hits
 
 TaskName = Literal["sst2", "rte", "mrpc", "cola", "mmlu", "nli"]
 TASKS: tuple[str, ...] = get_args(TaskName)
@@ -282,7 +282,7 @@ def choice_logprobs(
 ) -> torch.Tensor:
     """[N, K] mean token log-prob of ``" " + words[k]`` after ``prompts[n]``, teacher forced.
 
-    Tokens as :func:`editlab.metrics.functional.answer_rows` builds them: ``tok(prompt)`` then
+    Tokens as :func:`editlab.models.scoring.answer_rows` builds them: ``tok(prompt)`` then
     ``tok(" " + word)`` without special tokens (the reference's ``prefix_tok_len`` and word ids).
     One row per prompt carries every single-token word (its last position predicts them all); a
     multi-token word gets its own row, prompt plus the word less its last token. Rows are scored

@@ -177,8 +177,8 @@ class ModelUnderStats:
 
     @classmethod
     def load(cls, model_id: str, dtype: str, device: str) -> "ModelUnderStats":
-        from editlab.editing.stats import model_fingerprint
         from editlab.models.arch import ModelView
+        from editlab.models.fingerprint import model_fingerprint
         from editlab.models.load import load_model_and_tokenizer
 
         lm, tok = load_model_and_tokenizer(model_id, dtype, device=device)

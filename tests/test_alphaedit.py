@@ -6,9 +6,10 @@ import torch
 from editlab.editing.context import ContextTemplates
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext
-from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments
 from editlab.editing.targets import TargetConfig
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 
 from conftest import facts, small_corpus
 from test_targets import peaky_model

@@ -17,10 +17,11 @@ from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.pmet import PMET, ffn_outputs
 from editlab.editing.methods.rome import ROME
 from editlab.editing.solve import alphaedit_delta, null_space_projection, rome_delta
-from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments
 from editlab.editing.targets import TargetConfig
-from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
+from editlab.models.scoring import score_answers
 from editlab.models.weights import read_weight
 
 from conftest import REPO, SHARED_DATA, assert_failed_step_restores, facts
@@ -496,8 +497,8 @@ def test_method_names_say_the_variant():
 def ffn_output_at_subject(ctx, req, layer: int) -> torch.Tensor:
     """The FFN output [d_model] at the bare prompt's subject-last token, read by a hook on the
     out-projection (what rome/compute_v.py's target_init is)."""
-    from editlab.editing.prompts import subject_last_index
     from editlab.models.hooks import capture_output
+    from editlab.models.prompts import subject_last_index
 
     ids, idx = subject_last_index(ctx.tok, req.prompt, req.subject)
     with torch.no_grad(), capture_output(ctx.view.ffn_out(layer), "ffn") as got:

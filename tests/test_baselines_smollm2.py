@@ -12,10 +12,10 @@ from jsonargparse import ArgumentParser
 from editlab.data.sources import load_requests
 from editlab.editing.methods.base import EditContext, EditMethod
 from editlab.editing.methods.memit import MEMIT
-from editlab.editing.stats import model_fingerprint
-from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import load_model_and_tokenizer
+from editlab.models.scoring import score_answers
 
 from conftest import REPO, SHARED_DATA
 

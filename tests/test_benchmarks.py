@@ -368,9 +368,9 @@ def test_z_setting_benchmark_times_each_setting_and_scores_the_memit_step_it_giv
     from benchmarks import z_setting
     from editlab.data.sources import load_requests
     from editlab.editing.methods.base import EditContext
-    from editlab.editing.stats import model_fingerprint
     from editlab.evaluation import editing_metrics, evaluate_cases
     from editlab.models.arch import ModelView
+    from editlab.models.fingerprint import model_fingerprint
     from editlab.models.load import load_model_and_tokenizer
 
     config = tiny_memit_config(tmp_path)

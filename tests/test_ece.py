@@ -20,9 +20,10 @@ from editlab.editing.methods.ece import ECE
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance, select_neurons
 from editlab.editing.solve import memit_delta, submatrix_delta
-from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, optimize_cluster_targets, optimize_targets
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.tiny import tiny_config, tiny_tokenizer
 from editlab.models.weights import is_transposed, read_weight
 from editlab.types import EditRequest

@@ -22,7 +22,6 @@ from editlab.editing.stats import (
     StaleCacheError,
     cache_key,
     cache_path,
-    model_fingerprint,
     read_corpus,
     second_moments,
 )
@@ -38,6 +37,7 @@ from editlab.lightning.editstate import (
 from editlab.lightning.module import EditingModule
 from editlab.models.arch import ModelView
 from editlab.models.delta import DeltaMismatchError, apply_weight_deltas, snapshot, weight_deltas
+from editlab.models.fingerprint import model_fingerprint
 from editlab.types import EditRequest
 
 from conftest import facts

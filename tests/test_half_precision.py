@@ -27,11 +27,12 @@ from editlab.editing.methods.nse import NSE
 from editlab.editing.methods.pmet import PMET
 from editlab.editing.methods.rome import ROME
 from editlab.editing.neurons import ActivationScore, WeightImportance
-from editlab.editing.stats import CovarianceConfig, model_fingerprint, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments
 from editlab.editing.targets import TargetConfig
 from editlab.metrics.editing import prompt_success
-from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
+from editlab.models.scoring import score_answers
 
 from conftest import facts, louvre_neighbour_for_request_0, peaky_model
 

@@ -25,10 +25,11 @@ from editlab.editing.methods.iterative import (
 )
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.stages import Spread
-from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, descend_offsets, optimize_targets
-from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
+from editlab.models.scoring import score_answers
 from editlab.models.weights import read_weight
 from editlab.types import EditRequest
 

@@ -10,9 +10,10 @@ from editlab.editing.keys import keys_and_outputs, template_weights
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.rome import ROME
-from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.hooks import capture_inputs
 
 from conftest import facts, small_corpus

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from editlab import locate as L
-from editlab.editing.prompts import answer_ids, subject_last_index
 from editlab.models.arch import ModelView
+from editlab.models.prompts import answer_ids, subject_last_index
 from editlab.types import EditRequest
 
 from conftest import REPO, SHARED_DATA, peaky_model

@@ -9,10 +9,11 @@ from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import memit as memit_module
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
-from editlab.editing.stats import CovarianceConfig, model_fingerprint
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, optimize_targets
-from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
+from editlab.models.scoring import score_answers
 
 from conftest import assert_failed_step_restores, facts, small_corpus
 from test_targets import peaky_model

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from editlab.editing.prompts import answer_ids
 from editlab.metrics import (
     Consistency,
     Fluency,
@@ -37,6 +36,7 @@ from editlab.metrics import (
 )
 from editlab.metrics.generation import left_pad
 from editlab.models.arch import ModelView
+from editlab.models.prompts import answer_ids
 from editlab.models.tiny import tiny_model, tiny_tokenizer
 
 from conftest import SHARED_DATA

@@ -14,9 +14,10 @@ from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.nse import NSE, pass_mask
 from editlab.editing.neurons import ActivationScore
 from editlab.editing.rewind import TargetCache, key_digest, z_cache_key
-from editlab.editing.stats import CovarianceConfig, StaleCacheError, model_fingerprint
+from editlab.editing.stats import CovarianceConfig, StaleCacheError
 from editlab.editing.targets import ExtraRow, TargetConfig, optimize_targets
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.weights import read_weight
 from editlab.types import EditRequest
 
@@ -232,8 +233,8 @@ def test_bad_options_are_named():
 def test_nse_edits_smollm2_on_counterfact():
     # The shared cache: the embedded model's converted copy and memit_smollm2.yaml's covariance.
     from editlab.data.sources import load_requests
-    from editlab.metrics.functional import score_answers
     from editlab.models.load import load_model_and_tokenizer
+    from editlab.models.scoring import score_answers
 
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
     view = ModelView.of(model)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from editlab.evaluation import case_pairs, editing_metrics, evaluate_cases
-from editlab.metrics.functional import shared_rows
 from editlab.models.arch import ModelView
+from editlab.models.scoring import shared_rows
 from editlab.models.tiny import tiny_model
 from editlab.types import EditRequest
 

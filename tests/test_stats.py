@@ -13,12 +13,12 @@ from editlab.editing.stats import (
     accumulate_second_moments,
     cache_key,
     cache_path,
-    model_fingerprint,
     read_corpus,
     second_moments,
     token_cap,
 )
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.hooks import capture_inputs
 from editlab.models.tiny import tiny_model
 

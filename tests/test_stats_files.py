@@ -17,10 +17,11 @@ from editlab.editing.methods.ft import FT
 from editlab.editing.methods.iterative import IterativeEditing
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.rome import ROME
-from editlab.editing.stats import CovarianceConfig, cache_path, model_fingerprint
+from editlab.editing.stats import CovarianceConfig, cache_path
 from editlab.editing.stats_files import StatsFileError, read_stats_file
 from editlab.errors import ConfigError
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.tiny import save_tiny, tiny_model
 from editlab.stats_cli import ModelUnderStats, compute, export, import_, parse_stats_args
 

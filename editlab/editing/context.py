@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from editlab.editing.prompts import pad
+from editlab.models.prompts import pad
 
 
 @dataclass

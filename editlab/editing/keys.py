@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from editlab.editing.prompts import pad, subject_last_index
 from editlab.models.arch import ModelView
+from editlab.models.prompts import pad, subject_last_index
 from editlab.models.trace import trace
 from editlab.types import EditRequest
 

@@ -188,17 +188,6 @@ def token_cap(model_config, cfg: CovarianceConfig) -> int:
     return int(limit)
 
 
-def model_fingerprint(model) -> str:
-    """A cheap digest of the weights (per-tensor sums), so a cache never crosses models."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            h.update(
-                f"{name}:{tuple(p.shape)}:{float(p.float().sum()):.6e}:{float(p.float().abs().sum()):.6e}".encode()
-            )
-    return h.hexdigest()[:24]
-
-
 def cache_key(
     model_id: str, fingerprint: str, view: ModelView, layer: int, cfg: CovarianceConfig, corpus_id: str
 ) -> dict:

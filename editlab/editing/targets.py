@@ -18,10 +18,10 @@ from typing import Callable, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from editlab.editing.prompts import PaddedBatch, answer_ids, pad, subject_last_index
 from editlab.models.arch import ModelView
 from editlab.models.cache import returned_cache, select_cache_rows
 from editlab.models.hooks import StopForward, capture_inputs, edit_output
+from editlab.models.prompts import PaddedBatch, answer_ids, pad, subject_last_index
 from editlab.types import EditRequest
 
 

@@ -28,8 +28,6 @@ from editlab.console import stderr_is_terminal, step_line
 from editlab.data.sources import DataError, check_tokenization
 from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditContext, EditMethod
-from editlab.editing.prompts import check_context_length
-from editlab.editing.stats import model_fingerprint
 from editlab.evaluation import EvaluationConfig, Evaluator, held_out_specificity
 from editlab.files import write_text_atomic
 from editlab.lightning.callbacks import WeightNormTracker
@@ -48,7 +46,9 @@ from editlab.lightning.editstate import (
 from editlab.memory import MemoryEstimate, plan_memory
 from editlab.models.arch import ModelView
 from editlab.models.delta import apply_weight_deltas, save_delta, snapshot, weight_deltas
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import DType, load_model_and_tokenizer
+from editlab.models.prompts import check_context_length
 from editlab.numerics import numerics, numerics_differences
 from editlab.report import log_report_images, write_run_report
 from editlab.types import EditRequest

@@ -13,7 +13,6 @@ from editlab.metrics.editing import (
     prob_difference,
     prompt_success,
 )
-from editlab.metrics.functional import answer_rows, reduce_rows, score_answers, token_nll_and_hits
 from editlab.metrics.generation import (
     Consistency,
     Fluency,
@@ -30,6 +29,7 @@ from editlab.metrics.generation import (
     word_tokens,
 )
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll, token_nll
+from editlab.models.scoring import answer_rows, reduce_rows, score_answers, token_nll_and_hits
 
 __all__ = [
     "CaseMean",

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from editlab.metrics.base import LocalMetric
-from editlab.metrics.functional import reduce_rows, token_nll_and_hits
+from editlab.models.scoring import reduce_rows, token_nll_and_hits
 
 # ----------------------------------------------------------------------------- functional core
 

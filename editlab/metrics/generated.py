@@ -32,9 +32,9 @@ from collections.abc import Sequence
 
 import torch
 
-from editlab.editing.prompts import answer_ids
 from editlab.metrics.generation import _eos_ids, decode, left_pad
 from editlab.models.cache import returned_cache
+from editlab.models.prompts import answer_ids
 
 PUNCTUATION = frozenset(string.punctuation)
 ARTICLES_RE = re.compile(r"\b(a|an|the)\b")

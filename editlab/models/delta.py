@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from editlab.models.fingerprint import model_fingerprint
+
 DELTA_FORMAT = "editlab-delta-1"
 
 
@@ -106,8 +108,6 @@ def apply_delta(model: nn.Module, path: str | Path) -> dict[str, str]:
     Refuses (DeltaMismatchError) a model whose weights fingerprint differs from the one the delta
     was made against: another model, another dtype, or a model that already holds the edit.
     """
-    from editlab.editing.stats import model_fingerprint
-
     deltas, meta = read_delta(path)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     found = model_fingerprint(model)

@@ -20,8 +20,8 @@ import torch
 
 from editlab.editing.eac import EACConfig, GradientMean, anchor_mask, saliency, scored_elastic_net
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
-from editlab.editing.prompts import pad
-from editlab.metrics.functional import answer_rows, token_nll_and_hits
+from editlab.models.prompts import pad
+from editlab.models.scoring import answer_rows, token_nll_and_hits
 from editlab.types import EditRequest, EditResult
 
 

@@ -35,8 +35,8 @@ import torch
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
 from editlab.editing.methods.stages import STAGE_METHODS, has_stages
 from editlab.editing.targets import ExtraRow
-from editlab.metrics.functional import score_answers
 from editlab.models.arch import ModelView
+from editlab.models.scoring import score_answers
 from editlab.types import EditRequest, EditResult
 
 

@@ -1,4 +1,4 @@
-"""Functional core of the editing metrics: teacher-forced answer scoring.
+"""Teacher-forced answer scoring: the functional core shared by the metrics and the methods.
 
 For each (prompt, answer) pair: the mean token NLL of the answer after the prompt, and whether
 every answer token is the greedy prediction. Logits are computed only at the answer positions.
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from editlab.editing.prompts import answer_ids, pad
 from editlab.models.arch import ModelView
+from editlab.models.prompts import answer_ids, pad
 
 
 def answer_rows(tok, prompts: list[str], answers: list[str]):
