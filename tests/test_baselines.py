@@ -395,11 +395,11 @@ def test_one_iteration_of_the_iterative_wrapper_is_the_method(kind, tmp_path, st
     writes what the method's own step writes (ROME: one request, since its own step re-optimises
     each request's z on the weights the previous one left)."""
     from editlab.editing.methods.iterative import IterativeEditing
-    from editlab.editing.methods.stages import has_stages
+    from editlab.editing.methods.stages import StagedMethod
 
     reqs = facts()[:1] if kind == "rome" else facts()
     ctx, method = make(kind, tmp_path)
-    assert has_stages(method)
+    assert isinstance(method, StagedMethod)
     wrapper = IterativeEditing(method, max_iterations=1)
     wrapper.setup(ctx)
     wrapper.apply(ctx, reqs)

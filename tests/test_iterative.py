@@ -24,7 +24,7 @@ from editlab.editing.methods.iterative import (
     target_nll,
 )
 from editlab.editing.methods.memit import MEMIT
-from editlab.editing.methods.stages import Spread
+from editlab.editing.methods.stages import Spread, StagedMethod
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, descend_offsets, optimize_targets
 from editlab.models.arch import ModelView
@@ -54,7 +54,7 @@ def make(tmp_path, mom2_weight=0.5):
 
 
 # -- the stop rule ---------------------------------------------------------------------------
-class Scripted:
+class Scripted(StagedMethod):
     """A two-stage method whose targets report a scripted ideal perplexity per iteration."""
 
     templates = ["{}"]

@@ -1,5 +1,6 @@
 """Iterative and neighbour-assisted model editing (Baghel et al.; seed 004), around any method with
-OPTIMIZATION and SPREAD parts (methods/stages.py: MEMIT, PMET, ROME and AlphaEdit have them).
+OPTIMIZATION and SPREAD parts (a StagedMethod of methods/stages.py: MEMIT, PMET, ROME, AlphaEdit,
+ECE and NSE).
 
 Iterative editing (section 3.1): on one batch, repeat
     OPTIMIZATION on θ_k → ideal states h̄_k (targets), p(θ_k, h̄_k) from their target NLL;
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
-from editlab.editing.methods.stages import STAGE_METHODS, has_stages
+from editlab.editing.methods.stages import StagedMethod
 from editlab.editing.targets import ExtraRow
 from editlab.models.arch import ModelView
 from editlab.models.scoring import score_answers
@@ -148,8 +149,8 @@ class IterativeEditing(EditMethod):
     ) -> None:
         """
         Args:
-            method: the wrapped method; it must expose compute_targets / spread / commit
-                (methods/stages.py), as MEMIT does.
+            method: the wrapped method, a StagedMethod (compute_targets / spread / commit,
+                methods/stages.py): MEMIT, PMET, ROME, AlphaEdit, ECE, NSE.
             epsilon: stop when |Δp_k| ≤ epsilon (paper: 1).
             max_iterations: at most this many OPTIMIZATION + SPREAD rounds per batch (paper: 10);
                 1 with ``neighbors`` is one-pass neighbour-assisted editing.
@@ -157,10 +158,10 @@ class IterativeEditing(EditMethod):
             track_accuracy: record the batch's efficacy accuracy (target_new greedy on the
                 rewrite prompt) after every iteration (one extra forward of n prompts).
         """
-        if not has_stages(method):
+        if not isinstance(method, StagedMethod):
             raise ValueError(
-                f"option method={type(method).__name__} has no {'/'.join(STAGE_METHODS)} parts "
-                "(see editlab/editing/methods/stages.py); iterative editing cannot drive it"
+                f"option method={type(method).__name__} has no compute_targets/spread/commit parts (it is not a "
+                "StagedMethod, see editlab/editing/methods/stages.py); iterative editing cannot drive it"
             )
         if epsilon < 0 or max_iterations < 1:
             raise ValueError(f"options epsilon={epsilon}, max_iterations={max_iterations} need >= 0 and >= 1")

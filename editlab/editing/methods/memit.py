@@ -19,77 +19,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from functools import partial
-from typing import Callable
 
 import torch
 
 from editlab.editing.context import ContextTemplates
 from editlab.editing.eac import EACConfig, eac_scalars, eac_targets
-from editlab.editing.keys import KeyWeighting, keys_and_outputs
-from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
-from editlab.editing.methods.stages import Spread
+from editlab.editing.methods.base import EditContext, KeyValueMethod
+from editlab.editing.methods.stages import Spread, StagedMethod, memit_residual, spread_over_layers
 from editlab.editing.solve import memit_delta, preserve_matrix
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
-from editlab.models.weights import add_delta
 from editlab.types import EditRequest, EditResult
-
-LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, K [n, d_ff], R [n, d]) → ΔW
-# (ctx, requests, templates, layers, i, z) → keys K [n, d_ff] at layers[i] and residuals R [n, d_model]
-ResidualRule = Callable[
-    [EditContext, list[EditRequest], list[str], list[int], int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
-]
-
-
-def memit_residual(
-    ctx: EditContext,
-    requests: list[EditRequest],
-    templates: list[str],
-    layers: list[int],
-    i: int,
-    z: torch.Tensor,
-    weighting: KeyWeighting = "per_type",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMIT: keys at layers[i] (templates combined by ``weighting``), R = (z − H) / (layers left),
-    H the current output of the last layer."""
-    keys, cur = ctx.per_request(
-        requests,
-        partial(
-            keys_and_outputs,
-            ctx.view,
-            ctx.tok,
-            templates=templates,
-            key_layer=layers[i],
-            out_layer=layers[-1],
-            weighting=weighting,
-        ),
-    )  # [n, d_ff], [n, d_model]: rows shared over ranks, gathered
-    return keys, (z.double() - cur) / (len(layers) - i)
-
-
-def spread_over_layers(
-    ctx: EditContext,
-    requests: list[EditRequest],
-    templates: list[str],
-    layers: list[int],
-    z: torch.Tensor,
-    solve: LayerSolve,
-    residual: ResidualRule = memit_residual,
-) -> Spread:
-    """MEMIT's spread: for each layer l in order, its keys K_l and residuals R (``residual``, MEMIT's
-    rule by default, measured on the weights the earlier layers left), W_l += solve(l, K_l, R).
-    Returns per-layer scalars and, pending for the sequential cache, K_lᵀK_l. Layers already written
-    are put back if a later one fails."""
-    view = ctx.view
-    out = Spread()
-    with restore_on_error(view, layers):
-        for i, layer in enumerate(layers):
-            keys, resid = residual(ctx, requests, templates, layers, i, z)  # [n, d_ff], [n, d_model]
-            delta = solve(layer, keys, resid)
-            add_delta(view.ffn_out(layer), delta)
-            out.pending[layer] = keys.T @ keys  # [d_ff, d_ff]
-            out.scalars[f"delta_norm/l{layer}"] = float(delta.norm())
-    return out
 
 
 def target_scalars(tgt: TargetResult) -> dict[str, float]:
@@ -101,7 +41,7 @@ def target_scalars(tgt: TargetResult) -> dict[str, float]:
     }
 
 
-class LayerSpreadMethod(KeyValueMethod):
+class LayerSpreadMethod(KeyValueMethod, StagedMethod):
     """The MEMIT-family step: :meth:`compute_targets` (z at the last edited layer), then
     :meth:`spread` (spread_over_layers with this method's :meth:`layer_delta`), then :meth:`commit`
     (the sequential cache): the stages of methods/stages.py. MEMIT, AlphaEdit and PMET differ only

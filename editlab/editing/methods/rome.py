@@ -25,7 +25,7 @@ from editlab.editing.eac import EACConfig, eac_targets
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.methods.memit import check_eac_steps, target_scalars
-from editlab.editing.methods.stages import Spread
+from editlab.editing.methods.stages import Spread, StagedMethod
 from editlab.editing.solve import rome_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
@@ -33,7 +33,7 @@ from editlab.models.weights import add_delta, read_weight
 from editlab.types import EditRequest, EditResult
 
 
-class ROME(KeyValueMethod):
+class ROME(KeyValueMethod, StagedMethod):
     def __init__(
         self,
         layer: int,

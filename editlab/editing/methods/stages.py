@@ -1,15 +1,17 @@
-"""The two stages of a locate-and-edit method, as the iterative wrapper (seed 004) drives them.
+"""The stages of a MEMIT-family step, as the iterative wrapper (seed 004) drives them, and the one
+SPREAD loop they share.
 
-Seed 004 splits MEMIT, PMET and ROME (and AlphaEdit) into OPTIMIZATION — find the ideal state
-(z) that makes the model say target_new, on the current weights, writing nothing — and SPREAD —
-write the edited weights so the model reaches it. A method that exposes these parts plugs into
+Seed 004 splits a locate-and-edit method into OPTIMIZATION — find the ideal state (z) that makes
+the model say target_new, writing nothing — and SPREAD — write the edited weights so the model
+reaches it. A :class:`StagedMethod` exposes these parts and plugs into
 :class:`editlab.editing.methods.iterative.IterativeEditing`:
 
     compute_targets(ctx, requests, extra=None) -> targets
-        OPTIMIZATION on the current weights; writes nothing. ``targets.nll`` [n] is the target's
-        NLL at the ideal state (the last measured loss term, mean over ``self.templates``
-        prompts), i.e. −ln p(θ_k, h̄_k). ``extra`` (list of targets.ExtraRow, neighbour-assisted
-        editing) adds rows to the z loss; a method that cannot must raise when it is given.
+        OPTIMIZATION; writes nothing. ``targets.z`` [n, d_model] is the ideal state and
+        ``targets.nll`` [n] the target's NLL there (the last measured loss term, mean over
+        ``self.templates`` prompts), i.e. −ln p(θ_k, h̄_k). ``extra`` (list of targets.ExtraRow,
+        neighbour-assisted editing) adds rows to the z loss; a method that cannot must raise when
+        it is given.
     spread(ctx, requests, targets) -> Spread
         SPREAD: writes the weights (putting them back if it fails half-way) and returns per-step
         scalars; it must not touch the sequential state (cache of past keys), which it returns
@@ -21,13 +23,26 @@ write the edited weights so the model reaches it. A method that exposes these pa
         the context templates the targets' NLL is averaged over.
 
 ``apply`` of such a method is compute_targets + spread + commit.
+
+The MEMIT-family SPREAD (:func:`spread_over_layers`) walks the edited layers in order: the keys K_l
+and residuals R at layer l (a :data:`ResidualRule`; MEMIT's by default) measured on the weights
+the earlier layers left, ΔW_l = solve(l, K_l, R) (a :data:`LayerSolve`: MEMIT's full solve, ECE's
+and NSE's neuron-restricted one, AlphaEdit's null-space projected one), W_l += ΔW_l.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
 
 import torch
+
+from editlab.editing.keys import KeyWeighting, keys_and_outputs
+from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
+from editlab.models.weights import add_delta
+from editlab.types import EditRequest
 
 
 @dataclass
@@ -39,8 +54,113 @@ class Spread:
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-STAGE_METHODS = ("compute_targets", "spread", "commit")
+class StagedMethod(EditMethod):
+    """A method with OPTIMIZATION and SPREAD stages (see the module docstring): MEMIT, MEMIT_seq,
+    MEMIT-EAC, AlphaEdit, PMET, ROME, ECE and NSE."""
+
+    templates: list[str]
+
+    @abstractmethod
+    def compute_targets(self, ctx: EditContext, requests: list[EditRequest], extra: list | None = None) -> Any:
+        """OPTIMIZATION on the current weights (writes nothing): an object with ``z`` and ``nll``."""
+
+    @abstractmethod
+    def spread(self, ctx: EditContext, requests: list[EditRequest], targets: Any) -> Spread:
+        """SPREAD: write the weights towards ``targets``; the sequential state waits in ``pending``."""
+
+    @abstractmethod
+    def commit(self, spread: Spread) -> None:
+        """Apply ``spread.pending`` once the step is final."""
 
 
-def has_stages(method) -> bool:
-    return all(callable(getattr(method, name, None)) for name in STAGE_METHODS)
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, K [n, d_ff], R [n, d]) → ΔW
+# (ctx, requests, templates, layers, i, z) → keys K [n, d_ff] at layers[i] and residuals R [n, d_model]
+ResidualRule = Callable[
+    [EditContext, list[EditRequest], list[str], list[int], int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def shared_keys(
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    key_layer: int,
+    out_layer: int,
+    weighting: KeyWeighting = "per_type",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at ``key_layer`` [n, d_ff] (templates combined by ``weighting``) and outputs of
+    ``out_layer`` [n, d_model], rows shared over ranks and gathered."""
+    return ctx.per_request(
+        requests,
+        partial(
+            keys_and_outputs,
+            ctx.view,
+            ctx.tok,
+            templates=templates,
+            key_layer=key_layer,
+            out_layer=out_layer,
+            weighting=weighting,
+        ),
+    )
+
+
+def layer_residual(z: torch.Tensor, cur: torch.Tensor, layers_left: int) -> torch.Tensor:
+    """MEMIT's residual R = (z − H) / (layers left) [n, d_model], float64: each remaining layer
+    writes its share of what is still missing."""
+    return (z.double() - cur) / layers_left
+
+
+def memit_residual(
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    layers: list[int],
+    i: int,
+    z: torch.Tensor,
+    weighting: KeyWeighting = "per_type",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT: keys at layers[i] (templates combined by ``weighting``), R = (z − H) / (layers left),
+    H the current output of the last layer."""
+    keys, cur = shared_keys(ctx, requests, templates, layers[i], layers[-1], weighting)  # [n, d_ff], [n, d_model]
+    return keys, layer_residual(z, cur, len(layers) - i)
+
+
+def write_layers(
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    layers: list[int],
+    z: torch.Tensor,
+    solve: LayerSolve,
+    residual: ResidualRule = memit_residual,
+) -> dict[int, tuple[torch.Tensor, float]]:
+    """The spread loop: for each layer l in order, its keys K_l and residuals R (``residual``,
+    measured on the weights the earlier layers left), W_l += solve(l, K_l, R). Returns layer →
+    (K_l [n, d_ff], ‖ΔW_l‖). Puts nothing back on failure: see :func:`spread_over_layers`."""
+    view = ctx.view
+    written: dict[int, tuple[torch.Tensor, float]] = {}
+    for i, layer in enumerate(layers):
+        keys, resid = residual(ctx, requests, templates, layers, i, z)  # [n, d_ff], [n, d_model]
+        delta = solve(layer, keys, resid)  # [d_model, d_ff]
+        add_delta(view.ffn_out(layer), delta)
+        written[layer] = (keys, float(delta.norm()))
+    return written
+
+
+def spread_over_layers(
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    layers: list[int],
+    z: torch.Tensor,
+    solve: LayerSolve,
+    residual: ResidualRule = memit_residual,
+) -> Spread:
+    """The MEMIT-family SPREAD: :func:`write_layers`, with the layers already written put back if
+    a later one fails. Returns per-layer scalars and, pending for the sequential cache, K_lᵀK_l."""
+    out = Spread()
+    with restore_on_error(ctx.view, layers):
+        for layer, (keys, delta_norm) in write_layers(ctx, requests, templates, layers, z, solve, residual).items():
+            out.pending[layer] = keys.T @ keys  # [d_ff, d_ff]
+            out.scalars[f"delta_norm/l{layer}"] = delta_norm
+    return out
