@@ -21,12 +21,25 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 ARCHS = ["gpt2", "gptj", "llama", "mistral", "qwen2", "gpt_neox"]
 
 
+# The converted copy of the embedded SmolLM2 (~20 s to make) is kept between sessions in a
+# directory of the tests' own, never in the user's cache: long studies read and write that one.
+TEST_MODELS = Path(os.environ.get("EDITLAB_TEST_MODELS", Path.home() / ".cache" / "editlab-tests" / "models"))
+
+
+@pytest.fixture(scope="session")
+def _session_cache_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("editlab-cache")
+    TEST_MODELS.mkdir(parents=True, exist_ok=True)
+    (root / "models").symlink_to(TEST_MODELS, target_is_directory=True)
+    return root
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Statistics caches of tests go to a temporary directory; the embedded model's converted
-    # copy is shared (it is read-only and expensive to make).
-    if "EDITLAB_CACHE" not in os.environ:
-        monkeypatch.setenv("EDITLAB_CACHE", str(Path.home() / ".cache" / "editlab"))
+def _isolated_cache(_session_cache_root, monkeypatch):
+    # Every test, and every process a test starts (it inherits the environment), caches under a
+    # temporary root, whatever EDITLAB_CACHE the shell running pytest has set: the user's cache
+    # (~/.cache/editlab or their EDITLAB_CACHE) is never read nor written.
+    monkeypatch.setenv("EDITLAB_CACHE", str(_session_cache_root))
     yield
 
 
