@@ -38,9 +38,10 @@ from editlab.editing.context import ContextTemplates, make_context_templates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
-from editlab.editing.stats import CovarianceConfig, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache
 from editlab.editing.targets import TargetConfig, TargetResult, optimize_cluster_targets, optimize_targets
 from editlab.evaluation import editing_metrics, evaluate_cases
+from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import load_model_and_tokenizer
@@ -259,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ece.templates = templates
     fingerprint = model_fingerprint(model)
-    ece.cov = second_moments(view, tok, args.model, fingerprint, layers, ece.covariance, progress=False)
+    ece.cov = second_moments(
+        view, tok, args.model, fingerprint, layers, ece.covariance, statistics_cache(cache_root()), progress=False
+    )
     ctx = EditContext(model, tok, view, args.model, fingerprint, args.seed, progress=False)
     z_layer = layers[-1]
     rows = len(templates) + 1  # rewrite rows (one per context template) + the KL row

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from editlab.keyed_cache import cache_root
+
 REPO = Path(__file__).resolve().parents[1]
 COMPUTED = re.compile(
     r"editlab: (?P<layers>\d+) layers computed from (?P<texts>\d+) texts \((?P<tokens>[\d,]+) tokens\) in "
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", help="directory for the two caches and the export (default: a temporary one)")
     args, options = parser.parse_known_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="editlab_stats_"))
-    models = Path(os.environ.get("EDITLAB_CACHE", Path.home() / ".cache" / "editlab")) / "models"
+    models = cache_root() / "models"
     a, b, export = fresh_cache(work / "a", models), fresh_cache(work / "b", models), work / "export"
     steps = [("compute", a, ["compute", *options]), ("export", a, ["export", str(export), *options])]
     steps.append(("import", b, ["import", str(export), *options]))

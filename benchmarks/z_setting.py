@@ -58,9 +58,10 @@ from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, TargetResult
+from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
-from editlab.models.load import cache_root, load_model_and_tokenizer
+from editlab.models.load import load_model_and_tokenizer
 from editlab.models.weights import read_weight
 
 REPO = Path(__file__).resolve().parents[1]

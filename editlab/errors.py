@@ -55,8 +55,8 @@ def strip_prefix(message: str) -> str:
 def user_error_message(exc: BaseException) -> str | None:
     """The one line for a user error, or None for anything else (a bug, an ordinary exit)."""
     from editlab.data.sources import DataError
-    from editlab.editing.stats import StaleCacheError
     from editlab.editing.stats_files import StatsFileError
+    from editlab.keyed_cache import StaleCacheError
     from editlab.lightning.editstate import EditStateError
     from editlab.models.delta import DeltaMismatchError
 

@@ -154,12 +154,16 @@ def stats_main(argv: list[str]) -> int:
         )
     model = ModelUnderStats.load(cfg.model.model, cfg.model.dtype, device_of(cfg.trainer.accelerator))
     model.view.check_layers(layers)
+    from editlab.editing.stats import statistics_cache
+    from editlab.keyed_cache import cache_root
+
+    cache = statistics_cache(cache_root())  # the same entries editlab fit reads
     if args.action == "compute":
-        compute(model, layers, cov)
+        compute(model, layers, cov, cache)
     elif args.action == "export":
-        export(model, layers, cov, Path(args.target), "editlab stats " + shlex.join(argv))
+        export(model, layers, cov, cache, Path(args.target), "editlab stats " + shlex.join(argv))
     else:
-        import_(model, layers, cov, args.target, args.replace, args.repo_type)
+        import_(model, layers, cov, cache, args.target, args.replace, args.repo_type)
     return 0
 
 
@@ -192,12 +196,12 @@ class ModelUnderStats:
         return layer_keys(self.model_id, self.fingerprint, self.view, layers, cov, corpus_id)
 
 
-def compute(model: ModelUnderStats, layers: list[int], cov) -> None:
+def compute(model: ModelUnderStats, layers: list[int], cov, cache) -> None:
     from editlab.editing.stats import fill_cache
 
     bars = stderr_is_terminal()
     report = None if bars else ProgressLines(cov.num_samples)
-    fill = fill_cache(model.view, model.tok, model.model_id, model.fingerprint, layers, cov, bars, report)
+    fill = fill_cache(model.view, model.tok, model.model_id, model.fingerprint, layers, cov, cache, bars, report)
     for layer in layers:
         state = "already in the cache, skipped" if layer in fill.cached else f"computed, {fill.tokens:,} tokens"
         print(f"layer {layer} ({fill.keys[layer]['module']}): {state}: {fill.paths[layer]}", flush=True)
@@ -211,22 +215,22 @@ def compute(model: ModelUnderStats, layers: list[int], cov) -> None:
         print(f"editlab: all {len(layers)} layers already in the cache: nothing computed", flush=True)
 
 
-def export(model: ModelUnderStats, layers: list[int], cov, directory: Path, command: str) -> None:
+def export(model: ModelUnderStats, layers: list[int], cov, cache, directory: Path, command: str) -> None:
     from editlab.editing.stats_files import export_from_cache, export_info, write_readme
 
     info = export_info(cov.corpus, model.dtype)
-    files = export_from_cache(directory, model.keys(layers, cov), info)
+    files = export_from_cache(directory, cache, model.keys(layers, cov), info)
     for f in files:
         print(f"layer {f.key['layer']} ({f.key['module']}): {f.path}", flush=True)
     print(write_readme(directory, files, command), flush=True)
 
 
-def import_(model: ModelUnderStats, layers: list[int], cov, source: str, replace: bool, repo_type: str) -> None:
+def import_(model: ModelUnderStats, layers: list[int], cov, cache, source: str, replace: bool, repo_type: str) -> None:
     from editlab.editing.stats_files import fetch_stats_dir, import_into_cache, plan_import, read_stats_dir
 
     files = read_stats_dir(fetch_stats_dir(source, repo_type))
     plan = plan_import(files, model.keys(layers, cov), model.dtype)
     for file, why in plan.skipped:
         print(f"{file.path.name}: not imported ({why})", flush=True)
-    for layer, what in import_into_cache(plan, replace).items():
+    for layer, what in import_into_cache(plan, cache, replace).items():
         print(f"layer {layer} ({plan.chosen[layer].key['module']}): {what}", flush=True)

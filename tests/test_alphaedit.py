@@ -6,8 +6,9 @@ import torch
 from editlab.editing.context import ContextTemplates
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext
-from editlab.editing.stats import CovarianceConfig, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache
 from editlab.editing.targets import TargetConfig
+from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 
@@ -20,7 +21,9 @@ def test_every_step_reports_the_null_space_dimension_of_each_layer(tmp_path, sta
     view = ModelView.of(model)
     ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
     cov_cfg = CovarianceConfig(corpus=str(small_corpus(tmp_path)), num_samples=20, batch_size=8)
-    cov = second_moments(view, tok, "tiny", ctx.fingerprint, [0, 1], cov_cfg, progress=False)
+    cov = second_moments(
+        view, tok, "tiny", ctx.fingerprint, [0, 1], cov_cfg, statistics_cache(cache_root()), progress=False
+    )
     # A threshold between two eigenvalues of layer 0's C: a known number of them lie below it.
     evals = {layer: torch.linalg.eigvalsh(cov[layer].double()) for layer in (0, 1)}
     threshold = float(evals[0][40:42].mean())

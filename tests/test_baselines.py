@@ -17,8 +17,9 @@ from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.pmet import PMET, ffn_outputs
 from editlab.editing.methods.rome import ROME
 from editlab.editing.solve import alphaedit_delta, null_space_projection, rome_delta
-from editlab.editing.stats import CovarianceConfig, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache
 from editlab.editing.targets import TargetConfig
+from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.scoring import score_answers
@@ -55,7 +56,16 @@ def make(kind: str, tmp_path, **kw):
         method = ROME(layer=1, **common, **kw)
     elif kind == "alphaedit":
         # The median eigenvalue of E[kkᵀ] over both layers: half of the key space is preserved.
-        cov = second_moments(ctx.view, ctx.tok, "tiny", ctx.fingerprint, [0, 1], common["covariance"], False)
+        cov = second_moments(
+            ctx.view,
+            ctx.tok,
+            "tiny",
+            ctx.fingerprint,
+            [0, 1],
+            common["covariance"],
+            statistics_cache(cache_root()),
+            False,
+        )
         median = float(torch.cat([torch.linalg.eigvalsh(c.double()) for c in cov.values()]).median())
         method = AlphaEdit(layers=[0, 1], nullspace_threshold=kw.pop("nullspace_threshold", median), l2=1e-3, **common)
     elif kind == "pmet":

@@ -19,12 +19,12 @@ from editlab.editing.methods import memit as memit_module
 from editlab.editing.solve import checked_solve, memit_delta, preserve_matrix, submatrix_delta
 from editlab.editing.stats import (
     CovarianceConfig,
-    StaleCacheError,
     cache_key,
-    cache_path,
     read_corpus,
     second_moments,
+    statistics_cache,
 )
+from editlab.keyed_cache import StaleCacheError, cache_root
 from editlab.lightning.editstate import (
     EditStateError,
     check_resumable,
@@ -201,17 +201,17 @@ def test_unreadable_or_foreign_covariance_cache_is_refused(tiny_llama, tmp_path,
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(f"Text {i} about a city." for i in range(8)))
     cfg = CovarianceConfig(corpus=str(corpus), num_samples=8, batch_size=4, max_length=16)
-    second_moments(view, tok, "tiny", fp, [0], cfg, progress=False)
+    second_moments(view, tok, "tiny", fp, [0], cfg, statistics_cache(cache_root()), progress=False)
     key = cache_key("tiny", fp, view, 0, cfg, read_corpus(cfg)[1])
-    path = cache_path(key)
+    path = statistics_cache(cache_root()).path(key)
     blob = torch.load(path, weights_only=True)
     # Written under this run's key by a run of another model (its fingerprint in the stored key).
     torch.save({**blob, "key": {**blob["key"], "fingerprint": "another-model"}}, path)
     with pytest.raises(StaleCacheError, match="fingerprint"):
-        second_moments(view, tok, "tiny", fp, [0], cfg, progress=False)
+        second_moments(view, tok, "tiny", fp, [0], cfg, statistics_cache(cache_root()), progress=False)
     path.write_bytes(path.read_bytes()[:100])  # truncated by a crash of some other tool
     with pytest.raises(StaleCacheError, match="unreadable"):
-        second_moments(view, tok, "tiny", fp, [0], cfg, progress=False)
+        second_moments(view, tok, "tiny", fp, [0], cfg, statistics_cache(cache_root()), progress=False)
 
 
 def test_prompts_longer_than_the_context_are_named(tiny_llama):

@@ -27,8 +27,9 @@ from editlab.editing.methods.nse import NSE
 from editlab.editing.methods.pmet import PMET
 from editlab.editing.methods.rome import ROME
 from editlab.editing.neurons import ActivationScore, WeightImportance
-from editlab.editing.stats import CovarianceConfig, second_moments
+from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache
 from editlab.editing.targets import TargetConfig
+from editlab.keyed_cache import cache_root
 from editlab.metrics.editing import prompt_success
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
@@ -77,7 +78,9 @@ def corpus(tmp_path) -> CovarianceConfig:
 def median_eigenvalue(ctx: EditContext, layers: list[int], cov: CovarianceConfig) -> float:
     """AlphaEdit's threshold that keeps half of the key space (as test_baselines): C's scale
     depends on the model, so it is measured on the model at hand."""
-    moments = second_moments(ctx.view, ctx.tok, "tiny", ctx.fingerprint, layers, cov, False)
+    moments = second_moments(
+        ctx.view, ctx.tok, "tiny", ctx.fingerprint, layers, cov, statistics_cache(cache_root()), False
+    )
     return float(torch.cat([torch.linalg.eigvalsh(c.double()) for c in moments.values()]).median())
 
 

@@ -13,9 +13,10 @@ from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.nse import NSE, pass_mask
 from editlab.editing.neurons import ActivationScore
-from editlab.editing.rewind import TargetCache, key_digest, z_cache_key
-from editlab.editing.stats import CovarianceConfig, StaleCacheError
+from editlab.editing.rewind import TargetCache, key_digest, z_cache_files, z_cache_key
+from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, optimize_targets
+from editlab.keyed_cache import StaleCacheError, cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.weights import read_weight
@@ -103,14 +104,15 @@ def test_a_stored_z_under_another_key_is_an_error(stats_cache):
     model, tok = peaky_model()
     view = ModelView.of(model)
     key = z_cache_key("m", "f", view, 1, ["{}"], TargetConfig(), facts()[0])
-    TargetCache().put(key, {"z": torch.ones(3)})
-    assert torch.equal(TargetCache().get(key)["z"], torch.ones(3))  # a fresh cache reads the disk
-    path = TargetCache.path(key)
+    files = z_cache_files(cache_root())
+    TargetCache(files).put(key, {"z": torch.ones(3)})
+    assert torch.equal(TargetCache(files).get(key)["z"], torch.ones(3))  # a fresh cache reads the disk
+    path = files.path(key)
     blob = torch.load(path, weights_only=True)
     blob["key"] = {**key, "targets": {**key["targets"], "lr": 0.1}}
     torch.save(blob, path)
     with pytest.raises(StaleCacheError, match="delete it"):
-        TargetCache().get(key)
+        TargetCache(files).get(key)
 
 
 # -- residual filter -------------------------------------------------------------------------

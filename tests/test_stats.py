@@ -9,14 +9,14 @@ import torch
 
 from editlab.editing.stats import (
     CovarianceConfig,
-    StaleCacheError,
     accumulate_second_moments,
     cache_key,
-    cache_path,
     read_corpus,
     second_moments,
+    statistics_cache,
     token_cap,
 )
+from editlab.keyed_cache import StaleCacheError, cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.hooks import capture_inputs
@@ -68,25 +68,25 @@ def test_cache_round_trip_and_mismatch(tiny_llama, tmp_path, stats_cache):
     view = ModelView.of(model)
     fp = model_fingerprint(model)
     cfg = CovarianceConfig(corpus=corpus_file(tmp_path), num_samples=4, batch_size=2, max_length=32)
-    first = second_moments(view, tok, "tiny", fp, [0, 1], cfg, progress=False)
+    first = second_moments(view, tok, "tiny", fp, [0, 1], cfg, statistics_cache(cache_root()), progress=False)
     files = sorted(stats_cache.glob("stats/*.pt"))
     assert len(files) == 2
-    again = second_moments(view, tok, "tiny", fp, [0, 1], cfg, progress=False)
+    again = second_moments(view, tok, "tiny", fp, [0, 1], cfg, statistics_cache(cache_root()), progress=False)
     for layer in (0, 1):
         assert torch.equal(first[layer], again[layer])
     # A different sample count is a different key, hence a different file (never the old one).
     other = CovarianceConfig(corpus=cfg.corpus, num_samples=3, batch_size=2, max_length=32)
-    second_moments(view, tok, "tiny", fp, [0], other, progress=False)
+    second_moments(view, tok, "tiny", fp, [0], other, statistics_cache(cache_root()), progress=False)
     assert len(sorted(stats_cache.glob("stats/*.pt"))) == 3
     # A file whose stored key differs from the key it is filed under (another model, layer...)
     # is an error, not a silent reuse.
     _, corpus_id = read_corpus(cfg)
     key = cache_key("tiny", fp, view, 0, cfg, corpus_id)
-    blob = torch.load(cache_path(key), weights_only=True)
+    blob = torch.load(statistics_cache(cache_root()).path(key), weights_only=True)
     blob["key"] = {**blob["key"], "layer": 1, "module": view.ffn_out_name(1)}
-    torch.save(blob, cache_path(key))
+    torch.save(blob, statistics_cache(cache_root()).path(key))
     with pytest.raises(StaleCacheError, match="layer"):
-        second_moments(view, tok, "tiny", fp, [0], cfg, progress=False)
+        second_moments(view, tok, "tiny", fp, [0], cfg, statistics_cache(cache_root()), progress=False)
 
 
 def test_fingerprint_changes_with_the_weights():
@@ -154,7 +154,7 @@ def test_cache_key_records_sampling_and_the_resolved_cap(tiny_llama, tmp_path):
     assert base["sample"] == "random" and base["seed"] == 0
     assert base["max_length"] == model.config.max_position_embeddings == 512  # None resolved
     for change in ({"seed": 1}, {"sample": "first"}, {"max_length": 128}):
-        assert cache_path(key(**change)) != cache_path(base), change
+        assert statistics_cache(cache_root()).path(key(**change)) != statistics_cache(cache_root()).path(base), change
     assert key(max_length=512) == base  # the same cap, the same statistics
 
 
@@ -217,5 +217,7 @@ def test_ranks_share_exactly_the_sampled_texts(tiny_llama, tmp_path, monkeypatch
             return t
 
     for rank in range(3):
-        second_moments(view, tok, "tiny", "fp", [0], cfg, progress=False, ranks=FakeRanks(rank))
+        second_moments(
+            view, tok, "tiny", "fp", [0], cfg, statistics_cache(cache_root()), progress=False, ranks=FakeRanks(rank)
+        )
     assert sorted(seen) == sorted(read_corpus(cfg)[0]) and len(seen) == 11

@@ -17,9 +17,10 @@ from editlab.editing.methods.ft import FT
 from editlab.editing.methods.iterative import IterativeEditing
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.rome import ROME
-from editlab.editing.stats import CovarianceConfig, cache_path
+from editlab.editing.stats import CovarianceConfig, statistics_cache
 from editlab.editing.stats_files import StatsFileError, read_stats_file
 from editlab.errors import ConfigError
+from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.tiny import save_tiny, tiny_model
@@ -56,8 +57,8 @@ def cache_entries(cache: Path) -> dict[str, dict]:
 
 def exported(tmp_path, monkeypatch, model: ModelUnderStats, cfg: CovarianceConfig) -> Path:
     use_cache(monkeypatch, tmp_path / "cache_a")
-    compute(model, LAYERS, cfg)
-    export(model, LAYERS, cfg, tmp_path / "out", "editlab stats export out (test)")
+    compute(model, LAYERS, cfg, statistics_cache(cache_root()))
+    export(model, LAYERS, cfg, statistics_cache(cache_root()), tmp_path / "out", "editlab stats export out (test)")
     return tmp_path / "out"
 
 
@@ -73,7 +74,7 @@ def test_export_import_into_a_fresh_cache_is_bit_identical_and_read_without_comp
     assert "editlab stats import DIR" in readme and model.fingerprint in readme
 
     use_cache(monkeypatch, tmp_path / "cache_b")
-    import_(model, LAYERS, cfg, str(out), replace=False, repo_type="model")
+    import_(model, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
     second = cache_entries(tmp_path / "cache_b")
     assert list(second) == list(first)  # the same keys, hence the same file names
     for name, blob in first.items():
@@ -89,13 +90,13 @@ def test_export_import_into_a_fresh_cache_is_bit_identical_and_read_without_comp
     method = MEMIT(LAYERS, covariance=cfg, context=ContextTemplates(count=0))
     method.setup(EditContext(model.lm, model.tok, model.view, model.model_id, model.fingerprint, progress=False))
     for layer, key in model.keys(LAYERS, cfg).items():
-        blob = first[cache_path(key).name]
+        blob = first[statistics_cache(cache_root()).path(key).name]
         assert torch.equal(method.cov[layer], blob["sum"] / blob["count"])
 
     # Importing again: the entries are there and identical, nothing rewritten.
     before = {p.name: p.stat().st_ino for p in (tmp_path / "cache_b" / "stats").glob("*.pt")}
     capsys.readouterr()
-    import_(model, LAYERS, cfg, str(out), replace=False, repo_type="model")
+    import_(model, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
     assert capsys.readouterr().out.count("identical") == len(LAYERS)
     assert {p.name: p.stat().st_ino for p in (tmp_path / "cache_b" / "stats").glob("*.pt")} == before
 
@@ -103,9 +104,9 @@ def test_export_import_into_a_fresh_cache_is_bit_identical_and_read_without_comp
 def test_compute_skips_what_the_cache_holds(tmp_path, monkeypatch, capsys):
     model, cfg = under_stats(), cov_cfg(tmp_path)
     use_cache(monkeypatch, tmp_path / "cache")
-    compute(model, [0], cfg)
+    compute(model, [0], cfg, statistics_cache(cache_root()))
     capsys.readouterr()
-    compute(model, LAYERS, cfg)
+    compute(model, LAYERS, cfg, statistics_cache(cache_root()))
     out = capsys.readouterr().out
     assert "layer 0 (model.layers.0.mlp.down_proj): already in the cache, skipped" in out
     assert "layer 2 (model.layers.2.mlp.down_proj): computed" in out and "tokens/s" in out
@@ -118,7 +119,7 @@ def test_a_file_of_another_model_is_refused_naming_both(tmp_path, monkeypatch):
     other = under_stats(seed=1, model_id="tiny-b")
     use_cache(monkeypatch, tmp_path / "cache_b")
     with pytest.raises(StatsFileError) as err:
-        import_(other, LAYERS, cfg, str(out), replace=False, repo_type="model")
+        import_(other, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
     message = str(err.value)
     assert "\n" not in message
     assert "'tiny-a'" in message and "'tiny-b'" in message and other.fingerprint in message
@@ -131,7 +132,7 @@ def test_another_lm_dtype_is_refused(tmp_path, monkeypatch):
     bf16 = under_stats()
     bf16 = ModelUnderStats(bf16.lm, bf16.tok, bf16.view, "tiny", bf16.fingerprint, "bfloat16", "cpu")
     with pytest.raises(StatsFileError, match="in float32 cannot be imported for the model in bfloat16"):
-        import_(bf16, LAYERS, cfg, str(out), replace=False, repo_type="model")
+        import_(bf16, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
 
 
 def test_other_settings_are_refused_naming_the_difference(tmp_path, monkeypatch):
@@ -139,11 +140,19 @@ def test_other_settings_are_refused_naming_the_difference(tmp_path, monkeypatch)
     out = exported(tmp_path, monkeypatch, model, cfg)
     use_cache(monkeypatch, tmp_path / "cache_b")
     with pytest.raises(StatsFileError, match="num_samples: file 8, this config 6"):
-        import_(model, LAYERS, cov_cfg(tmp_path, num_samples=6), str(out), replace=False, repo_type="model")
+        import_(
+            model,
+            LAYERS,
+            cov_cfg(tmp_path, num_samples=6),
+            statistics_cache(cache_root()),
+            str(out),
+            replace=False,
+            repo_type="model",
+        )
     with pytest.raises(StatsFileError, match=r"layer 1 \(model.layers.1.mlp.down_proj\)"):
-        import_(model, [1], cfg, str(out), replace=False, repo_type="model")
+        import_(model, [1], cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
     # A subset of the exported layers is fine; the other file is named as not imported.
-    import_(model, [2], cfg, str(out), replace=False, repo_type="model")
+    import_(model, [2], cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
     assert [p.name.startswith("mom2_l2_") for p in (tmp_path / "cache_b" / "stats").glob("*.pt")] == [True]
 
 
@@ -166,7 +175,15 @@ def test_an_edited_or_damaged_file_is_refused(tmp_path, monkeypatch):
     rewrite(files[0], key=json.dumps({**key, "num_samples": 6}, sort_keys=True))
     use_cache(monkeypatch, tmp_path / "cache_b")
     with pytest.raises(StatsFileError, match="changed after export"):
-        import_(model, LAYERS, cov_cfg(tmp_path, num_samples=6), str(out), replace=False, repo_type="model")
+        import_(
+            model,
+            LAYERS,
+            cov_cfg(tmp_path, num_samples=6),
+            statistics_cache(cache_root()),
+            str(out),
+            replace=False,
+            repo_type="model",
+        )
     # One flipped bit in the tensors too.
     sum_ = read_stats_file(files[1]).moment.sum.clone()
     sum_.view(torch.int64)[0, 0] ^= 1
@@ -182,7 +199,7 @@ def test_an_edited_or_damaged_file_is_refused(tmp_path, monkeypatch):
 def test_export_needs_the_statistics_in_the_cache(tmp_path, monkeypatch):
     use_cache(monkeypatch, tmp_path / "empty")
     with pytest.raises(StatsFileError, match="run editlab stats compute with the same options first"):
-        export(under_stats(), LAYERS, cov_cfg(tmp_path), tmp_path / "out", "x")
+        export(under_stats(), LAYERS, cov_cfg(tmp_path), statistics_cache(cache_root()), tmp_path / "out", "x")
     assert not (tmp_path / "out").exists()
 
 

@@ -12,9 +12,10 @@ a request does not depend on the rest of its batch, see tests/test_targets.py), 
 needs no look at the whole stream before the first step (the method sees one step at a time), no
 up-front pass over thousands of requests before the first edit, and costs one copy of the edited
 matrices (GPT-J, 6 layers in fp32: 1.6 GB) and two copies of them per step. Computed z are kept
-in memory and on disk (:class:`TargetCache`), so a second run with the same z settings (an
-ablation over λ, p, alpha) skips the optimisation altogether, which is what precomputing bought
-the authors. Residuals are taken against the current model by the caller.
+in memory and on disk (:class:`TargetCache`, its files under ``<cache root>/targets``), so a
+second run with the same z settings (an ablation over λ, p, alpha) skips the optimisation
+altogether, which is what precomputing bought the authors. Residuals are taken against the current
+model by the caller.
 
 The cache key holds everything that changes z: the model (id, θ₀ fingerprint, dtype), the z
 layer and its module, the context templates, every field of TargetConfig, the request's prompt,
@@ -26,15 +27,12 @@ from the wanted one is an error, never used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from editlab.editing.stats import StaleCacheError
 from editlab.editing.targets import (
     ClusterTargetResult,
     ExtraRow,
@@ -44,13 +42,14 @@ from editlab.editing.targets import (
     optimize_cluster_targets,
     optimize_targets,
 )
-from editlab.files import save_torch_atomic
+from editlab.keyed_cache import KeyedCache
+from editlab.keyed_cache import key_digest as digest_of
 from editlab.models.arch import ModelView
-from editlab.models.load import cache_root
 from editlab.models.weights import read_weight, set_weight
 from editlab.types import EditRequest
 
 Z_CACHE_VERSION = 1
+Z_DIGEST_CHARS = 32  # of the key's hash in the file names
 
 
 class OriginalWeights:
@@ -108,39 +107,37 @@ def z_settings(cfg: TargetConfig) -> dict:
 
 
 def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return digest_of(key, Z_DIGEST_CHARS)
+
+
+def z_cache_files(root: Path) -> KeyedCache:
+    """The z files' keyed cache under the cache root ``root`` (file names as ever:
+    ``targets/z_l<layer>_<32 hex digits>.pt``)."""
+    return KeyedCache(root / "targets", "z", Z_DIGEST_CHARS, "z cache")
 
 
 class TargetCache:
-    """z per request, in memory and (``disk``) under ``<EDITLAB_CACHE>/targets``; a stored key
-    that differs from the wanted one raises :class:`StaleCacheError`."""
+    """z per request, in memory and (unless ``files`` is None) on disk in ``files``; a stored key
+    that differs from the wanted one raises editlab.keyed_cache.StaleCacheError."""
 
-    def __init__(self, disk: bool = True) -> None:
-        self.disk = disk
+    def __init__(self, files: KeyedCache | None) -> None:
+        self.files = files
         self.memory: dict[str, dict] = {}
-
-    @staticmethod
-    def path(key: dict) -> Path:
-        return cache_root() / "targets" / f"z_l{key['layer']}_{key_digest(key)}.pt"
 
     def get(self, key: dict) -> dict | None:
         digest = key_digest(key)
         if digest in self.memory:
             return self.memory[digest]
-        path = self.path(key)
-        if not self.disk or not path.exists():
-            return None
-        blob = torch.load(path, weights_only=True, map_location="cpu")
-        if blob.get("key") != key:
-            raise StaleCacheError(f"z cache {path} holds another key than this run's; delete it")
-        self.memory[digest] = blob
+        blob = self.files.load(key) if self.files is not None else None
+        if blob is not None:
+            self.memory[digest] = blob
         return blob
 
     def put(self, key: dict, entry: dict) -> None:
-        blob = {"key": key, **{k: v.detach().cpu() for k, v in entry.items()}}
-        self.memory[key_digest(key)] = blob
-        if self.disk:
-            save_torch_atomic(blob, self.path(key))
+        payload = {k: v.detach().cpu() for k, v in entry.items()}
+        self.memory[key_digest(key)] = {"key": key, **payload}
+        if self.files is not None:
+            self.files.save(key, payload)
 
 
 def rewound_target_rows(

@@ -4,10 +4,10 @@ As ``rome/layer_stats.py`` (the statistics of every released MEMIT-family method
 default: texts drawn at random from the corpus (seeded here; ``random_sample=1`` there), each cut
 at the model's context length.
 
-The cache file name is a hash of a key holding everything that changes the result (model
-identity and weights fingerprint, layer and module, corpus identity, sampling rule and seed,
-sample count, token cap, dtype). The key is stored in the file and compared on load: a file whose
-key differs is an error, never silently reused.
+The cache (editlab.keyed_cache, under ``<cache root>/stats``) names a file by a hash of a key
+holding everything that changes the result (model identity and weights fingerprint, layer and
+module, corpus identity, sampling rule and seed, sample count, token cap, dtype). The key is stored
+in the file and compared on load: a file whose key differs is an error, never silently reused.
 """
 
 from __future__ import annotations
@@ -27,17 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from editlab.distributed import Ranks
-from editlab.files import save_torch_atomic
+from editlab.keyed_cache import KeyedCache, key_digest
 from editlab.models.arch import ModelView
-from editlab.models.load import cache_root
 from editlab.models.trace import trace
 from editlab.numerics import numerics
 
 STATS_VERSION = 2  # 2: random sampling, seed and the resolved token cap in the key
-
-
-class StaleCacheError(RuntimeError):
-    pass
+STATS_DIGEST_CHARS = 24  # of the key's hash in the file names (cache and exported files)
 
 
 @dataclass
@@ -207,37 +203,28 @@ def cache_key(
     }
 
 
-def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+def statistics_cache(root: Path) -> KeyedCache:
+    """The statistics' keyed cache under the cache root ``root`` (file names as ever:
+    ``stats/mom2_l<layer>_<24 hex digits>.pt``)."""
+    return KeyedCache(root / "stats", "mom2", STATS_DIGEST_CHARS, "covariance cache")
 
 
-def cache_path(key: dict) -> Path:
-    return cache_root() / "stats" / f"mom2_l{key['layer']}_{key_digest(key)}.pt"
+def stats_digest(key: dict) -> str:
+    return key_digest(key, STATS_DIGEST_CHARS)
 
 
-def load_cached(path: Path, key: dict) -> SecondMoment | None:
-    if not path.exists():
+def load_cached(cache: KeyedCache, key: dict) -> SecondMoment | None:
+    blob = cache.load(key)
+    if blob is None:
         return None
-    try:
-        blob = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # truncated or foreign file: unpickling errors of many kinds
-        raise StaleCacheError(f"covariance cache {path} is unreadable ({type(err).__name__}): delete it") from err
-    stored = blob.get("key") if isinstance(blob, dict) else None
-    if stored != key:
-        diff = {
-            k: (stored.get(k) if isinstance(stored, dict) else None, key[k])
-            for k in key
-            if not isinstance(stored, dict) or stored.get(k) != key[k]
-        }
-        raise StaleCacheError(f"covariance cache {path} does not match this run (stored, wanted): {diff}; delete it")
     mom = SecondMoment(blob["sum"].shape[0], blob["sum"].dtype, "cpu")
     mom.sum, mom.count, mom.made_with = blob["sum"], int(blob["count"]), blob.get("made_with")
     return mom
 
 
-def save_cached(path: Path, key: dict, mom: SecondMoment) -> None:
+def save_cached(cache: KeyedCache, key: dict, mom: SecondMoment) -> None:
     made_with = mom.made_with or {**numerics(), "device": str(mom.sum.device)}  # an import keeps the file's
-    save_torch_atomic({"key": key, "sum": mom.sum.cpu(), "count": mom.count, "made_with": made_with}, path)
+    cache.save(key, {"sum": mom.sum.cpu(), "count": mom.count, "made_with": made_with})
 
 
 @torch.no_grad()
@@ -307,13 +294,19 @@ class CacheFill:
 
 
 def cached_entries(
-    view: ModelView, model_id: str, fingerprint: str, layers: list[int], cfg: CovarianceConfig, read: bool
+    view: ModelView,
+    model_id: str,
+    fingerprint: str,
+    layers: list[int],
+    cfg: CovarianceConfig,
+    cache: KeyedCache,
+    read: bool,
 ):
     """The corpus sample, each layer's cache key, and each layer's cached moment (None where the
     cache lacks it, or everywhere when ``read`` is off)."""
     texts, corpus_id = read_corpus(cfg)
     keys = layer_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
-    found = {layer: load_cached(cache_path(k), k) if read else None for layer, k in keys.items()}
+    found = {layer: load_cached(cache, k) if read else None for layer, k in keys.items()}
     return texts, keys, found
 
 
@@ -324,14 +317,15 @@ def fill_cache(
     fingerprint: str,
     layers: list[int],
     cfg: CovarianceConfig,
+    cache: KeyedCache,
     progress: bool = True,
     report: Callable[[int, int], None] | None = None,
 ) -> CacheFill:
     """Compute into the disk cache the statistics of every layer of ``layers`` it lacks (one
     process: ``editlab stats compute``), the same entries :func:`second_moments` reads and writes."""
     # The cache is what this fills, whatever covariance.use_cache says for fits.
-    texts, keys, found = cached_entries(view, model_id, fingerprint, layers, cfg, read=True)
-    paths = {layer: cache_path(key) for layer, key in keys.items()}
+    texts, keys, found = cached_entries(view, model_id, fingerprint, layers, cfg, cache, read=True)
+    paths = {layer: cache.path(key) for layer, key in keys.items()}
     cached = [layer for layer in layers if found[layer] is not None]
     missing = [layer for layer in layers if layer not in cached]
     fill = CacheFill(keys, cached, missing, paths=paths)
@@ -341,7 +335,7 @@ def fill_cache(
         fill.seconds = time.perf_counter() - started
         fill.texts, fill.tokens = len(texts), moms[missing[0]].count
         for layer in missing:
-            save_cached(paths[layer], keys[layer], moms[layer])
+            save_cached(cache, keys[layer], moms[layer])
     return fill
 
 
@@ -352,6 +346,7 @@ def second_moments(
     fingerprint: str,
     layers: list[int],
     cfg: CovarianceConfig,
+    cache: KeyedCache,
     progress: bool = True,
     ranks: Ranks = Ranks(),
 ) -> dict[int, torch.Tensor]:
@@ -360,7 +355,7 @@ def second_moments(
     With several ranks each accumulates every world-th text of the sample (which every rank draws
     identically: :func:`sample_order` has its own seeded generator) and the sums and counts are
     all-reduced, so every rank gets the whole sample's moment; only rank 0 writes the cache."""
-    texts, keys, found = cached_entries(view, model_id, fingerprint, layers, cfg, read=cfg.use_cache)
+    texts, keys, found = cached_entries(view, model_id, fingerprint, layers, cfg, cache, read=cfg.use_cache)
     missing = [layer for layer in layers if found[layer] is None]
     # Every rank must take part in the same reductions: compute what any rank lacks.
     missing = sorted({layer for part in ranks.all_gather_object(missing) for layer in part})
@@ -372,7 +367,7 @@ def second_moments(
             mom.count = int(ranks.all_reduce_sum(count).item())
             found[layer] = mom
             if cfg.use_cache and ranks.is_main:
-                save_cached(cache_path(keys[layer]), keys[layer], mom)
+                save_cached(cache, keys[layer], mom)
         ranks.barrier()
     device = "cpu" if cfg.offload else view.device
     return {layer: found[layer].mean().to(device) for layer in layers}

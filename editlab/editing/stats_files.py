@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from editlab.editing.stats import STATS_VERSION, SecondMoment, cache_path, key_digest, load_cached, save_cached
+from editlab.editing.stats import STATS_VERSION, SecondMoment, load_cached, save_cached, stats_digest
 from editlab.files import save_safetensors_atomic, write_text_atomic
+from editlab.keyed_cache import KeyedCache
 
 STATS_FORMAT = "editlab-stats"
 
@@ -38,7 +39,7 @@ class StatsFile:
 
 
 def stats_file_name(key: dict) -> str:
-    return f"mom2_l{key['layer']}_{key_digest(key)}.safetensors"
+    return f"mom2_l{key['layer']}_{stats_digest(key)}.safetensors"
 
 
 def content_digest(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
@@ -171,13 +172,13 @@ def plan_import(files: list[StatsFile], wanted: dict[int, dict], lm_dtype: str) 
     return ImportPlan(chosen, skipped)
 
 
-def import_into_cache(plan: ImportPlan, replace: bool) -> dict[int, str]:
-    """Write the chosen files into the cache (each atomically); an entry already there is kept
-    unless ``replace``. Returns what happened to each layer, in words."""
+def import_into_cache(plan: ImportPlan, cache: KeyedCache, replace: bool) -> dict[int, str]:
+    """Write the chosen files into the statistics cache ``cache`` (each atomically); an entry
+    already there is kept unless ``replace``. Returns what happened to each layer, in words."""
     done: dict[int, str] = {}
     for layer, file in sorted(plan.chosen.items()):
-        path = cache_path(file.key)
-        there = None if replace else load_cached(path, file.key)
+        path = cache.path(file.key)
+        there = None if replace else load_cached(cache, file.key)
         if there is not None:
             same = there.count == file.moment.count and torch.equal(there.sum, file.moment.sum)
             done[layer] = (
@@ -187,20 +188,22 @@ def import_into_cache(plan: ImportPlan, replace: bool) -> dict[int, str]:
                 "kept; --replace true replaces it"
             )
             continue
-        save_cached(path, file.key, file.moment)
+        save_cached(cache, file.key, file.moment)
         done[layer] = f"imported into {path}"
     return done
 
 
-def export_from_cache(directory: Path, keys: dict[int, dict], info: dict[str, str]) -> list[StatsFile]:
-    """Write the cache entries of ``keys`` (layer -> cache key) into ``directory``; all of them
-    must be in the cache (nothing is written otherwise)."""
+def export_from_cache(
+    directory: Path, cache: KeyedCache, keys: dict[int, dict], info: dict[str, str]
+) -> list[StatsFile]:
+    """Write the entries of ``keys`` (layer -> cache key) in the statistics cache ``cache`` into
+    ``directory``; all of them must be in the cache (nothing is written otherwise)."""
     found: dict[int, SecondMoment] = {}
     for layer, key in keys.items():
-        mom = load_cached(cache_path(key), key)
+        mom = load_cached(cache, key)
         if mom is None:
             raise StatsFileError(
-                f"the statistics of layer {layer} under this config are not in the cache ({cache_path(key)}): "
+                f"the statistics of layer {layer} under this config are not in the cache ({cache.path(key)}): "
                 "run editlab stats compute with the same options first"
             )
         found[layer] = mom

@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from editlab.keyed_cache import cache_root
+
 DType = Literal["float32", "bfloat16", "float16"]
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,10 +26,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EDITLAB_CACHE", Path.home() / ".cache" / "editlab"))
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
 
 from editlab.distributed import Ranks, map_rows
+from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight, set_weight
 from editlab.types import EditRequest, EditResult
@@ -29,6 +31,7 @@ class EditContext:
     seed: int = 0
     progress: bool = True
     ranks: Ranks = field(default_factory=Ranks)
+    cache_root: Path = field(default_factory=cache_root)  # of the keyed disk caches (statistics, z)
 
     def per_request(self, requests: list[EditRequest], fn: Callable[[list[EditRequest]], T]) -> T:
         """``fn`` on this rank's share of the requests, rows of every rank gathered in request
@@ -117,12 +120,20 @@ class KeyValueMethod(EditMethod):
 
     def setup(self, ctx: EditContext) -> None:
         from editlab.editing.context import make_context_templates
-        from editlab.editing.stats import second_moments
+        from editlab.editing.stats import second_moments, statistics_cache
 
         ctx.view.check_layers(self.layers)
         self.templates = make_context_templates(ctx.model, ctx.tok, self.context, ctx.seed)
         self.cov = second_moments(
-            ctx.view, ctx.tok, ctx.model_id, ctx.fingerprint, self.layers, self.covariance, ctx.progress, ctx.ranks
+            ctx.view,
+            ctx.tok,
+            ctx.model_id,
+            ctx.fingerprint,
+            self.layers,
+            self.covariance,
+            statistics_cache(ctx.cache_root),
+            ctx.progress,
+            ctx.ranks,
         )
 
     def covariance_statistics(self) -> tuple[list[int], object] | None:

@@ -42,7 +42,13 @@ from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
-from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_cluster_targets, rewound_target_rows
+from editlab.editing.rewind import (
+    OriginalWeights,
+    TargetCache,
+    rewound_cluster_targets,
+    rewound_target_rows,
+    z_cache_files,
+)
 from editlab.editing.solve import preserve_matrix, submatrix_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ClusterTargetResult, TargetConfig, TargetResult
@@ -161,7 +167,7 @@ class ECE(KeyValueMethod):
         self.clusters = clusters
         self.shared_steps, self.instance_steps = split
         self.original: OriginalWeights | None = None
-        self.cache = TargetCache(disk=z_cache)
+        self.cache = TargetCache(None)  # in memory; setup gives it its files under the cache root
 
     @property
     def name(self) -> str:
@@ -172,6 +178,7 @@ class ECE(KeyValueMethod):
         super().setup(ctx)
         # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
         self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
+        self.cache = TargetCache(z_cache_files(ctx.cache_root) if self.z_cache else None)
 
     def clustering_attribution(self) -> NeuronAttribution:
         if self.cluster_neurons is not None:

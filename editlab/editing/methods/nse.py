@@ -29,7 +29,7 @@ from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.neurons import ActivationScore, NeuronAttribution
-from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_target_rows
+from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_target_rows, z_cache_files
 from editlab.editing.solve import preserve_matrix, submatrix_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, TargetResult
@@ -90,7 +90,7 @@ class NSE(KeyValueMethod):
         self.rewind = rewind
         self.z_cache = z_cache
         self.original: OriginalWeights | None = None
-        self.cache = TargetCache(disk=z_cache)
+        self.cache = TargetCache(None)  # in memory; setup gives it its files under the cache root
 
     @property
     def name(self) -> str:
@@ -101,6 +101,7 @@ class NSE(KeyValueMethod):
         super().setup(ctx)
         # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
         self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
+        self.cache = TargetCache(z_cache_files(ctx.cache_root) if self.z_cache else None)
 
     def targets_for(self, ctx: EditContext, requests: list[EditRequest]) -> tuple[TargetResult, int]:
         """z of ``requests`` (on θ₀ with rewinding) and how many came from the z cache."""
