@@ -362,6 +362,7 @@ def test_weight_norm_tracker_follows_each_method(kind, tmp_path, stats_cache):
         assert logged[0][f"weight_norm/l{layer}/rel_l1_delta"] > 0
 
 
+@pytest.mark.slow  # starts processes
 def test_cli_run_tracks_the_weight_norm_of_rome_s_layer(tmp_path):
     # End to end: the WeightNormTracker callback reads method.edited_layers() (ROME: one layer).
     import json

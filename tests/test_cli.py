@@ -74,6 +74,7 @@ def run_cli(
     )
 
 
+@pytest.mark.slow  # starts processes
 def test_tiny_fit_writes_results_into_the_run_dir(tmp_path):
     proc = run_cli(tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz")), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,6 +103,7 @@ def test_tiny_fit_writes_results_into_the_run_dir(tmp_path):
     assert "edit/z_loss" in metrics[0] and len(metrics) >= 3  # header + one row per step (+ final)
 
 
+@pytest.mark.slow  # starts processes
 def test_bad_record_fails_before_the_model_loads(tmp_path):
     with gzip.open(SHARED_DATA / "multi_counterfact.json.gz", "rt") as f:
         data = json.load(f)[:4]
@@ -114,6 +116,7 @@ def test_bad_record_fails_before_the_model_loads(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.slow  # starts processes
 def test_unknown_model_type_is_named(tmp_path):
     from transformers import AutoModelForCausalLM, OPTConfig
 
@@ -139,6 +142,7 @@ def test_unknown_model_type_is_named(tmp_path):
     assert "unknown model_type 'opt'" in proc.stderr
 
 
+@pytest.mark.slow  # starts processes
 def test_wandb_offline_run_records_the_step_metrics(tmp_path):
     run = tmp_path / "run"
     args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))
@@ -169,6 +173,7 @@ def test_wandb_offline_run_records_the_step_metrics(tmp_path):
         assert sum(name.startswith(f"{key}_") for name in logged) == 1, (key, logged)
 
 
+@pytest.mark.slow  # starts processes
 def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp_path):
     data = str(SHARED_DATA / "multi_counterfact.json.gz")
     proc = run_cli(tiny_args(tmp_path, data, **{"--model.export": "true"}), tmp_path)
@@ -195,6 +200,7 @@ def test_export_then_editlab_test_reproduces_the_metrics_and_report_compares(tmp
     assert "run" in table and "tested" in table
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize(
     ("timing", "expected"),
     [("immediate", ["pre", "immediate", "immediate"]), ("periodic", ["pre", "periodic", "periodic"])],
@@ -214,6 +220,7 @@ def test_timing_modes_are_recorded(tmp_path, timing, expected):
     assert {c["timing"] for c in cases} == {timing} and len(cases) == 4
 
 
+@pytest.mark.slow  # starts processes
 def test_evaluation_pre_false_skips_only_the_before_evaluation(tmp_path):
     data = str(SHARED_DATA / "multi_counterfact.json.gz")
     with_pre = run_cli(tiny_args(tmp_path, data, **{"--model.evaluation.fluency": "false"}), tmp_path)
@@ -311,6 +318,7 @@ def hold_lock(run: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # starts processes
 def test_directory_in_use_is_one_error_line(tmp_path, capsys):
     from editlab.runlock import lock_path, parse_lock
 
@@ -332,6 +340,7 @@ def test_directory_in_use_is_one_error_line(tmp_path, capsys):
         holder.wait()
 
 
+@pytest.mark.slow  # starts processes
 def test_a_stale_lock_is_taken_over_and_released(tmp_path):
     import socket
 

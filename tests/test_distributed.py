@@ -90,6 +90,7 @@ def _gather_worker(rank: int, world: int, port: int, out: dict) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # starts processes
 def test_two_gloo_processes_share_and_gather():
     with mp.Manager() as manager:
         out = manager.dict()
@@ -132,6 +133,7 @@ def test_every_rank_must_resume_from_rank_zeros_point(points, bad_rank):
         check_same_resume_point(points, "run/checkpoints/edit_state.pt")
 
 
+@pytest.mark.slow  # starts processes
 def test_a_node_without_the_edit_state_stops_every_rank():
     """A second node that cannot see the run directory (no edit state: it would start over while
     rank 0 continues) makes both ranks raise the same error, rather than one edit a mixed batch or
@@ -145,6 +147,7 @@ def test_a_node_without_the_edit_state_stops_every_rank():
                              "no edit state and starts from the first step")  # fmt: skip
 
 
+@pytest.mark.slow  # starts processes
 @pytest.mark.parametrize("method", ["memit", "ece"])
 def test_two_process_cpu_run_edits_like_one_process(tmp_path, method):
     data = str(SHARED_DATA / "multi_counterfact.json.gz")
@@ -191,6 +194,7 @@ def test_which_process_is_rank_zero_before_lightning_starts(env, zero):
     assert is_rank_zero_process(env) is zero
 
 
+@pytest.mark.slow  # starts processes
 def test_a_second_srun_task_shares_the_first_ones_lock(tmp_path, monkeypatch):
     """Under ``srun`` every task runs the same ``editlab fit``; only SLURM_PROCID tells them apart.
     Task 1 must not take (and so be refused) the run directory that task 0 holds."""

@@ -348,6 +348,7 @@ def test_iterative_neighbour_assisted_memit_edits_smollm2_on_counterfact():
     assert res.scalars["neighbor_rows"] + res.scalars["neighbor_missing"] >= len(reqs)
 
 
+@pytest.mark.slow  # starts processes
 def test_cli_runs_nse_and_neighbour_assisted_iterative_memit_and_records_their_steps(tmp_path):
     from test_cli import run_cli, tiny_args
 

@@ -120,6 +120,7 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert ra == rb
 
 
+@pytest.mark.slow  # starts processes
 def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monkeypatch):
     monkeypatch.setenv("EDITLAB_CACHE", str(base / "cache"))
     marker = base / "in_step_6"
@@ -162,6 +163,7 @@ def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monke
     assert "nothing to resume" in refused(args(base, "killed", "--ckpt_path", "last"), capsys)
 
 
+@pytest.mark.slow  # starts processes
 def test_same_config_and_seed_give_the_same_run(base, full):
     # --ckpt_path last in a new directory: nothing to resume, a first run (restartable jobs).
     again = fit(base, args(base, "again", "--ckpt_path", "last"))
@@ -173,6 +175,7 @@ def test_same_config_and_seed_give_the_same_run(base, full):
     assert_same_results(full, base / "again")
 
 
+@pytest.mark.slow  # starts processes
 def test_checkpoint_after_the_last_step_redoes_only_the_final_evaluation(base, full):
     # As if the process had died in the final evaluation: the final edit state and the config, no results.
     run = base / "final_crash"
@@ -190,6 +193,7 @@ def test_checkpoint_after_the_last_step_redoes_only_the_final_evaluation(base, f
         assert jsonl(full / name) == jsonl(run / name), name
 
 
+@pytest.mark.slow  # starts processes
 def test_resuming_with_another_thread_count_says_so(base, full):
     # The bits depend on the thread count: the run records it, and a resumption with another one
     # is told that its results will not be bit-identical to an uninterrupted run's.
