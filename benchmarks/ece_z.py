@@ -36,7 +36,7 @@ import torch
 from editlab.data.sources import load_requests
 from editlab.editing.context import ContextTemplates, make_context_templates
 from editlab.editing.methods.base import EditContext
-from editlab.editing.methods.ece import ECE
+from editlab.editing.methods.ece import ECE, ECETargets
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
 from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache
 from editlab.editing.targets import TargetConfig, TargetResult, optimize_cluster_targets, optimize_targets
@@ -175,10 +175,11 @@ def scored_then_restored(
     return dict(metrics) if keys is None else {k: metrics[k] for k in keys}
 
 
-def efficacy_after_update(ece: ECE, ctx: EditContext, requests, z: torch.Tensor, plan) -> dict:
-    """Write ECE's update towards z on the current (unedited) weights, score the rewrite prompts,
+def efficacy_after_update(ece: ECE, ctx: EditContext, requests, res: TargetResult, plan) -> dict:
+    """Write ECE's update towards res.z on the current (unedited) weights, score the rewrite prompts,
     put the weights back. Efficacy only: the benchmark compares z, not the stream."""
-    return scored_then_restored(ctx.view, ctx.tok, ece.layers, requests, lambda: ece.spread(ctx, requests, z, plan))
+    targets = ECETargets(plan, res)
+    return scored_then_restored(ctx.view, ctx.tok, ece.layers, requests, lambda: ece.spread(ctx, requests, targets))
 
 
 def sync(device: str) -> None:
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": sec_inst,
         **work_inst,
         **quality(per_instance, bound),
-        **efficacy_after_update(ece, ctx, requests, per_instance.z, plan),
+        **efficacy_after_update(ece, ctx, requests, per_instance, plan),
     }
 
     entries = []
@@ -296,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         anchor = two_step.is_anchor.cpu()
         # How far ECE's z lands from the per-instance z, relative to the per-instance shift ‖z − h‖.
         gap = (two_step.z - per_instance.z).norm(dim=1) / (per_instance.z - per_instance.h).norm(dim=1).clamp_min(1e-12)
-        eff = efficacy_after_update(ece, ctx, requests, two_step.z, plan)
+        eff = efficacy_after_update(ece, ctx, requests, two_step, plan)
         entries.append(
             {
                 "shared_steps": shared,

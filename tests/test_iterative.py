@@ -14,6 +14,7 @@ from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import iterative as iterative_module
 from editlab.editing.methods import memit as memit_module
 from editlab.editing.methods.base import EditContext
+from editlab.editing.methods.ece import ECE
 from editlab.editing.methods.iterative import (
     IterativeEditing,
     NeighborAssist,
@@ -24,6 +25,7 @@ from editlab.editing.methods.iterative import (
     target_nll,
 )
 from editlab.editing.methods.memit import MEMIT
+from editlab.editing.methods.nse import NSE
 from editlab.editing.methods.stages import Spread, StagedMethod
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, descend_offsets, optimize_targets
@@ -164,6 +166,74 @@ def test_one_iteration_is_memit(tmp_path, stats_cache):
     for layer in memit.layers:
         torch.testing.assert_close(read_weight(ctx.view.ffn_out(layer)), read_weight(ctx2.view.ffn_out(layer)))
         torch.testing.assert_close(memit.cache_c[layer], plain.cache_c[layer])
+
+
+# -- iterative ECE and NSE (both StagedMethods) ------------------------------------------------
+def make_neuron_method(tmp_path, kind: str):
+    """A tiny ECE or NSE (every request passed: alpha 0) on the peaky model, z not cached on disk,
+    not yet set up."""
+    model, tok = peaky_model()
+    ctx = EditContext(model, tok, ModelView.of(model), "tiny", model_fingerprint(model), seed=0, progress=False)
+    common = dict(
+        layers=[0, 1],
+        mom2_weight=0.01,
+        z_cache=False,
+        targets=TARGETS,
+        context=ContextTemplates(count=1, length=3),
+        covariance=CovarianceConfig(corpus=corpus_file(tmp_path), num_samples=20, batch_size=8),
+    )
+    if kind == "ece":
+        return ctx, ECE(**common)
+    return ctx, NSE(alpha=0.0, upper_bound=1e9, **common)
+
+
+@pytest.mark.parametrize("kind", ["ece", "nse"])
+def test_iterative_ece_and_nse_run_every_iteration_and_cache_the_step_once(kind, tmp_path, stats_cache):
+    ctx, method = make_neuron_method(tmp_path, kind)
+    it = IterativeEditing(method, epsilon=0.0, max_iterations=2)  # ε = 0: both iterations run
+    it.setup(ctx)
+    commits = []
+    real_commit = method.commit
+    method.commit = lambda spread: commits.append(spread) or real_commit(spread)
+    before = {layer: read_weight(ctx.view.ffn_out(layer)).clone() for layer in method.layers}
+    res = it.apply(ctx, facts())
+    its = res.details["iterations"]
+    assert [i["iteration"] for i in its] == [1, 2] and res.scalars["iter_iterations"] == 2
+    for record in its:
+        assert record["delta_p"] == pytest.approx(record["p_after"] - record["p_ideal"])
+        assert all(f"delta_norm/l{layer}" in record for layer in method.layers)
+    assert ("nse_passes" in its[0]) == (kind == "nse") and ("neurons/l0" in its[0])
+    # One commit, of the last iteration's spread: the step's keys enter the cache once.
+    assert len(commits) == 1
+    assert set(method.cache_c) == set(method.layers)
+    for layer in method.layers:
+        assert torch.equal(method.cache_c[layer], commits[0].pending[layer])
+        assert not torch.equal(read_weight(ctx.view.ffn_out(layer)), before[layer])
+
+
+@pytest.mark.parametrize("kind", ["ece", "nse"])
+def test_one_iteration_of_iterative_ece_and_nse_is_the_method_bit_for_bit(kind, tmp_path, stats_cache):
+    ctx, method = make_neuron_method(tmp_path, kind)
+    wrapper = IterativeEditing(method, max_iterations=1, track_accuracy=False)
+    wrapper.setup(ctx)
+    wrapped = wrapper.apply(ctx, facts())
+    ctx2, plain = make_neuron_method(tmp_path, kind)
+    plain.setup(ctx2)
+    alone = plain.apply(ctx2, facts())
+    for layer in plain.layers:
+        assert torch.equal(read_weight(ctx.view.ffn_out(layer)), read_weight(ctx2.view.ffn_out(layer)))
+        assert torch.equal(method.cache_c[layer], plain.cache_c[layer])
+        assert wrapped.scalars[f"delta_norm/l{layer}"] == alone.scalars[f"delta_norm/l{layer}"]
+    assert wrapped.scalars["z_nll"] == alone.scalars["z_nll"]
+
+
+@pytest.mark.parametrize("kind", ["ece", "nse"])
+def test_ece_and_nse_refuse_neighbour_rows(kind, tmp_path, stats_cache):
+    ctx, method = make_neuron_method(tmp_path, kind)
+    method.setup(ctx)
+    extra = [ExtraRow(0, "{} is located in the city of", "The Louvre", "Paris", 1.0)]
+    with pytest.raises(ValueError, match="does not take extra"):
+        method.compute_targets(ctx, facts(), extra)
 
 
 def test_failed_step_restores_the_weights(tmp_path, stats_cache, monkeypatch):

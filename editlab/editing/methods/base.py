@@ -11,6 +11,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 
 from editlab.distributed import Ranks, map_rows
+from editlab.editing.solve import preserve_matrix
 from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight, set_weight
@@ -138,6 +139,11 @@ class KeyValueMethod(EditMethod):
 
     def covariance_statistics(self) -> tuple[list[int], object] | None:
         return list(self.layers), self.covariance
+
+    def preserve(self, layer: int) -> torch.Tensor:
+        """P = λC + Σ past KKᵀ of ``layer`` [d_ff, d_ff], float64 on C's device: the preserved-key
+        moment of the solves (solve.preserve_matrix)."""
+        return preserve_matrix(self.cov[layer], self.mom2_weight, self.cache_c.get(layer))
 
     def accumulate(self, new_kk: dict[int, torch.Tensor]) -> None:
         """cache[l] += K_l K_lᵀ once a step has been fully applied (kept beside C: on the CPU

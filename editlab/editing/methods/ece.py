@@ -24,6 +24,8 @@ One step, in order:
      MEMIT, ΔW zero outside I_l's columns (eq. 14/19) with P = λC + Σ past KKᵀ, W_l += ΔW;
   6. cache_c[l] += K_l K_lᵀ (full d_ff), so this step's keys are preserved by later steps.
 The clusters come from the keys of step 1 (the current weights), as the paper's stage order has it.
+As a StagedMethod (methods/stages.py): compute_targets is steps 1-4, spread step 5 (the MEMIT-family
+loop with the neuron-restricted solve), commit step 6, so IterativeEditing can wrap ECE.
 """
 
 from __future__ import annotations
@@ -32,15 +34,14 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Literal
 
 import torch
 
 from editlab.editing.cluster import Clustering, cluster_sets
 from editlab.editing.context import ContextTemplates
-from editlab.editing.keys import keys_and_outputs
-from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
+from editlab.editing.methods.base import EditContext, KeyValueMethod
+from editlab.editing.methods.stages import Spread, StagedMethod, layer_keys, layer_residual, spread_over_layers
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
 from editlab.editing.rewind import (
     OriginalWeights,
@@ -49,10 +50,10 @@ from editlab.editing.rewind import (
     rewound_target_rows,
     z_cache_files,
 )
-from editlab.editing.solve import preserve_matrix, submatrix_delta
+from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import ClusterTargetResult, TargetConfig, TargetResult
-from editlab.models.weights import add_delta, read_weight
+from editlab.editing.targets import ClusterTargetResult, ExtraRow, TargetConfig, TargetResult
+from editlab.models.weights import read_weight
 from editlab.types import EditRequest, EditResult
 
 ZMode = Literal["per_request", "two_step"]
@@ -70,6 +71,25 @@ class NeuronPlan:
     cluster_attribution: str | None  # class name of the attribution the sets came from
     seconds_attribution: float
     seconds_cluster: float
+
+
+@dataclass
+class ECETargets:
+    """ECE's OPTIMIZATION (steps 1-4): the neuron plan of :meth:`ECE.locate` and z at the last
+    edited layer (a ClusterTargetResult with two_step), with which rows came from the z cache."""
+
+    plan: NeuronPlan
+    result: TargetResult
+    cached: torch.Tensor | None = None  # bool [n]; None: z not from ECE's own z stage (benchmarks)
+    seconds_z: float = 0.0
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self.result.z  # [n, d_model]
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return self.result.nll  # [n]
 
 
 def two_step_split(steps: int, shared_steps: int | None, instance_steps: int | None) -> tuple[int, int]:
@@ -91,7 +111,7 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(x[ok].mean()) if ok.any() else math.nan
 
 
-class ECE(KeyValueMethod):
+class ECE(KeyValueMethod, StagedMethod):
     def __init__(
         self,
         layers: list[int],
@@ -217,18 +237,7 @@ class ECE(KeyValueMethod):
 
     def keys_and_outputs(self, ctx: EditContext, requests: list[EditRequest], layer: int):
         """Keys at ``layer`` [n, d_ff] and outputs of the z layer [n, d_model], shared over ranks."""
-        return ctx.per_request(
-            requests,
-            partial(
-                keys_and_outputs,
-                ctx.view,
-                ctx.tok,
-                templates=self.templates,
-                key_layer=layer,
-                out_layer=self.layers[-1],
-                weighting=self.context.key_weighting,
-            ),
-        )
+        return layer_keys(ctx, requests, self.templates, layer, self.layers[-1], self.context.key_weighting)
 
     def check_setup(self) -> None:
         if self.rewind and self.original is None:
@@ -288,47 +297,52 @@ class ECE(KeyValueMethod):
 
         return ctx.per_index(len(requests), share, groups=clu.clusters)
 
-    def spread(
-        self, ctx: EditContext, requests: list[EditRequest], z: torch.Tensor, plan: NeuronPlan
-    ) -> tuple[dict[str, float], dict[int, torch.Tensor]]:
-        """Step 5: write the neuron-restricted update of every edited layer towards targets z
-        [n, d_model] (eq. 14, 19). Returns per-layer scalars and each layer's K Kᵀ for the
-        sequential cache; the caller accumulates it once the whole step succeeded."""
-        view = ctx.view
-        scalars: dict[str, float] = {}
-        new_kk: dict[int, torch.Tensor] = {}
-        with restore_on_error(view, self.layers):
-            for i, layer in enumerate(self.layers):
-                if i == 0:
-                    keys, cur = plan.first_pass[layer]  # nothing has been written yet this step: same values
-                else:
-                    keys, cur = self.keys_and_outputs(ctx, requests, layer)
-                resid = (z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
-                preserve = preserve_matrix(self.cov[layer], self.mom2_weight, self.cache_c.get(layer))
-                delta = submatrix_delta(keys, resid, preserve, plan.selected[layer])  # [d_model, d_ff]
-                add_delta(view.ffn_out(layer), delta)
-                new_kk[layer] = keys.T @ keys  # [d_ff, d_ff], full: every neuron's keys are preserved later
-                scalars[f"delta_norm/l{layer}"] = float(delta.norm())
-        return scalars, new_kk
-
-    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
+    def compute_targets(
+        self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None
+    ) -> ECETargets:
+        """Steps 1-4: the neuron plan on the current weights, then z (on θ₀ with rewinding)."""
+        if extra:
+            raise ValueError("ECE does not take extra (neighbour) loss rows: its z is per request on θ₀, cached")
         # 1-3. Keys, batch selection per layer (and with two_step: per-request sets, clusters).
         plan = self.locate(ctx, requests)
-        selected, clu = plan.selected, plan.clustering
         t2 = time.perf_counter()
         # 4. z at the last edited layer, on θ₀ with rewinding.
-        if clu is None:
+        if plan.clustering is None:
             tgt, cached = self.request_targets(ctx, requests)
         else:
-            tgt, cached = self.cluster_targets(ctx, requests, clu)
-        t3 = time.perf_counter()
-        # 5. Neuron-restricted spread over the edited layers, residuals against the current model.
-        scalars, new_kk = self.spread(ctx, requests, tgt.z, plan)
-        # 6. Sequential cache (only once every layer was written).
-        self.accumulate(new_kk)
-        t4 = time.perf_counter()
-        for layer in self.layers:
-            scalars[f"neurons/l{layer}"] = float(len(selected[layer]))
+            tgt, cached = self.cluster_targets(ctx, requests, plan.clustering)
+        return ECETargets(plan, tgt, cached, time.perf_counter() - t2)
+
+    def spread(self, ctx: EditContext, requests: list[EditRequest], targets: ECETargets) -> Spread:
+        """Step 5: write the neuron-restricted update of every edited layer towards targets.z
+        [n, d_model] (eq. 14, 19), residuals against the current model. Each layer's K Kᵀ (full
+        d_ff: every neuron's keys are preserved later) waits in ``pending`` for :meth:`commit`."""
+        plan = targets.plan
+
+        def residual(ctx, requests, templates, layers, i, z):
+            if i == 0:  # nothing has been written yet this step: locate's keys and outputs are current
+                keys, cur = plan.first_pass[layers[0]]
+            else:
+                keys, cur = self.keys_and_outputs(ctx, requests, layers[i])
+            return keys, layer_residual(z, cur, len(layers) - i)  # [n, d_ff], [n, d_model]
+
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            return submatrix_delta(keys, resid, self.preserve(layer), plan.selected[layer])  # [d_model, d_ff]
+
+        out = spread_over_layers(ctx, requests, self.templates, self.layers, targets.z, solve, residual)
+        out.scalars.update({f"neurons/l{layer}": float(len(plan.selected[layer])) for layer in self.layers})
+        return out
+
+    def commit(self, spread: Spread) -> None:
+        """Step 6: the sequential cache, once every layer was written."""
+        self.accumulate(spread.pending)
+
+    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
+        step = self.run_stages(ctx, requests)  # 1-4, 5, 6
+        targets, spread = step.targets, step.spread
+        plan, tgt, cached = targets.plan, targets.result, targets.cached
+        selected, clu = plan.selected, plan.clustering
+        scalars = spread.scalars
         z_weights = "original" if self.rewind else "current"
         scalars.update(
             {
@@ -338,8 +352,8 @@ class ECE(KeyValueMethod):
                 "z_nll": _nanmean(tgt.nll),
                 "z_steps": float(tgt.steps.float().mean()),
                 "seconds_attribution": plan.seconds_attribution,
-                "seconds_z": t3 - t2,
-                "seconds_solve": t4 - t3,
+                "seconds_z": targets.seconds_z,
+                "seconds_solve": step.seconds_spread,
             }
         )
         details: dict = {

@@ -17,7 +17,6 @@ multi-process run (EditContext.per_request).
 from __future__ import annotations
 
 import dataclasses
-import time
 from functools import partial
 
 import torch
@@ -97,13 +96,13 @@ class LayerSpreadMethod(KeyValueMethod, StagedMethod):
             self.accumulate(spread.pending)
 
     def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
-        t0 = time.perf_counter()
-        tgt = self.compute_targets(ctx, requests)
-        t1 = time.perf_counter()
-        spread = self.spread(ctx, requests, tgt)
-        self.commit(spread)
-        t2 = time.perf_counter()
-        scalars = {**spread.scalars, **target_scalars(tgt), "seconds_z": t1 - t0, "seconds_solve": t2 - t1}
+        step = self.run_stages(ctx, requests)
+        scalars = {
+            **step.spread.scalars,
+            **target_scalars(step.targets),
+            "seconds_z": step.seconds_targets,
+            "seconds_solve": step.seconds_spread,
+        }
         return EditResult(scalars=scalars)
 
 

@@ -17,23 +17,28 @@ One step, in order:
      (the authors' code; with one pass these are the keys the pass used, since a layer's key
      does not depend on its own or later layers).
 The paper's "w/o weights rewinding" ablation is ``rewind: false`` (z on the current weights).
+As a StagedMethod (methods/stages.py): compute_targets is step 1, spread step 2 (each pass the
+MEMIT-family loop with the neuron-restricted solve) and step 3's keys, commit step 3's cache, so
+IterativeEditing can wrap NSE.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
+from editlab.editing.methods.stages import Spread, StagedMethod, layer_keys, memit_residual, write_layers
 from editlab.editing.neurons import ActivationScore, NeuronAttribution
 from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_target_rows, z_cache_files
-from editlab.editing.solve import preserve_matrix, submatrix_delta
+from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import TargetConfig, TargetResult
-from editlab.models.weights import add_delta, read_weight
+from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult
+from editlab.models.weights import read_weight
 from editlab.types import EditRequest, EditResult
 
 
@@ -43,7 +48,35 @@ def pass_mask(residual: torch.Tensor, alpha: float, upper_bound: float) -> torch
     return (residual > alpha) & (residual < upper_bound)
 
 
-class NSE(KeyValueMethod):
+@dataclass
+class NSETargets:
+    """NSE's OPTIMIZATION (step 1): z on θ₀ (with rewinding) and how many rows came from the z cache."""
+
+    result: TargetResult
+    from_cache: int
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self.result.z  # [n, d_model]
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return self.result.nll  # [n]
+
+
+@dataclass
+class NSESpread(Spread):
+    """NSE's SPREAD (step 2): ``scalars`` are ``summary`` (passes, residuals) then ``per_layer``
+    (neurons of the first pass, the step's ‖ΔW‖); ``pending`` the step's KKᵀ (step 3's keys)."""
+
+    checks: list[torch.Tensor] = field(default_factory=list)  # residuals [n] at each check
+    passes: list[dict] = field(default_factory=list)  # one_pass's record of each pass
+    times_edited: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [n]
+    summary: dict[str, float] = field(default_factory=dict)
+    per_layer: dict[str, float] = field(default_factory=dict)
+
+
+class NSE(KeyValueMethod, StagedMethod):
     def __init__(
         self,
         layers: list[int],
@@ -129,76 +162,90 @@ class NSE(KeyValueMethod):
         return (z.double() - cur).norm(dim=1)
 
     def one_pass(self, ctx: EditContext, requests: list[EditRequest], z: torch.Tensor) -> dict:
-        """One multi-layer neuron-level pass writing ``requests`` towards ``z`` [n, d_model]."""
-        view, tok = ctx.view, ctx.tok
-        z_layer = self.layers[-1]
-        record: dict = {"requests": len(requests), "neurons": {}, "delta_norm": {}}
-        for i, layer in enumerate(self.layers):
-            keys, cur = keys_and_outputs(
-                view, tok, requests, self.templates, layer, z_layer, weighting=self.context.key_weighting
-            )  # [n, d_ff], [n, d]
-            resid = (z.double() - cur) / (len(self.layers) - i)  # [n, d_model]: spread over layers left
-            selected = self.neurons.select_batch(keys, read_weight(view.ffn_out(layer)))  # [m]
-            cache = self.cache_c.get(layer)
-            cache = cache.to(self.cov[layer].device) if cache is not None else None  # CPU after a reload
-            preserve = preserve_matrix(self.cov[layer], self.mom2_weight, cache)
-            delta = submatrix_delta(keys, resid, preserve, selected)  # [d_model, d_ff]
-            add_delta(view.ffn_out(layer), delta)
-            record["neurons"][f"l{layer}"] = len(selected)
-            record["delta_norm"][f"l{layer}"] = float(delta.norm())
-        return record
+        """One multi-layer neuron-level pass writing ``requests`` towards ``z`` [n, d_model]: the
+        MEMIT-family loop (stages.write_layers; keys not shared over ranks) with each layer's
+        neurons selected on the pass's keys and the layer's weights before it is written."""
+        view = ctx.view
+        neurons: dict[str, int] = {}
 
-    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
-        view, tok = ctx.view, ctx.tok
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            selected = self.neurons.select_batch(keys, read_weight(view.ffn_out(layer)))  # [m]
+            neurons[f"l{layer}"] = len(selected)
+            return submatrix_delta(keys, resid, self.preserve(layer), selected)  # [d_model, d_ff]
+
+        residual = partial(memit_residual, weighting=self.context.key_weighting, share=False)
+        written = write_layers(ctx, requests, self.templates, self.layers, z, solve, residual)
+        delta_norm = {f"l{layer}": norm for layer, (_, norm) in written.items()}
+        return {"requests": len(requests), "neurons": neurons, "delta_norm": delta_norm}
+
+    def compute_targets(
+        self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None
+    ) -> NSETargets:
+        """Step 1: z on θ₀ with rewinding (from the z cache where present); writes nothing."""
+        if extra:
+            raise ValueError("NSE does not take extra (neighbour) loss rows: its z is per request on θ₀, cached")
+        return NSETargets(*self.targets_for(ctx, requests))
+
+    def spread(self, ctx: EditContext, requests: list[EditRequest], targets: NSETargets) -> NSESpread:
+        """Step 2, and step 3's keys: passes while requests remain between alpha and upper_bound,
+        then the KKᵀ of every request on the final weights, pending for :meth:`commit`."""
+        view = ctx.view
         n = len(requests)
-        t0 = time.perf_counter()
-        tgt, from_cache = self.targets_for(ctx, requests)
-        z = tgt.z.double()  # [n, d_model]
-        t1 = time.perf_counter()
-        checks: list[torch.Tensor] = []  # residuals [n] at each check
-        passes: list[dict] = []
-        times_edited = torch.zeros(n, dtype=torch.long)
-        new_kk: dict[int, torch.Tensor] = {}
+        z = targets.z.double()  # [n, d_model]
+        out = NSESpread(times_edited=torch.zeros(n, dtype=torch.long))
         before = {layer: read_weight(view.ffn_out(layer)).detach().clone() for layer in self.layers}
         with restore_on_error(view, self.layers):
             for m in range(self.max_iterations):
                 r = self.residuals(ctx, requests, z)
-                checks.append(r.cpu())
+                out.checks.append(r.cpu())
                 mask = pass_mask(r, self.alpha, self.upper_bound).cpu()
                 if not mask.any() or m == self.max_iterations - 1:
                     break
                 idx = mask.nonzero().squeeze(1)
-                passes.append(self.one_pass(ctx, [requests[i] for i in idx.tolist()], z[idx.to(z.device)]))
-                times_edited[idx] += 1
+                out.passes.append(self.one_pass(ctx, [requests[i] for i in idx.tolist()], z[idx.to(z.device)]))
+                out.times_edited[idx] += 1
             for layer in self.layers:
-                keys, _ = keys_and_outputs(
-                    view, tok, requests, self.templates, layer, self.layers[-1], weighting=self.context.key_weighting
+                keys, _ = layer_keys(
+                    ctx, requests, self.templates, layer, self.layers[-1], self.context.key_weighting, share=False
                 )
-                new_kk[layer] = keys.T @ keys  # [d_ff, d_ff]
-        self.accumulate(new_kk)
-        t2 = time.perf_counter()
-        last = checks[-1]
-        scalars: dict[str, float] = {
-            "nse_passes": float(len(passes)),
-            "nse_unedited": float((times_edited == 0).sum()),  # never written this step
+                out.pending[layer] = keys.T @ keys  # [d_ff, d_ff]
+        last = out.checks[-1]
+        out.summary = {
+            "nse_passes": float(len(out.passes)),
+            "nse_unedited": float((out.times_edited == 0).sum()),  # never written this step
             "nse_above_upper_bound": float((last >= self.upper_bound).sum()),
             "nse_unconverged": float(pass_mask(last, self.alpha, self.upper_bound).sum()),
-            "nse_residual_first": float(checks[0].mean()),
+            "nse_residual_first": float(out.checks[0].mean()),
             "nse_residual_last": float(last.mean()),
-            "z_from_cache": float(from_cache),
+        }
+        for layer in self.layers:
+            if out.passes:
+                out.per_layer[f"neurons/l{layer}"] = float(out.passes[0]["neurons"][f"l{layer}"])
+            out.per_layer[f"delta_norm/l{layer}"] = float((read_weight(view.ffn_out(layer)) - before[layer]).norm())
+        out.scalars = {**out.summary, **out.per_layer}
+        return out
+
+    def commit(self, spread: Spread) -> None:
+        """Step 3: cache_c[l] += K_l K_lᵀ once the step is final."""
+        self.accumulate(spread.pending)
+
+    def apply(self, ctx: EditContext, requests: list[EditRequest]) -> EditResult:
+        step = self.run_stages(ctx, requests)
+        targets, spread = step.targets, step.spread
+        tgt, checks = targets.result, spread.checks
+        scalars: dict[str, float] = {
+            **spread.summary,
+            "z_from_cache": float(targets.from_cache),
             "z_loss": float(tgt.loss.mean()),
             "z_nll": float(tgt.nll.mean()),
             "z_steps": float(tgt.steps.mean()),
-            "seconds_z": t1 - t0,
-            "seconds_solve": t2 - t1,
+            "seconds_z": step.seconds_targets,
+            "seconds_solve": step.seconds_spread,
+            **spread.per_layer,
         }
-        for layer in self.layers:
-            if passes:
-                scalars[f"neurons/l{layer}"] = float(passes[0]["neurons"][f"l{layer}"])
-            scalars[f"delta_norm/l{layer}"] = float((read_weight(view.ffn_out(layer)) - before[layer]).norm())
-        details = {"nse_pass_log": passes, "nse_residual_means": [float(c.mean()) for c in checks]}
+        details = {"nse_pass_log": spread.passes, "nse_residual_means": [float(c.mean()) for c in checks]}
         per_request = {
-            req.case_id: {"nse_passes": int(times_edited[i]), "nse_residuals": [float(c[i]) for c in checks]}
+            req.case_id: {"nse_passes": int(spread.times_edited[i]), "nse_residuals": [float(c[i]) for c in checks]}
             for i, req in enumerate(requests)
         }
         return EditResult(scalars=scalars, details=details, per_request=per_request)

@@ -32,6 +32,7 @@ and NSE's neuron-restricted one, AlphaEdit's null-space projected one), W_l += �
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
@@ -72,6 +73,26 @@ class StagedMethod(EditMethod):
     def commit(self, spread: Spread) -> None:
         """Apply ``spread.pending`` once the step is final."""
 
+    def run_stages(self, ctx: EditContext, requests: list[EditRequest]) -> StagedStep:
+        """One plain step, in order: compute_targets, spread, commit, each timed."""
+        t0 = time.perf_counter()
+        targets = self.compute_targets(ctx, requests)
+        t1 = time.perf_counter()
+        spread = self.spread(ctx, requests, targets)
+        self.commit(spread)
+        return StagedStep(targets, spread, t1 - t0, time.perf_counter() - t1)
+
+
+@dataclass
+class StagedStep:
+    """A step run by :meth:`StagedMethod.run_stages`: its targets, its spread, and the seconds of
+    compute_targets and of spread + commit."""
+
+    targets: Any
+    spread: Spread
+    seconds_targets: float
+    seconds_spread: float
+
 
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, K [n, d_ff], R [n, d]) → ΔW
 # (ctx, requests, templates, layers, i, z) → keys K [n, d_ff] at layers[i] and residuals R [n, d_model]
@@ -80,28 +101,28 @@ ResidualRule = Callable[
 ]
 
 
-def shared_keys(
+def layer_keys(
     ctx: EditContext,
     requests: list[EditRequest],
     templates: list[str],
     key_layer: int,
     out_layer: int,
     weighting: KeyWeighting = "per_type",
+    share: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys at ``key_layer`` [n, d_ff] (templates combined by ``weighting``) and outputs of
-    ``out_layer`` [n, d_model], rows shared over ranks and gathered."""
-    return ctx.per_request(
-        requests,
-        partial(
-            keys_and_outputs,
-            ctx.view,
-            ctx.tok,
-            templates=templates,
-            key_layer=key_layer,
-            out_layer=out_layer,
-            weighting=weighting,
-        ),
+    ``out_layer`` [n, d_model]. ``share``: rows shared over ranks and gathered; False: this rank
+    computes every row (NSE, which runs whole on every rank)."""
+    keys_fn = partial(
+        keys_and_outputs,
+        ctx.view,
+        ctx.tok,
+        templates=templates,
+        key_layer=key_layer,
+        out_layer=out_layer,
+        weighting=weighting,
     )
+    return ctx.per_request(requests, keys_fn) if share else keys_fn(requests)
 
 
 def layer_residual(z: torch.Tensor, cur: torch.Tensor, layers_left: int) -> torch.Tensor:
@@ -118,10 +139,11 @@ def memit_residual(
     i: int,
     z: torch.Tensor,
     weighting: KeyWeighting = "per_type",
+    share: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MEMIT: keys at layers[i] (templates combined by ``weighting``), R = (z − H) / (layers left),
-    H the current output of the last layer."""
-    keys, cur = shared_keys(ctx, requests, templates, layers[i], layers[-1], weighting)  # [n, d_ff], [n, d_model]
+    """MEMIT: keys at layers[i] (templates combined by ``weighting``; ``share`` as
+    :func:`layer_keys`), R = (z − H) / (layers left), H the current output of the last layer."""
+    keys, cur = layer_keys(ctx, requests, templates, layers[i], layers[-1], weighting, share)  # [n, d_ff], [n, d]
     return keys, layer_residual(z, cur, len(layers) - i)
 
 
