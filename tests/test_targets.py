@@ -26,6 +26,23 @@ def test_batched_targets_equal_one_at_a_time():
         assert together.steps[i] == alone.steps[0]
 
 
+def test_rewrite_rows_are_the_metrics_answer_rows():
+    """One teacher-forced row builder (models/scoring.AnswerRows): the rewrite rows of the z loss
+    and their answer tokens are the metrics' rows of the same prompts and answers."""
+    from editlab.editing.targets import target_rows
+    from editlab.models.scoring import answer_rows
+
+    _, tok = peaky_model()
+    reqs = facts()
+    tr = target_rows(tok, reqs, ["{}"], "{} is a")
+    rows, t_row, t_pos, t_id = answer_rows(
+        tok, [r.prompt.format(r.subject) for r in reqs], [r.target_new for r in reqs]
+    )
+    assert tr.batch_rows[: len(reqs)] == rows
+    assert torch.equal(tr.tgt_row, t_row) and torch.equal(tr.tgt_pos, t_pos) and torch.equal(tr.tgt_id, t_id)
+    assert tr.batch_rows[len(reqs) :] == [tok(f"{r.subject} is a")["input_ids"] for r in reqs]  # KL rows: no answer
+
+
 def test_loss_decreases_and_delta_is_clamped():
     model, tok = peaky_model()
     view = ModelView.of(model)

@@ -22,6 +22,7 @@ from editlab.models.arch import ModelView
 from editlab.models.cache import returned_cache, select_cache_rows
 from editlab.models.hooks import StopForward, capture_inputs, edit_output
 from editlab.models.prompts import PaddedBatch, answer_ids, pad, subject_last_index
+from editlab.models.scoring import AnswerRows
 from editlab.types import EditRequest
 
 
@@ -124,55 +125,42 @@ class TargetRows:
 def target_rows(
     tok, requests: list[EditRequest], templates: list[str], kl_prompt: str, extra: list[ExtraRow] | None = None
 ) -> TargetRows:
-    rows, edit_pos, owner, is_kl = [], [], [], []
-    tgt_row, tgt_pos, tgt_id = [], [], []
+    built = AnswerRows()  # the answers are teacher-forced as in the metrics' rows
+    edit_pos, owner, is_kl = [], [], []
     for t in templates:
         for i, req in enumerate(requests):
             ids, idx = subject_last_index(tok, t.format(req.prompt), req.subject)
-            ans = answer_ids(tok, req.target_new)
-            r = len(rows)
-            # The answer is teacher-forced: position len(ids)-1+j predicts ans[j].
-            rows.append(ids + ans[:-1])
+            built.add(ids, answer_ids(tok, req.target_new))
             edit_pos.append(idx)
             owner.append(i)
             is_kl.append(False)
-            for j, a in enumerate(ans):
-                tgt_row.append(r)
-                tgt_pos.append(len(ids) - 1 + j)
-                tgt_id.append(a)
     for i, req in enumerate(requests):
         ids, idx = subject_last_index(tok, kl_prompt, req.subject)
-        rows.append(ids)
+        built.add(ids)  # no answer: the KL term reads its next-token distribution
         edit_pos.append(idx)
         owner.append(i)
         is_kl.append(True)
-    n_base = len(rows)
+    n_base = len(built.rows)
     weight = [0.0] * n_base
     for row in extra or []:
         if not 0 <= row.owner < len(requests):
             raise ValueError(f"extra row {row} names request {row.owner}, outside the step's {len(requests)}")
         ids, idx = subject_last_index(tok, row.template, row.subject)
-        ans = answer_ids(tok, row.answer)
-        r = len(rows)
-        rows.append(ids + ans[:-1])
+        built.add(ids, answer_ids(tok, row.answer))
         edit_pos.append(idx)
         owner.append(row.owner)
         is_kl.append(False)
         weight.append(float(row.weight))
-        for j, a in enumerate(ans):
-            tgt_row.append(r)
-            tgt_pos.append(len(ids) - 1 + j)
-            tgt_id.append(a)
     as_t = torch.tensor
-    is_extra = torch.arange(len(rows)) >= n_base
+    is_extra = torch.arange(len(built.rows)) >= n_base
     return TargetRows(
-        rows,
+        built.rows,
         as_t(edit_pos),
         as_t(owner),
         as_t(is_kl),
-        as_t(tgt_row),
-        as_t(tgt_pos),
-        as_t(tgt_id),
+        as_t(built.t_row),
+        as_t(built.t_pos),
+        as_t(built.t_id),
         len(requests),
         is_extra,
         as_t(weight, dtype=torch.float32),

@@ -15,30 +15,54 @@ paraphrase of a case (255,701 positions run instead of 1,300,000; benchmarks/eva
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from editlab.models.arch import ModelView
 from editlab.models.prompts import answer_ids, pad
 
 
+@dataclass
+class AnswerRows:
+    """Token rows with teacher-forced answers, built row by row: the row ``prompt + answer[:-1]``,
+    whose position len(prompt) - 1 + j predicts answer token j, and, per answer token, its row,
+    that position and its id. The one builder of the metrics' answer rows (:func:`answer_rows`)
+    and of the z loss's rows (editing/targets/rows.py)."""
+
+    rows: list[list[int]] = field(default_factory=list)
+    t_row: list[int] = field(default_factory=list)  # [T] row of each answer token
+    t_pos: list[int] = field(default_factory=list)  # [T] position whose logits predict it
+    t_id: list[int] = field(default_factory=list)  # [T] its id
+
+    def add(self, prompt: list[int], answer: list[int] | None = None) -> int:
+        """Appends the row of ``answer`` after ``prompt`` (None: the prompt alone, a row read
+        elsewhere than at answer tokens); returns its index."""
+        r = len(self.rows)
+        if answer is None:
+            self.rows.append(prompt)
+            return r
+        self.rows.append(prompt + answer[:-1])
+        for j, a in enumerate(answer):
+            self.t_row.append(r)
+            self.t_pos.append(len(prompt) - 1 + j)
+            self.t_id.append(a)
+        return r
+
+
 def answer_rows(tok, prompts: list[str], answers: list[str]):
     """Teacher-forced rows ``prompt + answer[:-1]`` and, per answer token, its row [T], the position
     that predicts it [T] and its id [T]. Each distinct prompt is tokenised once."""
     prompt_ids: dict[str, list[int]] = {}
-    rows, t_row, t_pos, t_id = [], [], [], []
-    for r, (prompt, answer) in enumerate(zip(prompts, answers, strict=True)):
+    built = AnswerRows()
+    for prompt, answer in zip(prompts, answers, strict=True):
         if prompt not in prompt_ids:
             prompt_ids[prompt] = tok(prompt)["input_ids"]
         ids = prompt_ids[prompt]
         if not ids:
             raise ValueError(f"prompt {prompt!r} has no token: no position predicts the answer {answer!r}")
-        ans = answer_ids(tok, answer)
-        rows.append(ids + ans[:-1])
-        for j, a in enumerate(ans):
-            t_row.append(r)
-            t_pos.append(len(ids) - 1 + j)
-            t_id.append(a)
-    return rows, torch.tensor(t_row), torch.tensor(t_pos), torch.tensor(t_id)
+        built.add(ids, answer_ids(tok, answer))
+    return built.rows, torch.tensor(built.t_row), torch.tensor(built.t_pos), torch.tensor(built.t_id)
 
 
 def shared_rows(rows: list[list[int]]) -> tuple[list[list[int]], list[int]]:
