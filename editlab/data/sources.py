@@ -51,15 +51,23 @@ def read_records(path: str, split: str = "train") -> list[dict]:
             raise DataError(f"the bundled demo data editlab/data/{_DEMO_FILE} is missing from the package")
         return _parse_json_list(resource.read_bytes(), _DEMO_FILE)
     if os.path.isfile(path):
-        data = _read_bytes(path)
-        if _strip_gz(path).endswith(".jsonl"):
-            return _parse_jsonl(data, path)
-        return _parse_json_list(data, path)
+        return parse_records(_read_bytes(path), path)
     if os.path.exists(path):
         raise DataError(f"{path}: is not a regular file")
     if _HUB_ID.match(path):
         return _load_hub(path, split)
     raise DataError(f"{path}: no such file (and not a hub dataset id of the form owner/name)")
+
+
+def parse_records(data: bytes, name: str, encoding: str = "utf-8-sig") -> list:
+    """The records in a file's (decompressed) bytes: one per line of a ``.jsonl`` file, else the
+    JSON list the file holds. ``name`` (a path, ``.gz`` or not) picks the format and names the file
+    in errors. Record files are read as ``utf-8-sig`` (a BOM tolerated); the statistics' corpus
+    files (editlab.data.corpus) as plain ``utf-8``, as they always were (their texts, hence the
+    statistics, must not change)."""
+    if _strip_gz(name).endswith(".jsonl"):
+        return _parse_jsonl(data, name, encoding)
+    return _parse_json_list(data, name, encoding)
 
 
 def _strip_gz(path: str) -> str:
@@ -77,15 +85,15 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot read: {e}") from e
 
 
-def _decode(data: bytes, name: str) -> str:
+def _decode(data: bytes, name: str, encoding: str = "utf-8-sig") -> str:
     try:
-        return data.decode("utf-8-sig")  # -sig: tolerate a BOM written by some editors
+        return data.decode(encoding)  # -sig: tolerate a BOM written by some editors
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: not UTF-8 text (byte {e.start}): {e.reason}") from e
 
 
-def _parse_json_list(data: bytes, name: str) -> list[dict]:
-    text = _decode(data, name)
+def _parse_json_list(data: bytes, name: str, encoding: str = "utf-8-sig") -> list[dict]:
+    text = _decode(data, name, encoding)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -95,9 +103,9 @@ def _parse_json_list(data: bytes, name: str) -> list[dict]:
     return obj
 
 
-def _parse_jsonl(data: bytes, name: str) -> list[dict]:
+def _parse_jsonl(data: bytes, name: str, encoding: str = "utf-8-sig") -> list[dict]:
     records = []
-    for lineno, line in enumerate(_decode(data, name).splitlines(), start=1):
+    for lineno, line in enumerate(_decode(data, name, encoding).splitlines(), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) carry no record
         try:

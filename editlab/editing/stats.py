@@ -12,20 +12,16 @@ in the file and compared on load: a file whose key differs is an error, never si
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from editlab.data.corpus import read_texts
 from editlab.distributed import Ranks
 from editlab.keyed_cache import KeyedCache, key_digest
 from editlab.models.arch import ModelView
@@ -109,66 +105,10 @@ class SecondMoment:
         return self.sum / self.count
 
 
-def _text_of(item, field: str | None, where: str) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict):
-        for name in [field] if field else ["text", "Text"]:
-            if name in item and isinstance(item[name], str):
-                return item[name]
-    raise ValueError(f"{where}: no text field {field or 'text/Text'} in corpus item {str(item)[:80]!r}")
-
-
-def sample_order(n_items: int, cfg: CovarianceConfig) -> torch.Tensor:
-    """Order [n_items] in which corpus items are taken: corpus order ("first") or a permutation
-    drawn from its own generator seeded with ``cfg.seed`` ("random"), so every rank of a
-    multi-process run, and every run, draws the same texts whatever the global RNG state."""
-    if cfg.sample == "first":
-        return torch.arange(n_items)
-    return torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed))
-
-
-def take_texts(order: torch.Tensor, fetch: Callable[[list[int]], list], cfg: CovarianceConfig, where: str) -> list[str]:
-    """The first ``cfg.num_samples`` non-empty texts of the items in ``order`` (indices [N]);
-    ``fetch(indices)`` returns those items. Items are fetched in chunks, so a hub corpus reads
-    only about as many rows as it needs."""
-    texts: list[str] = []
-    chunk = 2 * cfg.num_samples  # room for empty texts (wikitext's blank lines)
-    for start in range(0, len(order), chunk):
-        items = fetch(order[start : start + chunk].tolist())
-        texts += [t for t in (_text_of(x, cfg.text_field, where) for x in items) if t.strip()]
-        if len(texts) >= cfg.num_samples:
-            return texts[: cfg.num_samples]
-    raise ValueError(f"option covariance.num_samples={cfg.num_samples}: corpus {where!r} has only {len(texts)} texts")
-
-
 def read_corpus(cfg: CovarianceConfig) -> tuple[list[str], str]:
-    """``num_samples`` non-empty texts, drawn as ``cfg.sample`` says, and a string identifying
-    the corpus content."""
-    corpus = cfg.corpus
-    if corpus == "demo":
-        raw = resources.files("editlab.data").joinpath("demo_corpus.txt").read_bytes()
-        items, ident = raw.decode().splitlines(), "demo:" + hashlib.sha256(raw).hexdigest()[:16]
-    elif os.path.exists(corpus):
-        raw = Path(corpus).read_bytes()
-        ident = f"file:{Path(corpus).name}:" + hashlib.sha256(raw).hexdigest()[:16]
-        text = gzip.decompress(raw).decode() if corpus.endswith(".gz") else raw.decode()
-        name = corpus[:-3] if corpus.endswith(".gz") else corpus
-        if name.endswith(".txt"):
-            items = text.splitlines()
-        elif name.endswith(".jsonl"):
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        elif name.endswith(".json"):
-            items = json.loads(text)
-        else:
-            raise ValueError(f"option covariance.corpus={corpus!r}: expected .txt, .json, .jsonl (optionally .gz)")
-    else:
-        import datasets
-
-        ds = datasets.load_dataset(corpus, cfg.subset, split=cfg.split)
-        ident = f"hub:{corpus}:{cfg.subset}:{cfg.split}:{ds._fingerprint}"
-        return take_texts(sample_order(len(ds), cfg), ds.select, cfg, corpus), ident
-    return take_texts(sample_order(len(items), cfg), lambda idx: [items[i] for i in idx], cfg, corpus), ident
+    """``cfg.num_samples`` non-empty texts of ``cfg.corpus``, drawn as ``cfg.sample`` says, and a
+    string identifying the corpus content (editlab.data.corpus reads it)."""
+    return read_texts(cfg.corpus, cfg.num_samples, cfg.sample, cfg.seed, cfg.text_field, cfg.subset, cfg.split)
 
 
 def token_cap(model_config, cfg: CovarianceConfig) -> int:
