@@ -40,15 +40,13 @@ import torch
 
 from editlab.editing.cluster import Clustering, cluster_sets
 from editlab.editing.context import ContextTemplates
-from editlab.editing.methods.base import EditContext, KeyValueMethod
+from editlab.editing.methods.base import EditContext
+from editlab.editing.methods.rewinding import RewindingMethod
 from editlab.editing.methods.stages import Spread, StagedMethod, layer_keys, layer_residual, spread_over_layers
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
 from editlab.editing.rewind import (
-    OriginalWeights,
-    TargetCache,
     rewound_cluster_targets,
     rewound_target_rows,
-    z_cache_files,
 )
 from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
@@ -111,7 +109,7 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(x[ok].mean()) if ok.any() else math.nan
 
 
-class ECE(KeyValueMethod, StagedMethod):
+class ECE(RewindingMethod, StagedMethod):
     def __init__(
         self,
         layers: list[int],
@@ -178,27 +176,16 @@ class ECE(KeyValueMethod, StagedMethod):
                 f"option cluster_neurons={cluster_neurons!r} does not depend on the request: every request "
                 "would get the same neuron set"
             )
-        super().__init__(layers, mom2_weight, targets, context, covariance)
-        self.neurons = neurons
+        super().__init__(layers, mom2_weight, neurons, rewind, z_cache, targets, context, covariance)
         self.z_mode = z_mode
-        self.rewind = rewind
-        self.z_cache = z_cache
         self.cluster_neurons = cluster_neurons
         self.clusters = clusters
         self.shared_steps, self.instance_steps = split
-        self.original: OriginalWeights | None = None
-        self.cache = TargetCache(None)  # in memory; setup gives it its files under the cache root
 
     @property
     def name(self) -> str:
         """ECE (as released: per-request z) or ECE-two-step (the paper's clustering variant)."""
         return "ECE" if self.z_mode == "per_request" else "ECE-two-step"
-
-    def setup(self, ctx: EditContext) -> None:
-        super().setup(ctx)
-        # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
-        self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
-        self.cache = TargetCache(z_cache_files(ctx.cache_root) if self.z_cache else None)
 
     def clustering_attribution(self) -> NeuronAttribution:
         if self.cluster_neurons is not None:
@@ -238,10 +225,6 @@ class ECE(KeyValueMethod, StagedMethod):
     def keys_and_outputs(self, ctx: EditContext, requests: list[EditRequest], layer: int):
         """Keys at ``layer`` [n, d_ff] and outputs of the z layer [n, d_model], shared over ranks."""
         return layer_keys(ctx, requests, self.templates, layer, self.layers[-1], self.context.key_weighting)
-
-    def check_setup(self) -> None:
-        if self.rewind and self.original is None:
-            raise RuntimeError("ECE.setup must run on the unedited model before the first step (rewind: true)")
 
     def request_targets(self, ctx: EditContext, requests: list[EditRequest]) -> tuple[TargetResult, torch.Tensor]:
         """Step 4 per request: z on θ₀ (with rewinding) from the z cache where present, shared

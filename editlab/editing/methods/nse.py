@@ -31,10 +31,11 @@ import torch
 
 from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
-from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
+from editlab.editing.methods.base import EditContext, restore_on_error
+from editlab.editing.methods.rewinding import RewindingMethod
 from editlab.editing.methods.stages import Spread, StagedMethod, layer_keys, memit_residual, write_layers
 from editlab.editing.neurons import ActivationScore, NeuronAttribution
-from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_target_rows, z_cache_files
+from editlab.editing.rewind import rewound_target_rows
 from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult
@@ -76,7 +77,7 @@ class NSESpread(Spread):
     per_layer: dict[str, float] = field(default_factory=dict)
 
 
-class NSE(KeyValueMethod, StagedMethod):
+class NSE(RewindingMethod, StagedMethod):
     def __init__(
         self,
         layers: list[int],
@@ -115,31 +116,19 @@ class NSE(KeyValueMethod, StagedMethod):
                 f"option max_iterations={max_iterations} must be >= 2: the last residual check never edits, "
                 "so 1 would write nothing"
             )
-        super().__init__(layers, mom2_weight, targets, context, covariance)
-        self.neurons = neurons
+        super().__init__(layers, mom2_weight, neurons, rewind, z_cache, targets, context, covariance)
         self.alpha = alpha
         self.upper_bound = upper_bound
         self.max_iterations = max_iterations
-        self.rewind = rewind
-        self.z_cache = z_cache
-        self.original: OriginalWeights | None = None
-        self.cache = TargetCache(None)  # in memory; setup gives it its files under the cache root
 
     @property
     def name(self) -> str:
         """NSE, or NSE-no-rewind (z on the current weights: the seed's ablation)."""
         return "NSE" if self.rewind else "NSE-no-rewind"
 
-    def setup(self, ctx: EditContext) -> None:
-        super().setup(ctx)
-        # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
-        self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
-        self.cache = TargetCache(z_cache_files(ctx.cache_root) if self.z_cache else None)
-
     def targets_for(self, ctx: EditContext, requests: list[EditRequest]) -> tuple[TargetResult, int]:
         """z of ``requests`` (on θ₀ with rewinding) and how many came from the z cache."""
-        if self.rewind and self.original is None:
-            raise RuntimeError("NSE.setup must run on the unedited model before the first step")
+        self.check_setup()
         res, cached = rewound_target_rows(
             ctx.view,
             ctx.tok,

@@ -1,0 +1,46 @@
+"""The weights-rewinding state ECE and NSE share: θ₀'s edited matrices and the z cache.
+
+Both compute z on the ORIGINAL weights θ₀ (``rewind``; see editlab/editing/rewind.py) and keep it
+per request in a z cache, in memory and, with ``z_cache``, on disk under the cache root.
+"""
+
+from __future__ import annotations
+
+from editlab.editing.methods.base import EditContext, KeyValueMethod
+from editlab.editing.neurons import NeuronAttribution
+from editlab.editing.rewind import OriginalWeights, TargetCache, z_cache_files
+
+
+class RewindingMethod(KeyValueMethod):
+    """A KeyValueMethod with neuron attribution whose z is computed on θ₀ (``rewind``) and cached."""
+
+    def __init__(
+        self,
+        layers: list[int],
+        mom2_weight: float,
+        neurons: NeuronAttribution,
+        rewind: bool,
+        z_cache: bool,
+        targets,
+        context,
+        covariance,
+    ) -> None:
+        super().__init__(layers, mom2_weight, targets, context, covariance)
+        self.neurons = neurons
+        self.rewind = rewind
+        self.z_cache = z_cache
+        self.original: OriginalWeights | None = None
+        self.cache = TargetCache(None)  # in memory; setup gives it its files under the cache root
+
+    def setup(self, ctx: EditContext) -> None:
+        super().setup(ctx)
+        # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
+        self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
+        self.cache = TargetCache(z_cache_files(ctx.cache_root) if self.z_cache else None)
+
+    def check_setup(self) -> None:
+        """Refuse a step before setup: with rewinding, θ₀ must have been taken from the unedited model."""
+        if self.rewind and self.original is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.setup must run on the unedited model before the first step (rewind: true)"
+            )
