@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from editlab.models.prompts import pad
+from editlab.models.sampling import sample_top_k
 
 
 @dataclass
@@ -53,9 +54,7 @@ def sample_continuations(model, tok, starts: list[str], length: int, top_k: int,
         batch = pad(rows, tok.pad_token_id).to(device)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         last = logits[torch.arange(len(rows), device=device), batch.lengths - 1].float().cpu()  # [B, V]
-        values, indices = last.topk(top_k, dim=-1)  # [B, k]
-        choice = torch.multinomial(values.softmax(-1), 1, generator=gen)  # [B, 1]
-        nxt = indices.gather(1, choice).squeeze(1)
+        nxt = sample_top_k(last, top_k, gen)  # [B]
         rows = [r + [int(t)] for r, t in zip(rows, nxt, strict=True)]
     return [tok.decode(r, skip_special_tokens=True) for r in rows]
 

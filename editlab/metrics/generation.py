@@ -39,6 +39,7 @@ import torch
 from editlab.metrics.base import LocalMetric
 from editlab.metrics.editing import case_means
 from editlab.models.cache import returned_cache
+from editlab.models.sampling import sample_top_k
 
 # Combining marks (U+0300-U+036F) belong to their word: the texts are NFKD-normalised, which splits
 # "é" into "e" + U+0301, and nltk.word_tokenize (the reference) leaves the pair in one token.
@@ -120,13 +121,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
         ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
     return ids, mask
-
-
-def sample_top_k(logits: torch.Tensor, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """logits [B, V] -> [B] ids drawn from the softmax over the k largest logits (k=1: greedy)."""
-    values, indices = logits.float().cpu().topk(top_k, dim=-1)  # [B, k]
-    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)  # [B, 1]
-    return indices.gather(1, choice).squeeze(1)  # [B]
 
 
 def token_budgets(prompt_lengths: Sequence[int], max_tokens: int, includes_prompt: bool) -> list[int]:
