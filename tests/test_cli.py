@@ -9,28 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from editlab.cli import EditLabCLI
 from editlab.models.tiny import save_tiny
 from editlab.report import REPORT_IMAGES
 
-from conftest import REPO, SHARED_DATA
-
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-
-
-def test_there_are_configs():
-    names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "memit_smollm2.yaml"} <= names
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_every_config_parses(config, capsys, monkeypatch):
-    monkeypatch.chdir(REPO)  # configs name ../shared/data relative to the repository
-    with pytest.raises(SystemExit) as exit_info:
-        EditLabCLI(args=["fit", "--config", str(config), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "class_path: editlab.editing.methods" in printed and "default_root_dir" in printed
+from conftest import SHARED_DATA
 
 
 def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
