@@ -25,7 +25,6 @@ IterativeEditing can wrap NSE.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
@@ -162,8 +161,10 @@ class NSE(RewindingMethod, StagedMethod):
             neurons[f"l{layer}"] = len(selected)
             return submatrix_delta(keys, resid, self.preserve(layer), selected)  # [d_model, d_ff]
 
-        residual = partial(memit_residual, weighting=self.context.key_weighting, share=False)
-        written = write_layers(ctx, requests, self.templates, self.layers, z, solve, residual)
+        def residual_at(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return memit_residual(ctx, requests, self.templates, self.layers, i, z, self.context.key_weighting, False)
+
+        written = write_layers(view, self.layers, residual_at, solve)
         delta_norm = {f"l{layer}": norm for layer, (_, norm) in written.items()}
         return {"requests": len(requests), "neurons": neurons, "delta_norm": delta_norm}
 

@@ -42,6 +42,7 @@ import torch
 
 from editlab.editing.keys import KeyWeighting, keys_and_outputs
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
+from editlab.models.arch import ModelView
 from editlab.models.weights import add_delta
 from editlab.types import EditRequest
 
@@ -148,21 +149,18 @@ def memit_residual(
 
 
 def write_layers(
-    ctx: EditContext,
-    requests: list[EditRequest],
-    templates: list[str],
+    view: ModelView,
     layers: list[int],
-    z: torch.Tensor,
+    residual_at: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
     solve: LayerSolve,
-    residual: ResidualRule = memit_residual,
 ) -> dict[int, tuple[torch.Tensor, float]]:
-    """The spread loop: for each layer l in order, its keys K_l and residuals R (``residual``,
-    measured on the weights the earlier layers left), W_l += solve(l, K_l, R). Returns layer →
-    (K_l [n, d_ff], ‖ΔW_l‖). Puts nothing back on failure: see :func:`spread_over_layers`."""
-    view = ctx.view
+    """The spread loop: for each edited layer l = layers[i] in order, its keys K_l [n, d_ff] and
+    residuals R [n, d_model] (``residual_at(i)``, measured on the weights the earlier layers left),
+    W_l += solve(l, K_l, R). Returns layer → (K_l, ‖ΔW_l‖). Puts nothing back on failure: see
+    :func:`spread_over_layers`."""
     written: dict[int, tuple[torch.Tensor, float]] = {}
     for i, layer in enumerate(layers):
-        keys, resid = residual(ctx, requests, templates, layers, i, z)  # [n, d_ff], [n, d_model]
+        keys, resid = residual_at(i)  # [n, d_ff], [n, d_model]
         delta = solve(layer, keys, resid)  # [d_model, d_ff]
         add_delta(view.ffn_out(layer), delta)
         written[layer] = (keys, float(delta.norm()))
@@ -178,11 +176,13 @@ def spread_over_layers(
     solve: LayerSolve,
     residual: ResidualRule = memit_residual,
 ) -> Spread:
-    """The MEMIT-family SPREAD: :func:`write_layers`, with the layers already written put back if
-    a later one fails. Returns per-layer scalars and, pending for the sequential cache, K_lᵀK_l."""
+    """The MEMIT-family SPREAD: :func:`write_layers` with ``residual`` towards ``z``, the layers
+    already written put back if a later one fails. Returns per-layer scalars and, pending for the
+    sequential cache, K_lᵀK_l."""
     out = Spread()
     with restore_on_error(ctx.view, layers):
-        for layer, (keys, delta_norm) in write_layers(ctx, requests, templates, layers, z, solve, residual).items():
+        written = write_layers(ctx.view, layers, lambda i: residual(ctx, requests, templates, layers, i, z), solve)
+        for layer, (keys, delta_norm) in written.items():
             out.pending[layer] = keys.T @ keys  # [d_ff, d_ff]
             out.scalars[f"delta_norm/l{layer}"] = delta_norm
     return out
