@@ -20,13 +20,14 @@ class HangInStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.steps_done + 1 != self.step:
             return
-        import editlab.editing.methods.memit as memit
+        # The MEMIT family writes each layer's delta in the one spread loop (methods/stages.py).
+        import editlab.editing.methods.stages as stages
 
-        real = memit.add_delta
+        real = stages.add_delta
 
         def add_then_hang(module, delta):
             real(module, delta)
             Path(self.marker).write_text(f"step {self.step}: one layer written\n")
             time.sleep(600)
 
-        memit.add_delta = add_then_hang
+        stages.add_delta = add_then_hang
