@@ -1,9 +1,10 @@
-"""Atomic writes of editlab's own files (caches, edit states)."""
+"""Atomic writes of editlab's own files (caches, edit states, results, delta files)."""
 
 from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,49 +13,44 @@ import torch
 from editlab.errors import DiskFullError
 
 
-def save_torch_atomic(obj, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path`` (named per process, so concurrent writers
-    never share one), flushed to disk, then renamed over ``path``: a crash leaves either the old
-    file or the new one, never half of one."""
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """The one atomic writer: ``write(tmp)`` fills a temporary file beside ``path`` (named
+    ``<name>.<pid>.tmp``, per process, so concurrent writers never share one; benchmarks/soak.py
+    looks for that name), which is flushed to disk, then renamed over ``path``: a crash leaves either
+    the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with _disk_full_named(path, tmp):
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` the same way: a temporary file per process, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with _disk_full_named(path, tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """``safetensors.torch.save_file`` the same way: a temporary file per process, fsync, rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with _disk_full_named(path, tmp):
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def save_torch_atomic(obj, path: str | Path) -> Path:
+    """``torch.save`` through :func:`write_atomic`."""
+
+    def write(tmp: Path) -> None:
+        # Into an open file, not by name: torch names the archive inside after a file name, and
+        # the bytes must not depend on the temporary name.
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write_atomic(path, write)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``text`` through :func:`write_atomic`."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """``safetensors.torch.save_file`` through :func:`write_atomic`."""
+    from safetensors.torch import save_file
+
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 @contextmanager

@@ -13,12 +13,12 @@ that would not reproduce W_t (never a silently different model).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from editlab.files import save_safetensors_atomic
 from editlab.models.fingerprint import model_fingerprint
 
 DELTA_FORMAT = "editlab-delta-1"
@@ -72,17 +72,10 @@ def edited_parameter_names(view, layers: list[int]) -> list[str]:
 
 def save_delta(path: str | Path, deltas: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write a delta file: safetensors of {parameter name: Δ} plus string metadata (model id,
-    fingerprint of the *original* weights, dtype, format). Atomic (temporary file, then rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint of the *original* weights, dtype, format). Atomic (editlab.files.write_atomic)."""
     meta = {"format": DELTA_FORMAT, **{k: str(v) for k, v in metadata.items()}}
     meta["parameters"] = json.dumps(sorted(deltas))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in deltas.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return save_safetensors_atomic({k: v.contiguous() for k, v in deltas.items()}, path, meta)
 
 
 def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
