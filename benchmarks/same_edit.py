@@ -19,6 +19,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from editlab import rundir
+
 METRIC_RTOL = 1e-5  # relative; absolute below 1 (magnitudes near 0)
 
 
@@ -32,10 +34,10 @@ def same_value(a, b) -> bool:
 
 def compare(run_a: Path, run_b: Path) -> dict:
     """Max |ΔW_a − ΔW_b| over the edited matrices, the largest |ΔW_a|, and the summary entries that differ."""
-    da, db = (load_file(Path(r) / "edit_delta.safetensors") for r in (run_a, run_b))
+    da, db = (load_file(Path(r) / rundir.EDIT_DELTA) for r in (run_a, run_b))
     if da.keys() != db.keys():
         raise ValueError(f"the runs edited different matrices: {sorted(da)} vs {sorted(db)}")
-    sa, sb = (json.loads((Path(r) / "summary.json").read_text()) for r in (run_a, run_b))
+    sa, sb = (json.loads((Path(r) / rundir.SUMMARY).read_text()) for r in (run_a, run_b))
     # threads is a run setting, not a result: Lightning gives each of N processes 1/N of the cores.
     metrics = sorted(
         k for k, v in sa.items() if isinstance(v, (int, float)) and not k.startswith("seconds") and k != "threads"

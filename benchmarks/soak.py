@@ -47,15 +47,17 @@ import sys
 import time
 from pathlib import Path
 
+from editlab import rundir
+
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("step", "checkpoint", "final")  # what the plan targets; observed phases use these names
 # Observed phases that count as covering each planned one.
 COVERS = {"step": {"step"}, "checkpoint": {"checkpoint"}, "final": {"final_eval", "final_write"}}
 # Keys that differ between two equal runs: timing, and where the run's files are.
 IGNORED_KEYS = {"resumed_from_step", "export_dir", "export_delta", "memory_peak_gib"}
-JSON_FILES = ("steps.jsonl", "cases.jsonl", "curve.jsonl", "summary.json")
-BINARY_FILES = ("edit_delta.safetensors", "edited_model/model.safetensors")
-CSV_FILES = ("metrics.csv",)
+JSON_FILES = (rundir.STEPS, rundir.CASES, rundir.CURVE, rundir.SUMMARY)
+BINARY_FILES = (rundir.EDIT_DELTA, f"{rundir.EDITED_MODEL}/model.safetensors")
+CSV_FILES = (rundir.METRICS,)
 MAX_ATTEMPTS_OVER_KILLS = 20  # a resume loop that does not end is a bug: stop it loudly
 
 
@@ -175,7 +177,7 @@ def phase_seconds(events: list[dict], run_dir: Path) -> dict:
     evaluation = first(events, "final_eval")
     if not steps or evaluation is None:
         raise RuntimeError(f"the full run's markers lack steps or the final evaluation: {events[-5:]}")
-    seconds = (run_dir / "cases.jsonl").stat().st_mtime - evaluation["wall"]
+    seconds = (run_dir / rundir.CASES).stat().st_mtime - evaluation["wall"]
     if seconds <= 0:
         raise RuntimeError(f"{run_dir}/cases.jsonl is older than the final evaluation's start")
     return {"step": steps, "final_eval": seconds, "steps": max(steps)}
@@ -218,14 +220,14 @@ def decide(target: dict, events: list[dict], run_dir: Path, tmp: Path, timings: 
         last_end = max(e["step"] for e in events if e["event"] == "end")
         if size is not None and last_end == k:  # the temporary file is checkpoint k's
             if "need" not in target:
-                state = run_dir / "checkpoints" / "edit_state.pt"
+                state = rundir.edit_state_path(run_dir)
                 previous = state.stat().st_size if state.exists() else 0
                 target["need"] = int(target["fraction"] * previous)
             target["tmp_bytes"] = size
             return "kill" if size >= target["need"] else "wait"
         return "miss" if checkpoint_over(events, k) else "wait"
     # final: inside the final evaluation, a fraction of its length in the full run
-    if first(events, "done") is not None or (run_dir / "summary.json").exists():
+    if first(events, "done") is not None or (run_dir / rundir.SUMMARY).exists():
         return "miss"  # the results are written: the run has finished
     if "deadline" not in target:
         evaluation = first(events, "final_eval")
@@ -290,7 +292,7 @@ def run_attempt(cmd, run_dir, markers, log, pending, timings, timeout, t_start) 
     wall0 = time.time()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    tmp = run_dir / "checkpoints" / f"edit_state.pt.{proc.pid}.tmp"
+    tmp = rundir.edit_state_path(run_dir).with_name(f"{rundir.EDIT_STATE}.{proc.pid}.tmp")
     reader, missed, kill = MarkerReader(markers), [], None
     try:
         while proc.poll() is None:
@@ -340,7 +342,7 @@ def run_attempt(cmd, run_dir, markers, log, pending, timings, timeout, t_start) 
     if kill is not None:
         events = read_markers(markers)
         written = [
-            (run_dir / n).exists() and (run_dir / n).stat().st_mtime >= wall0 for n in ("cases.jsonl", "summary.json")
+            (run_dir / n).exists() and (run_dir / n).stat().st_mtime >= wall0 for n in (rundir.CASES, rundir.SUMMARY)
         ]
         phase, step = landed(events, tmp.exists(), *written)
         # Where the phase began: the step's first forward, the marker just before the write, the
@@ -511,7 +513,7 @@ def soak(args: argparse.Namespace, fit_extra: list[str]) -> dict:
             )
         )
         # Done when a start ran to its end, or was killed after the results (a race with the end).
-        if attempts[-1]["kill"] is None or (root / "killed" / "summary.json").exists():
+        if attempts[-1]["kill"] is None or (root / "killed" / rundir.SUMMARY).exists():
             break
     else:
         raise RuntimeError(f"the killed run did not finish in {len(attempts)} starts")

@@ -19,6 +19,7 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from editlab import rundir
 from editlab.console import quiet_library_bars, quiet_lightning, stderr_is_terminal
 from editlab.data.datamodule import EditDataModule
 from editlab.errors import (
@@ -29,7 +30,7 @@ from editlab.errors import (
     user_error_message,
     without_debug_flag,
 )
-from editlab.lightning.editstate import config_differences, edit_state_path
+from editlab.lightning.editstate import config_differences
 from editlab.lightning.module import EditingModule
 from editlab.numerics import set_threads
 from editlab.runlock import acquire_run_lock, is_rank_zero_process, release_run_lock
@@ -67,7 +68,7 @@ class EditLabCLI(LightningCLI):
             EditingModule,
             EditDataModule,
             save_config_callback=RunDirConfig,
-            save_config_kwargs={"overwrite": True},
+            save_config_kwargs={"overwrite": True, "config_filename": rundir.CONFIG},
             trainer_defaults={
                 "max_epochs": 1,
                 "accelerator": "cpu",
@@ -128,8 +129,8 @@ class EditLabCLI(LightningCLI):
         self.take_run_dir(Path(root))
         try:
             self.check_run_dir(Path(root), cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
-            if cfg.get("ckpt_path") is not None and (Path(root) / "config.yaml").is_file():
-                self.check_same_run(Path(root) / "config.yaml", cfg)
+            if cfg.get("ckpt_path") is not None and (Path(root) / rundir.CONFIG).is_file():
+                self.check_same_run(Path(root) / rundir.CONFIG, cfg)
         except BaseException:
             self.release_run_dir()  # refused: the directory stays free for the run that may write it
             raise
@@ -191,8 +192,8 @@ class EditLabCLI(LightningCLI):
 
     def check_run_dir(self, root: Path, ckpt_path: str | None, overwrite: bool) -> None:
         """Refuse, before any work, to overwrite a finished run or to restart an interrupted one."""
-        state = edit_state_path(root)
-        if (root / "summary.json").exists() and not overwrite:
+        state = rundir.edit_state_path(root)
+        if (root / rundir.SUMMARY).exists() and not overwrite:
             hint = " (nothing to resume)" if ckpt_path else ""
             raise RunDirRefused(
                 f"editlab: {root} already holds a finished run (summary.json){hint}; choose another "
@@ -234,7 +235,7 @@ class EditLabCLI(LightningCLI):
     def fit(self, model: EditingModule, datamodule=None, ckpt_path: str | None = None, **kwargs) -> None:
         """trainer.fit without Lightning's checkpoint loading: the module restores editlab's edit state."""
         if ckpt_path is not None:
-            path = edit_state_path(self.trainer.default_root_dir) if ckpt_path == "last" else Path(ckpt_path)
+            path = rundir.edit_state_path(self.trainer.default_root_dir) if ckpt_path == "last" else Path(ckpt_path)
             if path.is_file():
                 model.resume_from = path
             else:  # as Lightning's "last" with no checkpoint: a first run of a restartable job

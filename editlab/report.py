@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from editlab.rundir import CONFIG, CURVE, REPORT, STEPS, SUMMARY
+
 if TYPE_CHECKING:  # matplotlib is imported lazily: importing editlab must not pull in a plotting backend
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -39,16 +41,12 @@ __all__ = [
     "load_jsonl",
     "load_summary",
     "log_report_images",
+    "render_run_report",
     "report_main",
     "write_comparison",
     "write_run_report",
 ]
 
-SUMMARY = "summary.json"
-CURVE = "curve.jsonl"
-STEPS = "steps.jsonl"
-CONFIG = "config.yaml"
-REPORT = "report.md"
 PLOT_METRICS = "plot_metrics.png"
 PLOT_QUALITY = "plot_quality.png"
 PLOT_STEPS = "plot_steps.png"
@@ -755,12 +753,23 @@ def generation_lines(summary: Mapping[str, Any]) -> list[str]:
 
 
 def write_run_report(run_dir: Path) -> Path:
-    """Write ``report.md`` (+ plots) into ``run_dir`` and return its path."""
+    """Write ``report.md`` (+ plots) into ``run_dir`` from its files and return its path."""
     run_dir = Path(run_dir)
     summary = load_summary(run_dir)
     config = load_config(run_dir)
-    curve = load_jsonl(run_dir / CURVE)
-    steps = load_jsonl(run_dir / STEPS)
+    return render_run_report(run_dir, summary, config, load_jsonl(run_dir / CURVE), load_jsonl(run_dir / STEPS))
+
+
+def render_run_report(
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    config: Mapping[str, Any] | None,
+    curve: Sequence[Mapping[str, Any]] | None,
+    steps: Sequence[Mapping[str, Any]] | None,
+) -> Path:
+    """Write ``report.md`` (+ plots) of one run's data into ``run_dir`` and return its path (a run
+    renders its own records; :func:`write_run_report` reads a finished run's files)."""
+    run_dir = Path(run_dir)
     lines = [f"# editlab run report: {run_dir.name}", "", headline(summary, config), ""]
     lines += settings_section(config, summary)
     lines += ["## Metrics", "", *run_metrics_table(summary), ""]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from editlab import rundir
 from editlab.files import write_text_atomic
 
 
@@ -125,7 +126,7 @@ def commit_of(repo: Path) -> str:
 
 def stage_seconds(run_dir: Path) -> dict[str, float]:
     """Seconds per edit of each stage, summed over steps.jsonl's ``*seconds*`` values."""
-    path = run_dir / "steps.jsonl"
+    path = run_dir / rundir.STEPS
     if not path.is_file():
         return {}
     totals: dict[str, float] = {}
@@ -141,7 +142,7 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
     run_dir = study.runs_dir / run.name
     result_path = study.out / f"{run.name}.json"
     cmd = run_command(study, run)
-    if (run_dir / "summary.json").is_file() and result_path.is_file():
+    if (run_dir / rundir.SUMMARY).is_file() and result_path.is_file():
         return json.loads(result_path.read_text())
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {
@@ -162,7 +163,7 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
     if rc != 0:
         print(f"editlab study: {run.name} failed (exit {rc}); see {study.runs_dir / run.name}.log", file=sys.stderr)
         return record
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
     edits = max(int(summary.get("edits", 0)), 1)
     record.update(
         {
@@ -214,7 +215,7 @@ def study_main(argv: list[str] | None = None) -> int:
         study.parallel = args.parallel
     if args.list:
         for run in study.runs:
-            state = "finished" if (study.runs_dir / run.name / "summary.json").is_file() else "to run"
+            state = "finished" if (study.runs_dir / run.name / rundir.SUMMARY).is_file() else "to run"
             print(f"{run.name}\t{state}\t{' '.join(run_command(study, run))}")
         return 0
     records = run_study(study, Path.cwd())
