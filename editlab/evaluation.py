@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from editlab.data.sources import DataError, check_tokenization
 from editlab.metrics.editing import (
     CaseMean,
     PromptAccuracy,
@@ -33,6 +34,7 @@ from editlab.metrics.generated import DEFAULT_MARGIN, generated_answers
 from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
 from editlab.models.arch import ModelView
+from editlab.models.prompts import check_context_length
 from editlab.models.scoring import score_answers
 from editlab.probes import ProbeConfig
 from editlab.types import EditRequest
@@ -182,6 +184,78 @@ class EvaluationConfig:
             f"{prompts} per case, {self.max_new_tokens} tokens {length} the prompt, top-k {self.top_k}, "
             f"seed {seed}, {eos}{clean}"
         )
+
+
+StepEvaluation = Literal["none", "batch", "so_far"]
+FinalEvaluation = Literal["all", "immediate", "last_point"]
+
+
+@dataclass(frozen=True)
+class EvaluationSchedule:
+    """When the stream is evaluated (``EvaluationConfig.timing``); the module asks after each step
+    and once after the stream."""
+
+    timing: Literal["immediate", "periodic", "final"]
+    every_n_steps: int
+    probes: ProbeConfig
+
+    @classmethod
+    def of(cls, cfg: EvaluationConfig) -> EvaluationSchedule:
+        return cls(cfg.timing, cfg.every_n_steps, cfg.probes)
+
+    def after_step(self, steps_done: int) -> StepEvaluation:
+        """``batch``: the step's own requests (immediate); ``so_far``: every request edited so far
+        with the quality metrics (periodic); ``none``."""
+        if self.timing == "immediate":
+            return "batch"
+        if self.timing == "periodic" and steps_done % self.every_n_steps == 0:
+            return "so_far"
+        return "none"
+
+    def probes_after_step(self, steps_done: int) -> bool:
+        """The in-stream probes, when due and not already run by this step's ``so_far`` point."""
+        return self.probes.due(steps_done) and self.after_step(steps_done) != "so_far"
+
+    def at_end(self, last: Mapping | None, steps_done: int) -> FinalEvaluation:
+        """After the stream (``last``: the curve's last point, None without one):
+        ``all``: evaluate every edited request with the quality metrics;
+        ``immediate``: each case's record from right after its step, quality on the final model;
+        ``last_point``: the periodic point of the last step already is the final evaluation."""
+        if (
+            self.timing == "final"
+            or last is None
+            or (self.timing == "periodic" and last["step"] != steps_done)
+            or last["timing"] == "pre"
+        ):
+            return "all"
+        return "immediate" if self.timing == "immediate" else "last_point"
+
+
+def check_requests_fit(requests: list[EditRequest], tok, model_config, cfg: EvaluationConfig) -> None:
+    """Every prompt evaluation will run fits the model's context, checked before the first edit
+    (with the answers' tokenisation, data.sources.check_tokenization): a prompt too long would
+    fail after hours of editing. Raises DataError naming the case and field."""
+    check_tokenization(requests, tok)
+    for req in requests:
+        for field_name, prompts in (
+            ("prompt", [req.rewrite_prompt]),
+            ("paraphrase_prompts", req.paraphrase_prompts),
+            ("neighborhood_prompts", req.neighborhood_prompts),
+        ):
+            for prompt in prompts:
+                n = len(tok(prompt)["input_ids"]) + 64  # room for a prefix and the answer
+                _check_length(model_config, n, f"case {req.case_id}: field {field_name!r}")
+        if cfg.fluency:  # generated from: the prompt and its continuation must fit
+            for prompt in cfg.generation_prompts_of(req):
+                n = cfg.generated_length(len(tok(prompt)["input_ids"]))
+                _check_length(model_config, n, f"case {req.case_id}: field 'generation_prompts' (+ max_new_tokens)")
+
+
+def _check_length(model_config, n_tokens: int, what: str) -> None:
+    try:
+        check_context_length(model_config, n_tokens, what)
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def _prompt_table(cases: list[dict], family: str) -> dict[str, torch.Tensor]:

@@ -34,7 +34,6 @@ from editlab.lightning.editstate import (
     save_edit_state,
     set_rng_state,
 )
-from editlab.lightning.module import EditingModule
 from editlab.models.arch import ModelView
 from editlab.models.delta import DeltaMismatchError, apply_weight_deltas, snapshot, weight_deltas
 from editlab.models.fingerprint import model_fingerprint
@@ -215,15 +214,14 @@ def test_unreadable_or_foreign_covariance_cache_is_refused(tiny_llama, tmp_path,
 
 
 def test_prompts_longer_than_the_context_are_named(tiny_llama):
-    from editlab.evaluation import EvaluationConfig
+    from editlab.evaluation import EvaluationConfig, check_requests_fit
 
     model, tok = tiny_llama
-    module = EditingModule(method=None, evaluation=EvaluationConfig(max_new_tokens=50))
-    module.lm, module.tok = model, tok
+    cfg = EvaluationConfig(max_new_tokens=50)
     limit = model.config.max_position_embeddings
     long = " ".join(["city"] * limit)
     ok = EditRequest("7", "{} is in", "The tower", "Rome", "Paris", generation_prompts=["The tower is"])
-    module.validate_requests([ok])
+    check_requests_fit([ok], tok, model.config, cfg)
     for field, req in [
         ("'prompt'", EditRequest("8", long + " {} is in", "The tower", "Rome", "Paris")),
         (
@@ -233,4 +231,4 @@ def test_prompts_longer_than_the_context_are_named(tiny_llama):
         ("'generation_prompts'", EditRequest("10", "{} is in", "X", "Rome", "Paris", generation_prompts=[long])),
     ]:
         with pytest.raises(DataError, match=f"case {req.case_id}: field {field}.*longer than the model's context"):
-            module.validate_requests([ok, req])
+            check_requests_fit([ok, req], tok, model.config, cfg)

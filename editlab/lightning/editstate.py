@@ -14,13 +14,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from editlab.files import save_torch_atomic
-from editlab.models.delta import DeltaMismatchError
+from editlab.lightning.recorder import RunRecorder
+from editlab.models.delta import DeltaMismatchError, apply_weight_deltas, weight_deltas
+from editlab.models.fingerprint import model_fingerprint
+from editlab.numerics import numerics, numerics_differences
+from editlab.rundir import edit_state_path
 from editlab.types import EditRequest
 
 EDIT_STATE_VERSION = 1
@@ -31,10 +36,6 @@ RESUME_FREE_OPTIONS = ("model.checkpoint_every", "model.progress", "model.export
 
 class EditStateError(RuntimeError):
     """An edit-state checkpoint that cannot be used for this run."""
-
-
-def edit_state_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "edit_state.pt"
 
 
 def requests_digest(requests: list[EditRequest]) -> str:
@@ -153,3 +154,107 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         elif a != b:
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
+
+
+# -- the edit state of a run, and resuming from it --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What makes an edit state this run's: the original weights, dtype, method and stream."""
+
+    model: str
+    fingerprint: str  # of the unedited weights
+    dtype: str
+    method: str  # the method's class name
+    requests: str  # requests_digest of the stream
+
+
+def capture_edit_state(
+    run: RunIdentity, recorder: RunRecorder, lm: torch.nn.Module, initial: dict, method, final: bool
+) -> dict:
+    """Everything a resumed run needs, right after ``recorder.steps_done`` steps (``final``: the
+    stream is over, only the final evaluation remains). ``initial``: W_0 of the edited parameters."""
+    return {
+        "model": run.model,
+        "fingerprint": run.fingerprint,
+        "dtype": run.dtype,
+        "method": run.method,
+        "requests": run.requests,
+        "steps_done": recorder.steps_done,
+        "edits_done": recorder.edits_done,
+        "final": final,
+        "deltas": weight_deltas(lm, initial),
+        # Of the whole edited model: a resumed run checks it got back exactly this model.
+        "edited_fingerprint": model_fingerprint(lm),
+        "method_state": method.state_dict(),
+        "rng": rng_state(),
+        # torch version and thread count: a resumed run compares them (the bits depend on them).
+        "numerics": numerics(),
+        # JSON (what the result files hold): plain strings for the weights_only loader.
+        "results": recorder.results_json(),
+    }
+
+
+class Resume:
+    """An edit state read for ``--ckpt_path``, and the two moments of a fit that use it:
+    :meth:`first_step` (fit start: where the data module starts the stream) and :meth:`restore`
+    (after method.setup on the unedited model: weights, method state, records, RNG states)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.state = load_edit_state(self.path)
+
+    @property
+    def steps_done(self) -> int:
+        return int(self.state["steps_done"])
+
+    @property
+    def final(self) -> bool:
+        """The stream was over: only the final evaluation and the results remain."""
+        return bool(self.state["final"])
+
+    def first_step(self, steps: list[list], edits_per_step: int) -> int:
+        """The index of the data module's first step: after the steps done (``steps``: the
+        stream's batches), or past the end when only the final evaluation remains."""
+        done, edits = self.steps_done, int(self.state["edits_done"])
+        if done > len(steps) or sum(len(b) for b in steps[:done]) != edits:
+            raise EditStateError(
+                f"{self.path}: {done} steps with {edits} edits done do not match this "
+                f"data ({len(steps)} steps of up to {edits_per_step} edits)"
+            )
+        return len(steps) if self.final else done
+
+    def restore(self, run: RunIdentity, lm: torch.nn.Module, initial: dict, method, recorder: RunRecorder) -> None:
+        """Continue on the freshly loaded (unedited) model, after method.setup."""
+        state = self.state
+        check_resumable(state, run.model, run.fingerprint, run.dtype, run.method, run.requests)
+        missing = set(initial) ^ set(state["deltas"])
+        if missing:
+            raise EditStateError(f"{self.path}: edited parameters differ from this method's: {sorted(missing)}")
+        method.load_state_dict(state["method_state"])
+        apply_weight_deltas(lm, state["deltas"], initial)
+        if model_fingerprint(lm) != state["edited_fingerprint"]:
+            raise EditStateError(
+                f"{self.path}: the restored model differs from the checkpointed one (a parameter outside "
+                f"{run.method}.edited_parameters() was changed?)"
+            )
+        recorder.restore(state["results"], self.steps_done, int(state["edits_done"]))
+        set_rng_state(state["rng"])
+        changed = numerics_differences(state.get("numerics"), numerics())
+        if changed:
+            print(
+                f"[editlab] warning: resuming with other numerics than the interrupted run ({'; '.join(changed)}): "
+                "its results will not be bit-identical to an uninterrupted run's",
+                file=sys.stderr,
+            )
+        print(f"[editlab] resumed from {self.path} after step {self.steps_done}", file=sys.stderr)
+
+
+def read_resume(path: str | Path | None) -> Resume | None:
+    return None if path is None else Resume(path)
+
+
+def save_run_state(run_dir: str | Path, state: dict) -> Path:
+    """Write ``state`` as the run directory's edit state (``--ckpt_path last`` finds it there)."""
+    return save_edit_state(edit_state_path(run_dir), state)

@@ -1,22 +1,23 @@
 """EditingModule: one ``training_step`` is one edit batch of the stream (manual optimization).
 
 Order of work in a fit:
-  configure_model     load the frozen LM (once), resolve its architecture
-  on_train_start      validate every request against the tokenizer and context (before any
-                      weight changes), method.setup (statistics, templates), pre-edit evaluation
-  training_step       method.apply on the step's requests; per-step scalars; ``immediate`` /
-                      ``periodic`` evaluation
-  on_train_end        ``final`` evaluation; cases.jsonl, curve.jsonl, summary.json
-
-Resuming (``editlab fit ... --ckpt_path last``, see editlab/lightning/editstate.py): on_fit_start
-reads the edit state and tells the data module where the stream stopped; on_train_start runs
-method.setup on the unedited model as usual, then restores the method state, the edited weights,
-the RNG states and every result so far instead of evaluating the unedited model again.
+  on_fit_start     the run's recorder (editlab.lightning.recorder); with ``--ckpt_path``, the edit
+                   state read (editlab.lightning.editstate.Resume) and the data module told where
+                   the stream continues
+  configure_model  load the frozen LM (once), resolve its architecture
+  on_train_start   start_stream: requests checked against the tokenizer and context (before any
+                   weight changes), method.setup (statistics, templates), then either the edit
+                   state restored (weights, method state, records, RNG) or the pre-edit evaluation
+  training_step    method.apply on the step's requests, recorded; the evaluation schedule
+                   (editlab.evaluation.EvaluationSchedule) says what to evaluate after it
+  on_train_end     finish_stream: the final evaluation, then the result files (the recorder)
+  on_fit_end       only for an edit state written after the last step: Lightning has no batch to
+                   run and skips on_train_start / on_train_end, so start_stream and finish_stream
+                   run here
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,33 +25,35 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from editlab import rundir
 from editlab.console import stderr_is_terminal, step_line
-from editlab.data.sources import DataError, check_tokenization
 from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditContext, EditMethod
-from editlab.evaluation import EvaluationConfig, Evaluator, held_out_specificity
-from editlab.files import write_text_atomic
+from editlab.evaluation import (
+    EvaluationConfig,
+    EvaluationSchedule,
+    Evaluator,
+    check_requests_fit,
+    held_out_specificity,
+)
 from editlab.lightning.callbacks import WeightNormTracker
 from editlab.lightning.editstate import (
-    EditStateError,
-    check_resumable,
+    Resume,
+    RunIdentity,
+    capture_edit_state,
     check_same_resume_point,
-    edit_state_path,
-    load_edit_state,
+    read_resume,
     requests_digest,
     resume_point,
-    rng_state,
-    save_edit_state,
-    set_rng_state,
+    save_run_state,
 )
+from editlab.lightning.recorder import LoggedRows, RunClock, RunRecorder
 from editlab.memory import MemoryEstimate, plan_memory
 from editlab.models.arch import ModelView
-from editlab.models.delta import apply_weight_deltas, save_delta, snapshot, weight_deltas
+from editlab.models.delta import save_delta, snapshot, weight_deltas
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import DType, load_model_and_tokenizer
-from editlab.models.prompts import check_context_length
-from editlab.numerics import numerics, numerics_differences
-from editlab.report import log_report_images, write_run_report
+from editlab.numerics import numerics
 from editlab.types import EditRequest
 
 
@@ -93,31 +96,19 @@ class EditingModule(L.LightningModule):
         self.export = export
         self.checkpoint_every = checkpoint_every
         self.progress = progress
-        # Set by the CLI from --ckpt_path: the edit state this fit continues from.
-        self.resume_from: Path | None = None
-        self.resumed_from_step: int | None = None
-        self._resume: dict | None = None
+        self.resume_from: Path | None = None  # set by the CLI from --ckpt_path
+        self.resume: Resume | None = None
         self._fit_device: torch.device | None = None
         self.initial: dict[str, torch.Tensor] = {}  # W_0 of the edited parameters, on CPU
         self.fingerprint: str | None = None  # of the unedited weights
-        self.logged: list[list] = []  # [step, metrics] of every row the loggers got, replayed on resume
         self.lm: torch.nn.Module | None = None
         self.tok = None
         self.view: ModelView | None = None
         self.ctx: EditContext | None = None
         self.evaluator: Evaluator | None = None
         self.requests: list[EditRequest] = []
-        self.case_step: dict[str, int] = {}
-        self.case_edit_info: dict[str, dict] = {}
-        self.pre: dict = {}
-        self.post_cases: dict[str, dict] = {}
-        self.curve: list[dict] = []
-        self.steps_log: list[dict] = []
-        self.edits_done = 0
-        self.steps_done = 0
-        self.summary_path: Path | None = None
+        self.recorder: RunRecorder | None = None
         self.memory: MemoryEstimate | None = None
-        self._clock: dict[str, float] = {}
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -146,7 +137,24 @@ class EditingModule(L.LightningModule):
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a list of EditRequest: strings only, nothing to move
 
-    # -- stream ------------------------------------------------------------------------------
+    # -- the stream's state --------------------------------------------------------------------
+    @property
+    def steps_done(self) -> int:
+        return self.recorder.steps_done if self.recorder is not None else 0
+
+    @property
+    def summary_path(self) -> Path | None:
+        """summary.json once the results are written (the CLI prints it)."""
+        return self.recorder.summary_path if self.recorder is not None else None
+
+    @property
+    def resumed_from_step(self) -> int | None:
+        return self.resume.steps_done if self.resume is not None else None
+
+    @property
+    def schedule(self) -> EvaluationSchedule:
+        return EvaluationSchedule.of(self.evaluation)
+
     @property
     def bars(self) -> bool:
         """Progress bars on a terminal only; a log file gets one line per step instead (step_line)."""
@@ -164,42 +172,86 @@ class EditingModule(L.LightningModule):
     def run_dir(self) -> Path:
         return Path(self.trainer.default_root_dir)
 
-    def prepare_stream(self) -> None:
-        """Requests checked and reference data read: everything before the first edit."""
-        self._clock["start"] = time.perf_counter()
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "requests"):
-            raise ValueError("EditingModule needs an EditDataModule (option data)")
-        self.requests = list(dm.requests)
-        self.validate_requests(self.requests)
-        self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.bars)
+    def identity(self) -> RunIdentity:
+        digest = requests_digest(self.requests)
+        return RunIdentity(self.model_name, self.fingerprint, self.lm_dtype, type(self.method).__name__, digest)
 
+    # -- fit -------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._fit_device = self.device
-        if self.resume_from is not None:
-            # Read before the train dataloader is made: the data module must start where the stream stopped.
-            self._resume = load_edit_state(self.resume_from)
+        self.recorder = RunRecorder(self.run_dir())
+        if self.loggers and not any(isinstance(lg, LoggedRows) for lg in self.loggers):
+            # The recorder keeps every row the loggers get (for a resumed run's metrics.csv).
+            self.trainer.loggers = [*self.trainer.loggers, self.recorder.logged]
+        # Read before the train dataloader is made: the data module must start where the stream stopped.
+        self.resume = read_resume(self.resume_from)
         # Every rank reads the edit state from its own view of the run directory (several machines).
-        points = Ranks(self.global_rank, self.trainer.world_size).all_gather_object(resume_point(self._resume))
-        check_same_resume_point(points, edit_state_path(self.run_dir()))
-        if self._resume is None:
+        point = resume_point(self.resume.state if self.resume is not None else None)
+        points = Ranks(self.global_rank, self.trainer.world_size).all_gather_object(point)
+        check_same_resume_point(points, rundir.edit_state_path(self.run_dir()))
+        if self.resume is None:
             return
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "first_step"):
             raise ValueError("resuming needs an EditDataModule (option data)")
-        steps = dm.steps()
-        done = int(self._resume["steps_done"])
-        if done > len(steps) or sum(len(b) for b in steps[:done]) != int(self._resume["edits_done"]):
-            raise EditStateError(
-                f"{self.resume_from}: {done} steps with {self._resume['edits_done']} edits done do not match this "
-                f"data ({len(steps)} steps of up to {dm.edits_per_step} edits)"
-            )
-        total = len(steps)
-        dm.first_step = total if self._resume["final"] else done
+        dm.first_step = self.resume.first_step(dm.steps(), dm.edits_per_step)
 
     def on_train_start(self) -> None:
+        self.start_stream()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The state after step k is saved when step k + 1 starts: by then the callbacks have added
+        # their values to step k's record and Lightning has handed step k's row to the loggers.
+        # Nothing happens in between, so this is the state right after step k.
+        k = self.steps_done
+        if self.checkpoint_every and k and k % self.checkpoint_every == 0 and k != self.resumed_from_step:
+            self.save_checkpoint()
+
+    def training_step(self, batch, batch_idx: int):
+        t0 = time.perf_counter()
+        result = self.method.apply(self.ctx, list(batch))
+        seconds = time.perf_counter() - t0
+        record = self.recorder.record_step(list(batch), result, seconds)
+        scalars = {f"edit/{k}": v for k, v in result.scalars.items()}
+        scalars.update({"edit/seconds_step": seconds, "edit/edits": float(self.recorder.edits_done)})
+        self.log_dict(scalars, batch_size=len(batch), on_step=True, on_epoch=False)
+        if self.progress and not stderr_is_terminal() and self.ctx.ranks.is_main:
+            print(step_line(record, self.stream_length()), file=sys.stderr, flush=True)
+        self.evaluate_after_step(list(batch))
+        return None
+
+    def record_step(self, values: dict[str, float]) -> None:
+        """Observers (callbacks) add their per-step values to the step's record."""
+        self.recorder.add_step_values(values)
+
+    def on_train_end(self) -> None:
+        self.finish_stream()
+
+    def on_fit_end(self) -> None:
+        # An edit state written after the last step leaves no batch to run: Lightning then skips
+        # on_train_start / on_train_end, so the stream's start (restore) and finish (final
+        # evaluation, results) run here.
+        if self.resume is not None and self.resume.final and self.summary_path is None:
+            self.to(self._fit_device)  # the trainer's teardown moved the module to CPU
+            self.start_stream()
+            self.finish_stream()
+
+    # -- the stream's phases ---------------------------------------------------------------------
+    def prepare_stream(self) -> None:
+        """Requests checked and reference data read: everything before the first edit."""
+        self.recorder.clock = RunClock()
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "requests"):
+            raise ValueError("EditingModule needs an EditDataModule (option data)")
+        self.requests = list(dm.requests)
+        check_requests_fit(self.requests, self.tok, self.lm.config, self.evaluation)
+        self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.bars)
+
+    def start_stream(self) -> None:
+        """Set up the method on the unedited model, then continue from the edit state (resumed)
+        or evaluate the unedited model."""
         self.prepare_stream()
-        ranks = Ranks(self.global_rank, self.trainer.world_size)
+        rec, ranks = self.recorder, Ranks(self.global_rank, self.trainer.world_size)
         self.fingerprint = model_fingerprint(self.lm)
         self.ctx = EditContext(
             self.lm, self.tok, self.view, self.model_name, self.fingerprint, self.seed, self.bars, ranks
@@ -210,121 +262,100 @@ class EditingModule(L.LightningModule):
         torch.manual_seed(self.seed)
         self.method.setup(self.ctx)
         self.initial = snapshot(self.lm, self.method.edited_parameters(self.view))
-        self._clock["setup_done"] = time.perf_counter()
-        if self._resume is not None:
-            self.restore(self._resume)  # every rank: weights and method state
+        rec.clock.setup_done = time.perf_counter()
+        if self.resume is not None:
+            self.resume.restore(self.identity(), self.lm, self.initial, self.method, rec)  # every rank
             if ranks.is_main:
-                self.replay_logged()
+                rec.logged.replay(self.loggers)
+                # Lightning's logging step counts the batches of this process; continue the stream's count.
+                self.trainer.fit_loop.epoch_loop._batches_that_stepped = rec.steps_done
         elif ranks.is_main and self.evaluation.pre:  # evaluation is rank 0's: other ranks only edit
             cases, metrics = self.evaluator.evaluate(self.requests, quality=True)
-            self.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
-            self.add_curve_point("pre", metrics)
-        self.record_logged()
-        self._clock["stream_start"] = time.perf_counter()
-        self._clock["eval_seconds"] = 0.0
+            rec.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
+            self.add_point("pre", metrics)
+        rec.clock.stream_start = time.perf_counter()
+        rec.clock.eval_seconds = 0.0
 
-    def record_logged(self) -> None:
-        """Keep a copy of what the first logger is given, so a resumed run's metrics.csv / W&B
-        history holds the steps before the interruption too (every logger gets the same rows)."""
-        if not self.loggers or getattr(self.loggers[0], "_editlab_recorded", False):
+    def evaluate_after_step(self, batch: list[EditRequest]) -> None:
+        if not self.ctx.ranks.is_main:
             return
-        logger, real = self.loggers[0], self.loggers[0].log_metrics
+        rec, schedule, t0 = self.recorder, self.schedule, time.perf_counter()
+        what = schedule.after_step(rec.steps_done)
+        if what == "batch":
+            cases, metrics = self.evaluator.evaluate(batch, quality=False)
+            rec.post_cases.update({c["case_id"]: c for c in cases})
+            metrics.update(self.held_out(batch, cases))
+            self.add_point("immediate", metrics)
+        elif what == "so_far":
+            # The stream's last point is its final evaluation: probes on their full sets.
+            self.evaluate_so_far("periodic", final=rec.steps_done == self.stream_length())
+        if schedule.probes_after_step(rec.steps_done):
+            probes = self.evaluator.probes(final=False)
+            self.log_dict(probes, on_step=True, on_epoch=False, batch_size=1)
+            rec.add_step_values(probes)
+        rec.clock.eval_seconds += time.perf_counter() - t0
 
-        def log_metrics(metrics, step=None):
-            self.logged.append([step, {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}])
-            return real(metrics, step)
+    def finish_stream(self) -> None:
+        """The final edit state, the final evaluation (what the schedule says is left), the results."""
+        if not self.ctx.ranks.is_main:
+            return
+        if self.checkpoint_every and not (self.resume is not None and self.resume.final):
+            self.save_checkpoint(final=True)
+        end, rec = time.perf_counter(), self.recorder
+        last = rec.curve[-1] if rec.curve else None  # None: evaluation.pre false and nothing evaluated yet
+        what = self.schedule.at_end(last, rec.steps_done)
+        if what == "all":
+            final = self.evaluate_so_far(self.evaluation.timing)
+        elif what == "immediate":
+            # Edit metrics: every case right after its own step; quality: the final model.
+            done_reqs = rec.done(self.requests)
+            done = [rec.post_cases[r.case_id] for r in done_reqs]
+            final = {
+                **self.evaluator.summarise_cases(done),
+                **self.held_out(done_reqs, done),
+                **self.evaluator.quality(done_reqs),
+            }
+        else:
+            final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing")}
+            if rec.steps_done != self.stream_length():  # the last periodic point probed the subsets only
+                full = self.evaluator.probes(final=True)
+                final.update(full)
+                last.update(full)
+                self.log_row({f"eval/{k}": v for k, v in full.items()})
+        self.write_results(final, end)
 
-        logger.log_metrics, logger._editlab_recorded = log_metrics, True
+    def evaluate_so_far(self, timing: str, final: bool = True) -> dict:
+        """``final``: probes on every loaded example (after the stream), else on their subset."""
+        done = self.recorder.done(self.requests)
+        cases, metrics = self.evaluator.evaluate(done, quality=True, final=final)
+        self.recorder.post_cases = {c["case_id"]: c for c in cases}
+        metrics.update(self.held_out(done, cases))
+        self.add_point(timing, metrics)
+        return metrics
 
-    def replay_logged(self) -> None:
+    def held_out(self, done: list[EditRequest], cases: list[dict]) -> dict[str, float]:
+        """specificity_heldout_* when some edit trained on neighbourhood prompts (NA editing)."""
+        trained = self.recorder.trained_neighbours()
+        return held_out_specificity(cases, done, trained) if trained else {}
+
+    def add_point(self, timing: str, metrics: dict) -> None:
+        self.recorder.add_point(timing, metrics)
+        if timing != "pre":
+            numeric = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            numeric["eval/edits"] = float(self.recorder.edits_done)
+            self.log_row(numeric)
+
+    def log_row(self, metrics: dict) -> None:
+        # Straight to the loggers: self.log is not allowed in on_train_end (final evaluation).
         for logger in self.loggers:
-            for step, metrics in self.logged:
-                logger.log_metrics(metrics, step)
-            logger.save()
-        # Lightning's logging step counts the batches of this process; continue the stream's count.
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.steps_done
+            logger.log_metrics(metrics, step=self.steps_done)
 
     # -- edit-state checkpoints ------------------------------------------------------------------
-    def edit_state(self, final: bool) -> dict:
-        results = {
-            "pre": self.pre,
-            "curve": self.curve,
-            "steps_log": self.steps_log,
-            "case_step": self.case_step,
-            "case_edit_info": self.case_edit_info,
-            "post_cases": self.post_cases,
-            "logged": self.logged,
-        }
-        return {
-            "model": self.model_name,
-            "fingerprint": self.fingerprint,
-            "dtype": self.lm_dtype,
-            "method": type(self.method).__name__,
-            "requests": requests_digest(self.requests),
-            "steps_done": self.steps_done,
-            "edits_done": self.edits_done,
-            "final": final,
-            "deltas": weight_deltas(self.lm, self.initial),
-            # Of the whole edited model: a resumed run checks it got back exactly this model.
-            "edited_fingerprint": model_fingerprint(self.lm),
-            "method_state": self.method.state_dict(),
-            "rng": rng_state(),
-            # torch version and thread count: a resumed run compares them (the bits depend on them).
-            "numerics": numerics(),
-            # JSON (what the result files hold): plain strings for the weights_only loader.
-            "results": json.dumps(results),
-        }
-
     def save_checkpoint(self, final: bool = False) -> None:
         if self.global_rank != 0:
             return  # every rank holds the same edit state; one writes it
-        save_edit_state(edit_state_path(self.run_dir()), self.edit_state(final))
-
-    def restore(self, state: dict) -> None:
-        """Continue from ``state`` on the freshly loaded (unedited) model, after method.setup."""
-        digest = requests_digest(self.requests)
-        check_resumable(state, self.model_name, self.fingerprint, self.lm_dtype, type(self.method).__name__, digest)
-        missing = set(self.initial) ^ set(state["deltas"])
-        if missing:
-            raise EditStateError(f"{self.resume_from}: edited parameters differ from this method's: {sorted(missing)}")
-        self.method.load_state_dict(state["method_state"])
-        apply_weight_deltas(self.lm, state["deltas"], self.initial)
-        if model_fingerprint(self.lm) != state["edited_fingerprint"]:
-            raise EditStateError(
-                f"{self.resume_from}: the restored model differs from the checkpointed one (a parameter outside "
-                f"{type(self.method).__name__}.edited_parameters() was changed?)"
-            )
-        results = json.loads(state["results"])
-        self.pre, self.curve, self.steps_log = results["pre"], results["curve"], results["steps_log"]
-        self.case_step, self.case_edit_info = results["case_step"], results["case_edit_info"]
-        self.post_cases, self.logged = results["post_cases"], results["logged"]
-        self.steps_done, self.edits_done = int(state["steps_done"]), int(state["edits_done"])
-        self.resumed_from_step = self.steps_done
-        set_rng_state(state["rng"])
-        changed = numerics_differences(state.get("numerics"), numerics())
-        if changed:
-            print(
-                f"[editlab] warning: resuming with other numerics than the interrupted run ({'; '.join(changed)}): "
-                "its results will not be bit-identical to an uninterrupted run's",
-                file=sys.stderr,
-            )
-        print(f"[editlab] resumed from {self.resume_from} after step {self.steps_done}", file=sys.stderr)
-
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # The state after step k is saved when step k + 1 starts: by then the callbacks have added
-        # their values to step k's record and Lightning has handed step k's row to the loggers.
-        # Nothing happens in between, so this is the state right after step k.
-        k = self.steps_done
-        if self.checkpoint_every and k and k % self.checkpoint_every == 0 and k != self.resumed_from_step:
-            self.save_checkpoint()
-
-    def on_fit_end(self) -> None:
-        # A checkpoint written after the last step leaves no batch to run: Lightning then skips
-        # on_train_start / on_train_end, so the final phase (evaluation, results) runs here.
-        if self._resume is not None and self._resume["final"] and self.summary_path is None:
-            self.to(self._fit_device)  # the trainer's teardown moved the module to CPU
-            self.on_train_start()
-            self.on_train_end()
+        state = capture_edit_state(self.identity(), self.recorder, self.lm, self.initial, self.method, final)
+        save_run_state(self.run_dir(), state)
 
     def estimate_memory(self) -> MemoryEstimate:
         """What this run will need (editlab.memory), from the model and the method's settings."""
@@ -335,201 +366,46 @@ class EditingModule(L.LightningModule):
         # + 8: room for the target's tokens after the prompt
         return plan_memory(self.lm.config, self.method, first.element_size(), n_params, per_step, prompt + 8)
 
-    def validate_requests(self, requests: list[EditRequest]) -> None:
-        """Everything that can be checked without editing, checked before the first edit."""
-        check_tokenization(requests, self.tok)
-        for req in requests:
-            for field, prompts in (
-                ("prompt", [req.rewrite_prompt]),
-                ("paraphrase_prompts", req.paraphrase_prompts),
-                ("neighborhood_prompts", req.neighborhood_prompts),
-            ):
-                for prompt in prompts:
-                    n = len(self.tok(prompt)["input_ids"]) + 64  # room for a prefix and the answer
-                    self.check_prompt_length(n, f"case {req.case_id}: field {field!r}")
-            if self.evaluation.fluency:  # generated from: the prompt and its continuation must fit
-                cfg = self.evaluation
-                for prompt in cfg.generation_prompts_of(req):
-                    n = cfg.generated_length(len(self.tok(prompt)["input_ids"]))
-                    self.check_prompt_length(n, f"case {req.case_id}: field 'generation_prompts' (+ max_new_tokens)")
-
-    def check_prompt_length(self, n_tokens: int, what: str) -> None:
-        try:
-            check_context_length(self.lm.config, n_tokens, what)
-        except ValueError as err:
-            raise DataError(str(err)) from None
-
-    def training_step(self, batch, batch_idx: int):
-        t0 = time.perf_counter()
-        result = self.method.apply(self.ctx, list(batch))
-        seconds = time.perf_counter() - t0
-        for req in batch:
-            self.case_step[req.case_id] = self.steps_done  # the step's index in the whole stream
-        self.edits_done += len(batch)
-        self.steps_done += 1
-        scalars = {f"edit/{k}": v for k, v in result.scalars.items()}
-        scalars.update({"edit/seconds_step": seconds, "edit/edits": float(self.edits_done)})
-        self.log_dict(scalars, batch_size=len(batch), on_step=True, on_epoch=False)
-        self.steps_log.append(
-            {"step": self.steps_done, "edits": self.edits_done, "seconds": seconds, **result.scalars, **result.details}
-        )
-        self.case_edit_info.update(result.per_request)
-        if self.progress and not stderr_is_terminal() and self.ctx.ranks.is_main:
-            print(step_line(self.steps_log[-1], self.stream_length()), file=sys.stderr, flush=True)
-        self.evaluate_during_stream(list(batch))
-        return None
-
-    def record_step(self, values: dict[str, float]) -> None:
-        """Observers (callbacks) add their per-step values to the step's record."""
-        self.steps_log[-1].update(values)
-
-    def evaluate_during_stream(self, batch: list[EditRequest]) -> None:
-        if not self.ctx.ranks.is_main:
-            return
-        cfg, t0 = self.evaluation, time.perf_counter()
-        if cfg.timing == "immediate":
-            cases, metrics = self.evaluator.evaluate(batch, quality=False)
-            self.post_cases.update({c["case_id"]: c for c in cases})
-            metrics.update(self.held_out(batch, cases))
-            self.add_curve_point("immediate", metrics)
-        elif cfg.timing == "periodic" and self.steps_done % cfg.every_n_steps == 0:
-            # The stream's last point is its final evaluation: probes on their full sets.
-            self.evaluate_all_so_far("periodic", final=self.steps_done == self.stream_length())
-        if cfg.probes.due(self.steps_done) and not (
-            cfg.timing == "periodic" and self.curve and self.curve[-1]["step"] == self.steps_done
-        ):
-            probes = self.evaluator.probes(final=False)
-            self.log_dict(probes, on_step=True, on_epoch=False, batch_size=1)
-            self.steps_log[-1].update(probes)
-        self._clock["eval_seconds"] += time.perf_counter() - t0
-
-    def evaluate_all_so_far(self, timing: str, final: bool = True) -> dict:
-        """``final``: probes on every loaded example (after the stream), else on their subset."""
-        done = [r for r in self.requests if r.case_id in self.case_step]
-        cases, metrics = self.evaluator.evaluate(done, quality=True, final=final)
-        self.post_cases = {c["case_id"]: c for c in cases}
-        metrics.update(self.held_out(done, cases))
-        self.add_curve_point(timing, metrics)
-        return metrics
-
-    def held_out(self, done: list[EditRequest], cases: list[dict]) -> dict[str, float]:
-        """specificity_heldout_* when some edit trained on neighbourhood prompts (NA editing)."""
-        trained = {
-            cid: info["neighbor_prompts"] for cid, info in self.case_edit_info.items() if info.get("neighbor_prompts")
-        }
-        return held_out_specificity(cases, done, trained) if trained else {}
-
-    def add_curve_point(self, timing: str, metrics: dict) -> None:
-        point = {"step": self.steps_done, "edits": self.edits_done, "timing": timing, **metrics}
-        self.curve.append(point)
-        if timing != "pre":
-            # Straight to the loggers: self.log is not allowed in on_train_end (final evaluation).
-            numeric = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            numeric["eval/edits"] = float(self.edits_done)
-            for logger in self.loggers:
-                logger.log_metrics(numeric, step=self.steps_done)
-
-    def on_train_end(self) -> None:
-        if not self.ctx.ranks.is_main:
-            return
-        if self.checkpoint_every and not (self._resume is not None and self._resume["final"]):
-            self.save_checkpoint(final=True)
-        end = time.perf_counter()
-        timing = self.evaluation.timing
-        last = self.curve[-1] if self.curve else None  # None: evaluation.pre false and nothing evaluated yet
-        if (
-            timing == "final"
-            or last is None
-            or (timing == "periodic" and last["step"] != self.steps_done)
-            or last["timing"] == "pre"
-        ):
-            final = self.evaluate_all_so_far(timing)
-        elif timing == "immediate":
-            # Edit metrics: every case right after its own step; quality: the final model.
-            done_reqs = [r for r in self.requests if r.case_id in self.case_step]
-            done = [self.post_cases[r.case_id] for r in done_reqs]
-            final = {
-                **self.evaluator.summarise_cases(done),
-                **self.held_out(done_reqs, done),
-                **self.evaluator.quality(done_reqs),
-            }
-        else:
-            final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing")}
-            if self.steps_done != self.stream_length():  # the last periodic point probed the subsets only
-                full = self.evaluator.probes(final=True)
-                final.update(full)
-                last.update(full)
-                for logger in self.loggers:
-                    logger.log_metrics({f"eval/{k}": v for k, v in full.items()}, step=self.steps_done)
-        self.write_results(final, end)
-
     # -- editlab test: evaluate the loaded model as it is ---------------------------------------
     def on_test_start(self) -> None:
+        self.recorder = RunRecorder(self.run_dir())
         self.prepare_stream()
-        self._clock["setup_done"] = self._clock["stream_start"] = time.perf_counter()
-        self._clock["eval_seconds"] = 0.0
+        clock = self.recorder.clock
+        clock.setup_done = clock.stream_start = time.perf_counter()
 
     def test_step(self, batch, batch_idx: int):
         cases, _ = self.evaluator.evaluate(list(batch), quality=False)
-        self.post_cases.update({c["case_id"]: c for c in cases})
-        for req in batch:
-            self.case_step[req.case_id] = batch_idx
-        self.steps_done += 1
-        self.edits_done += len(batch)
+        self.recorder.record_test_step(list(batch), batch_idx, cases)
         return None
 
     def on_test_end(self) -> None:
-        done = [r for r in self.requests if r.case_id in self.case_step]
+        done = self.recorder.done(self.requests)
         metrics = {
-            **self.evaluator.summarise_cases([self.post_cases[r.case_id] for r in done]),
+            **self.evaluator.summarise_cases([self.recorder.post_cases[r.case_id] for r in done]),
             **self.evaluator.quality(done),
         }
-        self.add_curve_point("test", metrics)
+        self.add_point("test", metrics)
         self.write_results(metrics, time.perf_counter(), timing="test")
 
+    # -- results ----------------------------------------------------------------------------------
     def write_results(self, final: dict, end: float, timing: str | None = None) -> None:
         if self.global_rank != 0:
             return  # one writer: every rank of ``editlab test`` evaluates the same model
-        timing = timing or self.evaluation.timing
-        out = self.run_dir()
-        out.mkdir(parents=True, exist_ok=True)
-        records = []
-        for req in self.requests:
-            if req.case_id not in self.case_step:
-                continue
-            after = self.post_cases[req.case_id]
-            before = self.pre["cases"][req.case_id] if self.pre else None
-            record = {"case_id": req.case_id, "step": self.case_step[req.case_id], "timing": timing}
-            if before is not None:
-                record["pre"] = self.evaluator.case_summary(before)
-            record["post"] = self.evaluator.case_summary(after)
-            if req.case_id in self.case_edit_info:
-                record["edit"] = self.case_edit_info[req.case_id]
-            record["detail"] = {"pre": before, "post": after} if before is not None else {"post": after}
-            records.append(record)
-        write_jsonl(out / "cases.jsonl", records)
-        write_jsonl(out / "curve.jsonl", self.curve)
-        write_jsonl(out / "steps.jsonl", self.steps_log)
-        clock = self._clock
-        stream = end - clock["stream_start"] - clock["eval_seconds"]
+        timing, rec = timing or self.evaluation.timing, self.recorder
+        records = rec.case_records(self.requests, timing, self.evaluator.case_summary)
+        rec.write_records(records)
+        pre = rec.pre_metrics(self.requests, self.evaluator) if rec.pre else {}
         summary = {
             "method": self.method.name,  # the variant (MEMIT_seq, MEMIT-EAC, ...), not only the class
             "model": self.model_name,
             "timing": timing,
-            "edits": self.edits_done if timing != "test" else 0,
+            "edits": rec.edits_done if timing != "test" else 0,
             "evaluated": len(records),
-            "steps": self.steps_done,
+            "steps": rec.steps_done,
             **final,
-            **(
-                {f"pre_{k}": v for k, v in self.pre_metrics_of_edited().items() if isinstance(v, (int, float))}
-                if self.pre
-                else {}
-            ),
+            **{f"pre_{k}": v for k, v in pre.items() if isinstance(v, (int, float))},
             **numerics(),  # what the bits depend on besides the config
-            "seconds_total": time.perf_counter() - clock["start"],
-            "seconds_setup": clock["setup_done"] - clock["start"],
-            "seconds_editing": stream,
-            "seconds_per_step": stream / max(self.steps_done, 1),
+            **rec.clock.seconds(end, rec.steps_done),
         }
         if self.memory is not None:
             summary["memory_estimate_gib"] = round(self.memory.device_total / 2**30, 3)
@@ -538,64 +414,23 @@ class EditingModule(L.LightningModule):
         if self.resumed_from_step is not None:
             summary["resumed_from_step"] = self.resumed_from_step
         if self.export and timing != "test":
-            export_dir = out / "edited_model"
-            self.lm.save_pretrained(export_dir)
-            self.tok.save_pretrained(export_dir)
-            summary["export_dir"] = str(export_dir)
-            meta = {
-                "model": self.model_name,
-                "fingerprint": self.fingerprint,
-                "dtype": self.lm_dtype,
-                "model_type": self.lm.config.model_type,
-                "method": self.method.name,
-                "edits": self.edits_done,
-            }
-            delta = save_delta(out / "edit_delta.safetensors", weight_deltas(self.lm, self.initial), meta)
-            summary["export_delta"] = str(delta)
-        self.summary_path = out / "summary.json"
-        write_json_atomic(self.summary_path, summary)
-        write_run_report(out)
-        log_report_images(self.loggers, out, step=self.steps_done)  # W&B: the report's plots as images
-        for logger in self.loggers:
-            if hasattr(logger, "log_table"):  # W&B: the per-case table
-                cols = [
-                    "case_id",
-                    "step",
-                    "pre_prob_new",
-                    "post_prob_new",
-                    "pre_prob_true",
-                    "post_prob_true",
-                    "efficacy_success",
-                ]
-                rows = [
-                    [
-                        r["case_id"],
-                        r["step"],
-                        r.get("pre", {}).get("prob_new"),
-                        r["post"].get("prob_new"),
-                        r.get("pre", {}).get("prob_true"),
-                        r["post"].get("prob_true"),
-                        r["post"].get("efficacy_success"),
-                    ]
-                    for r in records
-                ]
-                logger.log_table(key="cases", columns=cols, data=rows)
+            summary.update(self.export_edited())
+        rec.write_summary(summary)
+        rec.write_report(summary)
+        rec.publish(self.loggers, records)
 
-    def pre_metrics_of_edited(self) -> dict:
-        """Pre-edit metrics restricted to the requests that were edited (the stream may have been
-        cut short by limit_train_batches)."""
-        if len(self.case_step) == len(self.requests):
-            return self.pre["metrics"]
-        cases = [self.pre["cases"][r.case_id] for r in self.requests if r.case_id in self.case_step]
-        return {
-            **self.evaluator.summarise_cases(cases),
-            **{k: v for k, v in self.pre["metrics"].items() if k in self.evaluator.quality_keys},
+    def export_edited(self) -> dict[str, str]:
+        """The edited model (save_pretrained) and its delta file, in the run directory."""
+        export_dir = self.recorder.path(rundir.EDITED_MODEL)
+        self.lm.save_pretrained(export_dir)
+        self.tok.save_pretrained(export_dir)
+        meta = {
+            "model": self.model_name,
+            "fingerprint": self.fingerprint,
+            "dtype": self.lm_dtype,
+            "model_type": self.lm.config.model_type,
+            "method": self.method.name,
+            "edits": self.recorder.edits_done,
         }
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+        delta = save_delta(self.recorder.path(rundir.EDIT_DELTA), weight_deltas(self.lm, self.initial), meta)
+        return {"export_dir": str(export_dir), "export_delta": str(delta)}
