@@ -29,6 +29,17 @@ class DiskFullError(OSError):
     """No space left while writing ``filename``; the atomic writers left the previous file whole."""
 
 
+def check_step_sum(option: str, steps: int, parts: dict[str, int], when: str = "") -> None:
+    """Refuse (ValueError) the step budget ``option`` = ``steps`` unless it is the sum of ``parts``
+    (option name -> steps): phases that replace one budget (ECE's two-step z, EAC's two stages)
+    must spend exactly it."""
+    if steps != sum(parts.values()):
+        raise ValueError(
+            f"option {option}={steps} must equal {' + '.join(parts)} ({' + '.join(str(v) for v in parts.values())})"
+            + (f" {when}" if when else "")
+        )
+
+
 def debug_requested(argv: list[str], environ=os.environ) -> bool:
     return "--debug" in argv or environ.get("EDITLAB_DEBUG", "") not in ("", "0", "false", "False")
 

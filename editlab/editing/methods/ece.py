@@ -51,6 +51,7 @@ from editlab.editing.rewind import (
 from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ClusterTargetResult, ExtraRow, TargetConfig, TargetResult
+from editlab.errors import check_step_sum
 from editlab.models.weights import read_weight
 from editlab.types import EditRequest, EditResult
 
@@ -97,10 +98,7 @@ def two_step_split(steps: int, shared_steps: int | None, instance_steps: int | N
     shared = steps - instance if shared_steps is None else shared_steps
     if shared < 0 or instance < 0 or shared + instance < 1:
         raise ValueError(f"options shared_steps={shared}, instance_steps={instance} must be >= 0 with a positive sum")
-    if steps != shared + instance:
-        raise ValueError(
-            f"option targets.steps={steps} must equal shared_steps + instance_steps ({shared} + {instance})"
-        )
+    check_step_sum("targets.steps", steps, {"shared_steps": shared, "instance_steps": instance})
     return shared, instance
 
 

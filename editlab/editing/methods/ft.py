@@ -20,6 +20,7 @@ import torch
 
 from editlab.editing.eac import EACConfig, GradientMean, anchor_mask, saliency, scored_elastic_net
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
+from editlab.errors import check_step_sum
 from editlab.models.prompts import pad
 from editlab.models.scoring import answer_rows, token_nll_and_hits
 from editlab.types import EditRequest, EditResult
@@ -64,11 +65,9 @@ class FT(EditMethod):
             raise ValueError(f"options lr={lr}, steps={steps}, weight_decay={weight_decay}: need lr > 0, steps >= 1")
         if norm_constraint is not None and norm_constraint <= 0:
             raise ValueError(f"option norm_constraint={norm_constraint} must be > 0 (or null for none)")
-        if eac is not None and steps != eac.total_steps:
-            raise ValueError(
-                f"option steps={steps} must equal eac.select_steps + eac.retrain_steps "
-                f"({eac.select_steps} + {eac.retrain_steps}) when eac is set"
-            )
+        if eac is not None:
+            parts = {"eac.select_steps": eac.select_steps, "eac.retrain_steps": eac.retrain_steps}
+            check_step_sum("steps", steps, parts, "when eac is set")
         self.layer = layer
         self.layers = [layer]
         self.lr, self.steps, self.norm_constraint = lr, steps, norm_constraint

@@ -28,6 +28,7 @@ from editlab.editing.methods.stages import Spread, StagedMethod, memit_residual,
 from editlab.editing.solve import memit_delta, preserve_matrix
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
+from editlab.errors import check_step_sum
 from editlab.types import EditRequest, EditResult
 
 
@@ -147,8 +148,6 @@ class MEMIT(LayerSpreadMethod):
 
 def check_eac_steps(targets: TargetConfig, eac: EACConfig | None) -> None:
     """With EAC the two stages replace the z steps: their sum must be the configured budget."""
-    if eac is not None and targets.steps != eac.total_steps:
-        raise ValueError(
-            f"option targets.steps={targets.steps} must equal eac.select_steps + eac.retrain_steps "
-            f"({eac.select_steps} + {eac.retrain_steps}) when eac is set"
-        )
+    if eac is not None:
+        parts = {"eac.select_steps": eac.select_steps, "eac.retrain_steps": eac.retrain_steps}
+        check_step_sum("targets.steps", targets.steps, parts, "when eac is set")
