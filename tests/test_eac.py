@@ -1,17 +1,29 @@
 """EAC: the anchor threshold keeps the stated fraction, the elastic net changes the gradient by its
 own derivative, stage 2 trains only the anchors, and ROME/MEMIT/FT with EAC still edit."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_baselines import changed_params, context, cov_cfg, snapshot, target_nll
 
 from editlab.editing.context import ContextTemplates
-from editlab.editing.eac import EACConfig, anchor_mask, eac_targets, saliency, scored_elastic_net
+from editlab.editing.eac import (
+    AnchorMask,
+    EACConfig,
+    GradientMean,
+    RecordGradients,
+    ScoredElasticNet,
+    anchor_mask,
+    eac_targets,
+    saliency,
+    scored_elastic_net,
+)
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ft import FT
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.rome import ROME
-from editlab.editing.targets import TargetConfig, descend_offsets, optimize_targets
+from editlab.editing.targets import DescentTerm, TargetConfig, descend_offsets, optimize_targets
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight
 
@@ -40,6 +52,29 @@ def test_saliency_is_gradient_times_value():
     torch.testing.assert_close(saliency(grad, vec), torch.tensor([[3.0, 2.0, 2.0]]))
 
 
+class GradientLog(DescentTerm):
+    """Test term: the (rows, gradient) of every update."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        self.seen.append((rows.clone(), grad.detach().clone()))
+        return grad
+
+
+def test_scored_elastic_net_term_is_scored_elastic_net_of_the_active_shift():
+    score = torch.rand(3, 5, generator=torch.Generator().manual_seed(1)) + 0.1
+    shift = torch.randn(2, 5, generator=torch.Generator().manual_seed(2))
+    act = torch.tensor([2, 0])
+    step = SimpleNamespace(base=torch.zeros(3, 5), d=torch.zeros(3, 5), act_req=act)
+    step.d[act] = shift
+    got = ScoredElasticNet(score, 0.3, 0.2, 1e-6).loss(step).added
+    assert torch.equal(got, scored_elastic_net(shift, score[act], 0.3, 0.2, 1e-6))
+    # A chunk renumbers the requests: its request 0 is request 1 of the step.
+    torch.testing.assert_close(ScoredElasticNet(score, 0.3, 0.2, 1e-6).chunk(1, 3).score, score[1:3])
+
+
 def test_elastic_net_changes_the_gradient_by_its_derivative():
     model, tok = peaky_model()
     view = ModelView.of(model)
@@ -50,9 +85,9 @@ def test_elastic_net_changes_the_gradient_by_its_derivative():
     score = torch.rand(len(reqs), d, generator=g) + 0.1
     l1, l2, eps = 0.3, 0.2, 1e-8
     grads = {}
-    for name, extra in [
-        ("plain", None),
-        ("net", lambda act, shift: scored_elastic_net(shift, score[act], l1, l2, eps)),
+    for name, terms in [
+        ("plain", []),
+        ("net", [ScoredElasticNet(score, l1, l2, eps)]),
     ]:
         seen = []
         descend_offsets(
@@ -65,8 +100,7 @@ def test_elastic_net_changes_the_gradient_by_its_derivative():
             2,
             base=base,
             progress=False,
-            extra_loss=extra,
-            record_grad=lambda rows, grad, seen=seen: seen.append((rows.clone(), grad)),
+            terms=[*terms, GradientLog(seen)],
         )
         assert torch.equal(seen[0][0], torch.arange(len(reqs)))
         grads[name] = seen[0][1]  # first update, both at shift = base
@@ -76,7 +110,8 @@ def test_elastic_net_changes_the_gradient_by_its_derivative():
 
 
 def test_plain_descent_is_unchanged_by_the_new_options():
-    # record_grad observes only; a full mask trains everything: the result is optimize_targets'.
+    # Recording the gradients observes only; a full mask trains everything: the result is
+    # optimize_targets' (bit for bit: the neutral plug-ins change no number).
     model, tok = peaky_model()
     view = ModelView.of(model)
     reqs = facts()
@@ -91,10 +126,10 @@ def test_plain_descent_is_unchanged_by_the_new_options():
         TargetConfig(steps=6, lr=0.2),
         6,
         progress=False,
-        mask=full,
-        record_grad=lambda rows, grad: None,
+        terms=[RecordGradients(GradientMean((len(reqs), model.config.hidden_size), view.device)), AnchorMask(full)],
     )
     torch.testing.assert_close(run.h + run.delta, ref.z)
+    assert torch.equal(run.h + run.delta, ref.z)
 
 
 def test_eac_targets_train_only_the_anchors_and_reach_the_target():
@@ -128,7 +163,7 @@ def test_mask_requires_a_zero_base_outside_it():
             CFG,
             2,
             base=torch.ones(1, model.config.hidden_size),
-            mask=mask,
+            terms=[AnchorMask(mask)],
             progress=False,
         )
 

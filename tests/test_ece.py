@@ -11,7 +11,14 @@ import torch
 import yaml
 
 from editlab.editing import rewind as rewind_module
-from editlab.editing.cluster import anchor_of, cluster_sets, default_k, jaccard_distances, kmedoids
+from editlab.editing.cluster import (
+    anchor_of,
+    cluster_sets,
+    default_k,
+    jaccard_distances,
+    kmedoids,
+    optimize_cluster_targets,
+)
 from editlab.editing.context import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import ece as ece_module
@@ -21,7 +28,7 @@ from editlab.editing.methods.memit import MEMIT
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance, select_neurons
 from editlab.editing.solve import memit_delta, submatrix_delta
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import TargetConfig, optimize_cluster_targets, optimize_targets
+from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.tiny import tiny_config, tiny_tokenizer

@@ -27,6 +27,7 @@ from editlab.editing.methods.iterative import (
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.nse import NSE
 from editlab.editing.methods.stages import Spread, StagedMethod
+from editlab.editing.neighbours import neighbour_terms
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, descend_offsets, optimize_targets
 from editlab.models.arch import ModelView
@@ -286,14 +287,16 @@ def test_neighbour_term_adds_its_weighted_nll_and_changes_the_gradient():
     # One forward (δ = 0): the loss grows by exactly 2 · NLL(Paris | the neighbour prompt),
     # for request 0 only; the target NLL itself is unchanged.
     plain = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False)
-    with_nb = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False, extra=extra)
+    with_nb = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False, terms=neighbour_terms(extra))
     nb_nll = score_answers(view, tok, ["The Louvre is located in the city of"], ["Paris"])["nll"][0]
     torch.testing.assert_close(with_nb.loss - plain.loss, torch.tensor([2 * nb_nll, 0.0, 0.0]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(with_nb.nll, plain.nll)
-    torch.testing.assert_close(with_nb.extra_nll, torch.tensor([2 * nb_nll, 0.0, 0.0]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        with_nb.records["neighbour_nll"], torch.tensor([2 * nb_nll, 0.0, 0.0]), rtol=1e-4, atol=1e-5
+    )
     # Optimising: request 0's z moves differently, the others' do not move at all differently.
     a = optimize_targets(view, tok, reqs, TEMPLATES, 1, cfg, progress=False)
-    b = optimize_targets(view, tok, reqs, TEMPLATES, 1, cfg, progress=False, extra=extra)
+    b = optimize_targets(view, tok, reqs, TEMPLATES, 1, cfg, progress=False, terms=neighbour_terms(extra))
     assert not torch.allclose(a.z[0], b.z[0], atol=1e-4)
     torch.testing.assert_close(a.z[1:], b.z[1:])
 
@@ -308,7 +311,7 @@ def test_averaged_neighbour_row_is_one_more_rewrite_row(weight):
     cfg = TargetConfig(steps=1, kl_factor=0.0)  # one measuring forward at δ = 0: no KL, no decay
     nb_prompt = "Hello there. {} is located in the city of"  # TEMPLATES[1] around a neighbour
     extra = [ExtraRow(0, nb_prompt, "The Louvre", "Paris", weight, averaged=True)]
-    run = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False, extra=extra)
+    run = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False, terms=neighbour_terms(extra))
     rewrite = [t.format(reqs[0].prompt).format(reqs[0].subject) for t in TEMPLATES]
     nll = score_answers(view, tok, rewrite + [nb_prompt.format("The Louvre")], [reqs[0].target_new] * 2 + ["Paris"])
     r1, r2, nb = nll["nll"].tolist()

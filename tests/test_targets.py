@@ -5,8 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+from editlab.editing.eac import AnchorMask
 from editlab.editing.keys import keys_and_outputs
-from editlab.editing.targets import ExtraRow, TargetConfig, descend_offsets, optimize_targets
+from editlab.editing.neighbours import NeighbourRows
+from editlab.editing.targets import DescentTerm, ExtraRow, TargetConfig, TermLoss, descend_offsets, optimize_targets
 from editlab.models.arch import ModelView
 
 from conftest import facts, peaky_model
@@ -234,6 +236,25 @@ def test_requests_in_chunks_give_the_z_of_one_forward(chunk):
     assert torch.equal(chunked.steps, together.steps)
 
 
+class IndexedTerm(DescentTerm):
+    """Test term whose loss depends on the request index (0.01 ‖shift‖² · (i + 1)) and which logs
+    the requests it updates, both in the step's numbering (``start``: a chunk's first request)."""
+
+    def __init__(self, rows: list, start: int = 0) -> None:
+        self.updated, self.start = rows, start
+
+    def loss(self, step) -> TermLoss:
+        shift = (step.base + step.d)[step.act_req]
+        return TermLoss(0.01 * shift.pow(2).sum(1) * (step.act_req + self.start + 1))
+
+    def gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        self.updated.append(rows + self.start)
+        return grad
+
+    def chunk(self, start: int, stop: int) -> "IndexedTerm":
+        return IndexedTerm(self.updated, self.start + start)
+
+
 def test_chunks_renumber_extra_rows_base_mask_and_callbacks():
     """A neighbour row owned by the third request, a base and a mask sliced per chunk, and
     callbacks that see the step's request indices: the same as one forward."""
@@ -260,16 +281,14 @@ def test_chunks_renumber_extra_rows_base_mask_and_callbacks():
             5,
             base=base,
             progress=False,
-            extra=extra,
-            mask=mask,
-            extra_loss=lambda act, shift: 0.01 * shift.pow(2).sum(1) * (act + 1),  # depends on the index
-            record_grad=lambda r, g, rows=rows: rows.append(r.clone()),
+            terms=[NeighbourRows(extra), IndexedTerm(rows), AnchorMask(mask)],
         )
         seen[chunk] = sorted(set(torch.cat(rows).tolist()))
     one, chunked = runs[None], runs[2]
     torch.testing.assert_close(chunked.delta, one.delta, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(chunked.extra_nll, one.extra_nll, rtol=1e-4, atol=1e-4)
-    assert float(one.extra_nll[2]) > 0 and float(one.extra_nll[0]) == 0.0  # the row joined request 3
+    chunked_nb, one_nb = chunked.records["neighbour_nll"], one.records["neighbour_nll"]
+    torch.testing.assert_close(chunked_nb, one_nb, rtol=1e-4, atol=1e-4)
+    assert float(one_nb[2]) > 0 and float(one_nb[0]) == 0.0  # the row joined request 3
     assert seen[2] == seen[None] == [0, 1, 2]
     assert bool((chunked.delta[:, -3:] == 0).all())
 

@@ -32,7 +32,16 @@ from typing import Literal
 
 import torch
 
-from editlab.editing.targets import TargetConfig, TargetResult, descend_offsets
+from editlab.editing.targets import (
+    DescentSetup,
+    DescentStep,
+    DescentTerm,
+    EditSite,
+    TargetConfig,
+    TargetResult,
+    TermLoss,
+    descend_offsets,
+)
 from editlab.models.arch import ModelView
 from editlab.types import EditRequest
 
@@ -123,6 +132,60 @@ class GradientMean:
         return self.total / self.count.clamp_min(1).view(shape)
 
 
+class RecordGradients(DescentTerm):
+    """Stage 1's plug-in: ∂loss/∂δ of the updated requests, before every update, into ``grads``
+    (rows ``offset`` on: a chunk's requests are renumbered from 0)."""
+
+    def __init__(self, grads: GradientMean, offset: int = 0) -> None:
+        self.grads, self.offset = grads, offset
+
+    def gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        self.grads.record(rows + self.offset, grad.detach().clone())
+        return grad
+
+    def chunk(self, start: int, stop: int) -> RecordGradients:
+        return RecordGradients(self.grads, self.offset + start)
+
+
+class AnchorMask(DescentTerm):
+    """Stage 2's plug-in: only the anchors, ``mask`` [n, width] bool, are trained. Entries outside
+    it get no gradient, so Adam's moments and step stay exactly 0 there; the base must be zero
+    outside it, so the whole shift stays inside the mask (the clamp only rescales)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def bind(self, setup: DescentSetup) -> AnchorMask:
+        mask = self.mask.to(device=setup.base.device, dtype=torch.bool)
+        if mask.shape != setup.base.shape:
+            n, width = setup.base.shape
+            raise ValueError(f"mask must be [{n}, {width}], got {tuple(mask.shape)}")
+        if bool((setup.base[~mask] != 0).any()):
+            raise ValueError("descend_offsets: base must be zero outside the mask")
+        return AnchorMask(mask)
+
+    def gradient(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return grad * self.mask[rows]
+
+    def chunk(self, start: int, stop: int) -> AnchorMask:
+        return AnchorMask(self.mask[start:stop])
+
+
+class ScoredElasticNet(DescentTerm):
+    """Stage 2's loss term: :func:`scored_elastic_net` of each active request's whole shift
+    base + δ under its scores ``score`` [n, width]."""
+
+    def __init__(self, score: torch.Tensor, l1: float, l2: float, eps: float) -> None:
+        self.score, self.l1, self.l2, self.eps = score, l1, l2, eps
+
+    def loss(self, step: DescentStep) -> TermLoss:
+        shift = (step.base + step.d)[step.act_req]  # [a, width]
+        return TermLoss(scored_elastic_net(shift, self.score[step.act_req], self.l1, self.l2, self.eps))
+
+    def chunk(self, start: int, stop: int) -> ScoredElasticNet:
+        return ScoredElasticNet(self.score[start:stop], self.l1, self.l2, self.eps)
+
+
 @dataclass
 class EACTargetResult(TargetResult):
     """TargetResult of the two-stage optimisation."""
@@ -144,7 +207,7 @@ def eac_targets(
     eac: EACConfig,
     progress: bool = True,
     start: Literal["stage1", "zero"] = "stage1",
-    norm_ref: tuple[torch.nn.Module, str] | None = None,
+    norm_ref: EditSite | tuple[torch.nn.Module, str] | None = None,
 ) -> EACTargetResult:
     """z_i = h_i + m_i ⊙ (s + Δ)_i with s = δ₁ (``start`` "stage1") or 0 ("zero"), both stages
     through :func:`descend_offsets` (MEMIT's loss, clamp and early stop; ``cfg.steps`` is not
@@ -164,16 +227,13 @@ def eac_targets(
         update_last=True,  # every stage-1 forward yields a recorded gradient and an update
         progress=progress,
         desc="z EAC select",
-        record_grad=grads.record,
+        terms=[RecordGradients(grads)],
         norm_ref=norm_ref,
     )
     score = saliency(grads.mean(), stage1.delta)  # [n, d_model]
     mask = anchor_mask(score, eac.percentile)  # [n, d_model]
     # eq. 3 sets the non-anchor dimensions to zero; the authors' MEMIT starts every one at zero.
     base = stage1.delta * mask if start == "stage1" else torch.zeros_like(stage1.delta)  # [n, d_model]
-
-    def elastic(act_req: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return scored_elastic_net(shift, score[act_req], eac.l1, eac.l2, eac.eps)
 
     stage2 = descend_offsets(
         view,
@@ -186,8 +246,7 @@ def eac_targets(
         base=base,
         progress=progress,
         desc="z EAC retrain",
-        mask=mask,
-        extra_loss=elastic,
+        terms=[AnchorMask(mask), ScoredElasticNet(score, eac.l1, eac.l2, eac.eps)],
         norm_ref=norm_ref,
     )
     return EACTargetResult(

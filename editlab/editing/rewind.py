@@ -33,15 +33,8 @@ from typing import Iterator
 
 import torch
 
-from editlab.editing.targets import (
-    ClusterTargetResult,
-    ExtraRow,
-    TargetConfig,
-    TargetResult,
-    cluster_labels,
-    optimize_cluster_targets,
-    optimize_targets,
-)
+from editlab.editing.cluster import ClusterTargetResult, cluster_labels, optimize_cluster_targets
+from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
 from editlab.keyed_cache import KeyedCache
 from editlab.keyed_cache import key_digest as digest_of
 from editlab.models.arch import ModelView

@@ -25,6 +25,7 @@ from editlab.editing.context import ContextTemplates
 from editlab.editing.eac import EACConfig, eac_scalars, eac_targets
 from editlab.editing.methods.base import EditContext, KeyValueMethod
 from editlab.editing.methods.stages import Spread, StagedMethod, memit_residual, spread_over_layers
+from editlab.editing.neighbours import neighbour_terms
 from editlab.editing.solve import memit_delta, preserve_matrix
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
@@ -77,7 +78,7 @@ class LayerSpreadMethod(KeyValueMethod, StagedMethod):
             pos = {g: i for i, g in enumerate(idx)}
             mine = [dataclasses.replace(e, owner=pos[e.owner]) for e in extra or [] if e.owner in pos]
             return optimize_targets(
-                ctx.view, ctx.tok, reqs, self.templates, z_layer, self.targets, ctx.progress, extra=mine or None
+                ctx.view, ctx.tok, reqs, self.templates, z_layer, self.targets, ctx.progress, neighbour_terms(mine)
             )
 
         return ctx.per_index(len(requests), share)

@@ -30,7 +30,8 @@ from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT, spread_over_layers
 from editlab.editing.methods.stages import Spread
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, descend_offsets
+from editlab.editing.targets import EditSite, ExtraRow, TargetConfig, TargetResult, descend_offsets
+from editlab.models.arch import ModelView
 from editlab.types import EditRequest
 
 
@@ -40,6 +41,11 @@ class PMETTargets(TargetResult):
 
     ffn_target: torch.Tensor  # [n, d_model] v = m + δ_ffn, the FFN output to write at layer L
     attn_shift: torch.Tensor  # [n, d_model] δ_attn (optimised, not written)
+
+
+def attention_site(view: ModelView, layer: int) -> EditSite:
+    """PMET's second edit site: the attention block's output of ``layer`` (δ_attn enters there)."""
+    return EditSite(view.attn(layer), f"attention of layer {layer}")
 
 
 @torch.no_grad()
@@ -95,7 +101,7 @@ class PMET(MEMIT):
             self.targets.steps,
             progress=ctx.progress,
             desc="z PMET",
-            extra_sites=[(view.attn(z_layer), f"attention of layer {z_layer}")],
+            sites=[attention_site(view, z_layer)],
         )
         ffn_shift, attn_shift = run.delta[:, :d_model], run.delta[:, d_model:]  # [n, d_model] each
         return PMETTargets(

@@ -26,6 +26,7 @@ from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
 from editlab.editing.methods.memit import check_eac_steps, target_scalars
 from editlab.editing.methods.stages import Spread, StagedMethod
+from editlab.editing.neighbours import neighbour_terms
 from editlab.editing.solve import rome_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
@@ -122,7 +123,7 @@ class ROME(KeyValueMethod, StagedMethod):
             self.layer,
             self.targets,
             ctx.progress,
-            extra=extra,
+            terms=neighbour_terms(extra),
             norm_ref=ref,
         )
 
