@@ -36,7 +36,7 @@ import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -56,6 +56,18 @@ class Spread:
     pending: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
+class Targets(Protocol):
+    """What OPTIMIZATION hands SPREAD (targets.TargetResult, or a method's own record around it)."""
+
+    @property
+    def z(self) -> torch.Tensor:
+        """The ideal states [n, d_model] at the last edited layer."""
+
+    @property
+    def nll(self) -> torch.Tensor:
+        """The target's NLL [n] there, mean over the method's templates: −ln p(θ_k, h̄_k)."""
+
+
 class StagedMethod(EditMethod):
     """A method with OPTIMIZATION and SPREAD stages (see the module docstring): MEMIT, MEMIT_seq,
     MEMIT-EAC, AlphaEdit, PMET, ROME, ECE and NSE."""
@@ -63,11 +75,11 @@ class StagedMethod(EditMethod):
     templates: list[str]
 
     @abstractmethod
-    def compute_targets(self, ctx: EditContext, requests: list[EditRequest], extra: list | None = None) -> Any:
-        """OPTIMIZATION on the current weights (writes nothing): an object with ``z`` and ``nll``."""
+    def compute_targets(self, ctx: EditContext, requests: list[EditRequest], extra: list | None = None) -> Targets:
+        """OPTIMIZATION (writes nothing); ``extra``: neighbour rows of the z loss, or refused."""
 
     @abstractmethod
-    def spread(self, ctx: EditContext, requests: list[EditRequest], targets: Any) -> Spread:
+    def spread(self, ctx: EditContext, requests: list[EditRequest], targets: Targets) -> Spread:
         """SPREAD: write the weights towards ``targets``; the sequential state waits in ``pending``."""
 
     @abstractmethod
@@ -89,7 +101,7 @@ class StagedStep:
     """A step run by :meth:`StagedMethod.run_stages`: its targets, its spread, and the seconds of
     compute_targets and of spread + commit."""
 
-    targets: Any
+    targets: Targets
     spread: Spread
     seconds_targets: float
     seconds_spread: float
