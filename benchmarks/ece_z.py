@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from editlab.data.sources import load_requests
-from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.context_templates import ContextTemplates, make_context_templates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE, ECETargets
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance

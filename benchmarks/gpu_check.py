@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.pipeline import Clock, efficacy, spread
 from editlab.data.sources import load_requests
-from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.context_templates import ContextTemplates, make_context_templates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext

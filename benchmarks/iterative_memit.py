@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from editlab.data.sources import load_requests
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.iterative import IterativeEditing, NeighborAssist, neighbor_rows, should_stop
 from editlab.editing.methods.memit import MEMIT

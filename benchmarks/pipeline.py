@@ -28,7 +28,7 @@ import torch
 
 from benchmarks import reference
 from editlab.data.sources import load_requests
-from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.context_templates import ContextTemplates, make_context_templates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE

@@ -53,7 +53,7 @@ import yaml
 
 from benchmarks.ece_z import points, quality, scored_then_restored, sync, work_per_instance
 from editlab.data.sources import load_requests
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.stats import CovarianceConfig

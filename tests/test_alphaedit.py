@@ -3,7 +3,7 @@ threshold is absolute, so that dimension depends on the scale of C (corpus, toke
 
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext
 from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache

@@ -4,7 +4,7 @@ each one edits (the target gets likelier), touches only its layers, and a failed
 import pytest
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import alphaedit as alphaedit_module
 from editlab.editing.methods import ft as ft_module

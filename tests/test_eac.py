@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_baselines import changed_params, context, cov_cfg, snapshot, target_nll
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.eac import (
     AnchorMask,
     EACConfig,

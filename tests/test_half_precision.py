@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.eac import EACConfig
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_nse import corpus_file
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import iterative as iterative_module
 from editlab.editing.methods import memit as memit_module

@@ -5,7 +5,7 @@ and combined by hand."""
 import pytest
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs, template_weights
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from editlab.editing.context import sample_continuations
+from editlab.editing.context_templates import sample_continuations
 from editlab.models.arch import ARCHITECTURES, ModelView, arch_spec
 from editlab.models.hooks import HookNeverFired, capture_inputs, capture_output, edit_output
 from editlab.models.tiny import tiny_model

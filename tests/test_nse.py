@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from editlab.editing import rewind as rewind_module
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods import nse as nse_module
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT

@@ -11,7 +11,7 @@ import torch
 
 from editlab.cli import main
 from editlab.editing import stats
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ft import FT
 from editlab.editing.methods.iterative import IterativeEditing

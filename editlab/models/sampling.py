@@ -1,5 +1,5 @@
 """Top-k sampling of the next token: the one sampler of the generated metrics (metrics/generation.py)
-and of the context templates (editing/context.py)."""
+and of the context templates (editing/context_templates.py)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import LayerSpreadMethod
 from editlab.editing.methods.stages import Spread

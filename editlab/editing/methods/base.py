@@ -120,7 +120,7 @@ class KeyValueMethod(EditMethod):
         self.templates: list[str] = []
 
     def setup(self, ctx: EditContext) -> None:
-        from editlab.editing.context import make_context_templates
+        from editlab.editing.context_templates import make_context_templates
         from editlab.editing.stats import second_moments, statistics_cache
 
         ctx.view.check_layers(self.layers)

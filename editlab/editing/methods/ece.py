@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 
 from editlab.editing.cluster import Clustering, cluster_sets
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.rewinding import RewindingMethod
 from editlab.editing.methods.stages import Spread, StagedMethod, layer_keys, layer_residual, spread_over_layers

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.eac import EACConfig, eac_scalars, eac_targets
 from editlab.editing.methods.base import EditContext, KeyValueMethod
 from editlab.editing.methods.stages import Spread, StagedMethod, memit_residual, spread_over_layers

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, restore_on_error
 from editlab.editing.methods.rewinding import RewindingMethod

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT, spread_over_layers

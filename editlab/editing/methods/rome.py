@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from editlab.editing.context import ContextTemplates, make_context_templates
+from editlab.editing.context_templates import ContextTemplates, make_context_templates
 from editlab.editing.eac import EACConfig, eac_targets
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
