@@ -19,7 +19,7 @@ from editlab.editing.cluster import (
     kmedoids,
     optimize_cluster_targets,
 )
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import ece as ece_module
 from editlab.editing.methods.base import EditContext

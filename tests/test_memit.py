@@ -4,7 +4,7 @@ sequential cache, and a failed step leaves the weights untouched."""
 import pytest
 import torch
 
-from editlab.editing.context import ContextTemplates
+from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import memit as memit_module
 from editlab.editing.methods.base import EditContext
