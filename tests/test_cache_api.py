@@ -15,7 +15,7 @@ import transformers
 from editlab.editing.targets import PrefixCachedForward, TargetConfig, optimize_targets
 from editlab.metrics.generation import generate_token_rows
 from editlab.models.arch import ModelView
-from editlab.models.cache import returned_cache
+from editlab.models.kv_cache import returned_cache
 from editlab.models.prompts import pad
 
 from conftest import ARCHS, facts, peaky_model

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from editlab.metrics.generation import _eos_ids, decode, left_pad
-from editlab.models.cache import returned_cache
+from editlab.models.kv_cache import returned_cache
 from editlab.models.prompts import answer_ids
 
 PUNCTUATION = frozenset(string.punctuation)

@@ -38,7 +38,7 @@ import torch
 
 from editlab.metrics.base import LocalMetric
 from editlab.metrics.editing import case_means
-from editlab.models.cache import returned_cache
+from editlab.models.kv_cache import returned_cache
 from editlab.models.sampling import sample_top_k
 
 # Combining marks (U+0300-U+036F) belong to their word: the texts are NFKD-normalised, which splits
