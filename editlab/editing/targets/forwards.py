@@ -11,8 +11,8 @@ import torch
 from editlab.editing.targets.config import TargetConfig
 from editlab.editing.targets.rows import TargetRows
 from editlab.models.arch import ModelView
-from editlab.models.kv_cache import returned_cache, select_cache_rows
 from editlab.models.hooks import StopForward, capture_inputs
+from editlab.models.kv_cache import returned_cache, select_cache_rows
 from editlab.models.prompts import PaddedBatch, pad
 
 
