@@ -6,7 +6,7 @@ answering the most frequent class), 1 / number of label words, the weighted F1 o
 answer, and MCC 0. A task is called *at chance* unless its accuracy exceeds the majority rate by
 more than two standard errors of a chance-level accuracy, sqrt(c (1 - c) / n).
 
-The side-by-side times :func:`editlab.probes.choice_logprobs` (rows shared by the single-token label
+The side-by-side times :func:`editlab.metrics.probes.choice_logprobs` (rows shared by the single-token label
 words, sorted by length, ``batch_size`` to a forward) against the loop of the seeds'
 ``glue_eval/*_eval.py`` (one forward per example and label word, batch 1) on the first
 ``--compare`` examples of ``--compare-tasks``, and reports the largest difference of their log-probs.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from editlab.models.prompts import answer_ids
-from editlab.probes import (
+from editlab.metrics.probes import (
     SEED_TASKS,
     SEEDS_DIR,
     ProbeTask,

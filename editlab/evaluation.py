@@ -36,7 +36,7 @@ from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
 from editlab.models.arch import ModelView
 from editlab.models.prompts import check_context_length
 from editlab.models.scoring import score_answers
-from editlab.probes import ProbeConfig
+from editlab.metrics.probes import ProbeConfig
 from editlab.types import EditRequest
 
 FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}

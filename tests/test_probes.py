@@ -1,4 +1,4 @@
-"""Tests for editlab.probes: zero-shot label-word scoring, built-in task loaders, configuration."""
+"""Tests for editlab.metrics.probes: zero-shot label-word scoring, built-in task loaders, configuration."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from editlab.data.sources import DataError
 from editlab.models.tiny import tiny_model
-from editlab.probes import (
+from editlab.metrics.probes import (
     FEW_SHOT_POOL,
     NO_ANSWER,
     SEED_TASKS,
@@ -263,7 +263,7 @@ def test_hub_rows_validated_only_where_selected(monkeypatch):
 
 
 def load_order(n: int, seed: int, k: int) -> list[int]:
-    from editlab.probes import seeded_order
+    from editlab.metrics.probes import seeded_order
 
     return seeded_order(n, seed)[:k]
 
