@@ -62,10 +62,10 @@ from editlab.evaluation import (
     generated_metrics,
 )
 from editlab.metrics.perplexity import sequence_nll, token_nll
+from editlab.metrics.probes import ProbeConfig
 from editlab.models.arch import ModelView
 from editlab.models.prompts import pad
 from editlab.models.scoring import answer_rows, reduce_rows, shared_rows, token_nll_and_hits
-from editlab.metrics.probes import ProbeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from editlab.models.prompts import answer_ids
 from editlab.metrics.probes import (
     SEED_TASKS,
     SEEDS_DIR,
@@ -39,6 +38,7 @@ from editlab.metrics.probes import (
     probe_details,
     weighted_f1,
 )
+from editlab.models.prompts import answer_ids
 
 SCORE_NAMES = ("accuracy", "f1", "mcc")
 

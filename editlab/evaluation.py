@@ -33,10 +33,10 @@ from editlab.metrics.editing import (
 from editlab.metrics.generated import DEFAULT_MARGIN, generated_answers
 from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
+from editlab.metrics.probes import ProbeConfig
 from editlab.models.arch import ModelView
 from editlab.models.prompts import check_context_length
 from editlab.models.scoring import score_answers
-from editlab.metrics.probes import ProbeConfig
 from editlab.types import EditRequest
 
 FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}

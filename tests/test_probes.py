@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from editlab.data.sources import DataError
-from editlab.models.tiny import tiny_model
 from editlab.metrics.probes import (
     FEW_SHOT_POOL,
     NO_ANSWER,
@@ -32,6 +31,7 @@ from editlab.metrics.probes import (
     run_probes,
     weighted_f1,
 )
+from editlab.models.tiny import tiny_model
 
 from conftest import SHARED_DATA
 
