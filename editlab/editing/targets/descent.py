@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from editlab.editing.targets.config import TargetConfig, TargetResult
 from editlab.editing.targets.forwards import rows_forward
-from editlab.editing.targets.rows import ExtraRow, kl_token_index, target_rows
+from editlab.editing.targets.rows import ExtraRow, TargetRows, kl_token_index, target_rows
 from editlab.models.arch import ModelView
 from editlab.models.hooks import edit_output
-from editlab.models.prompts import pad
+from editlab.models.prompts import PaddedBatch, pad
 from editlab.types import EditRequest
 
 
@@ -192,12 +192,8 @@ def descend_offsets(
         )
     device = view.device
     extra = [row for term in terms for row in term.rows]
-    tr = target_rows(tok, requests, templates, cfg.kl_prompt, extra or None)
-    n = tr.n_requests
-    is_extra = tr.is_extra.to(device)
-    full = pad(tr.batch_rows, tok.pad_token_id).to(device)
-    edit_pos, owner, is_kl = tr.edit_pos.to(device), tr.owner.to(device), tr.is_kl.to(device)
-    tgt_row, tgt_pos, tgt_id = tr.tgt_row.to(device), tr.tgt_pos.to(device), tr.tgt_id.to(device)
+    rows = _StepRows.build(tok, requests, templates, cfg.kl_prompt, extra, device)
+    n = rows.n
     d_model = view.model.config.hidden_size
     width = d_model * (1 + len(sites))  # layer-output offset, then one per extra site
     base = torch.zeros(n, width, device=device) if base is None else base.to(device=device, dtype=torch.float32)
@@ -205,7 +201,7 @@ def descend_offsets(
         raise ValueError(f"base must be [{n}, {width}], got {tuple(base.shape)}")
     if sites and bool((base != 0).any()):
         raise ValueError("descend_offsets: a non-zero base is not supported together with extra sites")
-    terms = _bind(terms, n, base, tr.row_weight.to(device), len(tr.batch_rows) - len(extra))
+    terms = _bind(terms, n, base, rows.row_weight, len(rows.tr.batch_rows) - len(extra))
     delta = torch.zeros(n, width, device=device, dtype=torch.float32)
     adam = RowAdam(delta.shape, cfg.lr, device)
     h = torch.zeros(n, d_model, device=device)
@@ -215,29 +211,18 @@ def descend_offsets(
     last_nll = torch.zeros(n, device=device)
     records: dict[str, torch.Tensor] = {}
     unembed = view.unembed()
-    forward = rows_forward(view, tr, full, edit_pos, tok.pad_token_id, cfg, layer)
+    forward = rows_forward(view, rows.tr, rows.full, rows.edit_pos, tok.pad_token_id, cfg, layer)
     kl_init: torch.Tensor | None = None  # [n, V] log-probs on the KL prompt without any shift
     if bool((base != 0).any()):
-        kl_all = is_kl.nonzero().squeeze(1)  # [n] one KL row per request, in request order
-        with torch.no_grad():
-            hid = forward(kl_all)
-        at = kl_token_index(cfg.kl_position, full.lengths[kl_all], edit_pos[kl_all]) - forward.offset(kl_all)
-        kl_init = unembed(hid[torch.arange(n, device=device), at]).float().log_softmax(-1)
+        kl_init = _unshifted_kl_reference(rows, forward, unembed, cfg)
     bar = tqdm(range(steps), desc=f"{desc} ({n} rows)", disable=not progress, file=sys.stderr, leave=False)
     for it in bar:
-        act_req = active.nonzero().squeeze(1)  # [a]
-        row_sel = active[owner].nonzero().squeeze(1)  # [r] rows of active requests
-        local = torch.full((len(owner),), -1, device=device, dtype=torch.long)
-        local[row_sel] = torch.arange(len(row_sel), device=device)
+        sel = _Selection.of(active, rows, forward)
         d = delta.clone().requires_grad_(True)
-        sel_owner = owner[row_sel]
-        offset = forward.offset(row_sel)  # [r]
-        sel_pos = edit_pos[row_sel] - offset
-        first = it == 0
-        # Rows whose residual at the subject is h (or the norm reference): the bare prompt's.
-        bare = (~is_kl[row_sel]) & (torch.arange(len(row_sel), device=device) < n) if first else None
+        # Rows whose residual at the subject is h (or the norm reference): the bare prompts'.
+        bare = (~rows.is_kl[sel.row_sel]) & (torch.arange(len(sel.row_sel), device=device) < n) if it == 0 else None
 
-        def shift(j: int, d=d, sel_owner=sel_owner) -> torch.Tensor:  # [r, d_model] slice j of each row's shift
+        def shift(j: int, d=d, sel_owner=sel.sel_owner) -> torch.Tensor:  # [r, d_model] slice j of each row's shift
             # index_select, not [sel_owner]: the backward of advanced indexing with repeated indices
             # (one δ row feeds every template row of its request) is an index_put with accumulate,
             # whose CPU kernel adds with atomics and makes z differ between processes at > 1 thread.
@@ -245,48 +230,18 @@ def descend_offsets(
 
         with ExitStack() as hooks:
             hooks.enter_context(torch.enable_grad())
+            record_h = _Record(h, sel.sel_owner, sel.sel_pos, bare)
             hooks.enter_context(
-                edit_output(
-                    view.layer(layer),
-                    f"layer {layer}",
-                    _ShiftAt(0, shift, sel_pos, _Record(h, sel_owner, sel_pos, bare)),
-                )
+                edit_output(view.layer(layer), f"layer {layer}", _ShiftAt(0, shift, sel.sel_pos, record_h))
             )
             for j, (module, name) in enumerate(sites):
-                hooks.enter_context(edit_output(module, name, _ShiftAt(j + 1, shift, sel_pos)))
-            if norm_ref is not None and first:
-                hooks.enter_context(edit_output(norm_ref[0], norm_ref[1], _Record(h_ref, sel_owner, sel_pos, bare)))
-            hidden = forward(row_sel)  # [r, S, d]
-            tsel = active[owner[tgt_row]]
-            t_rows = local[tgt_row[tsel]]
-            t_pos = tgt_pos[tsel] - offset[t_rows]
-            logits = unembed(hidden[t_rows, t_pos]).float()  # [t, V]
-            tok_nll = -logits.log_softmax(-1).gather(1, tgt_id[tsel].unsqueeze(1)).squeeze(1)  # [t]
-            row_nll = row_means(tok_nll, t_rows, len(row_sel))  # [r]
-            rewrite = ~is_kl[row_sel] & ~is_extra[row_sel]
-            nll = row_means(row_nll[rewrite], sel_owner[rewrite], n)  # [n]
-            step = DescentStep(n, act_req, row_sel, sel_owner, row_nll, rewrite, base, d)
-            fit = nll  # [n] the NLL term of the loss (neighbour rows averaged in join it)
-            for term in terms:
-                fit = term.fit(step, fit)
-            kl_rows = is_kl[row_sel].nonzero().squeeze(1)
-            kl_sel = row_sel[kl_rows]
-            kl_at = kl_token_index(cfg.kl_position, full.lengths[kl_sel], edit_pos[kl_sel]) - offset[kl_rows]  # [a]
-            kl_logp = unembed(hidden[kl_rows, kl_at]).float().log_softmax(-1)  # [a, V]
-            if kl_init is None:  # zero base: the first forward is the unshifted one
-                kl_init = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - kl_init[act_req])).sum(-1)  # [a] KL(current || initial)
-            norm_h = h_ref[act_req].norm(dim=1)
-            wd = cfg.weight_decay * (base[act_req] + d[act_req]).norm(dim=1) / norm_h**2
-            loss = fit[act_req] + cfg.kl_factor * kl + wd  # [a]
-            for term in terms:
-                part = term.loss(step)
-                if part is None:
-                    continue
-                if part.added is not None:
-                    loss = loss + part.added
-                if part.recorded is not None:
-                    records.setdefault(term.name, torch.zeros(n, device=device))[act_req] = part.recorded
+                hooks.enter_context(edit_output(module, name, _ShiftAt(j + 1, shift, sel.sel_pos)))
+            if norm_ref is not None and it == 0:
+                record_ref = _Record(h_ref, sel.sel_owner, sel.sel_pos, bare)
+                hooks.enter_context(edit_output(norm_ref[0], norm_ref[1], record_ref))
+            hidden = forward(sel.row_sel)  # [r, S, d]
+            loss, nll, kl_init = _loss(rows, sel, hidden, unembed, cfg, terms, base, d, h_ref, kl_init, records)
+        act_req = sel.act_req
         last_loss[act_req] = loss.detach()
         last_nll[act_req] = nll[act_req].detach()
         bar.set_postfix(active=int(active.sum()), loss=f"{float(loss.detach().mean()):.3f}")
@@ -306,6 +261,126 @@ def descend_offsets(
         active[act_req[done]] = False
     bar.close()
     return OffsetDescent(delta=delta, h=h, loss=last_loss, nll=last_nll, updates=adam.t.clone(), records=records)
+
+
+@dataclass
+class _StepRows:
+    """The step's rows (:func:`target_rows`) with their index tensors on the descent's device."""
+
+    tr: TargetRows
+    n: int  # requests
+    full: PaddedBatch  # the rows, right-padded
+    edit_pos: torch.Tensor  # [R] subject-last position where the shift enters
+    owner: torch.Tensor  # [R] request of each row
+    is_kl: torch.Tensor  # [R] bool
+    is_extra: torch.Tensor  # [R] bool, the terms' rows
+    row_weight: torch.Tensor  # [R] loss weight of each extra row (0 elsewhere)
+    tgt_row: torch.Tensor  # [T] row of each answer token
+    tgt_pos: torch.Tensor  # [T] position whose logits predict it
+    tgt_id: torch.Tensor  # [T] its id
+
+    @classmethod
+    def build(cls, tok, requests, templates, kl_prompt: str, extra: list[ExtraRow], device) -> _StepRows:
+        tr = target_rows(tok, requests, templates, kl_prompt, extra or None)
+        return cls(
+            tr,
+            tr.n_requests,
+            pad(tr.batch_rows, tok.pad_token_id).to(device),
+            tr.edit_pos.to(device),
+            tr.owner.to(device),
+            tr.is_kl.to(device),
+            tr.is_extra.to(device),
+            tr.row_weight.to(device),
+            tr.tgt_row.to(device),
+            tr.tgt_pos.to(device),
+            tr.tgt_id.to(device),
+        )
+
+
+@dataclass
+class _Selection:
+    """The rows of the requests still active in one iteration."""
+
+    active: torch.Tensor  # [n] bool, the requests still optimised
+    act_req: torch.Tensor  # [a] their indices
+    row_sel: torch.Tensor  # [r] their rows
+    local: torch.Tensor  # [R] position of each row in row_sel (-1: not selected)
+    sel_owner: torch.Tensor  # [r] request of each selected row
+    offset: torch.Tensor  # [r] first position the forward runs (prefix cache), per selected row
+    sel_pos: torch.Tensor  # [r] the subject's last token, counted from that offset
+
+    @classmethod
+    def of(cls, active: torch.Tensor, rows: _StepRows, forward) -> _Selection:
+        device = active.device
+        act_req = active.nonzero().squeeze(1)
+        row_sel = active[rows.owner].nonzero().squeeze(1)
+        local = torch.full((len(rows.owner),), -1, device=device, dtype=torch.long)
+        local[row_sel] = torch.arange(len(row_sel), device=device)
+        offset = forward.offset(row_sel)
+        return cls(
+            active.clone(), act_req, row_sel, local, rows.owner[row_sel], offset, rows.edit_pos[row_sel] - offset
+        )
+
+
+def _unshifted_kl_reference(rows: _StepRows, forward, unembed, cfg: TargetConfig) -> torch.Tensor:
+    """[n, V] log-probs at the KL token of each request's KL row, from a no-grad forward without
+    any shift (a non-zero base would already shift the first optimisation forward)."""
+    kl_all = rows.is_kl.nonzero().squeeze(1)  # [n] one KL row per request, in request order
+    with torch.no_grad():
+        hid = forward(kl_all)
+    at = kl_token_index(cfg.kl_position, rows.full.lengths[kl_all], rows.edit_pos[kl_all]) - forward.offset(kl_all)
+    return unembed(hid[torch.arange(rows.n, device=hid.device), at]).float().log_softmax(-1)
+
+
+def _loss(
+    rows: _StepRows,
+    sel: _Selection,
+    hidden: torch.Tensor,
+    unembed,
+    cfg: TargetConfig,
+    terms: Sequence[DescentTerm],
+    base: torch.Tensor,
+    d: torch.Tensor,
+    h_ref: torch.Tensor,
+    kl_init: torch.Tensor | None,
+    records: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss [a] of the active requests, target NLL [n], KL reference [n, V]) of one forward's
+    hidden states [r, S, d]: fit + kl_factor·KL + weight decay, then each term's loss in order (the
+    terms' recorded values go into ``records``). Without a reference yet (zero base), this
+    forward is the unshifted one and gives it."""
+    n, act_req, row_sel, sel_owner, offset = rows.n, sel.act_req, sel.row_sel, sel.sel_owner, sel.offset
+    tsel = sel.active[rows.owner[rows.tgt_row]]  # [T] answer tokens of active requests
+    t_rows = sel.local[rows.tgt_row[tsel]]
+    t_pos = rows.tgt_pos[tsel] - offset[t_rows]
+    logits = unembed(hidden[t_rows, t_pos]).float()  # [t, V]
+    tok_nll = -logits.log_softmax(-1).gather(1, rows.tgt_id[tsel].unsqueeze(1)).squeeze(1)  # [t]
+    row_nll = row_means(tok_nll, t_rows, len(row_sel))  # [r]
+    rewrite = ~rows.is_kl[row_sel] & ~rows.is_extra[row_sel]
+    nll = row_means(row_nll[rewrite], sel_owner[rewrite], n)  # [n]
+    step = DescentStep(n, act_req, row_sel, sel_owner, row_nll, rewrite, base, d)
+    fit = nll  # [n] the NLL term of the loss (neighbour rows averaged in join it)
+    for term in terms:
+        fit = term.fit(step, fit)
+    kl_rows = rows.is_kl[row_sel].nonzero().squeeze(1)
+    kl_sel = row_sel[kl_rows]
+    kl_at = kl_token_index(cfg.kl_position, rows.full.lengths[kl_sel], rows.edit_pos[kl_sel]) - offset[kl_rows]  # [a]
+    kl_logp = unembed(hidden[kl_rows, kl_at]).float().log_softmax(-1)  # [a, V]
+    if kl_init is None:  # zero base: the first forward is the unshifted one
+        kl_init = kl_logp.detach()
+    kl = (kl_logp.exp() * (kl_logp - kl_init[act_req])).sum(-1)  # [a] KL(current || initial)
+    norm_h = h_ref[act_req].norm(dim=1)
+    wd = cfg.weight_decay * (base[act_req] + d[act_req]).norm(dim=1) / norm_h**2
+    loss = fit[act_req] + cfg.kl_factor * kl + wd  # [a]
+    for term in terms:
+        part = term.loss(step)
+        if part is None:
+            continue
+        if part.added is not None:
+            loss = loss + part.added
+        if part.recorded is not None:
+            records.setdefault(term.name, torch.zeros(n, device=loss.device))[act_req] = part.recorded
+    return loss, nll, kl_init
 
 
 class _Record:
