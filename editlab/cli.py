@@ -7,7 +7,7 @@ line ``editlab fit`` prints is the path of summary.json.
 ``editlab fit ... --ckpt_path last`` continues an interrupted run from its edit-state checkpoint
 (``<run dir>/checkpoints/edit_state.pt``, editlab's own: Lightning's checkpoints would hold the
 whole LM). ``editlab apply-delta`` applies an exported delta file to the original model.
-``editlab stats`` computes, exports and imports the covariance statistics (editlab/stats_cli.py).
+``editlab stats`` computes, exports and imports the covariance statistics (editlab/commands/stats.py).
 """
 
 from __future__ import annotations
@@ -306,20 +306,20 @@ def main(args: list[str] | None = None) -> None:
 
         sys.exit(report_main(argv[1:]))
     if argv and argv[0] == "study":
-        from editlab.study import study_main
+        from editlab.commands.study import study_main
 
         sys.exit(study_main(argv[1:]))
     if argv and argv[0] == "locate":
-        from editlab.locate import locate_main
+        from editlab.commands.locate import locate_main
 
         sys.exit(locate_main(argv[1:], debug=debug))
     if argv and argv[0] == "apply-delta":
-        from editlab.models.delta import apply_delta_main
+        from editlab.commands.apply_delta import apply_delta_main
 
         sys.exit(apply_delta_main(argv[1:]))
     try:
         if argv and argv[0] == "stats":  # in here: its user errors get the one line too
-            from editlab.stats_cli import stats_main
+            from editlab.commands.stats import stats_main
 
             sys.exit(stats_main(argv[1:]))
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from editlab import locate as L
+from editlab.commands import locate as L
 from editlab.models.arch import ModelView
 from editlab.models.prompts import answer_ids, subject_last_index
 from editlab.types import EditRequest

@@ -24,7 +24,7 @@ from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.tiny import save_tiny, tiny_model
-from editlab.stats_cli import ModelUnderStats, compute, export, import_, parse_stats_args
+from editlab.commands.stats import ModelUnderStats, compute, export, import_, parse_stats_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from editlab import study as study_module
+from editlab.commands import study as study_module
 from editlab.models.tiny import save_tiny
-from editlab.study import StudyError, read_study, run_command, run_study, study_main
+from editlab.commands.study import StudyError, read_study, run_command, run_study, study_main
 
 from conftest import REPO, SHARED_DATA
 

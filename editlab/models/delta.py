@@ -113,27 +113,3 @@ def apply_delta(model: nn.Module, path: str | Path) -> dict[str, str]:
     initial = snapshot(model, list(deltas))
     apply_weight_deltas(model, deltas, initial)
     return meta
-
-
-def apply_delta_main(argv: list[str]) -> int:
-    """``editlab apply-delta DELTA --model M --out DIR [--dtype D]``: write the edited model."""
-    import argparse
-
-    from editlab.models.load import load_model_and_tokenizer
-
-    parser = argparse.ArgumentParser(prog="editlab apply-delta", description=apply_delta_main.__doc__)
-    parser.add_argument("delta", help="edit_delta.safetensors of a run (--model.export true)")
-    parser.add_argument("--model", help="the original model (hub id, local dir); default: the one in the delta")
-    parser.add_argument("--dtype", help="the model's dtype; default: the one in the delta")
-    parser.add_argument("--out", required=True, help="directory for the edited model (save_pretrained)")
-    args = parser.parse_args(argv)
-    _, meta = read_delta(args.delta)
-    model, tok = load_model_and_tokenizer(args.model or meta["model"], args.dtype or meta["dtype"])
-    try:
-        apply_delta(model, args.delta)
-    except DeltaMismatchError as err:
-        parser.exit(2, f"editlab apply-delta: {err}\n")
-    model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
-    print(args.out)
-    return 0
