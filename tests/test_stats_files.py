@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from editlab.cli import main
+from editlab.commands.stats import ModelUnderStats, compute, export, import_, parse_stats_args
 from editlab.editing import stats
 from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
@@ -24,7 +25,6 @@ from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.tiny import save_tiny, tiny_model
-from editlab.commands.stats import ModelUnderStats, compute, export, import_, parse_stats_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from editlab.commands import study as study_module
-from editlab.models.tiny import save_tiny
 from editlab.commands.study import StudyError, read_study, run_command, run_study, study_main
+from editlab.models.tiny import save_tiny
 
 from conftest import REPO, SHARED_DATA
 
