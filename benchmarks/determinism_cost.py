@@ -3,7 +3,7 @@
 z optimisation adds each request's δ row to the hidden state of every one of its template rows.
 Written ``(base + d)[owner]``, the backward of the advanced index is an ``index_put`` with
 accumulate, whose CPU kernel adds the repeated rows with atomics in thread order, so z differed
-between two processes at 2 threads (the determinism fix, editlab/editing/targets.py
+between two processes at 2 threads (the determinism fix, editlab/editing/targets/descent.py
 ``descend_offsets``). ``(base + d).index_select(0, owner)`` has a backward that adds in a fixed
 order. This benchmark times both, forward + backward at the shapes of a SmolLM2 step, interleaved
 A/B in one process, and puts the difference beside one z iteration (a forward and backward of the

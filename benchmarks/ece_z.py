@@ -34,12 +34,13 @@ from typing import Callable
 import torch
 
 from editlab.data.sources import load_requests
+from editlab.editing.cluster import optimize_cluster_targets
 from editlab.editing.context_templates import ContextTemplates, make_context_templates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE, ECETargets
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance
 from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache
-from editlab.editing.targets import TargetConfig, TargetResult, optimize_cluster_targets, optimize_targets
+from editlab.editing.targets import TargetConfig, TargetResult, optimize_targets
 from editlab.evaluation import editing_metrics, evaluate_cases
 from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView

@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from editlab.editing.cluster import Clustering, cluster_sets
+from editlab.editing.cluster import Clustering, ClusterTargetResult, cluster_sets
 from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.rewinding import RewindingMethod
@@ -50,7 +50,7 @@ from editlab.editing.rewind import (
 )
 from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import ClusterTargetResult, ExtraRow, TargetConfig, TargetResult
+from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult
 from editlab.errors import check_step_sum
 from editlab.models.weights import read_weight
 from editlab.types import EditRequest, EditResult
