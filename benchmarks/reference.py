@@ -8,7 +8,7 @@ What makes the reference slow, kept here as it is there:
     the whole model and takes log-softmax of the full-vocabulary logits at every position, then
     gathers the few target positions.
 
-The loss, the stop rule, the clamp and the solve are the same as editlab's (targets.py, solve.py),
+The loss, the stop rule, the clamp and the solve are the same as editlab's (targets/, solve.py),
 so the two pipelines should land on the same z and ΔW; the test suite checks that on tiny models.
 Tokenisation is shared (editlab.editing.targets.target_rows / keys.subject_rows) so that both see
 the same token rows.
