@@ -56,34 +56,24 @@ class MemoryEstimate:
 
 
 @dataclass(frozen=True)
-class MethodMemory:
-    """How many d_ff x d_ff float64 matrices a method keeps and solves with (see the module doc)."""
+class MemoryProfile:
+    """What a method keeps and runs, as the estimate counts it (``EditMethod.memory_profile()``;
+    the default, all zero, is a method with no statistics and no z rows, as FT)."""
 
-    stat_matrices: int  # kept per edited layer for the whole run
-    solve_matrices: int  # alive at once on the device in its largest solve
-    rewind: bool  # keeps W_0 of the edited matrices on the device
+    stat_matrices: int = 0  # d_ff x d_ff float64 matrices kept per edited layer for the whole run
+    solve_matrices: int = 0  # d_ff x d_ff float64 matrices alive at once on the device in its largest solve
+    solve_matrices_offloaded: int | None = None  # as many with the statistics on the CPU (None: the same)
+    rewind: bool = False  # keeps W_0 of the edited matrices (and the current ones aside) on the device
+    offload: bool = False  # the statistics live on the CPU
+    context_templates: int = 0  # random context prefixes per request (each one more z row)
+    context_length: int = 0  # tokens of each prefix
+    requests_per_forward: int | None = None  # z's forwards hold at most this many requests (None: all)
 
-
-def method_memory(method, offload: bool) -> MethodMemory:
-    """The counts of one method object (editlab.editing.methods), read from its type and options."""
-    from editlab.editing.methods.alphaedit import AlphaEdit
-    from editlab.editing.methods.base import KeyValueMethod
-    from editlab.editing.methods.ece import ECE
-    from editlab.editing.methods.nse import NSE
-
-    inner = getattr(method, "method", None)  # IterativeEditing wraps a key-value method
-    if isinstance(inner, KeyValueMethod):
-        method = inner
-    if not isinstance(method, KeyValueMethod):
-        return MethodMemory(0, 0, False)  # FT: no statistics
-    sequential = bool(getattr(method, "sequential", True))
-    if isinstance(method, AlphaEdit):
-        # C, P and the cache; solve: M, P M, l2·I and A (offloaded: P's device copy too).
-        return MethodMemory(2 + sequential, 5 if offload else 4, False)
-    if isinstance(method, (ECE, NSE)):
-        # C and the cache; solve: λC + cache, P[I, I], KᵀK and A (offloaded: P stays on the CPU).
-        return MethodMemory(2, 3 if offload else 4, bool(getattr(method, "rewind", False)))
-    return MethodMemory(1 + sequential, 3, False)  # MEMIT family: λC + cache (or its copy), KᵀK, A
+    def solve(self) -> int:
+        """Matrices of the largest solve where the statistics are (``offload``)."""
+        if self.offload and self.solve_matrices_offloaded is not None:
+            return self.solve_matrices_offloaded
+        return self.solve_matrices
 
 
 def estimate_memory(
@@ -105,7 +95,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Bytes of each part (see the module docstring). ``stat_matrices_per_layer``: 2 for
     sequential key-value methods (C and Σ KKᵀ), 1 without the sequential cache, 0 for methods that
-    keep no statistics (:func:`method_memory` gives the counts of a method object).
+    keep no statistics (a method's ``memory_profile()`` gives its counts).
     ``rows_per_step``: requests x (context templates + 1 KL row). ``solve_matrices``: default 3
     (MEMIT's). ``grad_layers``: layers above the z layer (default all)."""
     mat = 8 * d_ff * d_ff  # one float64 d_ff x d_ff matrix
@@ -128,15 +118,13 @@ PLAN_PROMPT_TOKENS = 24
 def plan_memory(
     config, method, param_bytes: int, n_params: int, requests_per_step: int, prompt_tokens: int = PLAN_PROMPT_TOKENS
 ) -> MemoryEstimate:
-    """The estimate of one run from the model's config, the method object and the step size —
-    nothing here needs the weights (``n_params``: count them on a meta-device build)."""
-    offload = bool(getattr(getattr(method, "covariance", None), "offload", False))
-    counts = method_memory(method, offload)
+    """The estimate of one run from the model's config, the method object (its
+    ``memory_profile()``) and the step size — nothing here needs the weights (``n_params``: count
+    them on a meta-device build)."""
+    profile = method.memory_profile()
     layers = method.edited_layers()
-    context = getattr(method, "context", None)
-    templates = 1 + (context.count if context is not None else 0)
-    # z's forwards hold at most targets.requests_per_forward requests at a time.
-    chunk = getattr(getattr(method, "targets", None), "requests_per_forward", None)
+    templates = 1 + profile.context_templates
+    chunk = profile.requests_per_forward
     z_requests = requests_per_step if chunk is None else min(chunk, requests_per_step)
     return estimate_memory(
         n_params=n_params,
@@ -145,14 +133,14 @@ def plan_memory(
         d_model=config.hidden_size,
         n_layers=config.num_hidden_layers,
         edited_layers=len(layers),
-        stat_matrices_per_layer=counts.stat_matrices,
-        offload=offload,
+        stat_matrices_per_layer=profile.stat_matrices,
+        offload=profile.offload,
         rows_per_step=z_requests * (templates + 1),
-        tokens_per_row=prompt_tokens + (context.length if context is not None else 0),
-        solve_matrices=counts.solve_matrices,
+        tokens_per_row=prompt_tokens + profile.context_length,
+        solve_matrices=profile.solve(),
         grad_layers=config.num_hidden_layers - layers[-1] - 1,  # z at the last edited layer
         vocab_size=config.vocab_size,
-        rewind=counts.rewind,
+        rewind=profile.rewind,
     )
 
 

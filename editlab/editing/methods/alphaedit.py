@@ -8,6 +8,8 @@ in the solve. The sequential cache Σ KKᵀ of earlier steps is always kept (the
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from editlab.editing.context_templates import ContextTemplates
@@ -17,6 +19,7 @@ from editlab.editing.methods.stages import Spread
 from editlab.editing.solve import alphaedit_delta, null_space_projection
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, TargetResult
+from editlab.memory import MemoryProfile
 from editlab.types import EditRequest
 
 
@@ -56,6 +59,12 @@ class AlphaEdit(LayerSpreadMethod):
                     f"option nullspace_threshold={self.nullspace_threshold}: no eigenvalue of E[kkᵀ] at layer {layer} "
                     "is below it, so the null space is empty and no edit could be written"
                 )
+
+    def memory_profile(self) -> MemoryProfile:
+        # C, P and the cache; solve: M, P M, l2·I and A (offloaded: P's device copy too).
+        return dataclasses.replace(
+            super().memory_profile(), stat_matrices=2 + self.sequential, solve_matrices=4, solve_matrices_offloaded=5
+        )
 
     def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         return alphaedit_delta(keys, resid, self.proj[layer], self.cache_c.get(layer), self.l2)

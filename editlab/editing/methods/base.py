@@ -13,6 +13,7 @@ import torch
 from editlab.distributed import Ranks, map_rows
 from editlab.editing.solve import preserve_matrix
 from editlab.keyed_cache import cache_root
+from editlab.memory import MemoryProfile
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight, set_weight
 from editlab.types import EditRequest, EditResult
@@ -89,6 +90,11 @@ class EditMethod(ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def memory_profile(self) -> MemoryProfile:
+        """What this method keeps and runs, for the memory estimate printed before a run and by
+        ``--plan`` (editlab.memory). Default: no statistics, no z rows (FT)."""
+        return MemoryProfile()
+
 
 @contextmanager
 def restore_on_error(view: ModelView, layers: list[int]) -> Iterator[None]:
@@ -139,6 +145,18 @@ class KeyValueMethod(EditMethod):
 
     def covariance_statistics(self) -> tuple[list[int], object] | None:
         return list(self.layers), self.covariance
+
+    def memory_profile(self) -> MemoryProfile:
+        # C and the sequential cache Σ KKᵀ per layer; solve: λC + cache, KᵀK and A (ROME's; the
+        # MEMIT family, AlphaEdit and RewindingMethod change the counts).
+        return MemoryProfile(
+            stat_matrices=2,
+            solve_matrices=3,
+            offload=self.covariance.offload,
+            context_templates=self.context.count,
+            context_length=self.context.length,
+            requests_per_forward=self.targets.requests_per_forward,
+        )
 
     def preserve(self, layer: int) -> torch.Tensor:
         """P = λC + Σ past KKᵀ of ``layer`` [d_ff, d_ff], float64 on C's device: the preserved-key

@@ -28,6 +28,7 @@ removed them from evaluation).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import torch
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
 from editlab.editing.methods.stages import StagedMethod
 from editlab.editing.targets import ExtraRow
+from editlab.memory import MemoryProfile
 from editlab.models.arch import ModelView
 from editlab.models.scoring import score_answers
 from editlab.types import EditRequest, EditResult
@@ -141,7 +143,7 @@ def should_stop(delta_p: float, epsilon: float) -> bool:
 class IterativeEditing(EditMethod):
     def __init__(
         self,
-        method: EditMethod,
+        method: StagedMethod,
         epsilon: float = 1.0,
         max_iterations: int = 10,
         neighbors: NeighborAssist | None = None,
@@ -185,6 +187,18 @@ class IterativeEditing(EditMethod):
         self.method.setup(ctx)
         if self.neighbors is not None:
             neighbor_prefix(self.method.templates, self.neighbors)  # refuse a missing prefix before editing
+
+    def memory_profile(self) -> MemoryProfile:
+        # The wrapped method's matrices, counted as the estimate always counted a wrapped method:
+        # statistics on the device, no context rows, no z chunks (it read those settings off the
+        # wrapper, which has none of them). Kept so that summaries' memory_estimate_gib stay as they were.
+        return dataclasses.replace(
+            self.method.memory_profile(),
+            offload=False,
+            context_templates=0,
+            context_length=0,
+            requests_per_forward=None,
+        )
 
     def state_dict(self) -> dict:
         return self.method.state_dict()

@@ -30,6 +30,7 @@ from editlab.editing.solve import memit_delta, preserve_matrix
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
 from editlab.errors import check_step_sum
+from editlab.memory import MemoryProfile
 from editlab.types import EditRequest, EditResult
 
 
@@ -50,6 +51,10 @@ class LayerSpreadMethod(KeyValueMethod, StagedMethod):
 
     sequential: bool = True
     eac: EACConfig | None = None
+
+    def memory_profile(self) -> MemoryProfile:
+        # C, and the sequential cache Σ KKᵀ when sequential; solve: λC + cache, KᵀK and A.
+        return dataclasses.replace(super().memory_profile(), stat_matrices=1 + self.sequential)
 
     def compute_targets(
         self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None

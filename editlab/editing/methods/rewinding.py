@@ -6,9 +6,12 @@ per request in a z cache, in memory and, with ``z_cache``, on disk under the cac
 
 from __future__ import annotations
 
+import dataclasses
+
 from editlab.editing.methods.base import EditContext, KeyValueMethod
 from editlab.editing.neurons import NeuronAttribution
 from editlab.editing.rewind import OriginalWeights, TargetCache, z_cache_files
+from editlab.memory import MemoryProfile
 
 
 class RewindingMethod(KeyValueMethod):
@@ -37,6 +40,13 @@ class RewindingMethod(KeyValueMethod):
         # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
         self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
         self.cache = TargetCache(z_cache_files(ctx.cache_root) if self.z_cache else None)
+
+    def memory_profile(self) -> MemoryProfile:
+        # C and the cache; solve: λC + cache, P[I, I], KᵀK and A (offloaded: P stays on the CPU);
+        # with rewind, θ₀'s matrices and the current ones set aside while z runs on θ₀.
+        return dataclasses.replace(
+            super().memory_profile(), solve_matrices=4, solve_matrices_offloaded=3, rewind=self.rewind
+        )
 
     def check_setup(self) -> None:
         """Refuse a step before setup: with rewinding, θ₀ must have been taken from the unedited model."""
