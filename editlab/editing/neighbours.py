@@ -36,9 +36,9 @@ class NeighbourRows(DescentTerm):
         bound = NeighbourRows(self.rows)
         bound.weight = setup.row_weight
         bound.mine = torch.zeros(len(setup.row_weight), dtype=torch.bool, device=device)
-        bound.mine[setup.rows] = True
+        bound.mine[setup.own_rows] = True
         bound.joined = torch.zeros(len(setup.row_weight), dtype=torch.bool, device=device)
-        bound.joined[setup.rows] = torch.tensor([e.averaged for e in self.rows], device=device)
+        bound.joined[setup.own_rows] = torch.tensor([e.averaged for e in self.rows], device=device)
         bound.any_joined = bool(bound.joined.any())
         return bound
 

@@ -76,7 +76,7 @@ class DescentSetup:
     n: int  # requests of this descent
     base: torch.Tensor  # [n, width] float32 fixed offset under δ, on the descent's device
     row_weight: torch.Tensor  # [R] float32 loss weight of each extra row (0 elsewhere)
-    rows: slice  # the term's own rows (its ``rows``) among the step's R rows
+    own_rows: slice  # where the term's ``rows`` are among the step's R rows
 
 
 @dataclass(frozen=True)
