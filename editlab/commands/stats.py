@@ -190,10 +190,10 @@ class ModelUnderStats:
         return cls(lm, tok, ModelView.of(lm), model_id, model_fingerprint(lm), dtype, device)
 
     def keys(self, layers: list[int], cov) -> dict[int, dict]:
-        from editlab.editing.stats import layer_keys, read_corpus
+        from editlab.editing.stats import layer_cache_keys, read_corpus
 
         _, corpus_id = read_corpus(cov)
-        return layer_keys(self.model_id, self.fingerprint, self.view, layers, cov, corpus_id)
+        return layer_cache_keys(self.model_id, self.fingerprint, self.view, layers, cov, corpus_id)
 
 
 def compute(model: ModelUnderStats, layers: list[int], cov, cache) -> None:

@@ -208,7 +208,7 @@ def accumulate_second_moments(
     return moms
 
 
-def layer_keys(
+def layer_cache_keys(
     model_id: str, fingerprint: str, view: ModelView, layers: list[int], cfg: CovarianceConfig, corpus_id: str
 ) -> dict[int, dict]:
     """The cache key of every layer's statistics under ``cfg``."""
@@ -245,7 +245,7 @@ def cached_entries(
     """The corpus sample, each layer's cache key, and each layer's cached moment (None where the
     cache lacks it, or everywhere when ``read`` is off)."""
     texts, corpus_id = read_corpus(cfg)
-    keys = layer_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
+    keys = layer_cache_keys(model_id, fingerprint, view, layers, cfg, corpus_id)
     found = {layer: load_cached(cache, k) if read else None for layer, k in keys.items()}
     return texts, keys, found
 
