@@ -12,8 +12,7 @@ from editlab.keyed_cache import cache_root
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 
-from conftest import facts, small_corpus
-from test_targets import peaky_model
+from helpers import facts, peaky_model, small_corpus
 
 
 def test_every_step_reports_the_null_space_dimension_of_each_layer(tmp_path, stats_cache):

@@ -11,42 +11,30 @@ from editlab.editing.methods import ft as ft_module
 from editlab.editing.methods import memit as memit_module
 from editlab.editing.methods import rome as rome_module
 from editlab.editing.methods.alphaedit import AlphaEdit
-from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ft import FT
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.pmet import PMET, ffn_outputs
 from editlab.editing.methods.rome import ROME
 from editlab.editing.solve import alphaedit_delta, null_space_projection, rome_delta
-from editlab.editing.stats import CovarianceConfig, second_moments, statistics_cache
+from editlab.editing.stats import second_moments, statistics_cache
 from editlab.editing.targets import TargetConfig
 from editlab.keyed_cache import cache_root
-from editlab.models.arch import ModelView
-from editlab.models.fingerprint import model_fingerprint
-from editlab.models.scoring import score_answers
 from editlab.models.weights import read_weight
 
-from conftest import REPO, SHARED_DATA, assert_failed_step_restores, facts
-from test_targets import peaky_model
+from helpers import (
+    REPO,
+    SHARED_DATA,
+    assert_failed_step_restores,
+    changed_params,
+    context,
+    cov_cfg,
+    facts,
+    run_cli,
+    snapshot,
+    target_nll,
+)
 
 TARGETS = TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
-
-
-def corpus_file(tmp_path):
-    # Enough distinct tokens for a full-rank E[kkᵀ]: ROME inverts it.
-    corpus = tmp_path / "c.txt"
-    words = ["Paris", "Rome", "water", "software", "tower", "French", "old", "city", "river", "king", "moon"]
-    corpus.write_text("\n".join(f"Item {i}: {words[i % 11]} near {words[(3 * i) % 11]} at {i * 7}." for i in range(80)))
-    return corpus
-
-
-def context(model=None):
-    model, tok = model or peaky_model()
-    view = ModelView.of(model)
-    return EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
-
-
-def cov_cfg(tmp_path):
-    return CovarianceConfig(corpus=str(corpus_file(tmp_path)), num_samples=80, batch_size=16)
 
 
 def make(kind: str, tmp_path, **kw):
@@ -74,18 +62,6 @@ def make(kind: str, tmp_path, **kw):
         method = FT(layer=1, lr=5e-2, steps=15, **kw)
     method.setup(ctx)
     return ctx, method
-
-
-def target_nll(ctx, reqs):
-    return score_answers(ctx.view, ctx.tok, [r.rewrite_prompt for r in reqs], [r.target_new for r in reqs])["nll"]
-
-
-def changed_params(ctx, before):
-    return {n for n, p in ctx.model.named_parameters() if not torch.equal(p, before[n])}
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def random_spd(d: int, seed: int) -> torch.Tensor:
@@ -366,8 +342,6 @@ def test_weight_norm_tracker_follows_each_method(kind, tmp_path, stats_cache):
 def test_cli_run_tracks_the_weight_norm_of_rome_s_layer(tmp_path):
     # End to end: the WeightNormTracker callback reads method.edited_layers() (ROME: one layer).
     import json
-
-    from test_cli import run_cli
 
     from editlab.models.tiny import save_tiny
 

@@ -17,7 +17,7 @@ from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import load_model_and_tokenizer
 from editlab.models.scoring import score_answers
 
-from conftest import REPO, SHARED_DATA
+from helpers import REPO, SHARED_DATA
 
 pytestmark = pytest.mark.slow
 

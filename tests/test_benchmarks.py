@@ -11,7 +11,7 @@ import torch
 
 from editlab.models.tiny import save_tiny
 
-from conftest import REPO, SHARED_DATA, facts, tiny_memit_fit_options
+from helpers import REPO, SHARED_DATA, facts, tiny_memit_fit_options
 
 
 def load_script(name: str):

@@ -18,7 +18,7 @@ from editlab.models.arch import ModelView
 from editlab.models.kv_cache import returned_cache
 from editlab.models.prompts import pad
 
-from conftest import ARCHS, facts, peaky_model
+from helpers import ARCHS, facts, peaky_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,51 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from editlab.models.tiny import save_tiny
 from editlab.report import REPORT_IMAGES
 
-from conftest import SHARED_DATA
-
-
-def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
-    model_dir = save_tiny(tmp_path / "tiny", "gpt2")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"Sentence number {i} talks about cities and people." for i in range(20)))
-    args = {
-        "--model.model": str(model_dir),
-        "--model.progress": "false",
-        "--model.method": "editlab.editing.methods.memit.MEMIT",
-        "--model.method.layers": "[0, 1]",
-        "--model.method.mom2_weight": "1.0",
-        "--model.method.targets.steps": "4",
-        "--model.method.context.count": "1",
-        "--model.method.context.length": "3",
-        "--model.method.covariance.corpus": str(corpus),
-        "--model.method.covariance.num_samples": "20",
-        "--model.evaluation.max_new_tokens": "8",
-        "--data.path": data,
-        "--data.num_edits": "4",
-        "--data.edits_per_step": "2",
-        "--trainer.default_root_dir": str(tmp_path / "run"),
-        "--trainer.enable_progress_bar": "false",
-        **extra,
-    }
-    return [x for kv in args.items() for x in kv]
-
-
-def run_cli(
-    args: list[str], cwd: Path, command: str = "fit", timeout: int = 300, **env_extra: str
-) -> subprocess.CompletedProcess:
-    """``editlab COMMAND ARGS`` in a subprocess, offline, with its own statistics cache."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cwd / "cache")}
-    return subprocess.run(
-        [sys.executable, "-m", "editlab.cli", command, *args],
-        cwd=cwd,
-        env={**env, **env_extra},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from helpers import SHARED_DATA, hold_lock, run_cli, tiny_args
 
 
 @pytest.mark.slow  # starts processes
@@ -286,18 +244,6 @@ def test_debug_shows_the_traceback_instead(tmp_path, monkeypatch):
     monkeypatch.setenv("EDITLAB_DEBUG", "1")
     with pytest.raises(ConfigError, match="num_edits=-5"):
         main(["fit", *args])
-
-
-def hold_lock(run: Path) -> subprocess.Popen:
-    """A live process that owns ``run``'s lock, as a running editlab fit would."""
-    import socket
-
-    from editlab.runlock import lock_path, lock_text
-
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    run.mkdir(parents=True, exist_ok=True)
-    lock_path(run).write_text(lock_text(holder.pid, socket.gethostname()))
-    return holder
 
 
 @pytest.mark.slow  # starts processes

@@ -20,7 +20,7 @@ from editlab.data.datamodule import EditDataModule
 from editlab.editing.methods.base import EditMethod
 from editlab.lightning.module import EditingModule
 
-from conftest import REPO
+from helpers import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 GPU_MODELS = ("gptj", "gpt2xl", "llama3_8b")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_cli import hold_lock, run_cli, tiny_args
 
 from benchmarks.same_edit import compare
 from editlab.cli import wants_several_processes
@@ -23,7 +22,7 @@ from editlab.distributed import Ranks, _assemble, map_rows
 from editlab.lightning.editstate import EditStateError, check_same_resume_point, resume_point
 from editlab.runlock import is_rank_zero_process, lock_path, parse_lock
 
-from conftest import REPO, SHARED_DATA
+from helpers import REPO, SHARED_DATA, hold_lock, run_cli, tiny_args
 
 
 @pytest.mark.parametrize("n, world", [(10, 3), (2, 3), (7, 2), (0, 2)])

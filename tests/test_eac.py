@@ -5,7 +5,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_baselines import changed_params, context, cov_cfg, snapshot, target_nll
 
 from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.eac import (
@@ -27,8 +26,7 @@ from editlab.editing.targets import DescentTerm, TargetConfig, descend_offsets, 
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight
 
-from conftest import facts
-from test_targets import TEMPLATES, peaky_model
+from helpers import TEMPLATES, changed_params, context, cov_cfg, facts, peaky_model, snapshot, target_nll
 
 CFG = TargetConfig(steps=20, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
 EAC = EACConfig(select_steps=10, retrain_steps=10, percentile=80.0, l1=5e-7)

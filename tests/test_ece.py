@@ -19,24 +19,20 @@ from editlab.editing.cluster import (
     kmedoids,
     optimize_cluster_targets,
 )
-from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import ece as ece_module
-from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.ece import ECE
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.neurons import ActivationScore, ResidualSensitivity, WeightImportance, select_neurons
 from editlab.editing.solve import memit_delta, submatrix_delta
-from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, optimize_targets
 from editlab.models.arch import ModelView
-from editlab.models.fingerprint import model_fingerprint
-from editlab.models.tiny import tiny_config, tiny_tokenizer
 from editlab.models.weights import is_transposed, read_weight
 from editlab.types import EditRequest
 
-from conftest import REPO, assert_failed_step_restores, facts, small_corpus
-from test_targets import TEMPLATES, peaky_model
+from helpers import ECE_TARGETS as TARGETS
+from helpers import REPO, TEMPLATES, assert_failed_step_restores, facts, peaky_model
+from helpers import make_ece as make
 
 torch.set_num_threads(1)
 
@@ -277,47 +273,6 @@ def test_two_steps_refine_the_shared_shift_and_clamp_the_total():
 
 
 # --- the method --------------------------------------------------------------------------------
-
-
-def peaky(model_type: str):
-    if model_type == "llama":
-        return peaky_model()
-    from transformers import AutoModelForCausalLM
-
-    tok = tiny_tokenizer()
-    cfg = tiny_config(model_type, len(tok))
-    cfg.initializer_range = 0.3
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False), tok
-
-
-TARGETS = TargetConfig(steps=12, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
-
-
-def make(tmp_path, model_type: str = "llama", z_mode: str = "two_step", **kw):
-    """A set-up ECE on a fresh peaky model; two_step takes shared_steps / instance_steps (8 + 4),
-    per_request targets.steps 12."""
-    corpus = small_corpus(tmp_path)
-    model, tok = peaky(model_type)
-    view = ModelView.of(model)
-    ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
-    split = {}
-    targets = TARGETS
-    if z_mode == "two_step":
-        split = {"shared_steps": kw.pop("shared_steps", 8), "instance_steps": kw.pop("instance_steps", 4)}
-        targets = dataclasses.replace(TARGETS, steps=sum(split.values()))
-    method = ECE(
-        layers=[0, 1],
-        mom2_weight=kw.pop("mom2_weight", 0.01),
-        z_mode=z_mode,
-        targets=targets,
-        context=ContextTemplates(count=0, length=3),
-        covariance=CovarianceConfig(corpus=str(corpus), num_samples=20, batch_size=8),
-        **split,
-        **kw,
-    )
-    method.setup(ctx)
-    return ctx, method
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # nn.Linear and Conv1D (transposed) out-projections

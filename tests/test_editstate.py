@@ -10,8 +10,6 @@ import random
 
 import numpy as np
 import pytest
-import test_ece
-import test_memit
 import torch
 
 from editlab.data.sources import DataError
@@ -39,10 +37,10 @@ from editlab.models.delta import DeltaMismatchError, apply_weight_deltas, snapsh
 from editlab.models.fingerprint import model_fingerprint
 from editlab.types import EditRequest
 
-from conftest import facts
+from helpers import facts, make_ece, make_memit
 
 
-@pytest.mark.parametrize("make", [test_memit.make, test_ece.make], ids=["MEMIT", "ECE"])
+@pytest.mark.parametrize("make", [make_memit, make_ece], ids=["MEMIT", "ECE"])
 def test_method_restored_from_its_state_continues_identically(make, tmp_path, stats_cache):
     reqs = facts()
     ctx, method = make(tmp_path)
@@ -141,7 +139,7 @@ def test_config_differences_name_model_and_data_options_only():
 
 
 def test_nan_target_values_stop_the_step_and_leave_the_model(tmp_path, stats_cache, monkeypatch):
-    ctx, method = test_memit.make(tmp_path)
+    ctx, method = make_memit(tmp_path)
     real = memit_module.optimize_targets
 
     def diverged(*args, **kw):

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import tiny_args
 from transformers import AutoModelForCausalLM
 
 from editlab.cli import EditLabCLI, main
 from editlab.models.delta import DeltaMismatchError, apply_delta, read_delta, weight_deltas
 from editlab.models.tiny import save_tiny
 
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA, tiny_args
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])  # Conv1D (transposed) and nn.Linear

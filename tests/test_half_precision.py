@@ -35,7 +35,7 @@ from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.scoring import score_answers
 
-from conftest import facts, louvre_neighbour_for_request_0, peaky_model
+from helpers import facts, louvre_neighbour_for_request_0, peaky_model
 
 TARGETS = TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
 EAC = EACConfig(select_steps=10, retrain_steps=10, percentile=80.0, l1=5e-7)

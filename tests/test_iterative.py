@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_nse import corpus_file
 
 from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
@@ -36,8 +35,17 @@ from editlab.models.scoring import score_answers
 from editlab.models.weights import read_weight
 from editlab.types import EditRequest
 
-from conftest import SHARED_DATA, assert_failed_step_restores, facts, louvre_neighbour_for_request_0
-from test_targets import TEMPLATES, peaky_model
+from helpers import (
+    SHARED_DATA,
+    TEMPLATES,
+    assert_failed_step_restores,
+    corpus_file,
+    facts,
+    louvre_neighbour_for_request_0,
+    peaky_model,
+    run_cli,
+    tiny_args,
+)
 
 TARGETS = TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
 
@@ -423,7 +431,6 @@ def test_iterative_neighbour_assisted_memit_edits_smollm2_on_counterfact():
 
 @pytest.mark.slow  # starts processes
 def test_cli_runs_nse_and_neighbour_assisted_iterative_memit_and_records_their_steps(tmp_path):
-    from test_cli import run_cli, tiny_args
 
     # The tiny run's MEMIT options, under the wrapper's `method` (a nested class_path).
     base = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"))

@@ -16,7 +16,7 @@ from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.hooks import capture_inputs
 
-from conftest import facts, small_corpus
+from helpers import facts, small_corpus
 
 # The bare prompt and five prefixes of different lengths: the subject sits at six different positions.
 TEMPLATES = [

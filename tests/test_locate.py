@@ -20,7 +20,7 @@ from editlab.models.arch import ModelView
 from editlab.models.prompts import answer_ids, subject_last_index
 from editlab.types import EditRequest
 
-from conftest import REPO, SHARED_DATA, peaky_model
+from helpers import REPO, SHARED_DATA, peaky_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,40 +4,14 @@ sequential cache, and a failed step leaves the weights untouched."""
 import pytest
 import torch
 
-from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import memit as memit_module
-from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
-from editlab.editing.stats import CovarianceConfig
-from editlab.editing.targets import TargetConfig, optimize_targets
-from editlab.models.arch import ModelView
-from editlab.models.fingerprint import model_fingerprint
+from editlab.editing.targets import optimize_targets
 from editlab.models.scoring import score_answers
 
-from conftest import assert_failed_step_restores, facts, small_corpus
-from test_targets import peaky_model
-
-
-def make(tmp_path, **kw):
-    corpus = small_corpus(tmp_path)
-    model, tok = peaky_model()
-    view = ModelView.of(model)
-    ctx = EditContext(model, tok, view, "tiny", model_fingerprint(model), seed=0, progress=False)
-    method = MEMIT(
-        layers=[0, 1],
-        mom2_weight=kw.pop("mom2_weight", 0.01),
-        targets=TargetConfig(steps=15, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0),
-        context=ContextTemplates(count=kw.pop("count", 0), length=3),
-        covariance=CovarianceConfig(corpus=str(corpus), num_samples=20, batch_size=8),
-        **kw,
-    )
-    method.setup(ctx)
-    return ctx, method
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+from helpers import assert_failed_step_restores, facts, snapshot
+from helpers import make_memit as make
 
 
 def test_memit_edits_only_its_layers_and_moves_the_prediction(tmp_path, stats_cache):

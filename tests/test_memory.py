@@ -3,11 +3,11 @@
 import dataclasses
 
 import torch
-from test_memit import make, snapshot
 
 from editlab.memory import GiB, estimate_memory
 
-from conftest import facts
+from helpers import facts, snapshot
+from helpers import make_memit as make
 
 
 def test_estimate_counts_statistics_where_they_live():

@@ -19,7 +19,6 @@ from editlab.metrics import (
     PromptSuccess,
     TokenAccuracy,
     answer_rows,
-    answer_scores,
     consistency_reference,
     fluency,
     generate_ids,
@@ -39,7 +38,7 @@ from editlab.models.arch import ModelView
 from editlab.models.prompts import answer_ids
 from editlab.models.tiny import tiny_model, tiny_tokenizer
 
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA, answer_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

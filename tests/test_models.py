@@ -11,7 +11,7 @@ from editlab.models.tiny import tiny_model
 from editlab.models.trace import trace
 from editlab.models.weights import add_delta, read_weight
 
-from conftest import ARCHS
+from helpers import ARCHS
 
 
 def test_registry_covers_the_supported_architectures():

@@ -22,18 +22,9 @@ from editlab.models.fingerprint import model_fingerprint
 from editlab.models.weights import read_weight
 from editlab.types import EditRequest
 
-from conftest import SHARED_DATA, assert_failed_step_restores, facts
-from test_targets import peaky_model
+from helpers import SHARED_DATA, assert_failed_step_restores, corpus_file, facts, peaky_model
 
 TARGETS = TargetConfig(steps=12, lr=0.5, kl_factor=0.0, weight_decay=0.0, clamp_norm_factor=2.0)
-
-
-def corpus_file(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(
-        "\n".join(["The Eiffel Tower is in Paris.", "Water boils at noon.", "Rome is old.", "She speaks French."] * 5)
-    )
-    return str(corpus)
 
 
 def make(tmp_path, cls=NSE, **kw):

@@ -64,7 +64,7 @@ def test_the_row_gather_of_z_has_a_deterministic_gradient():
 def _fit_smollm2(run, cache) -> dict:
     import os
 
-    from conftest import REPO
+    from helpers import REPO
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cache)}
     env.pop("OMP_NUM_THREADS", None)  # --threads decides

@@ -33,7 +33,7 @@ from editlab.metrics.probes import (
 )
 from editlab.models.tiny import tiny_model
 
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 
 SEEDS_DATA = SHARED_DATA / "probes"
 
@@ -564,7 +564,7 @@ def test_curve_points_probe_subsets_during_the_stream_and_full_sets_at_the_ends(
 
     from editlab.models.tiny import save_tiny
 
-    from conftest import tiny_memit_fit_options
+    from helpers import tiny_memit_fit_options
 
     seeds = tmp_path / "seeds"
     write_seeds(seeds, "sst2", seed_rows("sst2")[:16])  # 6 test records
@@ -643,7 +643,7 @@ def test_probe_benchmark_reports_chance_levels_and_the_side_by_side(tmp_path):
     rule, and the batched scorer agrees with the reference-style loop."""
     import importlib.util
 
-    from conftest import REPO
+    from helpers import REPO
 
     spec = importlib.util.spec_from_file_location("probes_smollm2", REPO / "benchmarks" / "probes_smollm2.py")
     bench = importlib.util.module_from_spec(spec)

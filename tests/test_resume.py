@@ -24,7 +24,7 @@ from editlab.cli import EditLabCLI
 from editlab.lightning.editstate import edit_state_path, load_edit_state
 from editlab.models.tiny import save_tiny
 
-from conftest import REPO, SHARED_DATA, tiny_memit_fit_options
+from helpers import REPO, SHARED_DATA, tiny_memit_fit_options
 
 STEPS = 10
 KILL_STEP = 6

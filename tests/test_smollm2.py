@@ -13,7 +13,7 @@ from editlab.evaluation import editing_metrics, evaluate_cases
 from editlab.models.arch import ModelView
 from editlab.models.load import load_model_and_tokenizer
 
-from conftest import REPO, SHARED_DATA
+from helpers import REPO, SHARED_DATA
 
 pytestmark = pytest.mark.slow
 

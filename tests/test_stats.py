@@ -103,7 +103,7 @@ def test_corpus_shortfall_names_the_option(tmp_path):
 
 
 def test_real_corpus_reads(tmp_path):
-    from conftest import SHARED_DATA
+    from helpers import SHARED_DATA
 
     texts, ident = read_corpus(CovarianceConfig(corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=10))
     assert len(texts) == 10 and all(texts) and ident.startswith("file:ME-PPL.json.gz:")

@@ -284,7 +284,7 @@ def test_a_fit_after_import_into_a_fresh_cache_reads_the_imported_statistics(tmp
     import subprocess
     import sys
 
-    from conftest import REPO, SHARED_DATA
+    from helpers import REPO, SHARED_DATA
 
     model_dir = save_tiny(tmp_path / "tiny", "gpt2")
     options = cli_options(tmp_path, model_dir)

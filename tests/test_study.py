@@ -15,7 +15,7 @@ from editlab.commands import study as study_module
 from editlab.commands.study import StudyError, read_study, run_command, run_study, study_main
 from editlab.models.tiny import save_tiny
 
-from conftest import REPO, SHARED_DATA
+from helpers import REPO, SHARED_DATA
 
 
 def write_study(tmp_path: Path, runs: list[dict], **extra) -> Path:

@@ -11,9 +11,7 @@ from editlab.editing.neighbours import NeighbourRows
 from editlab.editing.targets import DescentTerm, ExtraRow, TargetConfig, TermLoss, descend_offsets, optimize_targets
 from editlab.models.arch import ModelView
 
-from conftest import facts, peaky_model
-
-TEMPLATES = ["{}", "Hello there. {}"]
+from helpers import TEMPLATES, facts, peaky_model
 
 
 def test_batched_targets_equal_one_at_a_time():
