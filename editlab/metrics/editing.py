@@ -29,40 +29,8 @@ from collections.abc import Sequence
 import torch
 
 from editlab.metrics.base import LocalMetric
-from editlab.models.scoring import reduce_rows, token_nll_and_hits
 
 # ----------------------------------------------------------------------------- functional core
-
-
-def answer_scores(
-    logits: torch.Tensor, target: torch.Tensor, row: torch.Tensor, n_rows: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Teacher-forced scores of answers from the logits at their positions.
-
-    Args:
-        logits: [T, V] logits predicting each answer token (one row per answer token).
-        target: [T] answer token ids.
-        row: [T] index in ``[0, n_rows)`` of the (prompt, answer) pair each token belongs to.
-        n_rows: number of pairs N; every pair must own at least one token.
-
-    Returns:
-        mean token NLL [N], exact [N] bool (every token is the greedy prediction), token accuracy [N].
-    """
-    if logits.dim() != 2 or target.shape != logits.shape[:1] or row.shape != target.shape:
-        raise ValueError(
-            f"expected logits [T, V], target [T], row [T]; got {tuple(logits.shape)}, "
-            f"{tuple(target.shape)}, {tuple(row.shape)}"
-        )
-    row = row.long().cpu()
-    if len(row) and (row.min() < 0 or row.max() >= n_rows):
-        raise ValueError(f"row indices must lie in [0, {n_rows}); got [{int(row.min())}, {int(row.max())}]")
-    counts = torch.bincount(row, minlength=n_rows)  # [N]
-    if (counts == 0).any():
-        # A pair without tokens would give 0/0 = NaN silently.
-        raise ValueError(f"pairs {counts.eq(0).nonzero().squeeze(1).tolist()} have no answer token")
-    tok_nll, tok_hit = token_nll_and_hits(logits, target.to(logits.device))  # [T], [T]
-    # reduce_rows accumulates into CPU tensors.
-    return reduce_rows(tok_nll.cpu(), tok_hit.cpu(), row, n_rows)
 
 
 def prompt_success(nll_expected: torch.Tensor, nll_competitor: torch.Tensor) -> torch.Tensor:
@@ -105,11 +73,6 @@ def harmonic_mean(values: Sequence[float]) -> float:
     if any(v == 0 for v in values):
         return 0.0
     return len(values) / sum(1.0 / v for v in values)
-
-
-def edit_score(efficacy: float, generalization: float, specificity: float) -> float:
-    """Score = harmonic mean of efficacy, generalization and specificity (same scale as they are)."""
-    return harmonic_mean([efficacy, generalization, specificity])
 
 
 # ----------------------------------------------------------------------------- Metric wrappers

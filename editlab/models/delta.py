@@ -65,11 +65,6 @@ def apply_weight_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], initi
         param.copy_(reconstruct(initial[name], delta).to(param.device))
 
 
-def edited_parameter_names(view, layers: list[int]) -> list[str]:
-    """The parameter names of the edited FFN out-projections."""
-    return [f"{view.ffn_out_name(layer)}.weight" for layer in layers]
-
-
 def save_delta(path: str | Path, deltas: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """Write a delta file: safetensors of {parameter name: Δ} plus string metadata (model id,
     fingerprint of the *original* weights, dtype, format). Atomic (editlab.files.write_atomic)."""
