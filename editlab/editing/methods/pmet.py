@@ -27,8 +27,8 @@ import torch
 from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext
-from editlab.editing.methods.memit import MEMIT, spread_over_layers
-from editlab.editing.methods.stages import Spread
+from editlab.editing.methods.memit import MEMIT
+from editlab.editing.methods.stages import Spread, spread_over_layers
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import EditSite, ExtraRow, TargetConfig, TargetResult, descend_offsets
 from editlab.models.arch import ModelView
