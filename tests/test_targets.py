@@ -298,3 +298,64 @@ def test_requests_per_forward_is_in_the_z_cache_key_only_when_set():
     assert z_settings(TargetConfig(requests_per_forward=10))["requests_per_forward"] == 10
     with pytest.raises(ValueError, match="requests_per_forward"):
         TargetConfig(requests_per_forward=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_neutral_plug_ins_leave_the_descent_bit_identical(chunk):
+    """The plug-in interface changes no number: a term that overrides nothing, a full anchor mask
+    with a gradient record and a zero-weight elastic net give the plain descent's bits. (The
+    neighbour rows, PMET's site and ECE's base are checked against the plain path in
+    test_iterative, below and in test_ece.)"""
+    from editlab.editing.eac import GradientMean, RecordGradients, ScoredElasticNet
+
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()
+    d = model.config.hidden_size
+    cfg = TargetConfig(steps=6, lr=0.2, kl_factor=1.0, requests_per_forward=chunk)
+    plain = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 6, progress=False)
+    grads = GradientMean((len(reqs), d), view.device)
+    terms = [
+        RecordGradients(grads),
+        AnchorMask(torch.ones(len(reqs), d, dtype=torch.bool)),
+        ScoredElasticNet(torch.ones(len(reqs), d), 0.0, 0.0, 1.0),
+    ]
+    if chunk is None:
+        terms.append(DescentTerm())  # the base class cannot be cut into chunks: it refuses
+    run = descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 6, progress=False, terms=terms)
+    for name in ("delta", "h", "loss", "nll", "updates"):
+        assert torch.equal(getattr(run, name), getattr(plain, name)), name
+    assert run.records == {} and bool((grads.count == plain.updates).all())
+
+
+def test_a_term_without_chunks_refuses_requests_per_forward():
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    cfg = TargetConfig(steps=2, requests_per_forward=2)
+    with pytest.raises(NotImplementedError, match="cannot run in chunks"):
+        descend_offsets(view, tok, facts(), TEMPLATES, 1, cfg, 2, progress=False, terms=[DescentTerm()])
+
+
+def test_an_edit_site_at_zero_measures_the_plain_loss_and_trains_its_own_slice():
+    """PMET's attention site (methods/pmet.attention_site): one measuring forward at δ = 0 adds
+    exact zeros, so h, loss and NLL are the plain descent's bits; optimising moves the site's slice
+    of δ too, and the result differs from the plain descent's."""
+    from editlab.editing.methods.pmet import attention_site
+
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()
+    d = model.config.hidden_size
+    cfg = TargetConfig(steps=4, lr=0.2)
+    plain, sited = (
+        descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 1, progress=False, sites=sites)
+        for sites in ((), (attention_site(view, 1),))
+    )
+    assert sited.delta.shape == (len(reqs), 2 * d)
+    for name in ("h", "loss", "nll"):
+        assert torch.equal(getattr(sited, name), getattr(plain, name)), name
+    plain, sited = (
+        descend_offsets(view, tok, reqs, TEMPLATES, 1, cfg, 4, progress=False, sites=sites)
+        for sites in ((), (attention_site(view, 1),))
+    )
+    assert float(sited.delta[:, d:].norm()) > 0 and not torch.allclose(sited.delta[:, :d], plain.delta)
