@@ -7,7 +7,10 @@ method parts with nested overrides: the flat per-model files stay the published 
 composed pairs below show what they are made of."""
 
 import contextlib
+import importlib
+import inspect
 import io
+import pkgutil
 import sys
 from unittest import mock
 
@@ -140,3 +143,41 @@ def test_every_part_file_is_used_by_a_composed_pair():
     }
     on_disk = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").glob("*/*.yaml")}
     assert on_disk == used
+
+
+def method_classes() -> set[type]:
+    """The EditMethod classes defined in editlab/editing/methods, found by walking the package."""
+    import editlab.editing.methods as package
+
+    found = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        found |= {
+            obj
+            for obj in vars(module).values()
+            if inspect.isclass(obj) and issubclass(obj, EditMethod) and obj.__module__ == module.__name__
+        }
+    return found
+
+
+def class_paths(node) -> set[str]:
+    if isinstance(node, dict):
+        own = {node["class_path"]} if "class_path" in node else set()
+        return own.union(*(class_paths(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(class_paths(v) for v in node))
+    return set()
+
+
+def test_every_method_class_has_a_config_and_every_config_names_one():
+    # Leaves only: a class another method class derives from (EditMethod, LayerSpreadMethod, MEMIT
+    # for PMET, ...) may be a base rather than a method a user runs.
+    classes = method_classes()
+    leaves = {
+        c for c in classes if not inspect.isabstract(c) and not any(o is not c and issubclass(o, c) for o in classes)
+    }
+    assert len(leaves) >= 7
+    configured = set().union(*(class_paths(yaml.safe_load(p.read_text())) for p in CONFIGS))
+    assert {f"{c.__module__}.{c.__name__}" for c in leaves} <= configured
+    methods = {c for c in configured if c.startswith("editlab.editing.methods.")}
+    assert methods <= {f"{c.__module__}.{c.__name__}" for c in classes}

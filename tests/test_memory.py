@@ -35,13 +35,42 @@ def test_llama3_8b_statistics_are_the_figure_the_docs_give():
     assert 14.9 < est.weights / GiB < 15.0
 
 
-def test_offloaded_statistics_give_the_same_edit(tmp_path, stats_cache):
+class _OnAnAccelerator:
+    """A model view that reports the meta device: the statistics of a run whose model lives on an
+    accelerator land on view.device unless offloaded (its other attributes are the real view's)."""
+
+    device = torch.device("meta")
+
+    def __init__(self, view):
+        self._view = view
+
+    def __getattr__(self, name):
+        return getattr(self._view, name)
+
+
+def test_offloaded_statistics_give_the_same_edit(tmp_path, stats_cache, monkeypatch):
+    # On a CPU-only machine both runs would put the statistics on the CPU whatever the flag says.
+    # The offloaded run's statistics therefore come from a view that reports another device
+    # (read from the disk cache the first run filled, so no forward runs there): only the offload
+    # branch brings them to the CPU, where its edit must equal the first run's.
+    from editlab.editing import stats
+
+    real = stats.second_moments
+    offloads = []
+
+    def as_if_on_an_accelerator(view, *args, **kw):
+        offloads.append(args[4].offload)  # the CovarianceConfig the method passes down
+        return real(_OnAnAccelerator(view), *args, **kw)
+
     results = []
     for offload in (False, True):
         ctx, method = make(tmp_path)
         method.covariance = dataclasses.replace(method.covariance, offload=offload)
+        if offload:
+            monkeypatch.setattr(stats, "second_moments", as_if_on_an_accelerator)
         method.setup(ctx)
         assert all(c.device.type == "cpu" for c in method.cov.values())
+        assert method.memory_profile().offload == offload
         method.apply(ctx, facts()[:2])
         method.apply(ctx, facts()[2:])
         results.append((snapshot(ctx.model), {k: v.clone() for k, v in method.cache_c.items()}))
@@ -50,3 +79,5 @@ def test_offloaded_statistics_give_the_same_edit(tmp_path, stats_cache):
         torch.testing.assert_close(w0[name], w1[name])
     for layer in c0:
         torch.testing.assert_close(c0[layer], c1[layer])
+    assert offloads == [True]
+    assert all(c.device.type == "cpu" for c in c1.values())  # the cache accumulated beside C

@@ -14,8 +14,16 @@ from editlab.models.weights import add_delta, read_weight
 from helpers import ARCHS
 
 
-def test_registry_covers_the_supported_architectures():
-    assert set(ARCHS) <= set(ARCHITECTURES)
+def test_every_registry_entry_is_a_transformers_model_type_tested_on_a_tiny_model():
+    from transformers import CONFIG_MAPPING
+
+    from editlab.models.tiny import tiny_config
+
+    assert set(ARCHITECTURES) <= set(CONFIG_MAPPING.keys())  # keyed by transformers' own model_type names
+    for model_type in ARCHITECTURES:
+        assert tiny_config(model_type, 64).model_type == model_type
+    # Every entry is exercised by the tests parametrized over ARCHS (a new entry needs its tiny tests).
+    assert set(ARCHS) == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
