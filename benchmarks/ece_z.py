@@ -179,7 +179,7 @@ def scored_then_restored(
 def efficacy_after_update(ece: ECE, ctx: EditContext, requests, res: TargetResult, plan) -> dict:
     """Write ECE's update towards res.z on the current (unedited) weights, score the rewrite prompts,
     put the weights back. Efficacy only: the benchmark compares z, not the stream."""
-    targets = ECETargets(plan, res)
+    targets = ECETargets(res, plan)
     return scored_then_restored(ctx.view, ctx.tok, ece.layers, requests, lambda: ece.spread(ctx, requests, targets))
 
 

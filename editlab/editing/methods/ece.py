@@ -42,7 +42,14 @@ from editlab.editing.cluster import Clustering, ClusterTargetResult, cluster_set
 from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.rewinding import RewindingMethod
-from editlab.editing.methods.stages import Spread, StagedMethod, layer_keys, layer_residual, spread_over_layers
+from editlab.editing.methods.stages import (
+    MethodTargets,
+    Spread,
+    StagedMethod,
+    layer_keys,
+    layer_residual,
+    spread_over_layers,
+)
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
 from editlab.editing.rewind import (
     rewound_cluster_targets,
@@ -73,22 +80,14 @@ class NeuronPlan:
 
 
 @dataclass
-class ECETargets:
-    """ECE's OPTIMIZATION (steps 1-4): the neuron plan of :meth:`ECE.locate` and z at the last
-    edited layer (a ClusterTargetResult with two_step), with which rows came from the z cache."""
+class ECETargets(MethodTargets):
+    """ECE's OPTIMIZATION (steps 1-4): z at the last edited layer (``result``, a
+    ClusterTargetResult with two_step), the neuron plan of :meth:`ECE.locate`, and which rows came
+    from the z cache."""
 
     plan: NeuronPlan
-    result: TargetResult
     cached: torch.Tensor | None = None  # bool [n]; None: z not from ECE's own z stage (benchmarks)
     seconds_z: float = 0.0
-
-    @property
-    def z(self) -> torch.Tensor:
-        return self.result.z  # [n, d_model]
-
-    @property
-    def nll(self) -> torch.Tensor:
-        return self.result.nll  # [n]
 
 
 def two_step_split(steps: int, shared_steps: int | None, instance_steps: int | None) -> tuple[int, int]:
@@ -292,7 +291,7 @@ class ECE(RewindingMethod, StagedMethod):
             tgt, cached = self.request_targets(ctx, requests)
         else:
             tgt, cached = self.cluster_targets(ctx, requests, plan.clustering)
-        return ECETargets(plan, tgt, cached, time.perf_counter() - t2)
+        return ECETargets(tgt, plan, cached, time.perf_counter() - t2)
 
     def spread(self, ctx: EditContext, requests: list[EditRequest], targets: ECETargets) -> Spread:
         """Step 5: write the neuron-restricted update of every edited layer towards targets.z

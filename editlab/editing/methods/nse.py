@@ -32,7 +32,7 @@ from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, restore_on_error
 from editlab.editing.methods.rewinding import RewindingMethod
-from editlab.editing.methods.stages import Spread, StagedMethod, layer_keys, memit_residual, write_layers
+from editlab.editing.methods.stages import MethodTargets, Spread, StagedMethod, layer_keys, memit_residual, write_layers
 from editlab.editing.neurons import ActivationScore, NeuronAttribution
 from editlab.editing.rewind import rewound_target_rows
 from editlab.editing.solve import submatrix_delta
@@ -49,19 +49,10 @@ def pass_mask(residual: torch.Tensor, alpha: float, upper_bound: float) -> torch
 
 
 @dataclass
-class NSETargets:
+class NSETargets(MethodTargets):
     """NSE's OPTIMIZATION (step 1): z on θ₀ (with rewinding) and how many rows came from the z cache."""
 
-    result: TargetResult
     from_cache: int
-
-    @property
-    def z(self) -> torch.Tensor:
-        return self.result.z  # [n, d_model]
-
-    @property
-    def nll(self) -> torch.Tensor:
-        return self.result.nll  # [n]
 
 
 @dataclass

@@ -36,7 +36,7 @@ import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
@@ -45,6 +45,9 @@ from editlab.editing.methods.base import EditContext, EditMethod, restore_on_err
 from editlab.models.arch import ModelView
 from editlab.models.weights import add_delta
 from editlab.types import EditRequest
+
+if TYPE_CHECKING:
+    from editlab.editing.targets import TargetResult
 
 
 @dataclass
@@ -66,6 +69,22 @@ class Targets(Protocol):
     @property
     def nll(self) -> torch.Tensor:
         """The target's NLL [n] there, mean over the method's templates: −ln p(θ_k, h̄_k)."""
+
+
+@dataclass
+class MethodTargets:
+    """A method's own targets record around the TargetResult of its z stage (``result``): its z
+    and nll are the result's. Subclasses add what their spread needs."""
+
+    result: TargetResult
+
+    @property
+    def z(self) -> torch.Tensor:
+        return self.result.z  # [n, d_model]
+
+    @property
+    def nll(self) -> torch.Tensor:
+        return self.result.nll  # [n]
 
 
 class StagedMethod(EditMethod):
