@@ -125,7 +125,7 @@ def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monke
     monkeypatch.setenv("EDITLAB_CACHE", str(base / "cache"))
     marker = base / "in_step_6"
     hang = [
-        "--trainer.callbacks+=resume_hooks.HangInStep",
+        "--trainer.callbacks+=helpers.HangInStep",
         f"--trainer.callbacks.step={KILL_STEP}",
         f"--trainer.callbacks.marker={marker}",
     ]
