@@ -144,6 +144,17 @@ def plan_memory(
     )
 
 
+def run_memory(lm, tok, method, requests: list, steps: list[list]) -> MemoryEstimate:
+    """The estimate of a run on its loaded model: its parameters, the largest step of ``steps``
+    and the longest rewrite prompt of ``requests``."""
+    per_step = max(len(b) for b in steps)
+    prompt = max(len(tok(r.rewrite_prompt)["input_ids"]) for r in requests)
+    first = next(lm.parameters())
+    n_params = sum(p.numel() for p in lm.parameters())
+    # + 8: room for the target's tokens after the prompt
+    return plan_memory(lm.config, method, first.element_size(), n_params, per_step, prompt + 8)
+
+
 def ffn_width(config) -> int:
     """d_ff from a transformers config (GPT-2 / GPT-J: n_inner, None meaning 4 x hidden)."""
     width = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)

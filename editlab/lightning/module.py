@@ -29,13 +29,7 @@ from editlab import rundir
 from editlab.console import stderr_is_terminal, step_line
 from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditContext, EditMethod
-from editlab.evaluation import (
-    EvaluationConfig,
-    EvaluationSchedule,
-    Evaluator,
-    check_requests_fit,
-    held_out_specificity,
-)
+from editlab.evaluation import EvaluationConfig, EvaluationSchedule, Evaluator, check_requests_fit
 from editlab.lightning.callbacks import WeightNormTracker
 from editlab.lightning.editstate import (
     Resume,
@@ -48,7 +42,8 @@ from editlab.lightning.editstate import (
     save_run_state,
 )
 from editlab.lightning.recorder import LoggedRows, RunClock, RunRecorder
-from editlab.memory import MemoryEstimate, plan_memory
+from editlab.lightning.stream import StreamEvaluation
+from editlab.memory import MemoryEstimate, run_memory
 from editlab.models.arch import ModelView
 from editlab.models.delta import save_delta, snapshot, weight_deltas
 from editlab.models.fingerprint import model_fingerprint
@@ -106,6 +101,7 @@ class EditingModule(L.LightningModule):
         self.view: ModelView | None = None
         self.ctx: EditContext | None = None
         self.evaluator: Evaluator | None = None
+        self.evaluation_run: StreamEvaluation | None = None
         self.requests: list[EditRequest] = []
         self.recorder: RunRecorder | None = None
         self.memory: MemoryEstimate | None = None
@@ -217,7 +213,10 @@ class EditingModule(L.LightningModule):
         self.log_dict(scalars, batch_size=len(batch), on_step=True, on_epoch=False)
         if self.progress and not stderr_is_terminal() and self.ctx.ranks.is_main:
             print(step_line(record, self.stream_length()), file=sys.stderr, flush=True)
-        self.evaluate_after_step(list(batch))
+        if self.ctx.ranks.is_main:
+            probes = self.evaluation_run.after_step(list(batch))
+            if probes is not None:
+                self.log_dict(probes, on_step=True, on_epoch=False, batch_size=1)
         return None
 
     def record_step(self, values: dict[str, float]) -> None:
@@ -246,6 +245,9 @@ class EditingModule(L.LightningModule):
         self.requests = list(dm.requests)
         check_requests_fit(self.requests, self.tok, self.lm.config, self.evaluation)
         self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.bars)
+        self.evaluation_run = StreamEvaluation(
+            self.evaluator, self.schedule, self.recorder, self.requests, self.log_row, self.stream_length
+        )
 
     def start_stream(self) -> None:
         """Set up the method on the unedited model, then continue from the edit state (resumed)
@@ -257,7 +259,8 @@ class EditingModule(L.LightningModule):
             self.lm, self.tok, self.view, self.model_name, self.fingerprint, self.seed, self.bars, ranks
         )
         if ranks.is_main:
-            self.memory = self.estimate_memory()
+            steps = self.trainer.datamodule.steps()
+            self.memory = run_memory(self.lm, self.tok, self.method, self.requests, steps)
             print(f"editlab: {self.memory.describe()}", file=sys.stderr, flush=True)
         torch.manual_seed(self.seed)
         self.method.setup(self.ctx)
@@ -270,30 +273,9 @@ class EditingModule(L.LightningModule):
                 # Lightning's logging step counts the batches of this process; continue the stream's count.
                 self.trainer.fit_loop.epoch_loop._batches_that_stepped = rec.steps_done
         elif ranks.is_main and self.evaluation.pre:  # evaluation is rank 0's: other ranks only edit
-            cases, metrics = self.evaluator.evaluate(self.requests, quality=True)
-            rec.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
-            self.add_point("pre", metrics)
+            self.evaluation_run.before()
         rec.clock.stream_start = time.perf_counter()
         rec.clock.eval_seconds = 0.0
-
-    def evaluate_after_step(self, batch: list[EditRequest]) -> None:
-        if not self.ctx.ranks.is_main:
-            return
-        rec, schedule, t0 = self.recorder, self.schedule, time.perf_counter()
-        what = schedule.after_step(rec.steps_done)
-        if what == "batch":
-            cases, metrics = self.evaluator.evaluate(batch, quality=False)
-            rec.post_cases.update({c["case_id"]: c for c in cases})
-            metrics.update(self.held_out(batch, cases))
-            self.add_point("immediate", metrics)
-        elif what == "so_far":
-            # The stream's last point is its final evaluation: probes on their full sets.
-            self.evaluate_so_far("periodic", final=rec.steps_done == self.stream_length())
-        if schedule.probes_after_step(rec.steps_done):
-            probes = self.evaluator.probes(final=False)
-            self.log_dict(probes, on_step=True, on_epoch=False, batch_size=1)
-            rec.add_step_values(probes)
-        rec.clock.eval_seconds += time.perf_counter() - t0
 
     def finish_stream(self) -> None:
         """The final edit state, the final evaluation (what the schedule says is left), the results."""
@@ -301,49 +283,9 @@ class EditingModule(L.LightningModule):
             return
         if self.checkpoint_every and not (self.resume is not None and self.resume.final):
             self.save_checkpoint(final=True)
-        end, rec = time.perf_counter(), self.recorder
-        last = rec.curve[-1] if rec.curve else None  # None: evaluation.pre false and nothing evaluated yet
-        what = self.schedule.at_end(last, rec.steps_done)
-        if what == "all":
-            final = self.evaluate_so_far(self.evaluation.timing)
-        elif what == "immediate":
-            # Edit metrics: every case right after its own step; quality: the final model.
-            done_reqs = rec.done(self.requests)
-            done = [rec.post_cases[r.case_id] for r in done_reqs]
-            final = {
-                **self.evaluator.summarise_cases(done),
-                **self.held_out(done_reqs, done),
-                **self.evaluator.quality(done_reqs),
-            }
-        else:
-            final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing")}
-            if rec.steps_done != self.stream_length():  # the last periodic point probed the subsets only
-                full = self.evaluator.probes(final=True)
-                final.update(full)
-                last.update(full)
-                self.log_row({f"eval/{k}": v for k, v in full.items()})
+        end = time.perf_counter()
+        final = self.evaluation_run.after_stream()
         self.write_results(final, end)
-
-    def evaluate_so_far(self, timing: str, final: bool = True) -> dict:
-        """``final``: probes on every loaded example (after the stream), else on their subset."""
-        done = self.recorder.done(self.requests)
-        cases, metrics = self.evaluator.evaluate(done, quality=True, final=final)
-        self.recorder.post_cases = {c["case_id"]: c for c in cases}
-        metrics.update(self.held_out(done, cases))
-        self.add_point(timing, metrics)
-        return metrics
-
-    def held_out(self, done: list[EditRequest], cases: list[dict]) -> dict[str, float]:
-        """specificity_heldout_* when some edit trained on neighbourhood prompts (NA editing)."""
-        trained = self.recorder.trained_neighbours()
-        return held_out_specificity(cases, done, trained) if trained else {}
-
-    def add_point(self, timing: str, metrics: dict) -> None:
-        self.recorder.add_point(timing, metrics)
-        if timing != "pre":
-            numeric = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            numeric["eval/edits"] = float(self.recorder.edits_done)
-            self.log_row(numeric)
 
     def log_row(self, metrics: dict) -> None:
         # Straight to the loggers: self.log is not allowed in on_train_end (final evaluation).
@@ -357,15 +299,6 @@ class EditingModule(L.LightningModule):
         state = capture_edit_state(self.identity(), self.recorder, self.lm, self.initial, self.method, final)
         save_run_state(self.run_dir(), state)
 
-    def estimate_memory(self) -> MemoryEstimate:
-        """What this run will need (editlab.memory), from the model and the method's settings."""
-        per_step = max(len(b) for b in self.trainer.datamodule.steps())
-        prompt = max(len(self.tok(r.rewrite_prompt)["input_ids"]) for r in self.requests)
-        first = next(self.lm.parameters())
-        n_params = sum(p.numel() for p in self.lm.parameters())
-        # + 8: room for the target's tokens after the prompt
-        return plan_memory(self.lm.config, self.method, first.element_size(), n_params, per_step, prompt + 8)
-
     # -- editlab test: evaluate the loaded model as it is ---------------------------------------
     def on_test_start(self) -> None:
         self.recorder = RunRecorder(self.run_dir())
@@ -374,17 +307,11 @@ class EditingModule(L.LightningModule):
         clock.setup_done = clock.stream_start = time.perf_counter()
 
     def test_step(self, batch, batch_idx: int):
-        cases, _ = self.evaluator.evaluate(list(batch), quality=False)
-        self.recorder.record_test_step(list(batch), batch_idx, cases)
+        self.evaluation_run.test_batch(list(batch), batch_idx)
         return None
 
     def on_test_end(self) -> None:
-        done = self.recorder.done(self.requests)
-        metrics = {
-            **self.evaluator.summarise_cases([self.recorder.post_cases[r.case_id] for r in done]),
-            **self.evaluator.quality(done),
-        }
-        self.add_point("test", metrics)
+        metrics = self.evaluation_run.after_test()
         self.write_results(metrics, time.perf_counter(), timing="test")
 
     # -- results ----------------------------------------------------------------------------------
