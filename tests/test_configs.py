@@ -59,6 +59,19 @@ COMPOSED = {
     "alphaedit_gpt2xl": ("alphaedit", "gpt2xl", "counterfact_2000", {}),
     "alphaedit_llama3_8b": ("alphaedit", "llama3_8b", "counterfact_2000", {}),
     "alphaedit_smollm2": ("alphaedit", "smollm2", "counterfact_30", {}),
+    "ece_twostep_gptj": ("ece_twostep", "gptj", "counterfact_2000", {}),
+    "ece_twostep_gpt2xl": ("ece_twostep", "gpt2xl", "counterfact_2000", {"mom2_weight": 20000, "shared_steps": 15}),
+    "ece_twostep_llama3_8b": ("ece_twostep", "llama3_8b", "counterfact_2000", {}),
+    "ece_twostep_smollm2": ("ece_twostep", "smollm2", "counterfact_300", {"mom2_weight": 2000}),
+    "pmet_gptj": (
+        "pmet",
+        "gptj",
+        "counterfact_2000",
+        {"mom2_weight": 6000, "targets": {"lr": 0.2, "steps": 30, "kl_factor": 1.0}},
+    ),
+    "pmet_gpt2xl": ("pmet", "gpt2xl", "counterfact_2000", {"mom2_weight": 20000}),
+    "pmet_llama3_8b": ("pmet", "llama3_8b", "counterfact_2000", {}),
+    "pmet_smollm2": ("pmet", "smollm2", "counterfact_30", {"mom2_weight": 2000}),
 }
 
 
