@@ -48,7 +48,6 @@ from editlab.models.arch import ModelView
 from editlab.models.delta import save_delta, snapshot, weight_deltas
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import DType, load_model_and_tokenizer
-from editlab.numerics import numerics
 from editlab.types import EditRequest
 
 
@@ -318,33 +317,18 @@ class EditingModule(L.LightningModule):
     def write_results(self, final: dict, end: float, timing: str | None = None) -> None:
         if self.global_rank != 0:
             return  # one writer: every rank of ``editlab test`` evaluates the same model
-        timing, rec = timing or self.evaluation.timing, self.recorder
-        records = rec.case_records(self.requests, timing, self.evaluator.case_summary)
-        rec.write_records(records)
-        pre = rec.pre_metrics(self.requests, self.evaluator) if rec.pre else {}
-        summary = {
-            "method": self.method.name,  # the variant (MEMIT_seq, MEMIT-EAC, ...), not only the class
-            "model": self.model_name,
-            "timing": timing,
-            "edits": rec.edits_done if timing != "test" else 0,
-            "evaluated": len(records),
-            "steps": rec.steps_done,
-            **final,
-            **{f"pre_{k}": v for k, v in pre.items() if isinstance(v, (int, float))},
-            **numerics(),  # what the bits depend on besides the config
-            **rec.clock.seconds(end, rec.steps_done),
-        }
+        timing = timing or self.evaluation.timing
+        # the variant (MEMIT_seq, MEMIT-EAC, ...), not only the class
+        head = {"method": self.method.name, "model": self.model_name, "timing": timing}
+        tail = {}
         if self.memory is not None:
-            summary["memory_estimate_gib"] = round(self.memory.device_total / 2**30, 3)
+            tail["memory_estimate_gib"] = round(self.memory.device_total / 2**30, 3)
             if torch.cuda.is_available() and self.device.type == "cuda":
-                summary["memory_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+                tail["memory_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         if self.resumed_from_step is not None:
-            summary["resumed_from_step"] = self.resumed_from_step
-        if self.export and timing != "test":
-            summary.update(self.export_edited())
-        rec.write_summary(summary)
-        rec.write_report(summary)
-        rec.publish(self.loggers, records)
+            tail["resumed_from_step"] = self.resumed_from_step
+        export = self.export_edited if self.export and timing != "test" else None
+        self.recorder.write_results(self.requests, self.evaluator, head, final, end, tail, export, self.loggers)
 
     def export_edited(self) -> dict[str, str]:
         """The edited model (save_pretrained) and its delta file, in the run directory."""

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import Logger
 
 from editlab import rundir
 from editlab.files import write_text_atomic
+from editlab.numerics import numerics
 from editlab.report import load_config, log_report_images, render_run_report
 from editlab.types import EditRequest, EditResult
 
@@ -200,6 +201,42 @@ class RunRecorder:
             record["detail"] = {"pre": before, "post": after} if before is not None else {"post": after}
             records.append(record)
         return records
+
+    def write_results(
+        self,
+        requests: list[EditRequest],
+        evaluator,
+        head: dict,
+        final: dict,
+        end: float,
+        tail: dict,
+        export: Callable[[], dict] | None,
+        loggers: list[Logger],
+    ) -> Path:
+        """Every result file, in order: the records, the exported model (``export``: writes it and
+        returns its summary entries), summary.json (``head``: method, model, timing; ``final``: the
+        final metrics; ``tail``: the run's facts after the timings), the report, the loggers' table."""
+        timing = head["timing"]
+        records = self.case_records(requests, timing, evaluator.case_summary)
+        self.write_records(records)
+        pre = self.pre_metrics(requests, evaluator) if self.pre else {}
+        summary = {
+            **head,
+            "edits": self.edits_done if timing != "test" else 0,
+            "evaluated": len(records),
+            "steps": self.steps_done,
+            **final,
+            **{f"pre_{k}": v for k, v in pre.items() if isinstance(v, (int, float))},
+            **numerics(),  # what the bits depend on besides the config
+            **self.clock.seconds(end, self.steps_done),
+            **tail,
+        }
+        if export is not None:
+            summary.update(export())
+        path = self.write_summary(summary)
+        self.write_report(summary)
+        self.publish(loggers, records)
+        return path
 
     def write_records(self, records: list[dict]) -> None:
         """cases.jsonl, curve.jsonl, steps.jsonl, in this order (cases.jsonl first: benchmarks/soak.py
