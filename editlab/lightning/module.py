@@ -1,16 +1,16 @@
 """EditingModule: one ``training_step`` is one edit batch of the stream (manual optimization).
 
 Order of work in a fit:
+  configure_model  load the frozen LM (once), resolve its architecture
   on_fit_start     the run's recorder (editlab.lightning.recorder); with ``--ckpt_path``, the edit
                    state read (editlab.lightning.editstate.Resume) and the data module told where
                    the stream continues
-  configure_model  load the frozen LM (once), resolve its architecture
   on_train_start   start_stream: requests checked against the tokenizer and context (before any
                    weight changes), method.setup (statistics, templates), then either the edit
                    state restored (weights, method state, records, RNG) or the pre-edit evaluation
-  training_step    method.apply on the step's requests, recorded; the evaluation schedule
-                   (editlab.evaluation.EvaluationSchedule) says what to evaluate after it
-  on_train_end     finish_stream: the final evaluation, then the result files (the recorder)
+  training_step    method.apply on the step's requests, recorded; then what the evaluation
+                   schedule says (editlab.lightning.stream.StreamEvaluation)
+  on_train_end     finish_stream: the final edit state, the final evaluation, the result files
   on_fit_end       only for an edit state written after the last step: Lightning has no batch to
                    run and skips on_train_start / on_train_end, so start_stream and finish_stream
                    run here
