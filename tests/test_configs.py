@@ -72,6 +72,16 @@ COMPOSED = {
     "pmet_gpt2xl": ("pmet", "gpt2xl", "counterfact_2000", {"mom2_weight": 20000}),
     "pmet_llama3_8b": ("pmet", "llama3_8b", "counterfact_2000", {}),
     "pmet_smollm2": ("pmet", "smollm2", "counterfact_30", {"mom2_weight": 2000}),
+    "memit_smollm2": ("memit", "smollm2", "counterfact_30", {"mom2_weight": 2000}),
+    "memit_seq_smollm2": ("memit_seq", "smollm2", "counterfact_30", {"mom2_weight": 2000}),
+    "memit_eac_gpt2xl": ("memit_eac", "gpt2xl", "zsre_1000", {"mom2_weight": 20000, "targets": {"steps": 25}}),
+    "memit_eac_llama3_8b": (
+        "memit_eac",
+        "llama3_8b",
+        "zsre_1000",
+        {"eac": {"percentile": 95}, "targets": {"weight_decay": 0.001}},
+    ),
+    "memit_eac_smollm2": ("memit_eac", "smollm2", "zsre_30", {"mom2_weight": 2000}),
 }
 
 
