@@ -49,13 +49,15 @@ class LoggedRows(Logger):
         super().__init__()
         self.rows: list[list] = []
 
+    # Name and version empty, as the CLI's CSV logger's: Lightning joins the loggers' distinct names
+    # and versions (the progress bar's v_num, checkpoint folders), which then read as without this one.
     @property
     def name(self) -> str:
-        return "editlab_rows"
+        return ""
 
     @property
     def version(self) -> str:
-        return "0"
+        return ""
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass  # the config is in config.yaml
