@@ -7,9 +7,11 @@ method parts with nested overrides: the flat per-model files stay the published 
 composed pairs below show what they are made of."""
 
 import contextlib
+import functools
 import importlib
 import inspect
 import io
+import os
 import pkgutil
 import sys
 from unittest import mock
@@ -103,6 +105,14 @@ def composed_args(name: str) -> list[str]:
 
 def resolved(args: list[str]) -> dict:
     """The fully resolved config of ``editlab fit ARGS`` (what --print_config prints), as a dict."""
+    config = yaml.safe_load(printed_config(tuple(args), os.getcwd()))
+    assert config["model"]["method"]["class_path"]  # a config, not an empty print
+    return config
+
+
+@functools.cache
+def printed_config(args: tuple[str, ...], cwd: str) -> str:
+    # Cached: a flat config is resolved by two tests (built, and compared with its composition).
     out = io.StringIO()
     # pytest's own argv is not the CLI's: LightningCLI warns when it sees both.
     with (
@@ -112,9 +122,7 @@ def resolved(args: list[str]) -> dict:
     ):
         EditLabCLI(args=["fit", *args, "--print_config"])
     assert exit_info.value.code in (0, None)
-    config = yaml.safe_load(out.getvalue())
-    assert config["model"]["method"]["class_path"]  # a config, not an empty print
-    return config
+    return out.getvalue()
 
 
 def instantiate(config: dict):
@@ -153,7 +161,7 @@ def test_every_config_parses_and_builds_its_method_and_data(config, monkeypatch)
 def test_the_composed_config_resolves_to_the_flat_one_and_builds(name, monkeypatch):
     monkeypatch.chdir(REPO)
     composed = resolved(composed_args(name))
-    assert composed == resolved(["--config", f"configs/{name}.yaml"])
+    assert composed == resolved(["--config", str(REPO / "configs" / f"{name}.yaml")])
     module, _ = instantiate(composed)
     assert module.method.layers == composed["model"]["method"]["init_args"]["layers"]
 
