@@ -251,8 +251,20 @@ class Resume:
         print(f"[editlab] resumed from {self.path} after step {self.steps_done}", file=sys.stderr)
 
 
-def read_resume(path: str | Path | None) -> Resume | None:
-    return None if path is None else Resume(path)
+def resume_fit(path: str | Path | None, ranks, run_dir: str | Path, datamodule) -> Resume | None:
+    """At fit start, before the train dataloader is made: the edit state of ``--ckpt_path``
+    (``path``; None: a first run), every rank checked to continue from the same point (``ranks``:
+    editlab.distributed.Ranks), and the data module set to start where the stream stopped."""
+    resume = None if path is None else Resume(path)
+    # Every rank reads the edit state from its own view of the run directory (several machines).
+    points = ranks.all_gather_object(resume_point(resume.state if resume is not None else None))
+    check_same_resume_point(points, edit_state_path(run_dir))
+    if resume is None:
+        return None
+    if datamodule is None or not hasattr(datamodule, "first_step"):
+        raise ValueError("resuming needs an EditDataModule (option data)")
+    datamodule.first_step = resume.first_step(datamodule.steps(), datamodule.edits_per_step)
+    return resume
 
 
 def save_run_state(run_dir: str | Path, state: dict) -> Path:

@@ -35,10 +35,8 @@ from editlab.lightning.editstate import (
     Resume,
     RunIdentity,
     capture_edit_state,
-    check_same_resume_point,
-    read_resume,
     requests_digest,
-    resume_point,
+    resume_fit,
     save_run_state,
 )
 from editlab.lightning.recorder import LoggedRows, RunClock, RunRecorder
@@ -178,18 +176,8 @@ class EditingModule(L.LightningModule):
         if self.loggers and not any(isinstance(lg, LoggedRows) for lg in self.loggers):
             # The recorder keeps every row the loggers get (for a resumed run's metrics.csv).
             self.trainer.loggers = [*self.trainer.loggers, self.recorder.logged]
-        # Read before the train dataloader is made: the data module must start where the stream stopped.
-        self.resume = read_resume(self.resume_from)
-        # Every rank reads the edit state from its own view of the run directory (several machines).
-        point = resume_point(self.resume.state if self.resume is not None else None)
-        points = Ranks(self.global_rank, self.trainer.world_size).all_gather_object(point)
-        check_same_resume_point(points, rundir.edit_state_path(self.run_dir()))
-        if self.resume is None:
-            return
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "first_step"):
-            raise ValueError("resuming needs an EditDataModule (option data)")
-        dm.first_step = self.resume.first_step(dm.steps(), dm.edits_per_step)
+        ranks = Ranks(self.global_rank, self.trainer.world_size)
+        self.resume = resume_fit(self.resume_from, ranks, self.run_dir(), self.trainer.datamodule)
 
     def on_train_start(self) -> None:
         self.start_stream()
