@@ -173,9 +173,10 @@ class EditingModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._fit_device = self.device
         self.recorder = RunRecorder(self.run_dir())
-        if self.loggers and not any(isinstance(lg, LoggedRows) for lg in self.loggers):
+        loggers = [lg for lg in self.trainer.loggers if not isinstance(lg, LoggedRows)]  # not an earlier fit's
+        if loggers:
             # The recorder keeps every row the loggers get (for a resumed run's metrics.csv).
-            self.trainer.loggers = [*self.trainer.loggers, self.recorder.logged]
+            self.trainer.loggers = [*loggers, self.recorder.logged]
         ranks = Ranks(self.global_rank, self.trainer.world_size)
         self.resume = resume_fit(self.resume_from, ranks, self.run_dir(), self.trainer.datamodule)
 
