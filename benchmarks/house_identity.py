@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.soak import compare, git_state
+from editlab.files import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "multi_counterfact.json.gz"
@@ -60,7 +61,6 @@ def run(args: argparse.Namespace) -> None:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    record = {**git_state(), "runs": {}}
     for name in args.only or RUNS:
         cmd = command(name, root / name, Path(args.data))
         t0 = time.monotonic()
@@ -68,9 +68,19 @@ def run(args: argparse.Namespace) -> None:
             rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
         if rc != 0:
             raise SystemExit(f"house_identity: {name} failed with exit status {rc} (see {root / name}.log)")
-        record["runs"][name] = {"command": shlex.join(cmd), "seconds": round(time.monotonic() - t0, 1)}
-        print(f"{name}: {record['runs'][name]['seconds']} s", flush=True)
-    (root / "identity_run.json").write_text(json.dumps(record, indent=1))
+        seconds = round(time.monotonic() - t0, 1)
+        add_run(root / "identity_run.json", name, {"command": shlex.join(cmd), "seconds": seconds})
+        print(f"{name}: {seconds} s", flush=True)
+
+
+def add_run(path: Path, name: str, entry: dict) -> None:
+    """Record one finished run; two processes with disjoint ``--only`` lists may share a directory
+    (each adds its runs as they finish)."""
+    record = json.loads(path.read_text()) if path.is_file() else {**git_state(), "runs": {}}
+    if record["commit"] != git_state()["commit"]:
+        raise SystemExit(f"house_identity: {path} holds runs of commit {record['commit']}; use another --dir")
+    record["runs"][name] = entry
+    write_text_atomic(path, json.dumps(record, indent=1))
 
 
 def compare_dirs(args: argparse.Namespace) -> int:
