@@ -51,15 +51,3 @@ __all__ = [
     "rows_forward",
     "target_rows",
 ]
-
-# ECE's two-step z moved beside ECE (editing/cluster.py), which imports this package; the old
-# names resolve here on first use, so imports of them from editlab.editing.targets keep working.
-_MOVED_TO_CLUSTER = ("ClusterTargetResult", "check_clusters", "cluster_labels", "optimize_cluster_targets")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_CLUSTER:
-        from editlab.editing import cluster
-
-        return getattr(cluster, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
