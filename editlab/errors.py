@@ -15,7 +15,13 @@ from pathlib import Path
 USAGE_EXIT = 2  # argparse's status for a usage error: the command line, not editlab, was wrong
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Base of the errors a user can fix whose message is the line to print (a bad record, a stale
+    cache file, a refused statistics file or edit state, a delta of another model). The classes that
+    raise them live with their code and inherit from this one, so this module imports none of them."""
+
+
+class ConfigError(UserError, ValueError):
     """An option value that editlab's classes refused when they were built from the config."""
 
 
@@ -65,12 +71,6 @@ def strip_prefix(message: str) -> str:
 
 def user_error_message(exc: BaseException) -> str | None:
     """The one line for a user error, or None for anything else (a bug, an ordinary exit)."""
-    from editlab.data.sources import DataError
-    from editlab.editing.stats_files import StatsFileError
-    from editlab.keyed_cache import StaleCacheError
-    from editlab.lightning.editstate import EditStateError
-    from editlab.models.delta import DeltaMismatchError
-
     if isinstance(exc, SystemExit):
         code = exc.code
         # --help / --print_config exit 0, jsonargparse's own usage errors exit 2 having printed
@@ -90,6 +90,6 @@ def user_error_message(exc: BaseException) -> str | None:
         if exc.filename is not None:  # the OS's own: "[Errno 2] No such file or directory: 'x'"
             return f"{exc.filename}: no such file or directory"
         return one_line(str(exc))
-    if isinstance(exc, (DataError, ConfigError, StaleCacheError, StatsFileError, EditStateError, DeltaMismatchError)):
+    if isinstance(exc, UserError):
         return one_line(str(exc))
     return None

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from editlab.errors import UserError
 from editlab.files import save_torch_atomic
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(UserError, RuntimeError):
     pass
 
 

@@ -365,3 +365,26 @@ def test_a_log_file_gets_one_line_per_step(tmp_path):
     assert "z loss" in steps[0] and "\r" not in proc.stderr
     for noise in ("GPU available", "TPU available", "litlogger", "Seed set"):
         assert noise not in proc.stderr, noise
+
+
+def test_user_errors_are_one_family_that_errors_py_does_not_import():
+    # The CLI prints the message of any UserError as its one line; the classes live with the code
+    # that raises them, so editlab/errors.py (imported by the lowest floors) imports no editlab module.
+    import ast
+
+    from editlab import errors
+    from editlab.data.sources import DataError
+    from editlab.editing.stats_files import StatsFileError
+    from editlab.keyed_cache import StaleCacheError
+    from editlab.lightning.editstate import EditStateError
+    from editlab.models.delta import DeltaMismatchError
+
+    for cls in (DataError, StatsFileError, StaleCacheError, EditStateError, DeltaMismatchError, errors.ConfigError):
+        assert issubclass(cls, errors.UserError), cls
+        assert errors.user_error_message(cls("named thing: what to fix\nsecond line")) == (
+            "named thing: what to fix; second line"
+        )
+    tree = ast.parse(Path(errors.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.split(".")[0] == "editlab"], imported

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Protocol
 
+from editlab.errors import UserError
 from editlab.types import EditRequest
 
 Format = Literal["auto", "counterfact", "zsre"]
@@ -30,7 +31,7 @@ _LIST_FIELDS = ("paraphrase_prompts", "neighborhood_prompts", "generation_prompt
 ZSRE_LOC_SUFFIX = "?"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or record is unusable; the message names the file, record and field."""
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from editlab.editing.stats import STATS_VERSION, SecondMoment, load_cached, save_cached, stats_digest
+from editlab.errors import UserError
 from editlab.files import save_safetensors_atomic, write_text_atomic
 from editlab.keyed_cache import KeyedCache
 
 STATS_FORMAT = "editlab-stats"
 
 
-class StatsFileError(ValueError):
+class StatsFileError(UserError, ValueError):
     """A statistics file or directory that cannot be exported or imported as asked (one line)."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from editlab.errors import UserError
 from editlab.files import save_torch_atomic
 from editlab.lightning.recorder import RunRecorder
 from editlab.models.delta import DeltaMismatchError, apply_weight_deltas, weight_deltas
@@ -34,7 +35,7 @@ EDIT_STATE_VERSION = 1
 RESUME_FREE_OPTIONS = ("model.checkpoint_every", "model.progress", "model.export")
 
 
-class EditStateError(RuntimeError):
+class EditStateError(UserError, RuntimeError):
     """An edit-state checkpoint that cannot be used for this run."""
 
 

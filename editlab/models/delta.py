@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from editlab.errors import UserError
 from editlab.files import save_safetensors_atomic
 from editlab.models.fingerprint import model_fingerprint
 
 DELTA_FORMAT = "editlab-delta-1"
 
 
-class DeltaMismatchError(ValueError):
+class DeltaMismatchError(UserError, ValueError):
     """A delta (or edit state) made for another model, dtype or layout."""
 
 
