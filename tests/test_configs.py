@@ -20,9 +20,9 @@ import pytest
 import yaml
 from jsonargparse import ArgumentParser
 
-from editlab.cli import EditLabCLI
 from editlab.data.datamodule import EditDataModule
 from editlab.editing.methods.base import EditMethod
+from editlab.lightning.cli import EditLabCLI
 from editlab.lightning.module import EditingModule
 
 from helpers import REPO

@@ -17,8 +17,8 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.same_edit import compare
-from editlab.cli import wants_several_processes
 from editlab.distributed import Ranks, _assemble, map_rows
+from editlab.lightning.cli import wants_several_processes
 from editlab.lightning.editstate import EditStateError, check_same_resume_point, resume_point
 from editlab.runlock import is_rank_zero_process, lock_path, parse_lock
 
@@ -199,7 +199,7 @@ def test_a_second_srun_task_shares_the_first_ones_lock(tmp_path, monkeypatch):
     Task 1 must not take (and so be refused) the run directory that task 0 holds."""
     from types import SimpleNamespace
 
-    from editlab.cli import EditLabCLI
+    from editlab.lightning.cli import EditLabCLI
 
     for name in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "JSM_NAMESPACE_RANK"):
         monkeypatch.delenv(name, raising=False)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from editlab.cli import EditLabCLI, main
+from editlab.cli import main
+from editlab.lightning.cli import EditLabCLI
 from editlab.models.delta import DeltaMismatchError, apply_delta, read_delta, weight_deltas
 from editlab.models.tiny import save_tiny
 

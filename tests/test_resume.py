@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from editlab.cli import EditLabCLI
+from editlab.lightning.cli import EditLabCLI
 from editlab.lightning.editstate import edit_state_path, load_edit_state
 from editlab.models.tiny import save_tiny
 

@@ -72,7 +72,7 @@ def parse_stats_args(argv: list[str]) -> StatsArgs:
 def resolve_fit_config(fit_args: list[str]):
     """The ``fit`` config these options resolve to (defaults, config files, overrides, checks of
     the fit parser), without building the trainer, the data module or the LM."""
-    from editlab.cli import EditLabCLI
+    from editlab.lightning.cli import EditLabCLI
 
     class ParseOnly(EditLabCLI):
         def before_instantiate_classes(self) -> None:
