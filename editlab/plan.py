@@ -49,7 +49,7 @@ def instantiate_method(method_cfg):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--method", type=EditMethod)
     as_dict = method_cfg.as_dict() if isinstance(method_cfg, Namespace) else method_cfg
-    return parser.instantiate_classes(parser.parse_object({"method": as_dict})).method
+    return parser.instantiate(parser.parse_object({"method": as_dict})).method
 
 
 def make_plan(model_cfg, data_cfg) -> Plan:

@@ -297,7 +297,7 @@ def method_of(config):
     spec = yaml.safe_load(config.read_text())
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(EditMethod, "method")
-    return parser.instantiate_classes(parser.parse_object({"method": spec["model"]["method"]})).method
+    return parser.instantiate(parser.parse_object({"method": spec["model"]["method"]})).method
 
 
 @pytest.mark.parametrize("config", NEW_CONFIGS, ids=[p.name for p in NEW_CONFIGS])

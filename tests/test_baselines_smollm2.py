@@ -32,7 +32,7 @@ def method_from_config(name: str) -> EditMethod:
     spec = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(EditMethod, "method")
-    return parser.instantiate_classes(parser.parse_object({"method": spec["model"]["method"]})).method
+    return parser.instantiate(parser.parse_object({"method": spec["model"]["method"]})).method
 
 
 def shorten(method: EditMethod) -> None:

@@ -132,7 +132,7 @@ def instantiate(config: dict):
     parser.add_class_arguments(EditingModule, "model")
     parser.add_class_arguments(EditDataModule, "data")
     cfg = parser.parse_object({"model": config["model"], "data": config["data"]})
-    built = parser.instantiate_classes(cfg)
+    built = parser.instantiate(cfg)
     return built.model, built.data
 
 
