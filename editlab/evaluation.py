@@ -17,6 +17,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,7 +34,7 @@ from editlab.metrics.editing import (
 from editlab.metrics.generated import DEFAULT_MARGIN, generated_answers
 from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
-from editlab.metrics.probes import ProbeConfig
+from editlab.metrics.probes import ProbeConfig, probe_cache
 from editlab.models.arch import ModelView
 from editlab.models.prompts import check_context_length
 from editlab.models.scoring import score_answers
@@ -376,8 +377,19 @@ class Evaluator:
     """Runs the configured metrics on the current model. Reference data (ME-PPL-50, the
     consistency files) is read once at construction, before the first edit."""
 
-    def __init__(self, cfg: EvaluationConfig, view: ModelView, tok, seed: int = 0, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: EvaluationConfig,
+        view: ModelView,
+        tok,
+        seed: int = 0,
+        progress: bool = True,
+        cache_root: Path | None = None,
+    ) -> None:
+        """``cache_root``: of the keyed disk caches (probe scores with ``probes.cache``); None: no cache."""
         self.cfg, self.view, self.tok, self.seed, self.progress = cfg, view, tok, seed, progress
+        use_cache = cache_root is not None and cfg.probes.enabled and cfg.probes.cache
+        self.probe_cache = probe_cache(cache_root) if use_cache else None
         self.me_ppl_texts = load_me_ppl(cfg.me_ppl) if cfg.me_ppl else None
         self.reference, reason = consistency_reference(cfg.consistency_reference)
         self.consistency_reason = None if self.reference is not None else reason
@@ -421,7 +433,7 @@ class Evaluator:
         """The probe scores: every loaded example when ``final``, else the intermediate subset."""
         if self.probe_suite is None:
             return {}
-        return self.probe_suite.run(self.view.model, self.tok, full=final)
+        return self.probe_suite.run(self.view.model, self.tok, full=final, cache=self.probe_cache)
 
     def generation_metrics(self, requests: list[EditRequest]) -> dict:
         cfg = self.cfg

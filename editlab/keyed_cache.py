@@ -1,9 +1,11 @@
 """The keyed disk cache: files that hold ``{"key": key, ...}``, named by a digest of the key.
 
-Two kinds live under the cache root: the key statistics E[kkᵀ] (``stats/mom2_l<layer>_<digest>.pt``,
-editlab.editing.stats) and the targets z computed on θ₀ (``targets/z_l<layer>_<digest>.pt``,
-editlab.editing.rewind). A key holds everything that changes the stored result; it is stored in
-the file and compared on load, so a file whose key differs is an error, never silently reused.
+Three kinds live under the cache root: the key statistics E[kkᵀ] (``stats/mom2_l<layer>_<digest>.pt``,
+editlab.editing.stats), the targets z computed on θ₀ (``targets/z_l<layer>_<digest>.pt``,
+editlab.editing.rewind) and the probe tasks' label log-probs of given weights
+(``probes/logprobs_<digest>.pt``, editlab.metrics.probes). A key holds everything that changes the
+stored result; it is stored in the file and compared on load, so a file whose key differs is an
+error, never silently reused.
 
 ``EDITLAB_CACHE`` is read here only (:func:`cache_root`); the entry points (the run's edit context,
 ``editlab stats``, the model loader) read it once and pass the root down.
@@ -53,7 +55,9 @@ class KeyedCache:
         return key_digest(key, self.digest_chars)
 
     def path(self, key: dict) -> Path:
-        return self.directory / f"{self.stem}_l{key['layer']}_{self.digest(key)}.pt"
+        # A kind without layers (probe scores) has no ``_l<layer>`` part.
+        layer = f"_l{key['layer']}" if "layer" in key else ""
+        return self.directory / f"{self.stem}{layer}_{self.digest(key)}.pt"
 
     def load(self, key: dict) -> dict | None:
         """The stored blob of ``key`` (its ``"key"`` included), None where there is no file; a file

@@ -19,9 +19,9 @@ MAY_IMPORT = {
     "keyed_cache": {"files"},
     "data": set(),
     "models": {"files", "keyed_cache"},
-    "metrics": {"data", "models"},
+    "metrics": {"data", "models", "keyed_cache"},
     "editing": {"data", "models", "files", "keyed_cache"},
-    "evaluation": {"data", "models", "metrics"},
+    "evaluation": {"data", "models", "metrics", "keyed_cache"},
     "plan": {"editing", "models"},
     "report": set(),
     "lightning": {"data", "models", "metrics", "editing", "evaluation", "plan", "report"}

@@ -27,6 +27,8 @@ from editlab.metrics.probes import (
     matthews_corrcoef,
     predict,
     probe_accuracy,
+    probe_cache,
+    probe_cache_key,
     probe_details,
     run_probes,
     weighted_f1,
@@ -551,6 +553,30 @@ def test_suite_scores_the_subset_during_the_stream_and_everything_before_and_aft
             assert full[f"probe/{task.name}/subset_{score}"] == pytest.approx(first4.score(score))
     with pytest.raises(ValueError, match="repeat"):
         ProbeSuite([tasks[0], tasks[0]])
+
+
+def test_cached_probe_scores_equal_computed_ones_and_follow_the_weights(tmp_path, monkeypatch):
+    from editlab.metrics import probes as probes_module
+
+    model, tok = tiny_model("llama")
+    tasks = [load_seed_task("sst2", str(SEEDS_DATA), 9), load_seed_task("mmlu", str(SEEDS_DATA), 6)]
+    suite, cache = ProbeSuite(tasks, intermediate=4, batch_size=5), probe_cache(tmp_path)
+    plain = suite.run(model, tok, full=True)
+    first = suite.run(model, tok, full=True, cache=cache)
+    assert first == plain and len(list((tmp_path / "probes").glob("logprobs_*.pt"))) == 2
+    # A second run reads every task from the cache: no forward at all.
+    monkeypatch.setattr(probes_module, "probe_details", lambda *a, **k: pytest.fail("recomputed"))
+    assert suite.run(model, tok, full=True, cache=cache) == plain
+    monkeypatch.undo()
+    # Other weights, another subset or another batch size are other keys, never the stored scores.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)
+    edited = suite.run(model, tok, full=True, cache=cache)
+    assert edited == suite.run(model, tok, full=True) and len(list((tmp_path / "probes").glob("*.pt"))) == 4
+    weights = "w"
+    key = probe_cache_key(tasks[0], tok, 5, weights)
+    assert key != probe_cache_key(tasks[0].select(range(4)), tok, 5, weights)
+    assert key != probe_cache_key(tasks[0], tok, 4, weights)
 
 
 @pytest.mark.slow

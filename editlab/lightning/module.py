@@ -30,6 +30,7 @@ from editlab.console import stderr_is_terminal, step_line
 from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditContext, EditMethod
 from editlab.evaluation import EvaluationConfig, EvaluationSchedule, Evaluator, check_requests_fit
+from editlab.keyed_cache import cache_root
 from editlab.lightning.callbacks import WeightNormTracker
 from editlab.lightning.editstate import (
     Resume,
@@ -232,7 +233,7 @@ class EditingModule(L.LightningModule):
             raise ValueError("EditingModule needs an EditDataModule (option data)")
         self.requests = list(dm.requests)
         check_requests_fit(self.requests, self.tok, self.lm.config, self.evaluation)
-        self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.bars)
+        self.evaluator = Evaluator(self.evaluation, self.view, self.tok, self.seed, self.bars, cache_root())
         self.evaluation_run = StreamEvaluation(
             self.evaluator, self.schedule, self.recorder, self.requests, self.log_row, self.stream_length
         )

@@ -32,19 +32,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.resources
+import json
 import os
 import random
 import re
 import string
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
 
 from editlab.data.sources import DataError, read_records
+from editlab.keyed_cache import KeyedCache
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.prompts import answer_ids, check_context_length, pad
 from editlab.models.scoring import token_nll_and_hits
 
@@ -357,6 +362,45 @@ def predict(logprobs: torch.Tensor, ties_invalid: bool) -> list[int]:
 def probe_details(model: torch.nn.Module, tok, task: ProbeTask, batch_size: int = 16) -> ProbeResult:
     """Predictions (the best label word by mean token log-prob) and scores of every example."""
     logprobs = label_logprobs(model, tok, task, batch_size)  # [N, L]
+    return ProbeResult(task.name, task.labels, predict(logprobs, task.ties_invalid), logprobs)
+
+
+def probe_cache(root: Path) -> KeyedCache:
+    return KeyedCache(Path(root) / "probes", "logprobs", 32, "probe scores file")
+
+
+def probe_cache_key(task: ProbeTask, tok, batch_size: int, weights: str) -> dict:
+    """Everything the label log-probs of ``task`` depend on: the weights (fingerprint), the task's
+    prompts, words and examples, the tokenizer, the batching, torch and its thread count (the
+    bit-identity rule: same machine, torch version and threads)."""
+    spec = json.dumps(
+        [task.template, task.label_words, task.examples, task.trailing_space], sort_keys=True, default=str
+    )
+    return {
+        "kind": "probe_logprobs",
+        "weights": weights,
+        "task": task.name,
+        "examples": hashlib.sha256(spec.encode()).hexdigest(),
+        "n": len(task.examples),
+        "tokenizer": [getattr(tok, "name_or_path", None), len(tok)],
+        "batch_size": batch_size,
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def cached_probe_details(
+    model: torch.nn.Module, tok, task: ProbeTask, batch_size: int, cache: KeyedCache, weights: str
+) -> ProbeResult:
+    """:func:`probe_details` through ``cache``: the stored log-probs [N, L] of these weights, or
+    computed and stored. The predictions follow from the log-probs as in probe_details."""
+    key = probe_cache_key(task, tok, batch_size, weights)
+    blob = cache.load(key)
+    if blob is None:
+        result = probe_details(model, tok, task, batch_size)
+        cache.save(key, {"logprobs": result.logprobs.detach().cpu()})
+        return result
+    logprobs = blob["logprobs"]  # [N, L]
     return ProbeResult(task.name, task.labels, predict(logprobs, task.ties_invalid), logprobs)
 
 
@@ -719,11 +763,19 @@ class ProbeSuite:
     def subset_size(self, task: ProbeTask) -> int:
         return len(task.examples) if self.intermediate is None else min(self.intermediate, len(task.examples))
 
-    def run(self, model: torch.nn.Module, tok, full: bool) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, tok, full: bool, cache: KeyedCache | None = None) -> dict[str, float]:
+        """``cache``: keep each task's label log-probs on disk, keyed by the weights' fingerprint (a
+        point of unedited weights, computed once, serves every run; an evaluation cut short
+        keeps the tasks it finished)."""
         out: dict[str, float] = {}
+        weights = model_fingerprint(model) if cache is not None else None
         for task in self.tasks:
             subset = range(self.subset_size(task))
-            result = probe_details(model, tok, task if full else task.select(subset), self.batch_size)
+            scored = task if full else task.select(subset)
+            if cache is None:
+                result = probe_details(model, tok, scored, self.batch_size)
+            else:
+                result = cached_probe_details(model, tok, scored, self.batch_size, cache, weights)
             part = result.select(subset)
             for score in task.scores:
                 out[metric_name(task.name, score)] = result.score(score)
@@ -760,6 +812,9 @@ class ProbeConfig:
         every_n_steps: also probe after every N-th edit step; 0 = only at the evaluation points.
         seed: shuffles the examples (above).
         batch_size: sequences per forward.
+        cache: keep each task's label log-probs in the cache root (``probes/``), keyed by the
+            weights' fingerprint and everything else they depend on: the unedited model's scores
+            are computed once for every run, and an evaluation cut short keeps its finished tasks.
     """
 
     tasks: list[str] = field(default_factory=list)
@@ -771,6 +826,7 @@ class ProbeConfig:
     every_n_steps: int = 0
     seed: int = 0
     batch_size: int = 16
+    cache: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str) or not isinstance(self.tasks, (list, tuple)):
