@@ -62,6 +62,11 @@ def exported(tmp_path, monkeypatch, model: ModelUnderStats, cfg: CovarianceConfi
     return tmp_path / "out"
 
 
+def import_into_cache(model, layers, cfg, out):
+    """``editlab stats import`` of the directory ``out`` into the test's cache, without replacing."""
+    return import_(model, layers, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
+
+
 def test_export_import_into_a_fresh_cache_is_bit_identical_and_read_without_computing(tmp_path, monkeypatch, capsys):
     model, cfg = under_stats(), cov_cfg(tmp_path)
     out = exported(tmp_path, monkeypatch, model, cfg)
@@ -74,7 +79,7 @@ def test_export_import_into_a_fresh_cache_is_bit_identical_and_read_without_comp
     assert "editlab stats import DIR" in readme and model.fingerprint in readme
 
     use_cache(monkeypatch, tmp_path / "cache_b")
-    import_(model, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
+    import_into_cache(model, LAYERS, cfg, out)
     second = cache_entries(tmp_path / "cache_b")
     assert list(second) == list(first)  # the same keys, hence the same file names
     for name, blob in first.items():
@@ -96,7 +101,7 @@ def test_export_import_into_a_fresh_cache_is_bit_identical_and_read_without_comp
     # Importing again: the entries are there and identical, nothing rewritten.
     before = {p.name: p.stat().st_ino for p in (tmp_path / "cache_b" / "stats").glob("*.pt")}
     capsys.readouterr()
-    import_(model, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
+    import_into_cache(model, LAYERS, cfg, out)
     assert capsys.readouterr().out.count("identical") == len(LAYERS)
     assert {p.name: p.stat().st_ino for p in (tmp_path / "cache_b" / "stats").glob("*.pt")} == before
 
@@ -119,7 +124,7 @@ def test_a_file_of_another_model_is_refused_naming_both(tmp_path, monkeypatch):
     other = under_stats(seed=1, model_id="tiny-b")
     use_cache(monkeypatch, tmp_path / "cache_b")
     with pytest.raises(StatsFileError) as err:
-        import_(other, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
+        import_into_cache(other, LAYERS, cfg, out)
     message = str(err.value)
     assert "\n" not in message
     assert "'tiny-a'" in message and "'tiny-b'" in message and other.fingerprint in message
@@ -132,7 +137,7 @@ def test_another_lm_dtype_is_refused(tmp_path, monkeypatch):
     bf16 = under_stats()
     bf16 = ModelUnderStats(bf16.lm, bf16.tok, bf16.view, "tiny", bf16.fingerprint, "bfloat16", "cpu")
     with pytest.raises(StatsFileError, match="in float32 cannot be imported for the model in bfloat16"):
-        import_(bf16, LAYERS, cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
+        import_into_cache(bf16, LAYERS, cfg, out)
 
 
 def test_other_settings_are_refused_naming_the_difference(tmp_path, monkeypatch):
@@ -140,19 +145,11 @@ def test_other_settings_are_refused_naming_the_difference(tmp_path, monkeypatch)
     out = exported(tmp_path, monkeypatch, model, cfg)
     use_cache(monkeypatch, tmp_path / "cache_b")
     with pytest.raises(StatsFileError, match="num_samples: file 8, this config 6"):
-        import_(
-            model,
-            LAYERS,
-            cov_cfg(tmp_path, num_samples=6),
-            statistics_cache(cache_root()),
-            str(out),
-            replace=False,
-            repo_type="model",
-        )
+        import_into_cache(model, LAYERS, cov_cfg(tmp_path, num_samples=6), out)
     with pytest.raises(StatsFileError, match=r"layer 1 \(model.layers.1.mlp.down_proj\)"):
-        import_(model, [1], cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
+        import_into_cache(model, [1], cfg, out)
     # A subset of the exported layers is fine; the other file is named as not imported.
-    import_(model, [2], cfg, statistics_cache(cache_root()), str(out), replace=False, repo_type="model")
+    import_into_cache(model, [2], cfg, out)
     assert [p.name.startswith("mom2_l2_") for p in (tmp_path / "cache_b" / "stats").glob("*.pt")] == [True]
 
 
@@ -175,15 +172,7 @@ def test_an_edited_or_damaged_file_is_refused(tmp_path, monkeypatch):
     rewrite(files[0], key=json.dumps({**key, "num_samples": 6}, sort_keys=True))
     use_cache(monkeypatch, tmp_path / "cache_b")
     with pytest.raises(StatsFileError, match="changed after export"):
-        import_(
-            model,
-            LAYERS,
-            cov_cfg(tmp_path, num_samples=6),
-            statistics_cache(cache_root()),
-            str(out),
-            replace=False,
-            repo_type="model",
-        )
+        import_into_cache(model, LAYERS, cov_cfg(tmp_path, num_samples=6), out)
     # One flipped bit in the tensors too.
     sum_ = read_stats_file(files[1]).moment.sum.clone()
     sum_.view(torch.int64)[0, 0] ^= 1
