@@ -92,3 +92,37 @@ def test_a_two_run_study_writes_results_and_a_report_and_skips_finished_runs(tmp
     first = (tmp_path / "out" / "memit.json").read_text()
     again = run_study(study, REPO, launcher=["false"])  # nothing may run: "false" would fail
     assert [r["returncode"] for r in again] == [0, 0] and (tmp_path / "out" / "memit.json").read_text() == first
+
+
+def test_a_run_whose_results_json_has_its_command_is_finished_without_its_run_directory(tmp_path, capsys):
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    runs = [{"name": "a", "config": config, "args": ["--data.num_edits", "30"]}, {"name": "b", "config": config}]
+    study = read_study(write_study(tmp_path, runs, parallel=1))
+    (tmp_path / "out").mkdir()
+    done = {"name": "a", "command": " ".join(run_command(study, study.runs[0])), "returncode": 0, "summary": {}}
+    (tmp_path / "out" / "a.json").write_text(json.dumps(done))
+    # b's results JSON is from another command: b is not finished and runs ("false" fails).
+    other = {**done, "name": "b", "command": "editlab fit --config other.yaml"}
+    (tmp_path / "out" / "b.json").write_text(json.dumps(other))
+    records = run_study(study, REPO, launcher=["false"])
+    assert records[0] == done and records[1]["returncode"] == 1
+    assert study_main([str(tmp_path / "study.yaml"), "--list"]) == 0
+    listed = [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [["a", "finished"], ["b", "to run"]]
+    # Both finished, neither run directory here: the side-by-side report says why it is absent.
+    (tmp_path / "out" / "b.json").write_text(
+        json.dumps({**done, "name": "b", "command": " ".join(run_command(study, study.runs[1]))})
+    )
+    assert [r["returncode"] for r in run_study(study, REPO, launcher=["false"])] == [0, 0]
+    assert "no report: no run directory for a, b" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report").exists()
+
+
+def test_only_runs_the_named_runs_and_an_unknown_name_is_one_error(tmp_path, monkeypatch, capsys):
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    path = write_study(tmp_path, [{"name": "a", "config": config}, {"name": "b", "config": config}])
+    seen = []
+    monkeypatch.setattr(study_module, "run_study", lambda study, repo: seen.append([r.name for r in study.runs]) or [])
+    assert study_main([str(path), "--only", "b"]) == 0 and seen == [["b"]]
+    assert study_main([str(path), "--only", "b", "c"]) == 2
+    assert "--only: no run named c (runs: a, b)" in capsys.readouterr().err

@@ -14,7 +14,9 @@ A study file (YAML) names the runs and where they go:
 
 Every run is ``editlab fit --config C ARGS --trainer.default_root_dir RUNS_DIR/NAME --ckpt_path last
 --threads T``: a study stopped at any moment and started again resumes each unfinished run from its
-last edit-state checkpoint, and a finished run (its summary.json) is not run again. Each finished
+last edit-state checkpoint, and a finished run is not run again: one with its summary.json, or one
+whose results JSON says it finished with the same command (its run directory may live on another
+machine; ``--only NAME`` runs a subset). Each finished
 run gets ``OUT/NAME.json``: its command, the commit it ran on (a dirty tree is named as such), its
 seconds, the machine's load while it ran, the per-stage seconds and its summary. When every run has
 finished, ``editlab report`` puts them side by side in ``OUT/report``.
@@ -137,13 +139,26 @@ def stage_seconds(run_dir: Path) -> dict[str, float]:
     return totals
 
 
+def finished_record(study: Study, run: StudyRun) -> dict | None:
+    """The results JSON of a finished run, else None. A results JSON with returncode 0 and the same
+    command is a finished run even without its run directory (committed results, run elsewhere):
+    running it again would spend hours to write the same record."""
+    result_path = study.out / f"{run.name}.json"
+    if not result_path.is_file():
+        return None
+    record = json.loads(result_path.read_text())
+    same = record.get("returncode") == 0 and record.get("command") == " ".join(run_command(study, run))
+    return record if same or (study.runs_dir / run.name / rundir.SUMMARY).is_file() else None
+
+
 def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None = None) -> dict:
     """Run one member of the study (or skip it when it has finished) and write its results JSON."""
     run_dir = study.runs_dir / run.name
     result_path = study.out / f"{run.name}.json"
     cmd = run_command(study, run)
-    if (run_dir / rundir.SUMMARY).is_file() and result_path.is_file():
-        return json.loads(result_path.read_text())
+    record = finished_record(study, run)
+    if record is not None:
+        return record
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -187,10 +202,22 @@ def run_study(study: Study, repo: Path, launcher: list[str] | None = None) -> li
         records = list(pool.map(lambda r: execute(study, r, repo, launcher), study.runs))
     done = [study.runs_dir / r.name for r, rec in zip(study.runs, records, strict=True) if rec.get("returncode") == 0]
     if len(done) == len(study.runs) and len(done) > 1:
+        absent = [d.name for d in done if not (d / rundir.SUMMARY).is_file()]
+        if absent:  # finished elsewhere: the report reads run directories
+            print(f"editlab study: no report: no run directory for {', '.join(absent)}", file=sys.stderr)
+            return records
         from editlab.report import write_comparison
 
         write_comparison([str(d) for d in done], study.out / "report")
     return records
+
+
+def select_runs(study: Study, names: list[str], path: str) -> list[StudyRun]:
+    known = {run.name for run in study.runs}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise StudyError(f"{path}: --only: no run named {', '.join(unknown)} (runs: {', '.join(sorted(known))})")
+    return [run for run in study.runs if run.name in names]
 
 
 def study_main(argv: list[str] | None = None) -> int:
@@ -202,9 +229,12 @@ def study_main(argv: list[str] | None = None) -> int:
         type=int,
         help="processes at once, instead of the file's (e.g. 1 while another study shares the machine)",
     )
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the file")
     args = parser.parse_args(argv)
     try:
         study = read_study(args.file)
+        if args.only:
+            study.runs = select_runs(study, args.only, args.file)
     except StudyError as err:
         print(f"editlab study: error: {err}", file=sys.stderr)
         return 2
@@ -215,7 +245,7 @@ def study_main(argv: list[str] | None = None) -> int:
         study.parallel = args.parallel
     if args.list:
         for run in study.runs:
-            state = "finished" if (study.runs_dir / run.name / rundir.SUMMARY).is_file() else "to run"
+            state = "finished" if finished_record(study, run) is not None else "to run"
             print(f"{run.name}\t{state}\t{' '.join(run_command(study, run))}")
         return 0
     records = run_study(study, Path.cwd())
