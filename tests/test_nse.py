@@ -81,6 +81,10 @@ def test_cache_key_changes_when_any_z_setting_changes():
         }
     )
     assert len(variants) == len(dataclasses.fields(TargetConfig)) + 8
+    # The same neighbour row averaged with the rewrite rows gives another z than as a term of its own.
+    row = ExtraRow(0, "{} is in", "Rome", "Italy")
+    alone = key_digest(z_cache_key(**{**args, "extra": [row]}))
+    assert key_digest(z_cache_key(**{**args, "extra": [dataclasses.replace(row, averaged=True)]})) != alone
     for name, change in variants.items():
         assert key_digest(z_cache_key(**{**args, **change})) != base, name
     # What z does not depend on leaves the key alone (the case id, the true answer, eval prompts).

@@ -156,6 +156,9 @@ def test_cache_key_records_sampling_and_the_resolved_cap(tiny_llama, tmp_path):
     for change in ({"seed": 1}, {"sample": "first"}, {"max_length": 128}):
         assert statistics_cache(cache_root()).path(key(**change)) != statistics_cache(cache_root()).path(base), change
     assert key(max_length=512) == base  # the same cap, the same statistics
+    model.to(torch.float64)  # the LM's dtype changes its activations: another key
+    assert key() != base and key()["lm_dtype"] == "torch.float64"
+    model.to(torch.float32)
 
 
 def test_token_cap_defaults_to_the_context_length(tiny_llama):

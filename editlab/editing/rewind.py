@@ -78,7 +78,7 @@ def z_cache_key(
         "version": Z_CACHE_VERSION,
         "model": model_id,
         "fingerprint": fingerprint,  # of θ₀: taken before the first edit
-        "dtype": str(next(view.model.parameters()).dtype),
+        "dtype": str(view.dtype),
         "layer": layer,
         "module": view.ffn_out_name(layer),
         "templates": list(templates),
@@ -86,7 +86,10 @@ def z_cache_key(
         "prompt": request.prompt,
         "subject": request.subject,
         "target_new": request.target_new,
-        "extra": [[r.template, r.subject, r.answer, r.weight] for r in extra or []],
+        # averaged only when set: the keys of z computed before it was part of the key stay valid.
+        "extra": [
+            [r.template, r.subject, r.answer, r.weight] + (["averaged"] if r.averaged else []) for r in extra or []
+        ],
     }
 
 

@@ -6,8 +6,9 @@ at the model's context length.
 
 The cache (editlab.keyed_cache, under ``<cache root>/stats``) names a file by a hash of a key
 holding everything that changes the result (model identity and weights fingerprint, layer and
-module, corpus identity, sampling rule and seed, sample count, token cap, dtype). The key is stored
-in the file and compared on load: a file whose key differs is an error, never silently reused.
+module, corpus identity, sampling rule and seed, sample count, token cap, accumulation dtype, the
+LM's dtype). The key is stored in the file and compared on load: a file whose key differs is an
+error, never silently reused.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def cache_key(
         "seed": cfg.seed,
         "num_samples": cfg.num_samples,
         "max_length": token_cap(view.model.config, cfg),  # resolved: None and the same explicit cap agree
-        "dtype": cfg.dtype,
+        "dtype": cfg.dtype,  # of the accumulation
+        "lm_dtype": str(view.dtype),  # the activations of a half-precision LM are not float32's
     }
 
 

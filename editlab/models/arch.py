@@ -95,6 +95,11 @@ class ModelView:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LM's own dtype (of its first parameter)."""
+        return next(self.model.parameters()).dtype
+
     def check_layers(self, layers: list[int], option: str = "layers") -> None:
         n = self.n_layers
         bad = [layer for layer in layers if not 0 <= layer < n]
