@@ -1,0 +1,198 @@
+"""EditRun: one edit stream on a loaded model, with nothing of Lightning in it.
+
+The LightningModule (editlab.lightning.module) turns Lightning's hooks into these calls:
+  EditRun(...)   requests read and checked against the tokenizer and context (before any weight
+                 changes), the evaluator and the evaluation schedule made ready
+  start()        the memory estimate, method.setup on the unedited model, W_0 kept, then either
+                 the edit state restored (a resumed run) or the unedited model evaluated
+  edit(batch)    method.apply on the step's requests, the step recorded
+  after_step()   what the evaluation schedule says after the step
+  save_state()   the edit state after the steps done (for ``--ckpt_path last``)
+  finish()       the final edit state, the final evaluation, the result files and the export
+``editlab test`` evaluates the loaded model as it is: test_batch(), then finish_test().
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from editlab import rundir
+from editlab.distributed import Ranks
+from editlab.editing.methods.base import EditContext, EditMethod
+from editlab.evaluation import EvaluationConfig, EvaluationSchedule, Evaluator, check_requests_fit
+from editlab.keyed_cache import cache_root
+from editlab.lightning.editstate import Resume, RunIdentity, capture_edit_state, requests_digest, save_run_state
+from editlab.lightning.recorder import RunClock, RunRecorder
+from editlab.lightning.stream import StreamEvaluation
+from editlab.memory import MemoryEstimate, run_memory
+from editlab.models.arch import ModelView
+from editlab.models.delta import save_delta, snapshot, weight_deltas
+from editlab.models.fingerprint import model_fingerprint
+from editlab.types import EditRequest
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The module's options that a run reads (see EditingModule for each)."""
+
+    model_name: str
+    lm_dtype: str
+    seed: int
+    evaluation: EvaluationConfig
+    export: bool
+    checkpoint_every: int
+    bars: bool
+
+
+@dataclass
+class LoadedModel:
+    lm: torch.nn.Module
+    tok: object
+    view: ModelView
+
+
+class EditRun:
+    def __init__(
+        self,
+        model: LoadedModel,
+        method: EditMethod,
+        settings: RunSettings,
+        recorder: RunRecorder,
+        requests: list[EditRequest],
+        ranks: Ranks,
+        log_row: Callable[[dict], None],
+        stream_length: Callable[[], int | None],
+    ) -> None:
+        """``log_row``: hand a row to every logger at the current step; ``stream_length``: the
+        stream's steps as this run does them (the trainer knows)."""
+        self.model, self.method, self.settings, self.recorder, self.ranks = model, method, settings, recorder, ranks
+        recorder.clock = RunClock()
+        self.requests = requests
+        check_requests_fit(requests, model.tok, model.lm.config, settings.evaluation)
+        self.evaluator = Evaluator(
+            settings.evaluation, model.view, model.tok, settings.seed, settings.bars, cache_root()
+        )
+        schedule = EvaluationSchedule.of(settings.evaluation)
+        self.evaluation = StreamEvaluation(self.evaluator, schedule, recorder, requests, log_row, stream_length)
+        self.ctx: EditContext | None = None
+        self.fingerprint: str | None = None  # of the unedited weights
+        self.initial: dict[str, torch.Tensor] = {}  # W_0 of the edited parameters, on CPU
+        self.memory: MemoryEstimate | None = None
+        self.resume: Resume | None = None
+
+    def start(self, steps: list[list[EditRequest]], resume: Resume | None) -> None:
+        """Set up the method on the unedited model, then continue from the edit state
+        (``resume``) or evaluate the unedited model. ``steps``: the stream's batches."""
+        lm, rec = self.model.lm, self.recorder
+        self.resume = resume
+        self.fingerprint = model_fingerprint(lm)
+        s = self.settings
+        self.ctx = EditContext(
+            lm, self.model.tok, self.model.view, s.model_name, self.fingerprint, s.seed, s.bars, self.ranks
+        )
+        if self.ranks.is_main:
+            self.memory = run_memory(lm, self.model.tok, self.method, self.requests, steps)
+            print(f"editlab: {self.memory.describe()}", file=sys.stderr, flush=True)
+        torch.manual_seed(s.seed)
+        self.method.setup(self.ctx)
+        self.initial = snapshot(lm, self.method.edited_parameters(self.model.view))
+        rec.clock.setup_done = time.perf_counter()
+        if resume is not None:
+            resume.restore(self.identity(), lm, self.initial, self.method, rec)  # every rank
+        elif self.ranks.is_main and s.evaluation.pre:  # evaluation is rank 0's: other ranks only edit
+            self.evaluation.before()
+
+    def begin_stream(self) -> None:
+        """The clock of the edit stream starts (after the restore or the pre-edit evaluation)."""
+        self.recorder.clock.stream_start = time.perf_counter()
+        self.recorder.clock.eval_seconds = 0.0
+
+    def identity(self) -> RunIdentity:
+        s = self.settings
+        digest = requests_digest(self.requests)
+        return RunIdentity(s.model_name, self.fingerprint, s.lm_dtype, type(self.method).__name__, digest)
+
+    def edit(self, batch: list[EditRequest]) -> tuple[dict, dict[str, float], float]:
+        """One edit step: the step's record, the method's scalars and the seconds it took."""
+        t0 = time.perf_counter()
+        result = self.method.apply(self.ctx, batch)
+        seconds = time.perf_counter() - t0
+        return self.recorder.record_step(batch, result, seconds), result.scalars, seconds
+
+    def after_step(self, batch: list[EditRequest]) -> dict[str, float] | None:
+        """What the schedule says after the step (rank 0 only); the in-stream probe scores or None."""
+        return self.evaluation.after_step(batch) if self.ranks.is_main else None
+
+    def checkpoint_due(self, resumed_from_step: int | None) -> bool:
+        """When a step starts: the state after the previous step k is written when k is a multiple
+        of checkpoint_every (and not the step this run resumed from)."""
+        k, every = self.recorder.steps_done, self.settings.checkpoint_every
+        return bool(every and k and k % every == 0 and k != resumed_from_step)
+
+    def save_state(self, final: bool = False) -> None:
+        """The edit state after the steps done, into the run directory (rank 0 writes it: every
+        rank holds the same edit state)."""
+        if not self.ranks.is_main:
+            return
+        state = capture_edit_state(self.identity(), self.recorder, self.model.lm, self.initial, self.method, final)
+        save_run_state(self.recorder.root, state)
+
+    def finish(self, loggers: list) -> None:
+        """The final edit state, the final evaluation (what the schedule says is left), the results."""
+        if not self.ranks.is_main:
+            return
+        if self.settings.checkpoint_every and not (self.resume is not None and self.resume.final):
+            self.save_state(final=True)
+        end = time.perf_counter()
+        final = self.evaluation.after_stream()
+        self.write_results(final, end, self.settings.evaluation.timing, loggers)
+
+    # -- editlab test ------------------------------------------------------------------------------
+    def open_test(self) -> None:
+        clock = self.recorder.clock
+        clock.setup_done = clock.stream_start = time.perf_counter()
+
+    def test_batch(self, batch: list[EditRequest], batch_idx: int) -> None:
+        self.evaluation.test_batch(batch, batch_idx)
+
+    def finish_test(self, loggers: list) -> None:
+        metrics = self.evaluation.after_test()
+        if self.ranks.is_main:  # one writer: every rank of ``editlab test`` evaluates the same model
+            self.write_results(metrics, time.perf_counter(), "test", loggers)
+
+    # -- results ----------------------------------------------------------------------------------
+    def write_results(self, final: dict, end: float, timing: str, loggers: list) -> None:
+        # the variant (MEMIT_seq, MEMIT-EAC, ...), not only the class
+        head = {"method": self.method.name, "model": self.settings.model_name, "timing": timing}
+        tail = {}
+        if self.memory is not None:
+            tail["memory_estimate_gib"] = round(self.memory.device_total / 2**30, 3)
+            device = self.model.view.device
+            if torch.cuda.is_available() and device.type == "cuda":
+                tail["memory_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        if self.resume is not None:
+            tail["resumed_from_step"] = self.resume.steps_done
+        export = self.export_edited if self.settings.export and timing != "test" else None
+        self.recorder.write_results(self.requests, self.evaluator, head, final, end, tail, export, loggers)
+
+    def export_edited(self) -> dict[str, str]:
+        """The edited model (save_pretrained) and its delta file, in the run directory."""
+        lm, tok, rec = self.model.lm, self.model.tok, self.recorder
+        export_dir = rec.path(rundir.EDITED_MODEL)
+        lm.save_pretrained(export_dir)
+        tok.save_pretrained(export_dir)
+        meta = {
+            "model": self.settings.model_name,
+            "fingerprint": self.fingerprint,
+            "dtype": self.settings.lm_dtype,
+            "model_type": lm.config.model_type,
+            "method": self.method.name,
+            "edits": rec.edits_done,
+        }
+        delta = save_delta(rec.path(rundir.EDIT_DELTA), weight_deltas(lm, self.initial), meta)
+        return {"export_dir": str(export_dir), "export_delta": str(delta)}
