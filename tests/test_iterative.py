@@ -502,3 +502,16 @@ def test_held_out_specificity_leaves_out_exactly_the_prompts_trained_on():
     plain = held_out_specificity(cases, reqs, {})
     assert plain["specificity_heldout_accuracy"] == 0.5
     assert cases[0]["neighborhood"][1]["expected"]["exact"] is False  # the records are not modified
+
+
+def test_the_memory_profile_is_the_wrapped_methods_with_its_offload_context_and_z_chunks():
+    cov = CovarianceConfig(corpus="unused", offload=True)
+    memit = MEMIT(
+        layers=[0, 1],
+        covariance=cov,
+        context=ContextTemplates(count=5, length=10),
+        targets=TargetConfig(requests_per_forward=4),
+    )
+    profile = IterativeEditing(memit, max_iterations=2).memory_profile()
+    assert profile == memit.memory_profile()
+    assert profile.offload and profile.context_templates == 5 and profile.requests_per_forward == 4

@@ -28,7 +28,6 @@ removed them from evaluation).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -189,16 +188,8 @@ class IterativeEditing(EditMethod):
             neighbor_prefix(self.method.templates, self.neighbors)  # refuse a missing prefix before editing
 
     def memory_profile(self) -> MemoryProfile:
-        # The wrapped method's matrices, counted as the estimate always counted a wrapped method:
-        # statistics on the device, no context rows, no z chunks (it read those settings off the
-        # wrapper, which has none of them). Kept so that summaries' memory_estimate_gib stay as they were.
-        return dataclasses.replace(
-            self.method.memory_profile(),
-            offload=False,
-            context_templates=0,
-            context_length=0,
-            requests_per_forward=None,
-        )
+        # The wrapped method's, with its offload, context rows and z chunks: each iteration runs it.
+        return self.method.memory_profile()
 
     def state_dict(self) -> dict:
         return self.method.state_dict()
