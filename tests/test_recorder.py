@@ -72,6 +72,17 @@ def test_records_survive_an_edit_state_round_trip(tmp_path):
     assert [r.case_id for r in again.done([request(i) for i in range(3)])] == ["0", "1"]
 
 
+def test_seconds_per_step_of_a_resumed_run_counts_the_steps_of_earlier_sittings(tmp_path):
+    first = RunRecorder(tmp_path)
+    for i, seconds in enumerate((10.0, 20.0)):
+        first.record_step([request(i)], EditResult(), seconds)
+    resumed = RunRecorder(tmp_path)
+    resumed.restore(first.results_json(), first.steps_done, first.edits_done)
+    resumed.record_step([request(2)], EditResult(), 60.0)  # the one step of this sitting
+    seconds = resumed.clock.seconds(resumed.clock.stream_start, resumed.step_seconds())
+    assert seconds["seconds_per_step"] == 30.0  # (10 + 20 + 60) / 3, not this sitting's 60 / 3
+
+
 def test_report_from_the_records_is_the_report_from_the_files(tmp_path):
     rec = RunRecorder(tmp_path)
     rec.add_point("pre", {"efficacy_success": 0.25, "score": 0.1})

@@ -84,13 +84,16 @@ class RunClock:
         self.stream_start = self.start
         self.eval_seconds = 0.0
 
-    def seconds(self, end: float, steps: int) -> dict[str, float]:
+    def seconds(self, end: float, step_seconds: list[float]) -> dict[str, float]:
+        """This sitting's seconds (total, setup, editing without evaluation) and the mean edit
+        seconds per step over ``step_seconds``, every step's own: a resumed run's steps of earlier
+        sittings count, which this sitting's clock did not see."""
         stream = end - self.stream_start - self.eval_seconds  # editing only: evaluation time left out
         return {
             "seconds_total": time.perf_counter() - self.start,
             "seconds_setup": self.setup_done - self.start,
             "seconds_editing": stream,
-            "seconds_per_step": stream / max(steps, 1),
+            "seconds_per_step": sum(step_seconds) / max(len(step_seconds), 1),
         }
 
 
@@ -126,6 +129,10 @@ class RunRecorder:
         )
         self.case_edit_info.update(result.per_request)
         return self.steps[-1]
+
+    def step_seconds(self) -> list[float]:
+        """Each edit step's own seconds, the steps of earlier sittings included."""
+        return [row["seconds"] for row in self.steps if "seconds" in row]
 
     def record_test_step(self, batch: list[EditRequest], batch_idx: int, cases: list[dict]) -> None:
         """One batch of ``editlab test`` evaluated (no edit)."""
@@ -230,7 +237,7 @@ class RunRecorder:
             **final,
             **{f"pre_{k}": v for k, v in pre.items() if isinstance(v, (int, float))},
             **numerics(),  # what the bits depend on besides the config
-            **self.clock.seconds(end, self.steps_done),
+            **self.clock.seconds(end, self.step_seconds()),
             **tail,
         }
         if export is not None:
