@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from editlab.commands import study as study_module
-from editlab.commands.study import StudyError, read_study, run_command, run_study, study_main
+from editlab.commands.study import StudyError, final_weight_norms, read_study, run_command, run_study, study_main
 from editlab.models.tiny import save_tiny
 
 from helpers import REPO, SHARED_DATA
@@ -86,6 +86,7 @@ def test_a_two_run_study_writes_results_and_a_report_and_skips_finished_runs(tmp
     for name, method in (("memit", "MEMIT"), ("memit_seq", "MEMIT_seq")):
         record = json.loads((tmp_path / "out" / f"{name}.json").read_text())
         assert record["summary"]["method"] == method and record["summary"]["threads"] == 1
+        assert {f"weight_norm/l{layer}/rel_l1_growth" for layer in (0, 1)} <= set(record["weight_norms_end"])
         assert record["command"].endswith("--ckpt_path last --threads 1") and len(record["commit"]) >= 40
         assert record["seconds_per_edit"] and all(v >= 0 for v in record["seconds_per_edit"].values())
     assert (tmp_path / "out" / "report" / "report.md").is_file()
@@ -126,3 +127,13 @@ def test_only_runs_the_named_runs_and_an_unknown_name_is_one_error(tmp_path, mon
     assert study_main([str(path), "--only", "b"]) == 0 and seen == [["b"]]
     assert study_main([str(path), "--only", "b", "c"]) == 2
     assert "--only: no run named c (runs: a, b)" in capsys.readouterr().err
+
+
+def test_the_final_weight_norms_are_the_last_steps(tmp_path):
+    rows = [
+        {"step": 1, "weight_norm/l8/rel_l1_growth": 0.1, "z_loss": 2.0},
+        {"step": 2, "weight_norm/l8/rel_l1_growth": 0.3},
+    ]
+    (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert final_weight_norms(tmp_path) == {"weight_norm/l8/rel_l1_growth": 0.3}
+    assert final_weight_norms(tmp_path / "absent") == {}

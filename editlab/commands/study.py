@@ -18,8 +18,9 @@ last edit-state checkpoint, and a finished run is not run again: one with its su
 whose results JSON says it finished with the same command (its run directory may live on another
 machine; ``--only NAME`` runs a subset). Each finished
 run gets ``OUT/NAME.json``: its command, the commit it ran on (a dirty tree is named as such), its
-seconds, the machine's load while it ran, the per-stage seconds and its summary. When every run has
-finished, ``editlab report`` puts them side by side in ``OUT/report``.
+seconds, the machine's load while it ran, the per-stage seconds, its summary and the edited
+matrices' norms after the last step. When every run has finished, ``editlab report`` puts them
+side by side in ``OUT/report``.
 """
 
 from __future__ import annotations
@@ -151,6 +152,15 @@ def finished_record(study: Study, run: StudyRun) -> dict | None:
     return record if same or (study.runs_dir / run.name / rundir.SUMMARY).is_file() else None
 
 
+def final_weight_norms(run_dir: Path) -> dict[str, float]:
+    """The edited matrices' norms after the last step (steps.jsonl's last ``weight_norm/*`` values):
+    the growth a table reports, kept with the results when the run directory is gone."""
+    path = run_dir / rundir.STEPS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: v for k, v in last.items() if k.startswith("weight_norm/")}
+
+
 def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None = None) -> dict:
     """Run one member of the study (or skip it when it has finished) and write its results JSON."""
     run_dir = study.runs_dir / run.name
@@ -189,6 +199,7 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
             "parallel": study.parallel,
             "seconds_per_edit": {k: v / edits for k, v in stage_seconds(run_dir).items()},
             "summary": summary,
+            "weight_norms_end": final_weight_norms(run_dir),
         }
     )
     study.out.mkdir(parents=True, exist_ok=True)
