@@ -120,25 +120,30 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert ra == rb
 
 
-@pytest.mark.slow  # starts processes
-def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(base / "cache"))
-    marker = base / "in_step_6"
+def kill_in_step(base: Path, run: str, step: int) -> None:
+    """Start a run that hangs in the middle of ``step`` and kill it there with SIGKILL."""
+    marker = base / f"{run}_in_step_{step}"
     hang = [
         "--trainer.callbacks+=helpers.HangInStep",
-        f"--trainer.callbacks.step={KILL_STEP}",
+        f"--trainer.callbacks.step={step}",
         f"--trainer.callbacks.marker={marker}",
     ]
-    cmd = [sys.executable, "-m", "editlab.cli", "fit", *args(base, "killed", *hang)]
+    cmd = [sys.executable, "-m", "editlab.cli", "fit", *args(base, run, *hang)]
     proc = subprocess.Popen(cmd, cwd=base, env=env(base), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "step 6 never started"
+        assert time.monotonic() < deadline, f"step {step} never started"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # in step 6, with one of its two layers already written
+    proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
+
+
+@pytest.mark.slow  # starts processes
+def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monkeypatch):
+    monkeypatch.setenv("EDITLAB_CACHE", str(base / "cache"))
+    kill_in_step(base, "killed", KILL_STEP)  # in step 6, with one of its two layers already written
     run = base / "killed"
     state = load_edit_state(edit_state_path(run))
     assert state["steps_done"] == 4 and state["edits_done"] == 4 and not state["final"]
@@ -161,6 +166,21 @@ def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monke
 
     # A finished run has nothing to resume.
     assert "nothing to resume" in refused(args(base, "killed", "--ckpt_path", "last"), capsys)
+
+
+@pytest.mark.slow  # starts processes
+def test_killed_in_the_first_step_keeps_the_pre_edit_evaluation(base, full):
+    # The state written after the pre-edit evaluation: a resumed run does not evaluate the
+    # unedited model again (hours on a 2,000-case stream) and ends bit-identical.
+    kill_in_step(base, "killed_first", 1)
+    run = base / "killed_first"
+    state = load_edit_state(edit_state_path(run))
+    assert state["steps_done"] == 0 and json.loads(state["results"])["pre"]["metrics"]
+    resumed = fit(base, args(base, "killed_first", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after step 0" in resumed.stderr
+    assert_same_weights(full, run)
+    assert_same_results(full, run)
 
 
 @pytest.mark.slow  # starts processes

@@ -59,7 +59,8 @@ class EditingModule(L.LightningModule):
                 and the compact ``<run dir>/edit_delta.safetensors`` (W_t − W_0 of the edited
                 matrices, see ``editlab apply-delta``).
             checkpoint_every: write the edit state (``<run dir>/checkpoints/edit_state.pt``) every
-                this many steps and after the last step, for ``--ckpt_path last``; 0: never.
+                this many steps, after the last step and after the pre-edit evaluation, for
+                ``--ckpt_path last``; 0: never.
             progress: show progress bars for long phases.
         """
         super().__init__()

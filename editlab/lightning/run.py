@@ -4,7 +4,8 @@ The LightningModule (editlab.lightning.module) turns Lightning's hooks into thes
   EditRun(...)   requests read and checked against the tokenizer and context (before any weight
                  changes), the evaluator and the evaluation schedule made ready
   start()        the memory estimate, method.setup on the unedited model, W_0 kept, then either
-                 the edit state restored (a resumed run) or the unedited model evaluated
+                 the edit state restored (a resumed run) or the unedited model evaluated (and,
+                 with checkpoints on, the state before the first step written)
   edit(batch)    method.apply on the step's requests, the step recorded
   after_step()   what the evaluation schedule says after the step
   save_state()   the edit state after the steps done (for ``--ckpt_path last``)
@@ -106,6 +107,10 @@ class EditRun:
             resume.restore(self.identity(), lm, self.initial, self.method, rec)  # every rank
         elif self.ranks.is_main and s.evaluation.pre:  # evaluation is rank 0's: other ranks only edit
             self.evaluation.before()
+            if s.checkpoint_every:
+                # The state before the first step: on a long stream the pre-edit evaluation takes
+                # hours (every case, the full probe sets), and a crash in the first steps keeps it.
+                self.save_state()
 
     def begin_stream(self) -> None:
         """The clock of the edit stream starts (after the restore or the pre-edit evaluation)."""
