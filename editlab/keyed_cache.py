@@ -29,8 +29,11 @@ class StaleCacheError(UserError, RuntimeError):
     pass
 
 
-def cache_root() -> Path:
-    """The root of editlab's disk caches: ``$EDITLAB_CACHE``, default ``~/.cache/editlab``."""
+def cache_root(configured: str | Path | None = None) -> Path:
+    """The root of editlab's disk caches: ``configured`` (a run's ``model.cache_dir``) when given,
+    else ``$EDITLAB_CACHE``, default ``~/.cache/editlab``."""
+    if configured is not None:
+        return Path(configured)
     return Path(os.environ.get("EDITLAB_CACHE", Path.home() / ".cache" / "editlab"))
 
 

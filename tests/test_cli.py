@@ -187,6 +187,18 @@ def test_evaluation_pre_false_skips_only_the_before_evaluation(tmp_path):
     assert [p["timing"] for p in curve] == ["final"]
 
 
+@pytest.mark.slow  # starts processes
+def test_the_cache_dir_option_holds_the_runs_caches(tmp_path):
+    data = str(SHARED_DATA / "multi_counterfact.json.gz")
+    args = tiny_args(
+        tmp_path, data, **{"--model.evaluation.fluency": "false", "--model.cache_dir": str(tmp_path / "mine")}
+    )
+    proc = run_cli(args, tmp_path)  # EDITLAB_CACHE is tmp_path / "cache"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "mine" / "stats").glob("mom2_l*.pt"))) == 2  # layers 0 and 1
+    assert not (tmp_path / "cache" / "stats").exists()
+
+
 # -- user errors: one "editlab: error: …" line, exit status 2 ----------------------------------
 
 

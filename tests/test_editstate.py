@@ -124,7 +124,13 @@ def test_config_differences_name_model_and_data_options_only():
         "ckpt_path": None,
     }
     current = {
-        "model": {"method": {"init_args": {"mom2_weight": 2.0}}, "checkpoint_every": 5, "progress": False},
+        # where the caches live does not change the results
+        "model": {
+            "method": {"init_args": {"mom2_weight": 2.0}},
+            "checkpoint_every": 5,
+            "progress": False,
+            "cache_dir": "/elsewhere",
+        },
         "data": {"path": "a.json", "offset": 3},
         "trainer": {"max_epochs": 2},
         "ckpt_path": "last",

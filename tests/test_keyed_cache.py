@@ -31,6 +31,12 @@ def test_cache_root_is_the_environment_variable(monkeypatch, tmp_path):
     assert cache_root().parts[-2:] == (".cache", "editlab")
 
 
+def test_a_configured_cache_root_comes_before_the_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "env"))
+    assert cache_root(str(tmp_path / "configured")) == tmp_path / "configured"
+    assert cache_root(None) == tmp_path / "env"
+
+
 def test_save_writes_the_key_first_and_load_checks_it(tmp_path):
     cache = KeyedCache(tmp_path / "kind", "x", 8, "test cache")
     key = {"layer": 0, "setting": 1}

@@ -152,12 +152,13 @@ def stats_main(argv: list[str]) -> int:
             "statistics itself and reads none of these",
             file=sys.stderr,
         )
-    model = ModelUnderStats.load(cfg.model.model, cfg.model.dtype, device_of(cfg.trainer.accelerator))
-    model.view.check_layers(layers)
     from editlab.editing.stats import statistics_cache
     from editlab.keyed_cache import cache_root
 
-    cache = statistics_cache(cache_root())  # the same entries editlab fit reads
+    root = cache_root(cfg.model.get("cache_dir"))  # the config's, as editlab fit's
+    model = ModelUnderStats.load(cfg.model.model, cfg.model.dtype, device_of(cfg.trainer.accelerator), root)
+    model.view.check_layers(layers)
+    cache = statistics_cache(root)  # the same entries editlab fit reads
     if args.action == "compute":
         compute(model, layers, cov, cache)
     elif args.action == "export":
@@ -180,12 +181,12 @@ class ModelUnderStats:
     device: str
 
     @classmethod
-    def load(cls, model_id: str, dtype: str, device: str) -> "ModelUnderStats":
+    def load(cls, model_id: str, dtype: str, device: str, cache=None) -> "ModelUnderStats":
         from editlab.models.arch import ModelView
         from editlab.models.fingerprint import model_fingerprint
         from editlab.models.load import load_model_and_tokenizer
 
-        lm, tok = load_model_and_tokenizer(model_id, dtype, device=device)
+        lm, tok = load_model_and_tokenizer(model_id, dtype, device=device, cache=cache)
         # model_id as given, as EditingModule names it in the keys of a fit's cache entries.
         return cls(lm, tok, ModelView.of(lm), model_id, model_fingerprint(lm), dtype, device)
 

@@ -27,6 +27,7 @@ from editlab.console import stderr_is_terminal, step_line
 from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditMethod
 from editlab.evaluation import EvaluationConfig
+from editlab.keyed_cache import cache_root
 from editlab.lightning.callbacks import WeightNormTracker
 from editlab.lightning.editstate import Resume, resume_fit
 from editlab.lightning.recorder import LoggedRows, RunRecorder
@@ -46,6 +47,7 @@ class EditingModule(L.LightningModule):
         export: bool = False,
         checkpoint_every: int = 10,
         progress: bool = True,
+        cache_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -62,6 +64,8 @@ class EditingModule(L.LightningModule):
                 this many steps, after the last step and after the pre-edit evaluation, for
                 ``--ckpt_path last``; 0: never.
             progress: show progress bars for long phases.
+            cache_dir: root of the disk caches (covariance statistics, z on θ₀, probe scores, the
+                embedded model's conversion); None: ``$EDITLAB_CACHE``, default ``~/.cache/editlab``.
         """
         super().__init__()
         if checkpoint_every < 0:
@@ -75,6 +79,7 @@ class EditingModule(L.LightningModule):
         self.export = export
         self.checkpoint_every = checkpoint_every
         self.progress = progress
+        self.cache_dir = cache_dir
         self.resume_from: Path | None = None  # set by the CLI from --ckpt_path
         self.resume: Resume | None = None
         self._fit_device: torch.device | None = None
@@ -88,7 +93,8 @@ class EditingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.lm is not None:
             return
-        lm, tok = load_model_and_tokenizer(self.model_name, self.lm_dtype, device=self.device)
+        cache = cache_root(self.cache_dir)
+        lm, tok = load_model_and_tokenizer(self.model_name, self.lm_dtype, device=self.device, cache=cache)
         self.view = ModelView.of(lm)  # an unknown model_type fails here, before anything else
         self.lm, self.tok = lm, tok
 
@@ -146,7 +152,14 @@ class EditingModule(L.LightningModule):
             raise ValueError("EditingModule needs an EditDataModule (option data)")
         bars = self.progress and stderr_is_terminal()  # a log file gets one line per step (step_line)
         settings = RunSettings(
-            self.model_name, self.lm_dtype, self.seed, self.evaluation, self.export, self.checkpoint_every, bars
+            self.model_name,
+            self.lm_dtype,
+            self.seed,
+            self.evaluation,
+            self.export,
+            self.checkpoint_every,
+            bars,
+            cache_root(self.cache_dir),
         )
         ranks = Ranks(self.global_rank, self.trainer.world_size)
         model = LoadedModel(self.lm, self.tok, self.view)

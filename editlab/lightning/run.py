@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,6 @@ from editlab import rundir
 from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditContext, EditMethod
 from editlab.evaluation import EvaluationConfig, EvaluationSchedule, Evaluator, check_requests_fit
-from editlab.keyed_cache import cache_root
 from editlab.lightning.editstate import Resume, RunIdentity, capture_edit_state, requests_digest, save_run_state
 from editlab.lightning.recorder import RunClock, RunRecorder
 from editlab.lightning.stream import StreamEvaluation
@@ -48,6 +48,7 @@ class RunSettings:
     export: bool
     checkpoint_every: int
     bars: bool
+    cache_root: Path  # of the keyed disk caches (statistics, z, probe scores)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class EditRun:
         self.requests = requests
         check_requests_fit(requests, model.tok, model.lm.config, settings.evaluation)
         self.evaluator = Evaluator(
-            settings.evaluation, model.view, model.tok, settings.seed, settings.bars, cache_root()
+            settings.evaluation, model.view, model.tok, settings.seed, settings.bars, settings.cache_root
         )
         schedule = EvaluationSchedule.of(settings.evaluation)
         self.evaluation = StreamEvaluation(self.evaluator, schedule, recorder, requests, log_row, stream_length)
@@ -94,7 +95,15 @@ class EditRun:
         self.fingerprint = model_fingerprint(lm)
         s = self.settings
         self.ctx = EditContext(
-            lm, self.model.tok, self.model.view, s.model_name, self.fingerprint, s.seed, s.bars, self.ranks
+            lm,
+            self.model.tok,
+            self.model.view,
+            s.model_name,
+            self.fingerprint,
+            s.seed,
+            s.bars,
+            self.ranks,
+            s.cache_root,
         )
         if self.ranks.is_main:
             self.memory = run_memory(lm, self.model.tok, self.method, self.requests, steps)

@@ -47,9 +47,10 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def embedded_model_dir() -> Path:
-    """Return the safetensors directory of the embedded model, converting the GGUF once."""
-    target = cache_root() / "models" / EMBEDDED_DEFAULT
+def embedded_model_dir(root: Path | None = None) -> Path:
+    """Return the safetensors directory of the embedded model, converting the GGUF once (under the
+    cache root ``root``; None: the default root)."""
+    target = (root if root is not None else cache_root()) / "models" / EMBEDDED_DEFAULT
     if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -95,20 +96,23 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, cache: Path | None = None) -> str:
     if name_or_path == EMBEDDED_DEFAULT:
-        return str(embedded_model_dir())
+        return str(embedded_model_dir(cache))
     # Without this, a mistyped path reaches the user as transformers' "Repo id must be in the form …".
     if not Path(name_or_path).exists() and not is_hub_id(name_or_path):
         raise ModelNotFoundError(f"model {name_or_path}: no such directory, and not a hub model id (owner/name) either")
     return name_or_path
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: DType = "float32", device: str | torch.device = "cpu"):
-    """Load a frozen causal LM in eval mode and its tokenizer (pad token set, right padding)."""
+def load_model_and_tokenizer(
+    name_or_path: str, dtype: DType = "float32", device: str | torch.device = "cpu", cache: Path | None = None
+):
+    """Load a frozen causal LM in eval mode and its tokenizer (pad token set, right padding).
+    ``cache``: the cache root the embedded model is converted into (None: the default root)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, cache)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as err:
