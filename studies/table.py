@@ -1,7 +1,16 @@
-"""Print a markdown table of a study's results JSONs (one column per run): python studies/table.py DIR [RUN ...]."""
+"""Print a markdown table of a study's results JSONs, one column per run:
 
+    python studies/table.py DIR [RUN ...] [--growth-layers 8]
+
+Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
+zsRE's token accuracies, quality, probes), the L1 growth of the edited matrices after the last
+step (the results JSON's ``weight_norms_end``; ``--growth-layers`` picks the layers), and seconds
+per step. The "before" column is the first run's ``pre_*`` values.
+"""
+
+import argparse
 import json
-import sys
+import re
 from pathlib import Path
 
 ROWS = [
@@ -9,16 +18,22 @@ ROWS = [
     ("edits", "edits"),
     ("efficacy success", "efficacy_success"),
     ("efficacy (rewrite top-1) accuracy", "efficacy_accuracy"),
+    ("efficacy token accuracy", "efficacy_token_accuracy"),
     ("efficacy magnitude", "efficacy_magnitude"),
     ("paraphrase (generalization) success", "generalization_success"),
     ("generalization accuracy", "generalization_accuracy"),
+    ("generalization token accuracy", "generalization_token_accuracy"),
     ("neighbourhood (specificity) success", "specificity_success"),
     ("specificity accuracy", "specificity_accuracy"),
+    ("specificity token accuracy", "specificity_token_accuracy"),
     ("specificity magnitude", "specificity_magnitude"),
+    ("efficacy generated (exact)", "efficacy_generated_exact"),
+    ("generalization generated (exact)", "generalization_generated_exact"),
     ("fluency (generation entropy)", "fluency"),
     ("ME-PPL-50 perplexity", "me_ppl50_perplexity"),
-    ("seconds per step", "seconds_per_step"),
 ]
+NOT_BEFORE = ("method", "edits", "seconds per step")  # rows with no pre-edit value
+GROWTH = re.compile(r"weight_norm/l(\d+)/rel_l1_growth")
 
 
 def cell(value) -> str:
@@ -27,24 +42,50 @@ def cell(value) -> str:
     return "—" if value is None else str(value)
 
 
-def main(argv: list[str]) -> None:
-    root = Path(argv[0])
-    names = argv[1:] or sorted(p.stem for p in root.glob("*.json"))
+def growth_rows(records: dict, layers: list[int] | None) -> list[tuple[str, list]]:
+    """One row per edited layer found (or asked for): W's L1 norm growth after the last step, in %."""
+    found = sorted(
+        {int(m.group(1)) for r in records.values() for k in r.get("weight_norms_end", {}) if (m := GROWTH.fullmatch(k))}
+    )
+    rows = []
+    for layer in layers if layers is not None else found:
+        key = f"weight_norm/l{layer}/rel_l1_growth"
+        values = [r.get("weight_norms_end", {}).get(key) for r in records.values()]
+        rows.append(
+            (f"L1 growth of layer {layer}'s edited matrix", [None if v is None else f"{100 * v:+.1f}%" for v in values])
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dir")
+    p.add_argument("runs", nargs="*", help="runs, in column order (default: every results JSON)")
+    p.add_argument(
+        "--growth-layers", type=int, nargs="*", help="layers of the growth rows (default: every edited layer)"
+    )
+    args = p.parse_args(argv)
+    root = Path(args.dir)
+    names = args.runs or sorted(q.stem for q in root.glob("*.json"))
     records = {n: json.loads((root / f"{n}.json").read_text()) for n in names}
-    pre = next((r["summary"] for r in records.values() if "pre_efficacy_success" in r["summary"]), None)
+    summaries = [r["summary"] for r in records.values()]
+    pre = next((s for s in summaries if any(k.startswith("pre_") for k in s)), None)
     cols = (["before"] if pre else []) + names
     print("| | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for label, key in ROWS:
-        values = ([pre.get(f"pre_{key}")] if pre else []) + [records[n]["summary"].get(key) for n in names]
-        if label in ("method", "edits", "seconds per step") and pre:
-            values[0] = None
-        print(f"| {label} | " + " | ".join(cell(v) for v in values) + " |")
+        if not any(key in s for s in summaries):
+            continue
+        before = [None if label in NOT_BEFORE else pre.get(f"pre_{key}")] if pre else []
+        print(f"| {label} | " + " | ".join(cell(v) for v in before + [s.get(key) for s in summaries]) + " |")
+    for label, values in growth_rows(records, args.growth_layers):
+        print(f"| {label} | " + " | ".join(cell(v) for v in (["0"] if pre else []) + values) + " |")
+    seconds = [s.get("seconds_per_step") for s in summaries]
+    print("| seconds per step | " + " | ".join(cell(v) for v in ([None] if pre else []) + seconds) + " |")
     print()
-    for n in names:
-        r = records[n]
+    for n, r in records.items():
         print(f"- {n}: `{r['command']}` (commit {r['commit'][:12]}, {r['seconds_this_sitting']:.0f} s this sitting)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
