@@ -16,12 +16,12 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Every test, the ones marked slow too (946 tests, 43 slow: they load SmolLM2, run the CLI in a
-# subprocess or start processes; 18.4 min measured on 2 CPU cores).
+# Every test, the ones marked slow too (955 tests, 45 slow: they load SmolLM2, run the CLI in a
+# subprocess or start processes; 18.4 min measured on 2 CPU cores with 946 of them).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 
-# The tests not marked slow: tiny models in this process (903 tests; 96 s measured on 2 CPU cores,
+# The tests not marked slow: tiny models in this process (910 tests; 96 s measured on 2 CPU cores with 903,
 # 6.3 min before the CLI-subprocess and process tests were marked slow).
 test-fast:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q -m "not slow"
