@@ -234,8 +234,23 @@ def decide(target: dict, events: list[dict], run_dir: Path, tmp: Path, timings: 
         if evaluation is None:
             return "wait"
         target["at"] = evaluation["step"]
-        target["deadline"] = evaluation["t"] + target["fraction"] * timings["final_eval"]
+        length = timings["final_eval"] * pace(events, timings)
+        target["deadline"] = evaluation["t"] + target["fraction"] * length
     return "kill" if now >= target["deadline"] else "wait"
+
+
+def pace(events: list[dict], timings: dict) -> float:
+    """How long this attempt's steps took against the same steps of the full run (the median of
+    the ratios; 1 when it ran none). The final evaluation has no later occurrence to retry a miss
+    on, so its kill moment scales with this: a full run slowed by a loaded machine gave the
+    200-edit SmolLM2 soak a deadline past the end of the killed run's quicker evaluation."""
+    ratios = []
+    for e in events:
+        if e["event"] == "forward" and e["step"] in timings["step"]:
+            end = first(events, "end", e["step"])
+            if end is not None and end["step"] == e["step"]:
+                ratios.append((end["t"] - e["t"]) / timings["step"][e["step"]])
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def retarget(target: dict, steps: int) -> dict | None:

@@ -315,6 +315,16 @@ def test_soak_plan_covers_every_phase_and_kills_are_placed_by_what_the_process_l
     assert soak.landed(final, False, True, False) == ("final_write", 7)
     assert soak.landed(final, False, True, True) == ("after_results", 7)
     assert [soak.expected_resume(p, 4) for p in ("step", "checkpoint", "final_eval", "after_start")] == [3, 3, 4, None]
+    # The final kill's moment scales with this attempt's pace against the full run's steps.
+    timings = {"step": {1: 10.0, 2: 10.0}, "final_eval": 100.0, "steps": 2}
+    at = lambda event, step, t: {"event": event, "step": step, "t": t}  # noqa: E731
+    quick = [at("forward", 1, 0.0), at("end", 1, 5.0), at("forward", 2, 5.0), at("end", 2, 10.0)]
+    assert soak.pace(quick, timings) == 0.5 and soak.pace([], timings) == 1.0
+    target = {"phase": "final", "step": 2, "fraction": 0.5}
+    events = [*quick, at("final_eval", 2, 20.0)]
+    assert soak.decide(target, events, Path("/nonexistent"), Path("/nonexistent.tmp"), timings, 44.0) == "wait"
+    assert target["deadline"] == 20.0 + 0.5 * 100.0 * 0.5
+    assert soak.decide(target, events, Path("/nonexistent"), Path("/nonexistent.tmp"), timings, 45.0) == "kill"
     dropped = set()
     row = {"step": 1, "seconds": 2.0, "edit": {"z_seconds": 1.0, "n": [{"seconds_x": 0}]}, "export_dir": "x"}
     assert soak.strip(row, dropped) == {"step": 1, "edit": {"n": [{}]}}
