@@ -127,14 +127,17 @@ def commit_of(repo: Path) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def step_rows(run_dir: Path) -> list[dict]:
+    """steps.jsonl's records ([] without the file)."""
+    path = run_dir / rundir.STEPS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def stage_seconds(run_dir: Path) -> dict[str, float]:
     """Seconds per edit of each stage, summed over steps.jsonl's ``*seconds*`` values."""
-    path = run_dir / rundir.STEPS
-    if not path.is_file():
-        return {}
     totals: dict[str, float] = {}
-    for line in path.read_text().splitlines():
-        for key, value in json.loads(line).items():
+    for row in step_rows(run_dir):
+        for key, value in row.items():
             if "seconds" in key and isinstance(value, (int, float)):
                 totals[key] = totals.get(key, 0.0) + float(value)
     return totals
@@ -155,10 +158,8 @@ def finished_record(study: Study, run: StudyRun) -> dict | None:
 def final_weight_norms(run_dir: Path) -> dict[str, float]:
     """The edited matrices' norms after the last step (steps.jsonl's last ``weight_norm/*`` values):
     the growth a table reports, kept with the results when the run directory is gone."""
-    path = run_dir / rundir.STEPS
-    lines = path.read_text().splitlines() if path.is_file() else []
-    last = json.loads(lines[-1]) if lines else {}
-    return {k: v for k, v in last.items() if k.startswith("weight_norm/")}
+    rows = step_rows(run_dir)
+    return {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("weight_norm/")}
 
 
 def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None = None) -> dict:
