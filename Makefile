@@ -23,8 +23,10 @@ test:
 
 # The tests not marked slow: tiny models in this process (910 tests; 96 s measured on 2 CPU cores with 903,
 # 6.3 min before the CLI-subprocess and process tests were marked slow).
+# One worker per core (pytest-xdist; every test module runs torch at one thread). make test stays
+# in one process: its slow tests start processes of their own and time them.
 test-fast:
-	WANDB_MODE=disabled $(PYTHON) -m pytest -q -m "not slow"
+	WANDB_MODE=disabled $(PYTHON) -m pytest -q -m "not slow" -n auto
 
 lint:
 	$(PYTHON) -m ruff check editlab tests benchmarks

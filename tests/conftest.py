@@ -20,6 +20,13 @@ from editlab.models.tiny import tiny_model  # noqa: E402
 TEST_MODELS = Path(os.environ.get("EDITLAB_TEST_MODELS", Path.home() / ".cache" / "editlab-tests" / "models"))
 
 
+def pytest_configure(config):
+    # Tiny models on shared cores: two intra-op threads contend and run far slower than one, and
+    # make test-fast runs one pytest-xdist worker per core. Tests that need more threads set them
+    # (the SmolLM2 fixtures) or start processes with their own --threads.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def _session_cache_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("editlab-cache")
@@ -41,16 +48,6 @@ def _isolated_cache(_session_cache_root, monkeypatch):
 def stats_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
-    Tiny models on 2 shared cores: two intra-op threads contend and run ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

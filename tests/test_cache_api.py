@@ -20,8 +20,6 @@ from editlab.models.prompts import pad
 
 from helpers import ARCHS, facts, peaky_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 class _Records(logging.Handler):
     def __init__(self) -> None:

@@ -34,9 +34,6 @@ from helpers import ECE_TARGETS as TARGETS
 from helpers import REPO, TEMPLATES, assert_failed_step_restores, facts, peaky_model
 from helpers import make_ece as make
 
-torch.set_num_threads(1)
-
-
 # --- selection and attribution -----------------------------------------------------------------
 
 

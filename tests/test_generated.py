@@ -14,8 +14,6 @@ from editlab.models.arch import ModelView
 from editlab.models.tiny import tiny_model
 from editlab.types import EditRequest
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.mark.parametrize(
     ("text", "normalised"),

@@ -22,8 +22,6 @@ from editlab.types import EditRequest
 
 from helpers import REPO, SHARED_DATA, peaky_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 PROMPT, SUBJECT = "The mother tongue of {} is", "Danielle Darrieux"
 
 

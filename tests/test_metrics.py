@@ -40,8 +40,6 @@ from editlab.models.tiny import tiny_model, tiny_tokenizer
 
 from helpers import SHARED_DATA, answer_scores
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def bos_llama():

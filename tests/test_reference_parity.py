@@ -22,8 +22,6 @@ from editlab.metrics.generation import left_pad, token_budgets, word_tokens
 from editlab.models.tiny import tiny_model
 from editlab.types import EditRequest
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def nll(p: float) -> float:
     """Mean token NLL whose exp(-nll) is the probability ``p``."""

@@ -17,8 +17,6 @@ from editlab.models.scoring import shared_rows
 from editlab.models.tiny import tiny_model
 from editlab.types import EditRequest
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # In the tiny tokenizer " the", " is", " and" and " of" are single tokens: their rows are the bare
 # prompt, shared by both answers and read inside any multi-token answer's row of the same prompt.
 HOOD = ["The Louvre is in", "Rome is the capital of"]

@@ -26,8 +26,6 @@ from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.tiny import save_tiny, tiny_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 LAYERS = [0, 2]
 
 
