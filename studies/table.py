@@ -28,7 +28,9 @@ ROWS = [
     ("specificity token accuracy", "specificity_token_accuracy"),
     ("specificity magnitude", "specificity_magnitude"),
     ("efficacy generated (exact)", "efficacy_generated_exact"),
+    ("efficacy generated (starts with)", "efficacy_generated_prefix"),
     ("generalization generated (exact)", "generalization_generated_exact"),
+    ("generalization generated (starts with)", "generalization_generated_prefix"),
     ("fluency (generation entropy)", "fluency"),
     ("ME-PPL-50 perplexity", "me_ppl50_perplexity"),
 ]

@@ -34,3 +34,19 @@ def test_rows_are_the_metrics_present_and_the_growth_of_each_edited_layer(tmp_pa
     assert "| L1 growth of layer 7's edited matrix | 0 | — | +1.0% |" in lines
     only8 = table([str(tmp_path), "rome", "memit", "--growth-layers", "8"], capsys)
     assert not any("layer 7" in line for line in only8)
+
+
+def test_sweep_table_and_figure_order_each_series_by_its_sample_count(tmp_path, capsys):
+    write(tmp_path, "memit_seq_c1000", {"efficacy_success": 0.9, "seconds_setup": 120.0})
+    write(tmp_path, "memit_seq_c100", {"efficacy_success": 0.5, "me_ppl50_perplexity": 130.25})
+    write(tmp_path, "alphaedit_c300", {"specificity_success": 0.7})
+    write(tmp_path, "memit_seq_300", {"efficacy_success": 0.1})  # not a sweep point: left out
+    sweep = runpy.run_path(str(REPO / "studies" / "sweep.py"))["main"]
+    sweep([str(tmp_path), "--out", str(tmp_path / "fig.png")])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines[2:] if line.startswith("| ")]
+    order = [row.split(" | ")[:2] for row in rows]
+    assert order == [["| alphaedit", "300"], ["| memit_seq", "100"], ["| memit_seq", "1000"]]
+    assert rows[1] == "| memit_seq | 100 | 0.500 | — | — | 130 | — | — |"
+    assert rows[2].endswith("| 0.900 | — | — | — | 120 | — |")
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
