@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -366,8 +367,13 @@ def test_user_errors_in_a_subprocess_print_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_log_file_gets_one_line_per_step(tmp_path):
-    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **{"--model.progress": "true"})
+def test_a_log_file_gets_one_line_per_step_and_two_per_evaluation(tmp_path):
+    options = {
+        "--model.progress": "true",
+        "--model.evaluation.timing": "periodic",
+        "--model.evaluation.every_n_steps": "1",
+    }
+    args = tiny_args(tmp_path, str(SHARED_DATA / "multi_counterfact.json.gz"), **options)
     args.remove("--trainer.enable_progress_bar")
     args.remove("false")
     proc = run_cli(args, tmp_path)  # stderr is a pipe, as a log file
@@ -375,6 +381,15 @@ def test_a_log_file_gets_one_line_per_step(tmp_path):
     steps = [line for line in proc.stderr.splitlines() if line.startswith("editlab: step ")]
     assert [s.split(",")[0] for s in steps] == ["editlab: step 1/2", "editlab: step 2/2"]
     assert "z loss" in steps[0] and "\r" not in proc.stderr
+    evaluations = [line for line in proc.stderr.splitlines() if line.startswith("editlab: evaluati")]
+    assert evaluations[0::2] == [
+        "editlab: evaluating 4 cases (pre, 0 edits)",
+        "editlab: evaluating 2 cases (periodic, 2 edits)",
+        "editlab: evaluating 4 cases (periodic, 4 edits)",
+    ]
+    assert all(
+        re.fullmatch(r"editlab: evaluation \((pre|periodic)\) done in \d+\.\ds", line) for line in evaluations[1::2]
+    )
     for noise in ("GPU available", "TPU available", "litlogger", "Seed set"):
         assert noise not in proc.stderr, noise
 

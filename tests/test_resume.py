@@ -154,12 +154,21 @@ def test_killed_in_step_6_and_resumed_is_bit_identical(base, full, capsys, monke
     assert "interrupted run" in said and "--ckpt_path last" in said
     said = refused(args(base, "killed", "--ckpt_path", "last", "--model.method.mom2_weight", "2.0"), capsys)
     assert "model.method.init_args.mom2_weight: 1.0 -> 2.0" in said
-    assert load_edit_state(edit_state_path(run))["steps_done"] == 4
+    state = load_edit_state(edit_state_path(run))
+    assert state["steps_done"] == 4
+    earlier = json.loads(state["results"])["curve"]  # the points of the killed sitting: pre, step 3
 
     resumed = fit(base, args(base, "killed", "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "after step 4" in resumed.stderr
-    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 4
+    # Each evaluation point keeps its own seconds, the killed sitting's too; the summary sums them all.
+    curve = [json.loads(line) for line in (run / "curve.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in earlier] == [0, 3] and [p["step"] for p in curve] == [0, 3, 6, 9, 10]
+    assert [p["seconds_evaluation"] for p in curve[:2]] == [p["seconds_evaluation"] for p in earlier]
+    assert all(p["seconds_evaluation"] > 0 for p in curve)
+    assert summary["seconds_evaluation"] == pytest.approx(sum(p["seconds_evaluation"] for p in curve))
     assert_same_weights(full, run)
     assert_same_results(full, run)
     assert load_edit_state(edit_state_path(run))["final"]

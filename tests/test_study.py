@@ -89,6 +89,8 @@ def test_a_two_run_study_writes_results_and_a_report_and_skips_finished_runs(tmp
         assert {f"weight_norm/l{layer}/rel_l1_growth" for layer in (0, 1)} <= set(record["weight_norms_end"])
         assert record["command"].endswith("--ckpt_path last --threads 1") and len(record["commit"]) >= 40
         assert record["seconds_per_edit"] and all(v >= 0 for v in record["seconds_per_edit"].values())
+        per_edit = record["seconds_per_edit"]["seconds_evaluation"]  # the pre-edit and final points over 4 edits
+        assert per_edit > 0 and per_edit == pytest.approx(record["summary"]["seconds_evaluation"] / 4)
     assert (tmp_path / "out" / "report" / "report.md").is_file()
     first = (tmp_path / "out" / "memit.json").read_text()
     again = run_study(study, REPO, launcher=["false"])  # nothing may run: "false" would fail

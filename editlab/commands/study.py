@@ -191,6 +191,9 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
         return record
     summary = json.loads((run_dir / rundir.SUMMARY).read_text())
     edits = max(int(summary.get("edits", 0)), 1)
+    stage_totals = stage_seconds(run_dir)  # z, keys, solve, ... of every step
+    if "seconds_evaluation" in summary:  # every evaluation point, pre-edit one included
+        stage_totals["seconds_evaluation"] = summary["seconds_evaluation"]
     record.update(
         {
             "seconds_this_sitting": round(seconds, 1),
@@ -198,7 +201,7 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
             "cpus": os.cpu_count(),
             "threads": study.threads,
             "parallel": study.parallel,
-            "seconds_per_edit": {k: v / edits for k, v in stage_seconds(run_dir).items()},
+            "seconds_per_edit": {k: v / edits for k, v in stage_totals.items()},
             "summary": summary,
             "weight_norms_end": final_weight_norms(run_dir),
         }

@@ -150,7 +150,7 @@ class EditingModule(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "requests"):
             raise ValueError("EditingModule needs an EditDataModule (option data)")
-        bars = self.progress and stderr_is_terminal()  # a log file gets one line per step (step_line)
+        terminal = stderr_is_terminal()  # a log file gets plain lines (step_line, evaluation points)
         settings = RunSettings(
             self.model_name,
             self.lm_dtype,
@@ -158,7 +158,8 @@ class EditingModule(L.LightningModule):
             self.evaluation,
             self.export,
             self.checkpoint_every,
-            bars,
+            self.progress and terminal,
+            self.progress and not terminal,
             cache_root(self.cache_dir),
         )
         ranks = Ranks(self.global_rank, self.trainer.world_size)
@@ -205,7 +206,7 @@ class EditingModule(L.LightningModule):
         scalars = {f"edit/{k}": v for k, v in scalars.items()}
         scalars.update({"edit/seconds_step": seconds, "edit/edits": float(self.recorder.edits_done)})
         self.log_dict(scalars, batch_size=len(batch), on_step=True, on_epoch=False)
-        if self.progress and not stderr_is_terminal() and self.run.ranks.is_main:
+        if self.run.settings.lines and self.run.ranks.is_main:
             print(step_line(record, self.stream_length()), file=sys.stderr, flush=True)
         probes = self.run.after_step(batch)
         if probes is not None:

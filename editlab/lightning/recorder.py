@@ -151,6 +151,11 @@ class RunRecorder:
         self.curve.append(point)
         return point
 
+    def evaluation_seconds(self) -> float:
+        """Seconds of every timed evaluation point (pre, immediate, periodic, final), of every
+        sitting of a resumed run (the curve comes back with the edit state)."""
+        return sum(point.get("seconds_evaluation", 0.0) for point in self.curve)
+
     def done(self, requests: list[EditRequest]) -> list[EditRequest]:
         """The requests edited so far, in stream order."""
         return [r for r in requests if r.case_id in self.case_step]
@@ -238,6 +243,7 @@ class RunRecorder:
             **{f"pre_{k}": v for k, v in pre.items() if isinstance(v, (int, float))},
             **numerics(),  # what the bits depend on besides the config
             **self.clock.seconds(end, self.step_seconds()),
+            "seconds_evaluation": self.evaluation_seconds(),
             **tail,
         }
         if export is not None:

@@ -47,7 +47,8 @@ class RunSettings:
     evaluation: EvaluationConfig
     export: bool
     checkpoint_every: int
-    bars: bool
+    bars: bool  # progress bars (progress on, stderr a terminal)
+    lines: bool  # plain progress lines instead (progress on, stderr a log file)
     cache_root: Path  # of the keyed disk caches (statistics, z, probe scores)
 
 
@@ -80,7 +81,15 @@ class EditRun:
             settings.evaluation, model.view, model.tok, settings.seed, settings.bars, settings.cache_root
         )
         schedule = EvaluationSchedule.of(settings.evaluation)
-        self.evaluation = StreamEvaluation(self.evaluator, schedule, recorder, requests, log_row, stream_length)
+        self.evaluation = StreamEvaluation(
+            self.evaluator,
+            schedule,
+            recorder,
+            requests,
+            log_row,
+            stream_length,
+            announce=settings.lines and ranks.is_main,
+        )
         self.ctx: EditContext | None = None
         self.fingerprint: str | None = None  # of the unedited weights
         self.initial: dict[str, torch.Tensor] = {}  # W_0 of the edited parameters, on CPU

@@ -3,11 +3,15 @@
 The schedule (editlab.evaluation.EvaluationSchedule) decides what is evaluated after each step and
 after the stream; the evaluator (editlab.evaluation.Evaluator) runs it on the model as it is; each
 result becomes a point of the run's records (RunRecorder) and a row for the loggers (``log_row``).
-Evaluation is rank 0's: the module asks only there.
+Evaluation is rank 0's: the module asks only there. Each point records its own seconds
+(``seconds_evaluation``: a resumed run's earlier points keep theirs) and, with ``announce``, says
+on stderr when it starts and how long it took (a log file shows nothing else for the hour a
+2,000-case evaluation can take).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 
@@ -25,21 +29,36 @@ class StreamEvaluation:
         requests: list[EditRequest],
         log_row: Callable[[dict], None],
         stream_length: Callable[[], int | None],
+        announce: bool = False,
     ) -> None:
         """``log_row``: hand a row to every logger at the current step; ``stream_length``: the
-        stream's steps as this run does them (the module's, from the trainer)."""
+        stream's steps as this run does them (the module's, from the trainer); ``announce``: one
+        plain stderr line when an evaluation point starts and one when it ends."""
         self.evaluator = evaluator
         self.schedule = schedule
         self.recorder = recorder
         self.requests = requests
         self.log_row = log_row
         self.stream_length = stream_length
+        self.announce = announce
+
+    def evaluate(self, requests: list[EditRequest], timing: str, quality: bool, final: bool = True):
+        """The evaluator's cases and metrics of ``requests``, and the seconds they took."""
+        if self.announce:
+            edits = self.recorder.edits_done
+            print(f"editlab: evaluating {len(requests)} cases ({timing}, {edits} edits)", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        cases, metrics = self.evaluator.evaluate(requests, quality=quality, final=final)
+        seconds = time.perf_counter() - t0
+        if self.announce:
+            print(f"editlab: evaluation ({timing}) done in {seconds:.1f}s", file=sys.stderr, flush=True)
+        return cases, metrics, seconds
 
     def before(self) -> None:
         """The unedited model: every request, with the quality metrics."""
-        cases, metrics = self.evaluator.evaluate(self.requests, quality=True)
+        cases, metrics, seconds = self.evaluate(self.requests, "pre", quality=True)
         self.recorder.pre = {"cases": {c["case_id"]: c for c in cases}, "metrics": metrics}
-        self.add_point("pre", metrics)
+        self.add_point("pre", metrics, seconds)
 
     def after_step(self, batch: list[EditRequest]) -> dict[str, float] | None:
         """What the schedule says after the step just recorded; returns the in-stream probe scores
@@ -47,10 +66,10 @@ class StreamEvaluation:
         rec, t0 = self.recorder, time.perf_counter()
         what = self.schedule.after_step(rec.steps_done)
         if what == "batch":
-            cases, metrics = self.evaluator.evaluate(batch, quality=False)
+            cases, metrics, seconds = self.evaluate(batch, "immediate", quality=False)
             rec.post_cases.update({c["case_id"]: c for c in cases})
             metrics.update(self.held_out(batch, cases))
-            self.add_point("immediate", metrics)
+            self.add_point("immediate", metrics, seconds)
         elif what == "so_far":
             # The stream's last point is its final evaluation: probes on their full sets.
             self.so_far("periodic", final=rec.steps_done == self.stream_length())
@@ -77,7 +96,7 @@ class StreamEvaluation:
                 **self.held_out(done_reqs, done),
                 **self.evaluator.quality(done_reqs),
             }
-        final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing")}
+        final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing", "seconds_evaluation")}
         if rec.steps_done != self.stream_length():  # the last periodic point probed the subsets only
             full = self.evaluator.probes(final=True)
             final.update(full)
@@ -103,10 +122,10 @@ class StreamEvaluation:
         """Every request edited so far, with the quality metrics. ``final``: probes on every loaded
         example (after the stream), else on their subset."""
         done = self.recorder.done(self.requests)
-        cases, metrics = self.evaluator.evaluate(done, quality=True, final=final)
+        cases, metrics, seconds = self.evaluate(done, timing, quality=True, final=final)
         self.recorder.post_cases = {c["case_id"]: c for c in cases}
         metrics.update(self.held_out(done, cases))
-        self.add_point(timing, metrics)
+        self.add_point(timing, metrics, seconds)
         return metrics
 
     def held_out(self, done: list[EditRequest], cases: list[dict]) -> dict[str, float]:
@@ -114,9 +133,14 @@ class StreamEvaluation:
         trained = self.recorder.trained_neighbours()
         return held_out_specificity(cases, done, trained) if trained else {}
 
-    def add_point(self, timing: str, metrics: dict) -> None:
-        self.recorder.add_point(timing, metrics)
+    def add_point(self, timing: str, metrics: dict, seconds: float | None = None) -> None:
+        """A curve point: the metrics, and the seconds its evaluation took where one was timed."""
+        point = self.recorder.add_point(timing, metrics)
+        if seconds is not None:
+            point["seconds_evaluation"] = seconds
         if timing != "pre":
             numeric = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            if seconds is not None:
+                numeric["eval/seconds_evaluation"] = seconds
             numeric["eval/edits"] = float(self.recorder.edits_done)
             self.log_row(numeric)
