@@ -112,6 +112,15 @@ def test_a_run_whose_results_json_has_its_command_is_finished_without_its_run_di
     assert study_main([str(tmp_path / "study.yaml"), "--list"]) == 0
     listed = [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()]
     assert listed == [["a", "finished"], ["b", "to run"]]
+    # A run begun earlier: --list quotes its log's last step line.
+    (tmp_path / "runs" / "b").mkdir(parents=True)
+    assert study_main([str(tmp_path / "study.yaml"), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split("\t")[1] == "started (no step done)"
+    with open(tmp_path / "runs" / "b.log", "a") as log:
+        log.write("editlab: step 1/3, 10 edits, 5.0s\nnoise\neditlab: step 2/3, 20 edits, 4.0s\nmore noise\n")
+    assert study_main([str(tmp_path / "study.yaml"), "--list"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split("\t")[1] == "started (step 2/3, 20 edits, 4.0s)"
+    (tmp_path / "runs" / "b").rmdir()
     # Both finished, neither run directory here: the side-by-side report says why it is absent.
     (tmp_path / "out" / "b.json").write_text(
         json.dumps({**done, "name": "b", "command": " ".join(run_command(study, study.runs[1]))})

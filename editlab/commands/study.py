@@ -212,6 +212,19 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
     return record
 
 
+def run_state(study: Study, run: StudyRun) -> str:
+    """``finished``, ``to run``, or for a run started earlier ``started (<its log's last step
+    line>)``: a long study's --list says how far each run has come without opening its edit state."""
+    if finished_record(study, run) is not None:
+        return "finished"
+    log = study.runs_dir / f"{run.name}.log"
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    steps = [line for line in lines if line.startswith("editlab: step ")]
+    if steps:
+        return f"started ({steps[-1].removeprefix('editlab: ')})"
+    return "started (no step done)" if (study.runs_dir / run.name).is_dir() else "to run"
+
+
 def run_study(study: Study, repo: Path, launcher: list[str] | None = None) -> list[dict]:
     with ThreadPoolExecutor(max_workers=study.parallel) as pool:
         records = list(pool.map(lambda r: execute(study, r, repo, launcher), study.runs))
@@ -260,8 +273,7 @@ def study_main(argv: list[str] | None = None) -> int:
         study.parallel = args.parallel
     if args.list:
         for run in study.runs:
-            state = "finished" if finished_record(study, run) is not None else "to run"
-            print(f"{run.name}\t{state}\t{' '.join(run_command(study, run))}")
+            print(f"{run.name}\t{run_state(study, run)}\t{' '.join(run_command(study, run))}")
         return 0
     records = run_study(study, Path.cwd())
     failed = [r["name"] for r in records if r.get("returncode") != 0]
