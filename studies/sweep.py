@@ -17,13 +17,13 @@ import re
 from pathlib import Path
 
 NAME = re.compile(r"(?P<series>.+)_c(?P<n>\d+)")
-COLUMNS = [  # (header, summary key)
-    ("efficacy success", "efficacy_success"),
-    ("generalization success", "generalization_success"),
-    ("specificity success", "specificity_success"),
-    ("ME-PPL-50", "me_ppl50_perplexity"),
-    ("seconds of set-up", "seconds_setup"),
-    ("seconds in all", "seconds_total"),
+COLUMNS = [  # (header, summary key, format)
+    ("efficacy success", "efficacy_success", ".3f"),
+    ("generalization success", "generalization_success", ".3f"),
+    ("specificity success", "specificity_success", ".3f"),
+    ("ME-PPL-50", "me_ppl50_perplexity", ".1f"),
+    ("seconds of set-up", "seconds_setup", ".0f"),
+    ("seconds in all", "seconds_total", ".0f"),
 ]
 
 
@@ -41,17 +41,15 @@ def sweep_points(directory: Path) -> dict[str, list[tuple[int, dict]]]:
     return points
 
 
-def cell(value) -> str:
-    if value is None:
-        return "—"
-    return f"{value:.3f}" if abs(value) < 10 else f"{value:.0f}"
+def cell(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
 
 
 def table(points: dict[str, list[tuple[int, dict]]]) -> list[str]:
-    lines = ["| run | N | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
+    lines = ["| run | N | " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
     for series, rows in points.items():
         for n, summary in rows:
-            lines.append(f"| {series} | {n} | " + " | ".join(cell(summary.get(k)) for _, k in COLUMNS) + " |")
+            lines.append(f"| {series} | {n} | " + " | ".join(cell(summary.get(k), f) for _, k, f in COLUMNS) + " |")
     return lines
 
 
@@ -62,7 +60,7 @@ def plot(points: dict[str, list[tuple[int, dict]]], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (header, key) in zip(axes.flat, COLUMNS, strict=True):
+    for ax, (header, key, _) in zip(axes.flat, COLUMNS, strict=True):
         for series, rows in points.items():
             present = [(n, s[key]) for n, s in rows if s.get(key) is not None]
             if present:

@@ -47,6 +47,6 @@ def test_sweep_table_and_figure_order_each_series_by_its_sample_count(tmp_path, 
     rows = [line for line in lines[2:] if line.startswith("| ")]
     order = [row.split(" | ")[:2] for row in rows]
     assert order == [["| alphaedit", "300"], ["| memit_seq", "100"], ["| memit_seq", "1000"]]
-    assert rows[1] == "| memit_seq | 100 | 0.500 | — | — | 130 | — | — |"
+    assert rows[1] == "| memit_seq | 100 | 0.500 | — | — | 130.2 | — | — |"
     assert rows[2].endswith("| 0.900 | — | — | — | 120 | — |")
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
