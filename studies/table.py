@@ -4,8 +4,9 @@
 
 Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
 zsRE's token accuracies, quality, probes), the L1 growth of the edited matrices after the last
-step (the results JSON's ``weight_norms_end``; ``--growth-layers`` picks the layers), and seconds
-per step. The "before" column is the first run's ``pre_*`` values.
+step (the results JSON's ``weight_norms_end``; ``--growth-layers`` picks the layers), seconds per
+step, and seconds per edit of z, keys, solve and evaluation where the results JSONs have them
+(``seconds_per_edit``). The "before" column is the first run's ``pre_*`` values.
 """
 
 import argparse
@@ -35,6 +36,12 @@ ROWS = [
     ("ME-PPL-50 perplexity", "me_ppl50_perplexity"),
 ]
 NOT_BEFORE = ("method", "edits", "seconds per step")  # rows with no pre-edit value
+PER_EDIT = [  # the results JSON's seconds_per_edit: each stage's seconds over the run's edits
+    ("seconds per edit: z", "seconds_z"),
+    ("seconds per edit: keys", "seconds_keys"),
+    ("seconds per edit: solve", "seconds_solve"),
+    ("seconds per edit: evaluation", "seconds_evaluation"),
+]
 GROWTH = re.compile(r"weight_norm/l(\d+)/rel_l1_growth")
 
 
@@ -84,6 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | " + " | ".join(cell(v) for v in (["0"] if pre else []) + values) + " |")
     seconds = [s.get("seconds_per_step") for s in summaries]
     print("| seconds per step | " + " | ".join(cell(v) for v in ([None] if pre else []) + seconds) + " |")
+    for label, key in PER_EDIT:
+        values = [r.get("seconds_per_edit", {}).get(key) for r in records.values()]
+        if any(v is not None for v in values):
+            print(f"| {label} | " + " | ".join(cell(v) for v in ([None] if pre else []) + values) + " |")
     print()
     for n, r in records.items():
         print(f"- {n}: `{r['command']}` (commit {r['commit'][:12]}, {r['seconds_this_sitting']:.0f} s this sitting)")

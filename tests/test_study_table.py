@@ -8,10 +8,12 @@ import runpy
 from helpers import REPO
 
 
-def write(path, name, summary, norms=None):
+def write(path, name, summary, norms=None, per_edit=None):
     record = {"command": f"editlab fit {name}", "commit": "c" * 40, "seconds_this_sitting": 1.0, "summary": summary}
     if norms is not None:
         record["weight_norms_end"] = norms
+    if per_edit is not None:
+        record["seconds_per_edit"] = per_edit
     (path / f"{name}.json").write_text(json.dumps(record))
 
 
@@ -25,13 +27,17 @@ def test_rows_are_the_metrics_present_and_the_growth_of_each_edited_layer(tmp_pa
     write(tmp_path, "rome", {"method": "ROME", "efficacy_token_accuracy": 0.5, "pre_efficacy_token_accuracy": 0.25},
           {"weight_norm/l8/rel_l1_growth": 0.851, "weight_norm/l8/fro": 3.0})  # fmt: skip
     write(tmp_path, "memit", {"method": "MEMIT", "efficacy_token_accuracy": 0.75},
-          {"weight_norm/l7/rel_l1_growth": 0.01, "weight_norm/l8/rel_l1_growth": 0.054})  # fmt: skip
+          {"weight_norm/l7/rel_l1_growth": 0.01, "weight_norm/l8/rel_l1_growth": 0.054},
+          {"seconds_z": 4.5, "seconds_evaluation": 1.25})  # fmt: skip
     lines = table([str(tmp_path), "rome", "memit"], capsys)
     assert lines[0] == "| | before | rome | memit |"
     assert "| efficacy token accuracy | 0.250 | 0.500 | 0.750 |" in lines
     assert not any("efficacy success" in line for line in lines)  # no run has it
     assert "| L1 growth of layer 8's edited matrix | 0 | +85.1% | +5.4% |" in lines
     assert "| L1 growth of layer 7's edited matrix | 0 | — | +1.0% |" in lines
+    assert "| seconds per edit: z | — | — | 4.500 |" in lines
+    assert "| seconds per edit: evaluation | — | — | 1.250 |" in lines
+    assert not any("per edit: keys" in line or "per edit: solve" in line for line in lines)  # no run has them
     only8 = table([str(tmp_path), "rome", "memit", "--growth-layers", "8"], capsys)
     assert not any("layer 7" in line for line in only8)
 
