@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from editlab.evaluation import EvaluationSchedule, Evaluator, held_out_specificity
 from editlab.lightning.recorder import RunRecorder
+from editlab.report import POINT_KEYS
 from editlab.types import EditRequest
 
 
@@ -96,7 +97,7 @@ class StreamEvaluation:
                 **self.held_out(done_reqs, done),
                 **self.evaluator.quality(done_reqs),
             }
-        final = {k: v for k, v in last.items() if k not in ("step", "edits", "timing", "seconds_evaluation")}
+        final = {k: v for k, v in last.items() if k not in POINT_KEYS and k != "seconds_evaluation"}
         if rec.steps_done != self.stream_length():  # the last periodic point probed the subsets only
             full = self.evaluator.probes(final=True)
             final.update(full)
