@@ -2,13 +2,16 @@
 
 A run directory always holds ``summary.json``; ``curve.jsonl`` (evaluation points against edits),
 ``steps.jsonl`` (one row per edit step) and ``config.yaml`` (the resolved config) are optional.
+A comparison also takes a study's results JSON (``editlab study`` keeps a finished run's summary,
+curve and steps in it) in place of a run directory: a study's committed results redraw its figures
+after the run directories are gone.
 
 - :func:`write_run_report` turns one run into ``report.md`` + ``plot_*.png`` inside the run directory.
 - :func:`write_comparison` puts several runs side by side in ``out_dir/report.md`` + ``compare_metrics.png``
   (edit metrics, fluency, perplexity and probes against edits, one line per run) + ``compare_norms.png``
   (layer x step heatmaps of the edited matrices, one row per run, one colour scale per quantity).
 - :func:`log_report_images` hands a run's plots to the loggers that take images (W&B).
-- :func:`report_main` is the command line: ``editlab report RUN_DIR [RUN_DIR ...] [--out DIR]``.
+- :func:`report_main` is the command line: ``editlab report RUN [RUN ...] [--out DIR]``.
 
 Absent files and absent or null values are expected (a run stopped early, a metric disabled) and show
 as "—" or as a note in place of a plot. Malformed content (bad JSON, a string where a number belongs)
@@ -39,6 +42,7 @@ __all__ = [
     "RunDataError",
     "load_config",
     "load_jsonl",
+    "load_run",
     "load_summary",
     "log_report_images",
     "render_run_report",
@@ -106,6 +110,7 @@ COMPARE_FAMILIES = (
 )
 PROBE_ACCURACY = re.compile(r"probe/([^/]+)/(?:subset_)?accuracy")
 POINT_KEYS = frozenset({"step", "edits", "timing"})  # coordinates of a curve/steps row, not metrics
+CURVE_FIELD, STEPS_FIELD = "curve", "steps"  # a study results JSON's copies of curve.jsonl and steps.jsonl
 
 
 class RunDataError(ValueError):
@@ -164,6 +169,43 @@ def load_config(run_dir: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise RunDataError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """What a report reads of one run, from its directory or from a study's results JSON."""
+
+    name: str
+    summary: dict[str, Any]
+    config: dict[str, Any] | None
+    curve: list[dict[str, Any]] | None
+    steps: list[dict[str, Any]] | None
+
+
+def load_results_json(path: Path) -> RunFiles:
+    """A study's results JSON (``editlab study``): its summary, curve and steps; no config."""
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunDataError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("summary"), dict):
+        raise RunDataError(f"{path}: not a study results JSON (no summary object)")
+    rows = {}
+    for key in (CURVE_FIELD, STEPS_FIELD):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(r, dict) for r in value)):
+            raise RunDataError(f"{path}: {key} must be a list of JSON objects")
+        rows[key] = value
+    return RunFiles(path.stem, record["summary"], None, rows[CURVE_FIELD], rows[STEPS_FIELD])
+
+
+def load_run(path: Path) -> RunFiles:
+    """A run directory's files, or a study results JSON's copy of them (a ``.json`` file)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        return load_results_json(path)
+    summary, config = load_summary(path), load_config(path)
+    return RunFiles(path.name, summary, config, load_jsonl(path / CURVE), load_jsonl(path / STEPS))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -754,10 +796,8 @@ def generation_lines(summary: Mapping[str, Any]) -> list[str]:
 
 def write_run_report(run_dir: Path) -> Path:
     """Write ``report.md`` (+ plots) into ``run_dir`` from its files and return its path."""
-    run_dir = Path(run_dir)
-    summary = load_summary(run_dir)
-    config = load_config(run_dir)
-    return render_run_report(run_dir, summary, config, load_jsonl(run_dir / CURVE), load_jsonl(run_dir / STEPS))
+    run = load_run(run_dir)
+    return render_run_report(Path(run_dir), run.summary, run.config, run.curve, run.steps)
 
 
 def render_run_report(
@@ -806,9 +846,9 @@ def render_run_report(
     return path
 
 
-def run_labels(run_dirs: Sequence[Path], methods: Sequence[str | None]) -> list[str]:
-    """``dirname (METHOD)`` per run; a position suffix when two runs would otherwise read the same."""
-    labels = [f"{d.name} ({m})" if m else d.name for d, m in zip(run_dirs, methods, strict=True)]
+def run_labels(names: Sequence[str], methods: Sequence[str | None]) -> list[str]:
+    """``name (METHOD)`` per run; a position suffix when two runs would otherwise read the same."""
+    labels = [f"{n} ({m})" if m else n for n, m in zip(names, methods, strict=True)]
     return [f"{text} [{i + 1}]" if labels.count(text) > 1 else text for i, text in enumerate(labels)]
 
 
@@ -830,15 +870,16 @@ def comparison_tables(summaries: Sequence[Mapping[str, Any]], labels: Sequence[s
 
 
 def write_comparison(run_dirs: Sequence[Path], out_dir: Path) -> Path:
-    """Write ``out_dir/report.md`` (+ ``compare_metrics.png``) comparing the runs; return its path."""
+    """Write ``out_dir/report.md`` (+ ``compare_metrics.png``) comparing the runs (run directories or
+    study results JSONs, see :func:`load_run`); return its path."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("write_comparison needs at least one run directory")
-    summaries = [load_summary(d) for d in run_dirs]
-    configs = [load_config(d) for d in run_dirs]
-    curves = [load_jsonl(d / CURVE) for d in run_dirs]
-    steps = [load_jsonl(d / STEPS) for d in run_dirs]
-    labels = run_labels(run_dirs, [method_name(s, c) for s, c in zip(summaries, configs, strict=True)])
+    runs = [load_run(d) for d in run_dirs]
+    summaries = [run.summary for run in runs]
+    curves = [run.curve for run in runs]
+    steps = [run.steps for run in runs]
+    labels = run_labels([run.name for run in runs], [method_name(run.summary, run.config) for run in runs])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -900,7 +941,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="editlab report",
         description="Write report.md with plots for one run directory, or a side-by-side comparison of several.",
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories (with summary.json)")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="run directories (with summary.json); a comparison also takes study results JSONs",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -910,9 +957,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_dir_problem(path: Path) -> str | None:
+def run_dir_problem(path: Path, single: bool) -> str | None:
     if not path.exists():
         return f"run directory not found: {path}"
+    if path.is_file() and path.suffix == ".json":
+        alone = "a study results JSON is compared with other runs; a run reports alone from its directory"
+        return alone if single else None
     if not path.is_dir():
         return f"not a directory: {path}"
     if not (path / SUMMARY).is_file():
@@ -927,7 +977,8 @@ def report_main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help / usage errors; callers expect a code
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-    problems = [problem for problem in map(run_dir_problem, args.run_dirs) if problem]
+    single = len(args.run_dirs) == 1
+    problems = [problem for path in args.run_dirs if (problem := run_dir_problem(path, single))]
     if len(args.run_dirs) == 1 and args.out is not None:
         problems.append("--out applies to comparisons of several runs; one run reports into its own directory")
     for problem in problems:

@@ -1,12 +1,16 @@
 """Print a markdown table of a study's results JSONs, one column per run:
 
-    python studies/table.py DIR [RUN ...] [--growth-layers 8]
+    python studies/table.py DIR [RUN ...] [--growth-layers 8] [--curve KEY ...]
 
 Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
 zsRE's token accuracies, quality, probes), the L1 growth of the edited matrices after the last
 step (the results JSON's ``weight_norms_end``; ``--growth-layers`` picks the layers), seconds per
 step, and seconds per edit of z, keys, solve and evaluation where the results JSONs have them
 (``seconds_per_edit``). The "before" column is the first run's ``pre_*`` values.
+
+``--curve KEY ...`` adds one table per metric against edits, a row per run, a column per
+evaluation point of the results JSONs' ``curve`` (pre-edit, periodic, final); the 0-edit column of a
+run that skipped its pre-edit evaluation is the first run's (the same model scored on the same cases).
 """
 
 import argparse
@@ -66,6 +70,24 @@ def growth_rows(records: dict, layers: list[int] | None) -> list[tuple[str, list
     return rows
 
 
+STREAM = ("pre", "periodic", "final")  # curve points on the stream's cases (immediate ones score a step's own)
+
+
+def curve_table(records: dict, key: str) -> list[str]:
+    """``key`` against edits: a row per run, a column per evaluation point any run has."""
+    points = {
+        name: {int(row["edits"]): row.get(key) for row in r.get("curve") or [] if row.get("timing") in STREAM}
+        for name, r in records.items()
+    }
+    shared = next((p[0] for p in points.values() if p.get(0) is not None), None)
+    edits = sorted({e for p in points.values() for e in p} | ({0} if shared is not None else set()))
+    lines = [f"| {key} | " + " | ".join(f"{e:,} edits" for e in edits) + " |", "|---" + "|---:" * len(edits) + "|"]
+    for name, p in points.items():
+        row = [p.get(e, shared if e == 0 else None) for e in edits]
+        lines.append(f"| {name} | " + " | ".join(cell(v) for v in row) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dir")
@@ -73,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--growth-layers", type=int, nargs="*", help="layers of the growth rows (default: every edited layer)"
     )
+    p.add_argument("--curve", nargs="*", default=[], metavar="KEY", help="curve tables of these metrics")
     args = p.parse_args(argv)
     root = Path(args.dir)
     names = args.runs or sorted(q.stem for q in root.glob("*.json"))
@@ -95,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         values = [r.get("seconds_per_edit", {}).get(key) for r in records.values()]
         if any(v is not None for v in values):
             print(f"| {label} | " + " | ".join(cell(v) for v in ([None] if pre else []) + values) + " |")
+    for key in args.curve:
+        print()
+        print("\n".join(curve_table(records, key)))
     print()
     for n, r in records.items():
         print(f"- {n}: `{r['command']}` (commit {r['commit'][:12]}, {r['seconds_this_sitting']:.0f} s this sitting)")

@@ -555,3 +555,27 @@ def test_report_plots_go_to_loggers_that_take_images(tmp_path):
     write_run_report(run)
     image_logger = ImageLogger()
     assert log_report_images([image_logger], run) == ["report/metrics", "report/quality"]
+
+
+def test_a_study_results_json_compares_like_its_run_directory(tmp_path, capsys):
+    run = make_run(tmp_path, "alpha", method="AlphaEdit")
+    record = {  # what editlab study keeps of the run
+        "name": "alpha",
+        "command": "editlab fit ...",
+        "summary": {**SUMMARY, "method": "AlphaEdit"},
+        "curve": curve_rows(),
+        "steps": step_rows(),
+    }
+    (tmp_path / "alpha.json").write_text(json.dumps(record))
+    other = make_run(tmp_path, "other", method="MEMIT")
+    from_dir = write_comparison([run, other], tmp_path / "from_dir").read_text()
+    from_json = write_comparison([tmp_path / "alpha.json", other], tmp_path / "from_json").read_text()
+    strip = lambda text: "\n".join(line for line in text.splitlines() if not line.startswith("- alpha"))  # noqa: E731
+    assert strip(from_json) == strip(from_dir)  # same tables and figure captions; only the run's path differs
+    assert (tmp_path / "from_json" / PLOT_COMPARE).read_bytes() == (tmp_path / "from_dir" / PLOT_COMPARE).read_bytes()
+    assert_png(tmp_path / "from_json" / PLOT_COMPARE_NORMS)
+    assert report_main([str(tmp_path / "alpha.json")]) == 2  # one run reports from its directory
+    assert "compared with other runs" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text(json.dumps({"summary": {}, "curve": {"edits": 3}}))
+    assert report_main([str(tmp_path / "bad.json"), str(other), "--out", str(tmp_path / "x")]) == 1
+    assert "bad.json: curve must be a list of JSON objects" in capsys.readouterr().err

@@ -86,6 +86,7 @@ def test_a_two_run_study_writes_results_and_a_report_and_skips_finished_runs(tmp
     for name, method in (("memit", "MEMIT"), ("memit_seq", "MEMIT_seq")):
         record = json.loads((tmp_path / "out" / f"{name}.json").read_text())
         assert record["summary"]["method"] == method and record["summary"]["threads"] == 1
+        assert [row["timing"] for row in record["curve"]] == ["pre", "final"] and len(record["steps"]) == 2
         assert {f"weight_norm/l{layer}/rel_l1_growth" for layer in (0, 1)} <= set(record["weight_norms_end"])
         assert record["command"].endswith("--ckpt_path last --threads 1") and len(record["commit"]) >= 40
         assert record["seconds_per_edit"] and all(v >= 0 for v in record["seconds_per_edit"].values())
@@ -121,13 +122,19 @@ def test_a_run_whose_results_json_has_its_command_is_finished_without_its_run_di
     assert study_main([str(tmp_path / "study.yaml"), "--list"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split("\t")[1] == "started (step 2/3, 20 edits, 4.0s)"
     (tmp_path / "runs" / "b").rmdir()
-    # Both finished, neither run directory here: the side-by-side report says why it is absent.
-    (tmp_path / "out" / "b.json").write_text(
-        json.dumps({**done, "name": "b", "command": " ".join(run_command(study, study.runs[1]))})
-    )
+    # Both finished, neither run directory here: the side-by-side report comes from the results
+    # JSONs, b's curve drawn from its record.
+    curve = [{"step": 0, "edits": 0, "timing": "pre", "efficacy_success": 0.25},
+             {"step": 3, "edits": 30, "timing": "final", "efficacy_success": 0.75}]  # fmt: skip
+    b_done = {
+        **done, "name": "b", "command": " ".join(run_command(study, study.runs[1])),
+        "summary": {"method": "MEMIT", "edits": 30, "efficacy_success": 0.75}, "curve": curve,
+    }  # fmt: skip
+    (tmp_path / "out" / "b.json").write_text(json.dumps(b_done))
     assert [r["returncode"] for r in run_study(study, REPO, launcher=["false"])] == [0, 0]
-    assert "no report: no run directory for a, b" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "report").exists()
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert "| efficacy success | — | 0.750 |" in report and "b (MEMIT)" in report
+    assert "No curve.jsonl data for: a" in report and (tmp_path / "out" / "report" / "compare_metrics.png").is_file()
 
 
 def test_only_runs_the_named_runs_and_an_unknown_name_is_one_error(tmp_path, monkeypatch, capsys):
@@ -148,3 +155,31 @@ def test_the_final_weight_norms_are_the_last_steps(tmp_path):
     (tmp_path / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert final_weight_norms(tmp_path) == {"weight_norm/l8/rel_l1_growth": 0.3}
     assert final_weight_norms(tmp_path / "absent") == {}
+
+
+def test_collect_copies_a_finished_runs_records_into_a_results_json_written_before_it_kept_them(tmp_path, capsys):
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    path = write_study(tmp_path, [{"name": "a", "config": config}, {"name": "b", "config": config}])
+    study = read_study(path)
+    (tmp_path / "out").mkdir()
+    for run in study.runs:  # results JSONs as an older editlab wrote them: no curve, no steps
+        old = {"name": run.name, "command": " ".join(run_command(study, run)), "returncode": 0,
+               "summary": {"method": "MEMIT", "edits": 20}, "weight_norms_end": {}}  # fmt: skip
+        (tmp_path / "out" / f"{run.name}.json").write_text(json.dumps(old))
+    a_dir = tmp_path / "runs" / "a"  # only a's run directory is here
+    a_dir.mkdir(parents=True)
+    (a_dir / "summary.json").write_text(json.dumps({"method": "MEMIT", "edits": 20}))
+    curve = [{"step": 2, "edits": 20, "timing": "final", "specificity_success": 0.5}]
+    steps = [{"step": 1, "weight_norm/l8/rel_l1_growth": 0.1}, {"step": 2, "weight_norm/l8/rel_l1_growth": 0.2}]
+    (a_dir / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    (a_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    b_before = (tmp_path / "out" / "b.json").read_text()
+    assert study_main([str(path), "--collect"]) == 0
+    assert "refreshed a" in capsys.readouterr().err
+    a = json.loads((tmp_path / "out" / "a.json").read_text())
+    assert a["curve"] == curve and a["steps"] == steps
+    assert a["weight_norms_end"] == {"weight_norm/l8/rel_l1_growth": 0.2} and a["summary"]["edits"] == 20
+    assert (tmp_path / "out" / "b.json").read_text() == b_before  # no run directory: left as it was
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
+    assert study_main([str(path), "--collect"]) == 0  # nothing new: nothing rewritten
+    assert "refreshed nothing" in capsys.readouterr().err

@@ -8,8 +8,10 @@ import runpy
 from helpers import REPO
 
 
-def write(path, name, summary, norms=None, per_edit=None):
+def write(path, name, summary, norms=None, per_edit=None, curve=None):
     record = {"command": f"editlab fit {name}", "commit": "c" * 40, "seconds_this_sitting": 1.0, "summary": summary}
+    if curve is not None:
+        record["curve"] = curve
     if norms is not None:
         record["weight_norms_end"] = norms
     if per_edit is not None:
@@ -40,6 +42,21 @@ def test_rows_are_the_metrics_present_and_the_growth_of_each_edited_layer(tmp_pa
     assert not any("per edit: keys" in line or "per edit: solve" in line for line in lines)  # no run has them
     only8 = table([str(tmp_path), "rome", "memit", "--growth-layers", "8"], capsys)
     assert not any("layer 7" in line for line in only8)
+
+
+def test_curve_tables_put_each_runs_points_in_edit_columns_and_share_the_pre_edit_point(tmp_path, capsys):
+    pre = {"step": 0, "edits": 0, "timing": "pre", "specificity_success": 0.7}
+    write(tmp_path, "seq", {"method": "MEMIT_seq"}, curve=[
+        pre,
+        {"step": 5, "edits": 500, "timing": "immediate", "specificity_success": 0.1},  # a step's own cases: left out
+        {"step": 5, "edits": 500, "timing": "periodic", "specificity_success": 0.64},
+        {"step": 10, "edits": 1000, "timing": "final", "specificity_success": 0.6},
+    ])  # fmt: skip
+    ece = [{"step": 5, "edits": 500, "timing": "periodic", "specificity_success": 0.68}]
+    write(tmp_path, "ece", {"method": "ECE"}, curve=ece)
+    lines = table([str(tmp_path), "seq", "ece", "--curve", "specificity_success"], capsys)
+    start = lines.index("| specificity_success | 0 edits | 500 edits | 1,000 edits |")
+    assert lines[start + 2 : start + 4] == ["| seq | 0.700 | 0.640 | 0.600 |", "| ece | 0.700 | 0.680 | — |"]
 
 
 def test_sweep_table_and_figure_order_each_series_by_its_sample_count(tmp_path, capsys):

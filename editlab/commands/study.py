@@ -18,9 +18,12 @@ last edit-state checkpoint, and a finished run is not run again: one with its su
 whose results JSON says it finished with the same command (its run directory may live on another
 machine; ``--only NAME`` runs a subset). Each finished
 run gets ``OUT/NAME.json``: its command, the commit it ran on (a dirty tree is named as such), its
-seconds, the machine's load while it ran, the per-stage seconds, its summary and the edited
-matrices' norms after the last step. When every run has finished, ``editlab report`` puts them
-side by side in ``OUT/report``.
+seconds, the machine's load while it ran, the per-stage seconds, its summary, its evaluation points
+(``curve``), its steps' records (``steps``) and the edited matrices' norms after the last step. When
+every run has finished, ``editlab report`` puts them side by side in ``OUT/report``, from the results
+JSONs: the committed results redraw the figures without the run directories. ``--collect`` copies
+the run directories' records into results JSONs written before they carried them, runs nothing and
+writes the report.
 """
 
 from __future__ import annotations
@@ -127,10 +130,14 @@ def commit_of(repo: Path) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def rundir_rows(path: Path) -> list[dict]:
+    """A run file's JSON lines ([] without the file)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def step_rows(run_dir: Path) -> list[dict]:
     """steps.jsonl's records ([] without the file)."""
-    path = run_dir / rundir.STEPS
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return rundir_rows(run_dir / rundir.STEPS)
 
 
 def stage_seconds(run_dir: Path) -> dict[str, float]:
@@ -160,6 +167,31 @@ def final_weight_norms(run_dir: Path) -> dict[str, float]:
     the growth a table reports, kept with the results when the run directory is gone."""
     rows = step_rows(run_dir)
     return {k: v for k, v in (rows[-1] if rows else {}).items() if k.startswith("weight_norm/")}
+
+
+def run_records(run_dir: Path) -> dict:
+    """What a results JSON keeps of a finished run's directory besides its summary: the evaluation
+    points, the steps' records and the edited matrices' last norms (a comparison's figures)."""
+    return {
+        "curve": rundir_rows(run_dir / rundir.CURVE),
+        "steps": step_rows(run_dir),
+        "weight_norms_end": final_weight_norms(run_dir),
+    }
+
+
+def collect(study: Study) -> list[str]:
+    """Refresh each finished run's results JSON with :func:`run_records` of its run directory (a run
+    whose results JSON predates them); run nothing. Returns the names refreshed."""
+    refreshed = []
+    for run in study.runs:
+        record, run_dir = finished_record(study, run), study.runs_dir / run.name
+        if record is None or record.get("returncode") != 0 or not (run_dir / rundir.SUMMARY).is_file():
+            continue
+        fresh = {**record, **run_records(run_dir)}
+        if fresh != record:
+            write_text_atomic(study.out / f"{run.name}.json", json.dumps(fresh, indent=1) + "\n")
+            refreshed.append(run.name)
+    return refreshed
 
 
 def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None = None) -> dict:
@@ -203,7 +235,7 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
             "parallel": study.parallel,
             "seconds_per_edit": {k: v / edits for k, v in stage_totals.items()},
             "summary": summary,
-            "weight_norms_end": final_weight_norms(run_dir),
+            **run_records(run_dir),
         }
     )
     study.out.mkdir(parents=True, exist_ok=True)
@@ -228,16 +260,18 @@ def run_state(study: Study, run: StudyRun) -> str:
 def run_study(study: Study, repo: Path, launcher: list[str] | None = None) -> list[dict]:
     with ThreadPoolExecutor(max_workers=study.parallel) as pool:
         records = list(pool.map(lambda r: execute(study, r, repo, launcher), study.runs))
-    done = [study.runs_dir / r.name for r, rec in zip(study.runs, records, strict=True) if rec.get("returncode") == 0]
+    write_report(study, records)
+    return records
+
+
+def write_report(study: Study, records: list[dict]) -> None:
+    """The side-by-side report of the results JSONs, once every run has finished."""
+    finished = zip(study.runs, records, strict=True)
+    done = [study.out / f"{run.name}.json" for run, record in finished if record.get("returncode") == 0]
     if len(done) == len(study.runs) and len(done) > 1:
-        absent = [d.name for d in done if not (d / rundir.SUMMARY).is_file()]
-        if absent:  # finished elsewhere: the report reads run directories
-            print(f"editlab study: no report: no run directory for {', '.join(absent)}", file=sys.stderr)
-            return records
         from editlab.report import write_comparison
 
-        write_comparison([str(d) for d in done], study.out / "report")
-    return records
+        write_comparison(done, study.out / "report")
 
 
 def select_runs(study: Study, names: list[str], path: str) -> list[StudyRun]:
@@ -258,6 +292,11 @@ def study_main(argv: list[str] | None = None) -> int:
         help="processes at once, instead of the file's (e.g. 1 while another study shares the machine)",
     )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the file")
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="copy finished runs' curve, steps and norms into their results JSONs and write the report; run nothing",
+    )
     args = parser.parse_args(argv)
     try:
         study = read_study(args.file)
@@ -274,6 +313,11 @@ def study_main(argv: list[str] | None = None) -> int:
     if args.list:
         for run in study.runs:
             print(f"{run.name}\t{run_state(study, run)}\t{' '.join(run_command(study, run))}")
+        return 0
+    if args.collect:
+        refreshed = collect(study)
+        print(f"editlab study: refreshed {', '.join(refreshed) or 'nothing'}", file=sys.stderr)
+        write_report(study, [finished_record(study, run) or {} for run in study.runs])
         return 0
     records = run_study(study, Path.cwd())
     failed = [r["name"] for r in records if r.get("returncode") != 0]
