@@ -4,9 +4,12 @@ covariance sample count N of the stats_samples study), one line per series:
     python studies/sweep.py studies/stats_samples --out studies/stats_samples/samples.png
 
 The table has one row per run (series, N, efficacy, generalization, specificity success, ME-PPL-50,
-seconds of set-up, i.e. the statistics, the context templates and any projector, and seconds in
-all); the figure one panel per column but the series, N on a log axis. Runs without a results JSON
-are absent. Other results JSONs of the directory (not ``_c<N>``) are ignored.
+the L1 growth of the last edited layer's matrix after the last step, and the seconds of set-up, i.e.
+the statistics, the context templates and any projector, recomputed in every sitting of a resumed
+run); the figure one panel per column but the series, N on a log axis. The stream's seconds are
+left out: z and the solve do not depend on N, and a run resumed across sittings on a shared machine
+has no comparable total. Runs without a results JSON are absent. Other results JSONs of the
+directory (not ``_c<N>``) are ignored.
 """
 
 from __future__ import annotations
@@ -17,14 +20,22 @@ import re
 from pathlib import Path
 
 NAME = re.compile(r"(?P<series>.+)_c(?P<n>\d+)")
-COLUMNS = [  # (header, summary key, format)
+GROWTH = re.compile(r"weight_norm/l(\d+)/rel_l1_growth")
+LAST_GROWTH = "last_layer_l1_growth_percent"  # the last edited layer's L1 growth, in %
+COLUMNS = [  # (header, key of a point's values, format)
     ("efficacy success", "efficacy_success", ".3f"),
     ("generalization success", "generalization_success", ".3f"),
     ("specificity success", "specificity_success", ".3f"),
     ("ME-PPL-50", "me_ppl50_perplexity", ".1f"),
+    ("L1 growth of the last edited layer (%)", LAST_GROWTH, "+.1f"),
     ("seconds of set-up", "seconds_setup", ".0f"),
-    ("seconds in all", "seconds_total", ".0f"),
 ]
+
+
+def point_values(record: dict) -> dict:
+    """A results JSON's summary plus the L1 growth (%) of its highest edited layer at the end."""
+    growth = {int(m.group(1)): v for k, v in record.get("weight_norms_end", {}).items() if (m := GROWTH.fullmatch(k))}
+    return {**record["summary"], **({LAST_GROWTH: 100 * growth[max(growth)]} if growth else {})}
 
 
 def sweep_points(directory: Path) -> dict[str, list[tuple[int, dict]]]:
@@ -34,8 +45,8 @@ def sweep_points(directory: Path) -> dict[str, list[tuple[int, dict]]]:
         match = NAME.fullmatch(path.stem)
         if match is None:
             continue
-        summary = json.loads(path.read_text())["summary"]
-        points.setdefault(match["series"], []).append((int(match["n"]), summary))
+        values = point_values(json.loads(path.read_text()))
+        points.setdefault(match["series"], []).append((int(match["n"]), values))
     for rows in points.values():
         rows.sort(key=lambda row: row[0])
     return points

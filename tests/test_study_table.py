@@ -60,7 +60,8 @@ def test_curve_tables_put_each_runs_points_in_edit_columns_and_share_the_pre_edi
 
 
 def test_sweep_table_and_figure_order_each_series_by_its_sample_count(tmp_path, capsys):
-    write(tmp_path, "memit_seq_c1000", {"efficacy_success": 0.9, "seconds_setup": 120.0})
+    write(tmp_path, "memit_seq_c1000", {"efficacy_success": 0.9, "seconds_setup": 120.0},
+          {"weight_norm/l7/rel_l1_growth": 0.5, "weight_norm/l8/rel_l1_growth": 0.0813})  # fmt: skip
     write(tmp_path, "memit_seq_c100", {"efficacy_success": 0.5, "me_ppl50_perplexity": 130.25})
     write(tmp_path, "alphaedit_c300", {"specificity_success": 0.7})
     write(tmp_path, "memit_seq_300", {"efficacy_success": 0.1})  # not a sweep point: left out
@@ -71,5 +72,5 @@ def test_sweep_table_and_figure_order_each_series_by_its_sample_count(tmp_path, 
     order = [row.split(" | ")[:2] for row in rows]
     assert order == [["| alphaedit", "300"], ["| memit_seq", "100"], ["| memit_seq", "1000"]]
     assert rows[1] == "| memit_seq | 100 | 0.500 | — | — | 130.2 | — | — |"
-    assert rows[2].endswith("| 0.900 | — | — | — | 120 | — |")
+    assert rows[2].endswith("| 0.900 | — | — | — | +8.1 | 120 |")  # layer 8's growth, the last layer
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
