@@ -1,0 +1,33 @@
+"""Every committed study file parses, and each of its runs resolves and builds as `editlab fit`
+would build it: a typo in a study's options fails here, not hours into a study."""
+
+import pytest
+from test_configs import instantiate, resolved
+
+from editlab.commands.study import read_study, run_command
+from editlab.editing.methods.base import EditMethod
+
+from helpers import REPO
+
+STUDY_FILES = sorted(p for p in (REPO / "studies").glob("*/*.yaml"))
+RUNS = [(path, run) for path in STUDY_FILES for run in read_study(path.relative_to(REPO)).runs]
+
+
+def test_there_are_study_files():
+    assert {"lifelong_p1/study.yaml", "lifelong_p1/extra.yaml"} <= {
+        str(p.relative_to(REPO / "studies")) for p in STUDY_FILES
+    }
+
+
+@pytest.mark.parametrize(("path", "run"), RUNS, ids=[f"{p.parent.name}/{p.stem}:{r.name}" for p, r in RUNS])
+def test_every_study_run_resolves_and_builds(path, run, monkeypatch):
+    monkeypatch.chdir(REPO)  # study files name configs and data relative to the repository
+    study = read_study(path.relative_to(REPO))
+    command = run_command(study, run)
+    assert command[:2] == ["editlab", "fit"]
+    printed = resolved(command[2:])
+    module, data = instantiate(printed)
+    assert isinstance(module.method, EditMethod)
+    assert printed["trainer"]["default_root_dir"] == str(study.runs_dir / run.name)
+    option = {command[i]: command[i + 1] for i in range(2, len(command) - 1) if command[i].startswith("--data.")}
+    assert str(data.num_edits) == option.get("--data.num_edits", str(data.num_edits))
