@@ -45,6 +45,7 @@ PER_EDIT = [  # the results JSON's seconds_per_edit: each stage's seconds over t
     ("seconds per edit: keys", "seconds_keys"),
     ("seconds per edit: solve", "seconds_solve"),
     ("seconds per edit: evaluation", "seconds_evaluation"),
+    ("CPU seconds per edit of the steps", "seconds_cpu"),  # the steps' work without waits (steps.jsonl)
 ]
 GROWTH = re.compile(r"weight_norm/l(\d+)/rel_l1_growth")
 

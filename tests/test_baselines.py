@@ -371,6 +371,7 @@ def test_cli_run_tracks_the_weight_norm_of_rome_s_layer(tmp_path):
         tracked = {k.split("/")[1] for k in row if k.startswith("weight_norm/")}
         assert tracked == {"l1"}
         assert row["weight_norm/l1/rel_l1_delta"] > 0
+        assert 0 < row["seconds_cpu"] and row["seconds"] > 0  # the step's CPU seconds beside its wall seconds
     assert steps[1]["weight_norm/l1/rel_l1_delta"] > 0 and "delta_norm/l1" in steps[0]
 
 

@@ -72,6 +72,11 @@ def test_records_survive_an_edit_state_round_trip(tmp_path):
     assert [r.case_id for r in again.done([request(i) for i in range(3)])] == ["0", "1"]
 
 
+def test_a_step_record_keeps_its_cpu_seconds_beside_its_wall_seconds(tmp_path):
+    row = RunRecorder(tmp_path).record_step([request(0)], EditResult(), 9.0, seconds_cpu=2.0)  # waited 7 s of 9
+    assert (row["seconds"], row["seconds_cpu"]) == (9.0, 2.0)
+
+
 def test_seconds_per_step_of_a_resumed_run_counts_the_steps_of_earlier_sittings(tmp_path):
     first = RunRecorder(tmp_path)
     for i, seconds in enumerate((10.0, 20.0)):

@@ -118,14 +118,19 @@ class RunRecorder:
         return self.root / name
 
     # -- the stream ------------------------------------------------------------------------------
-    def record_step(self, batch: list[EditRequest], result: EditResult, seconds: float) -> dict:
-        """One edit step done: its cases, counts and record (returned; observers add to it)."""
+    def record_step(
+        self, batch: list[EditRequest], result: EditResult, seconds: float, seconds_cpu: float | None = None
+    ) -> dict:
+        """One edit step done: its cases, counts and record (returned; observers add to it);
+        ``seconds_cpu``, the process's CPU seconds of the step, where measured."""
         for req in batch:
             self.case_step[req.case_id] = self.steps_done  # the step's index in the whole stream
         self.edits_done += len(batch)
         self.steps_done += 1
+        cpu = {} if seconds_cpu is None else {"seconds_cpu": seconds_cpu}
         self.steps.append(
-            {"step": self.steps_done, "edits": self.edits_done, "seconds": seconds, **result.scalars, **result.details}
+            {"step": self.steps_done, "edits": self.edits_done, "seconds": seconds, **cpu, **result.scalars}
+            | result.details
         )
         self.case_edit_info.update(result.per_request)
         return self.steps[-1]

@@ -141,11 +141,13 @@ class EditRun:
         return RunIdentity(s.model_name, self.fingerprint, s.lm_dtype, type(self.method).__name__, digest)
 
     def edit(self, batch: list[EditRequest]) -> tuple[dict, dict[str, float], float]:
-        """One edit step: the step's record, the method's scalars and the seconds it took."""
-        t0 = time.perf_counter()
+        """One edit step: the step's record, the method's scalars and the seconds it took. The record
+        also has the process's CPU seconds: wall seconds count time the process waited (another
+        process on its core, a stopped process), CPU seconds only the work."""
+        t0, c0 = time.perf_counter(), time.process_time()
         result = self.method.apply(self.ctx, batch)
-        seconds = time.perf_counter() - t0
-        return self.recorder.record_step(batch, result, seconds), result.scalars, seconds
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return self.recorder.record_step(batch, result, seconds, cpu), result.scalars, seconds
 
     def after_step(self, batch: list[EditRequest]) -> dict[str, float] | None:
         """What the schedule says after the step (rank 0 only); the in-stream probe scores or None."""
