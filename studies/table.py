@@ -18,6 +18,8 @@ import json
 import re
 from pathlib import Path
 
+from editlab.report import is_stream
+
 ROWS = [
     ("method", "method"),
     ("edits", "edits"),
@@ -71,13 +73,11 @@ def growth_rows(records: dict, layers: list[int] | None) -> list[tuple[str, list
     return rows
 
 
-STREAM = ("pre", "periodic", "final")  # curve points on the stream's cases (immediate ones score a step's own)
-
-
 def curve_table(records: dict, key: str) -> list[str]:
     """``key`` against edits: a row per run, a column per evaluation point any run has."""
     points = {
-        name: {int(row["edits"]): row.get(key) for row in r.get("curve") or [] if row.get("timing") in STREAM}
+        # immediate points score a step's own cases, not the stream's
+        name: {int(row["edits"]): row.get(key) for row in r.get("curve") or [] if is_stream(row)}
         for name, r in records.items()
     }
     shared = next((p[0] for p in points.values() if p.get(0) is not None), None)

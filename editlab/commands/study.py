@@ -42,6 +42,7 @@ import yaml
 
 from editlab import rundir
 from editlab.files import write_text_atomic
+from editlab.report import load_jsonl, write_comparison
 
 
 @dataclass
@@ -130,14 +131,9 @@ def commit_of(repo: Path) -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def rundir_rows(path: Path) -> list[dict]:
-    """A run file's JSON lines ([] without the file)."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def step_rows(run_dir: Path) -> list[dict]:
     """steps.jsonl's records ([] without the file)."""
-    return rundir_rows(run_dir / rundir.STEPS)
+    return load_jsonl(run_dir / rundir.STEPS) or []
 
 
 def stage_seconds(run_dir: Path) -> dict[str, float]:
@@ -173,7 +169,7 @@ def run_records(run_dir: Path) -> dict:
     """What a results JSON keeps of a finished run's directory besides its summary: the evaluation
     points, the steps' records and the edited matrices' last norms (a comparison's figures)."""
     return {
-        "curve": rundir_rows(run_dir / rundir.CURVE),
+        "curve": load_jsonl(run_dir / rundir.CURVE) or [],
         "steps": step_rows(run_dir),
         "weight_norms_end": final_weight_norms(run_dir),
     }
@@ -269,8 +265,6 @@ def write_report(study: Study, records: list[dict]) -> None:
     finished = zip(study.runs, records, strict=True)
     done = [study.out / f"{run.name}.json" for run, record in finished if record.get("returncode") == 0]
     if len(done) == len(study.runs) and len(done) > 1:
-        from editlab.report import write_comparison
-
         write_comparison(done, study.out / "report")
 
 

@@ -129,8 +129,14 @@ class RunRecorder:
         self.steps_done += 1
         cpu = {} if seconds_cpu is None else {"seconds_cpu": seconds_cpu}
         self.steps.append(
-            {"step": self.steps_done, "edits": self.edits_done, "seconds": seconds, **cpu, **result.scalars}
-            | result.details
+            {
+                "step": self.steps_done,
+                "edits": self.edits_done,
+                "seconds": seconds,
+                **cpu,
+                **result.scalars,
+                **result.details,
+            }
         )
         self.case_edit_info.update(result.per_request)
         return self.steps[-1]
