@@ -271,6 +271,13 @@ def run_metrics_table(summary: Mapping[str, Any]) -> list[str]:
 
 
 WEIGHT_NORM = re.compile(r"weight_norm/l(\d+)/(rel_\w+)")
+L1_GROWTH = re.compile(r"weight_norm/l(\d+)/rel_l1_growth")
+
+
+def l1_growth_by_layer(row: Mapping[str, Any]) -> dict[int, float]:
+    """layer -> relative L1 growth of its edited matrix, ‖W‖₁/‖W₀‖₁ − 1, from a steps row or a
+    results JSON's ``weight_norms_end`` (its ``weight_norm/l<i>/rel_l1_growth`` values)."""
+    return {int(m.group(1)): float(v) for k, v in row.items() if (m := L1_GROWTH.fullmatch(k))}
 
 
 def final_weight_norms(steps: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:

@@ -19,8 +19,9 @@ import json
 import re
 from pathlib import Path
 
+from editlab.report import l1_growth_by_layer
+
 NAME = re.compile(r"(?P<series>.+)_c(?P<n>\d+)")
-GROWTH = re.compile(r"weight_norm/l(\d+)/rel_l1_growth")
 LAST_GROWTH = "last_layer_l1_growth_percent"  # the last edited layer's L1 growth, in %
 COLUMNS = [  # (header, key of a point's values, format)
     ("efficacy success", "efficacy_success", ".3f"),
@@ -34,7 +35,7 @@ COLUMNS = [  # (header, key of a point's values, format)
 
 def point_values(record: dict) -> dict:
     """A results JSON's summary plus the L1 growth (%) of its highest edited layer at the end."""
-    growth = {int(m.group(1)): v for k, v in record.get("weight_norms_end", {}).items() if (m := GROWTH.fullmatch(k))}
+    growth = l1_growth_by_layer(record.get("weight_norms_end", {}))
     return {**record["summary"], **({LAST_GROWTH: 100 * growth[max(growth)]} if growth else {})}
 
 

@@ -15,10 +15,9 @@ run that skipped its pre-edit evaluation is the first run's (the same model scor
 
 import argparse
 import json
-import re
 from pathlib import Path
 
-from editlab.report import is_stream
+from editlab.report import is_stream, l1_growth_by_layer
 
 ROWS = [
     ("method", "method"),
@@ -49,7 +48,6 @@ PER_EDIT = [  # the results JSON's seconds_per_edit: each stage's seconds over t
     ("seconds per edit: evaluation", "seconds_evaluation"),
     ("CPU seconds per edit of the steps", "seconds_cpu"),  # the steps' work without waits (steps.jsonl)
 ]
-GROWTH = re.compile(r"weight_norm/l(\d+)/rel_l1_growth")
 
 
 def cell(value) -> str:
@@ -60,9 +58,7 @@ def cell(value) -> str:
 
 def growth_rows(records: dict, layers: list[int] | None) -> list[tuple[str, list]]:
     """One row per edited layer found (or asked for): W's L1 norm growth after the last step, in %."""
-    found = sorted(
-        {int(m.group(1)) for r in records.values() for k in r.get("weight_norms_end", {}) if (m := GROWTH.fullmatch(k))}
-    )
+    found = sorted({layer for r in records.values() for layer in l1_growth_by_layer(r.get("weight_norms_end", {}))})
     rows = []
     for layer in layers if layers is not None else found:
         key = f"weight_norm/l{layer}/rel_l1_growth"

@@ -183,3 +183,36 @@ def test_collect_copies_a_finished_runs_records_into_a_results_json_written_befo
     assert (tmp_path / "out" / "report" / "report.md").is_file()
     assert study_main([str(path), "--collect"]) == 0  # nothing new: nothing rewritten
     assert "refreshed nothing" in capsys.readouterr().err
+
+
+def test_progress_shows_every_evaluation_point_so_far_from_results_json_or_checkpoint(tmp_path, capsys):
+    from editlab.lightning.editstate import save_edit_state
+
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    runs = [{"name": n, "config": config} for n in ("done", "midway", "unstarted")]
+    study = read_study(write_study(tmp_path, runs))
+    (tmp_path / "out").mkdir()
+    finished = {
+        "name": "done", "command": " ".join(run_command(study, study.runs[0])), "returncode": 0, "summary": {},
+        "curve": [{"step": 2, "edits": 20, "timing": "final", "specificity_success": 0.5}],
+        "steps": [{"step": 2, "weight_norm/l4/rel_l1_growth": 0.5, "weight_norm/l8/rel_l1_growth": 0.25}],
+    }  # fmt: skip
+    (tmp_path / "out" / "done.json").write_text(json.dumps(finished))
+    # midway: only its last checkpoint, whose results carry the points and steps so far
+    results = {
+        "curve": [{"step": 0, "edits": 0, "timing": "pre", "specificity_success": 0.75},
+                  {"step": 1, "edits": 10, "timing": "periodic", "specificity_success": 0.625}],
+        "steps_log": [{"step": 1, "weight_norm/l8/rel_l1_growth": -0.125}],
+    }  # fmt: skip
+    save_edit_state(tmp_path / "runs" / "midway" / "checkpoints" / "edit_state.pt", {"results": json.dumps(results)})
+    path = str(tmp_path / "study.yaml")
+    assert study_main([path, "--progress", "specificity_success", "fluency"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| run | point | edits | specificity_success | fluency | L1 growth, last layer |"
+    assert lines[2:] == [
+        "| done | final | 20 | 0.500 | — | +25.0% |",  # the highest layer's growth at that step
+        "| midway | pre | 0 | 0.750 | — | — |",
+        "| midway | periodic | 10 | 0.625 | — | -12.5% |",
+    ]
+    assert study_main([path, "--progress"]) == 0
+    assert "efficacy_success | generalization_success | specificity_success" in capsys.readouterr().out

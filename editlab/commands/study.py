@@ -23,7 +23,8 @@ seconds, the machine's load while it ran, the per-stage seconds, its summary, it
 every run has finished, ``editlab report`` puts them side by side in ``OUT/report``, from the results
 JSONs: the committed results redraw the figures without the run directories. ``--collect`` copies
 the run directories' records into results JSONs written before they carried them, runs nothing and
-writes the report.
+writes the report. ``--progress`` prints every evaluation point so far of each run, an unfinished
+one's from its last edit-state checkpoint, and runs nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import yaml
 
 from editlab import rundir
 from editlab.files import write_text_atomic
-from editlab.report import load_jsonl, write_comparison
+from editlab.report import fmt, fmt_count, l1_growth_by_layer, load_jsonl, markdown_table, write_comparison
 
 
 @dataclass
@@ -253,6 +254,50 @@ def run_state(study: Study, run: StudyRun) -> str:
     return "started (no step done)" if (study.runs_dir / run.name).is_dir() else "to run"
 
 
+PROGRESS_METRICS = [
+    "efficacy_success",
+    "generalization_success",
+    "specificity_success",
+    "me_ppl50_perplexity",
+    "fluency",
+]  # --progress's default columns
+
+
+def run_progress(study: Study, run: StudyRun) -> tuple[list[dict], list[dict]] | None:
+    """(evaluation points, steps' records) of a run so far: a finished run's results JSON, else the
+    records its last edit-state checkpoint carries, else None (not started, or no step done)."""
+    record = finished_record(study, run)
+    if record is not None and "curve" in record:
+        return record["curve"], record.get("steps", [])
+    path = rundir.edit_state_path(study.runs_dir / run.name)
+    if not path.is_file():
+        return None
+    from editlab.lightning.editstate import load_edit_state  # torch and lightning: only when a run has one
+
+    results = json.loads(load_edit_state(path)["results"])
+    return results["curve"], results["steps_log"]
+
+
+def progress_table(study: Study, metrics: list[str]) -> list[str]:
+    """A row per evaluation point of every run so far: its timing, edits, ``metrics`` and the L1
+    growth of the last edited layer's matrix at that step (the state of a long study mid-way,
+    without waiting for its results JSONs)."""
+    rows = []
+    for run in study.runs:
+        got = run_progress(study, run)
+        if got is None:
+            continue
+        curve, steps = got
+        growth_at = {int(row["step"]): l1_growth_by_layer(row) for row in steps if "step" in row}
+        for point in curve:
+            growth = growth_at.get(int(point.get("step", -1)), {})
+            last = f"{100 * growth[max(growth)]:+.1f}%" if growth else "—"
+            values = [fmt(point.get(key)) for key in metrics]
+            rows.append([run.name, str(point.get("timing", "—")), fmt_count(point.get("edits")), *values, last])
+    header = ["run", "point", "edits", *metrics, "L1 growth, last layer"]
+    return markdown_table(header, rows)
+
+
 def run_study(study: Study, repo: Path, launcher: list[str] | None = None) -> list[dict]:
     with ThreadPoolExecutor(max_workers=study.parallel) as pool:
         records = list(pool.map(lambda r: execute(study, r, repo, launcher), study.runs))
@@ -287,6 +332,13 @@ def study_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the file")
     parser.add_argument(
+        "--progress",
+        nargs="*",
+        metavar="KEY",
+        help="print every evaluation point so far of each run (finished or from its last checkpoint) with these "
+        f"metrics (default: {' '.join(PROGRESS_METRICS)}); run nothing",
+    )
+    parser.add_argument(
         "--collect",
         action="store_true",
         help="copy finished runs' curve, steps and norms into their results JSONs and write the report; run nothing",
@@ -307,6 +359,9 @@ def study_main(argv: list[str] | None = None) -> int:
     if args.list:
         for run in study.runs:
             print(f"{run.name}\t{run_state(study, run)}\t{' '.join(run_command(study, run))}")
+        return 0
+    if args.progress is not None:
+        print("\n".join(progress_table(study, args.progress or PROGRESS_METRICS)))
         return 0
     if args.collect:
         refreshed = collect(study)
