@@ -5,7 +5,8 @@
 Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
 zsRE's token accuracies, quality, probes), the L1 growth of the edited matrices after the last
 step (the results JSON's ``weight_norms_end``; ``--growth-layers`` picks the layers), seconds per
-step, and seconds per edit of z, keys, solve and evaluation where the results JSONs have them
+step (the mean, and the median of the steps' records, which one step that waited does not move),
+and seconds per edit of z, keys, solve and evaluation where the results JSONs have them
 (``seconds_per_edit``). The "before" column is the first run's ``pre_*`` values.
 
 ``--curve KEY ...`` adds one table per metric against edits, a row per run, a column per
@@ -69,6 +70,16 @@ def growth_rows(records: dict, layers: list[int] | None) -> list[tuple[str, list
     return rows
 
 
+def median_step_seconds(steps: list[dict]) -> float | None:
+    """The median of the steps' wall seconds: what a step costs, untouched by one step that waited
+    (a process stopped or starved for a while inflates the mean, not the median)."""
+    values = sorted(float(row["seconds"]) for row in steps if isinstance(row.get("seconds"), (int, float)))
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
 def curve_table(records: dict, key: str) -> list[str]:
     """``key`` against edits: a row per run, a column per evaluation point any run has."""
     points = {
@@ -111,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | " + " | ".join(cell(v) for v in (["0"] if pre else []) + values) + " |")
     seconds = [s.get("seconds_per_step") for s in summaries]
     print("| seconds per step | " + " | ".join(cell(v) for v in ([None] if pre else []) + seconds) + " |")
+    medians = [median_step_seconds(r.get("steps") or []) for r in records.values()]
+    if any(v is not None for v in medians):
+        print("| median seconds of a step | " + " | ".join(cell(v) for v in ([None] if pre else []) + medians) + " |")
     for label, key in PER_EDIT:
         values = [r.get("seconds_per_edit", {}).get(key) for r in records.values()]
         if any(v is not None for v in values):

@@ -74,3 +74,13 @@ def test_sweep_table_and_figure_order_each_series_by_its_sample_count(tmp_path, 
     assert rows[1] == "| memit_seq | 100 | 0.500 | — | — | 130.2 | — | — |"
     assert rows[2].endswith("| 0.900 | — | — | — | +8.1 | 120 |")  # layer 8's growth, the last layer
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_median_step_row_is_not_moved_by_one_step_that_waited(tmp_path, capsys):
+    write(tmp_path, "seq", {"method": "MEMIT_seq"})
+    record = json.loads((tmp_path / "seq.json").read_text())
+    record["steps"] = [{"step": i, "seconds": s} for i, s in enumerate([500.0, 6809.0, 520.0, 510.0], start=1)]
+    (tmp_path / "seq.json").write_text(json.dumps(record))
+    write(tmp_path, "old", {"method": "MEMIT"})  # a results JSON without steps
+    lines = table([str(tmp_path), "seq", "old"], capsys)
+    assert "| median seconds of a step | 515.0 | — |" in lines
