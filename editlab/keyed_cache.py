@@ -83,5 +83,8 @@ class KeyedCache:
         return blob
 
     def save(self, key: dict, payload: dict) -> Path:
-        """Write ``{"key": key, **payload}`` atomically (the key first: the files' layout as before)."""
-        return save_torch_atomic({"key": key, **payload}, self.path(key))
+        """Write ``{"key": key, **payload}`` atomically (the key first: the files' layout as before).
+        Each tensor is written as a compact copy: torch.save writes a view's whole storage, so one
+        request's z, a row of its step's [n, d_model] batch, took n times its own size on disk."""
+        compact = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in payload.items()}
+        return save_torch_atomic({"key": key, **compact}, self.path(key))

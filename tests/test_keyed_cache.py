@@ -60,3 +60,14 @@ def test_z_cache_without_files_keeps_z_in_memory_only(tmp_path):
     assert torch.equal(cache.get(key)["z"], torch.ones(2))
     assert TargetCache(None).get(key) is None
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stored_row_of_a_batch_takes_its_own_size_on_disk_not_the_batch_storage(tmp_path):
+    batch = torch.randn(100, 576)  # a step's z, one row per request
+    files = z_cache_files(tmp_path)
+    key = {"layer": 8, "request": 7}
+    TargetCache(files).put(key, {"z": batch[7], "h": batch[8]})
+    loaded = files.load(key)
+    assert torch.equal(loaded["z"], batch[7]) and torch.equal(loaded["h"], batch[8])  # the same bits
+    assert loaded["z"].untyped_storage().nbytes() == 576 * 4  # not the batch's 100 rows
+    assert files.path(key).stat().st_size < 100 * 576 * 4 / 10
