@@ -1,6 +1,8 @@
 """ROME, AlphaEdit, PMET and FT-L: closed forms against slow obvious solutions, and on a tiny model
 each one edits (the target gets likelier), touches only its layers, and a failed step restores."""
 
+import time
+
 import pytest
 import torch
 
@@ -9,7 +11,9 @@ from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods import alphaedit as alphaedit_module
 from editlab.editing.methods import ft as ft_module
 from editlab.editing.methods import memit as memit_module
+from editlab.editing.methods import pmet as pmet_module
 from editlab.editing.methods import rome as rome_module
+from editlab.editing.methods import stages as stages_module
 from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.ft import FT
 from editlab.editing.methods.memit import MEMIT
@@ -29,6 +33,8 @@ from helpers import (
     context,
     cov_cfg,
     facts,
+    make_ece,
+    make_memit,
     run_cli,
     snapshot,
     target_nll,
@@ -547,3 +553,26 @@ def test_rome_without_mom2_adjustment_writes_r_kT_over_kTk_and_makes_no_covarian
     change = read_weight(ctx.view.ffn_out(1)).detach().double() - before
     k, r = key[0], tgt.z[0].double() - cur[0]
     torch.testing.assert_close(change, torch.outer(r, k) / (k @ k), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["memit", "ece", "alphaedit", "pmet", "rome"])
+def test_a_step_records_its_key_forwards_apart_from_its_solve(kind, tmp_path, monkeypatch):
+    """Each key forward of the spread is slowed by 0.25 s: seconds_keys gets that time and
+    seconds_solve does not (both were one "solve" figure before)."""
+    module = {"rome": rome_module, "pmet": pmet_module}.get(kind, stages_module)
+    real, calls = module.keys_and_outputs, []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.25)
+        return real(*args, **kwargs)
+
+    makers = {"memit": make_memit, "ece": lambda path: make_ece(path, z_mode="per_request")}
+    ctx, method = makers.get(kind, lambda path: make(kind, path))(tmp_path)
+    monkeypatch.setattr(module, "keys_and_outputs", slow)
+    scalars = method.apply(ctx, facts()[:2]).scalars
+    # at least one key forward per edited layer (ROME: per request; ECE: the first layer's come from
+    # its neuron attribution, before the spread) inside the spread, none in its solve
+    least = {"rome": 2, "ece": len(method.layers) - 1}.get(kind, len(method.layers))
+    assert len(calls) >= least and scalars["seconds_keys"] >= 0.25 * least
+    assert 0 <= scalars["seconds_solve"] < 0.25

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,25 @@ T = TypeVar("T")
 
 
 @dataclass
+class Stopwatch:
+    """Seconds per label, summed over the blocks timed with it. A step reads a label before and
+    after one of its stages to split that stage's seconds (the spread's key forwards from its solves)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timing(self, label: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+
+    def read(self, label: str) -> float:
+        return self.seconds.get(label, 0.0)
+
+
+@dataclass
 class EditContext:
     """Everything a method may touch: the model (edited in place), its tokenizer and identity."""
 
@@ -34,6 +54,7 @@ class EditContext:
     progress: bool = True
     ranks: Ranks = field(default_factory=Ranks)
     cache_root: Path = field(default_factory=cache_root)  # of the keyed disk caches (statistics, z)
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)  # "keys": the key forwards of the edited layers
 
     def per_request(self, requests: list[EditRequest], fn: Callable[[list[EditRequest]], T]) -> T:
         """``fn`` on this rank's share of the requests, rows of every rank gathered in request

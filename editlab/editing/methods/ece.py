@@ -334,6 +334,7 @@ class ECE(RewindingMethod, StagedMethod):
                 "seconds_attribution": plan.seconds_attribution,
                 "seconds_z": targets.seconds_z,
                 "seconds_solve": step.seconds_spread,
+                "seconds_keys": step.seconds_keys,
             }
         )
         details: dict = {

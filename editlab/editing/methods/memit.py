@@ -109,6 +109,7 @@ class LayerSpreadMethod(KeyValueMethod, StagedMethod):
             **target_scalars(step.targets),
             "seconds_z": step.seconds_targets,
             "seconds_solve": step.seconds_spread,
+            "seconds_keys": step.seconds_keys,
         }
         return EditResult(scalars=scalars)
 

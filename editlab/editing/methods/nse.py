@@ -222,6 +222,7 @@ class NSE(RewindingMethod, StagedMethod):
             "z_steps": float(tgt.steps.mean()),
             "seconds_z": step.seconds_targets,
             "seconds_solve": step.seconds_spread,
+            "seconds_keys": step.seconds_keys,
             **spread.per_layer,
         }
         details = {"nse_pass_log": spread.passes, "nse_residual_means": [float(c.mean()) for c in checks]}

@@ -119,10 +119,11 @@ class PMET(MEMIT):
             raise TypeError("PMET.spread needs the PMETTargets of PMET.compute_targets (it writes the FFN target)")
 
         def residual(ctx, requests, templates, layers, i, v):
-            keys, _ = keys_and_outputs(
-                ctx.view, ctx.tok, requests, templates, layers[i], layers[i], weighting=self.context.key_weighting
-            )  # [n, d_ff]
-            now = ffn_outputs(ctx, requests, layers[-1])  # [n, d_model]
+            with ctx.stopwatch.timing("keys"):  # the key forward and the FFN output's (MEMIT gets both in one)
+                keys, _ = keys_and_outputs(
+                    ctx.view, ctx.tok, requests, templates, layers[i], layers[i], weighting=self.context.key_weighting
+                )  # [n, d_ff]
+                now = ffn_outputs(ctx, requests, layers[-1])  # [n, d_model]
             return keys, (v - now) / math.sqrt(len(layers) - i)
 
         out = spread_over_layers(ctx, requests, self.templates, self.layers, tgt.ffn_target, self.layer_delta, residual)

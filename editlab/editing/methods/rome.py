@@ -133,9 +133,11 @@ class ROME(KeyValueMethod, StagedMethod):
         before = read_weight(view.ffn_out(self.layer)).detach().double().clone()
         with restore_on_error(view, [self.layer]):
             for i, req in enumerate(requests):
-                key, cur = keys_and_outputs(
-                    view, ctx.tok, [req], self.templates, self.layer, self.layer, weighting=self.context.key_weighting
-                )  # [1, d_ff], [1, d]
+                weighting = self.context.key_weighting
+                with ctx.stopwatch.timing("keys"):
+                    key, cur = keys_and_outputs(
+                        view, ctx.tok, [req], self.templates, self.layer, self.layer, weighting=weighting
+                    )  # [1, d_ff], [1, d]
                 cov = self.cov[self.layer] if self.mom2_adjustment else None  # None: C = I
                 delta = rome_delta(key[0], tgt.z[i].double() - cur[0], cov)  # [d_model, d_ff]
                 add_delta(view.ffn_out(self.layer), delta)
@@ -149,6 +151,7 @@ class ROME(KeyValueMethod, StagedMethod):
         """Each request's z is optimised on the weights the previous request left (the reference's
         order), so the step is a loop of compute_targets + spread over single requests."""
         t_z = t_solve = 0.0
+        keys_before = ctx.stopwatch.read("keys")
         results: list[TargetResult] = []
         before = read_weight(ctx.view.ffn_out(self.layer)).detach().double().clone()
         with restore_on_error(ctx.view, [self.layer]):
@@ -159,8 +162,16 @@ class ROME(KeyValueMethod, StagedMethod):
                 self.spread(ctx, [req], tgt)
                 t_z, t_solve = t_z + t1 - t0, t_solve + time.perf_counter() - t1
                 results.append(tgt)
+        t_keys = ctx.stopwatch.read("keys") - keys_before  # the spreads' key forwards, out of t_solve
         change = read_weight(ctx.view.ffn_out(self.layer)).detach().double() - before
         per_request = [target_scalars(r) for r in results]
         scalars = {name: sum(s[name] for s in per_request) / len(per_request) for name in per_request[0]}
-        scalars.update({f"delta_norm/l{self.layer}": float(change.norm()), "seconds_z": t_z, "seconds_solve": t_solve})
+        scalars.update(
+            {
+                f"delta_norm/l{self.layer}": float(change.norm()),
+                "seconds_z": t_z,
+                "seconds_keys": t_keys,
+                "seconds_solve": t_solve - t_keys,
+            }
+        )
         return EditResult(scalars=scalars)

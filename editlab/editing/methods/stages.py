@@ -106,24 +106,28 @@ class StagedMethod(EditMethod):
         """Apply ``spread.pending`` once the step is final."""
 
     def run_stages(self, ctx: EditContext, requests: list[EditRequest]) -> StagedStep:
-        """One plain step, in order: compute_targets, spread, commit, each timed."""
+        """One plain step, in order: compute_targets, spread, commit, each timed; the key forwards
+        inside the spread (``ctx.stopwatch``'s "keys") apart from the rest of it."""
         t0 = time.perf_counter()
         targets = self.compute_targets(ctx, requests)
         t1 = time.perf_counter()
+        keys_before = ctx.stopwatch.read("keys")
         spread = self.spread(ctx, requests, targets)
         self.commit(spread)
-        return StagedStep(targets, spread, t1 - t0, time.perf_counter() - t1)
+        seconds_keys = ctx.stopwatch.read("keys") - keys_before
+        return StagedStep(targets, spread, t1 - t0, time.perf_counter() - t1 - seconds_keys, seconds_keys)
 
 
 @dataclass
 class StagedStep:
     """A step run by :meth:`StagedMethod.run_stages`: its targets, its spread, and the seconds of
-    compute_targets and of spread + commit."""
+    compute_targets, of spread + commit less their key forwards, and of those key forwards."""
 
     targets: Targets
     spread: Spread
     seconds_targets: float
-    seconds_spread: float
+    seconds_spread: float  # the solves, writes and checks of the spread: its key forwards not included
+    seconds_keys: float = 0.0
 
 
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (layer, K [n, d_ff], R [n, d]) → ΔW
@@ -154,7 +158,8 @@ def layer_keys(
         out_layer=out_layer,
         weighting=weighting,
     )
-    return ctx.per_request(requests, keys_fn) if share else keys_fn(requests)
+    with ctx.stopwatch.timing("keys"):
+        return ctx.per_request(requests, keys_fn) if share else keys_fn(requests)
 
 
 def layer_residual(z: torch.Tensor, cur: torch.Tensor, layers_left: int) -> torch.Tensor:
