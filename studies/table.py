@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(curve_table(records, key)))
     print()
     for n, r in records.items():
-        print(f"- {n}: `{r['command']}` (commit {r['commit'][:12]}, {r['seconds_this_sitting']:.0f} s this sitting)")
+        sitting = r.get("seconds_this_sitting")  # absent where the results came from the run directory alone
+        took = "" if sitting is None else f", {sitting:.0f} s this sitting"
+        print(f"- {n}: `{r['command']}` (commit {r['commit'][:12]}{took})")
 
 
 if __name__ == "__main__":

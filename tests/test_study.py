@@ -216,3 +216,18 @@ def test_progress_shows_every_evaluation_point_so_far_from_results_json_or_check
     ]
     assert study_main([path, "--progress"]) == 0
     assert "efficacy_success | generalization_success | specificity_success" in capsys.readouterr().out
+
+
+def test_a_run_that_finished_after_its_study_process_ended_gets_its_results_json_from_the_run_directory(tmp_path):
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    study = read_study(write_study(tmp_path, [{"name": "a", "config": config}]))
+    run_dir = tmp_path / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"method": "MEMIT", "edits": 20, "seconds_evaluation": 4.0}))
+    steps = [{"step": 1, "seconds_z": 3.0, "seconds_solve": 1.0}, {"step": 2, "seconds_z": 5.0, "seconds_solve": 1.0}]
+    (run_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    # "false" stands in for editlab: launching fit (which refuses a finished directory) would fail
+    [record] = run_study(study, REPO, launcher=["false"])
+    assert record["returncode"] == 0 and record["summary"]["method"] == "MEMIT" and record["steps"] == steps
+    assert record["seconds_per_edit"] == {"seconds_z": 0.4, "seconds_solve": 0.1, "seconds_evaluation": 0.2}
+    assert json.loads((tmp_path / "out" / "a.json").read_text()) == record

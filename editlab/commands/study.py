@@ -199,6 +199,12 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
     record = finished_record(study, run)
     if record is not None:
         return record
+    if (run_dir / rundir.SUMMARY).is_file():
+        # Finished in an earlier sitting whose study process ended before writing the results JSON
+        # (fit would refuse the finished directory): the record comes from the run directory, the
+        # commit from the checkout the study runs from (a study's worktree stays at one commit).
+        record = {"name": run.name, "command": " ".join(cmd), "returncode": 0, "commit": commit_of(repo)}
+        return write_record(study, run, {**record, "threads": study.threads, **finished_run_files(run_dir)})
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -218,11 +224,6 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
     if rc != 0:
         print(f"editlab study: {run.name} failed (exit {rc}); see {study.runs_dir / run.name}.log", file=sys.stderr)
         return record
-    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
-    edits = max(int(summary.get("edits", 0)), 1)
-    stage_totals = stage_seconds(run_dir)  # z, keys, solve, ... of every step
-    if "seconds_evaluation" in summary:  # every evaluation point, pre-edit one included
-        stage_totals["seconds_evaluation"] = summary["seconds_evaluation"]
     record.update(
         {
             "seconds_this_sitting": round(seconds, 1),
@@ -230,14 +231,31 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
             "cpus": os.cpu_count(),
             "threads": study.threads,
             "parallel": study.parallel,
-            "seconds_per_edit": {k: v / edits for k, v in stage_totals.items()},
-            "summary": summary,
-            **run_records(run_dir),
+            **finished_run_files(run_dir),
         }
     )
-    study.out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(result_path, json.dumps(record, indent=1) + "\n")
     print(f"editlab study: {run.name} done in {seconds:.0f} s -> {result_path}", file=sys.stderr)
+    return write_record(study, run, record)
+
+
+def finished_run_files(run_dir: Path) -> dict:
+    """What a results JSON takes from a finished run's directory: seconds per edit of each stage,
+    the summary and :func:`run_records`."""
+    summary = json.loads((run_dir / rundir.SUMMARY).read_text())
+    edits = max(int(summary.get("edits", 0)), 1)
+    stage_totals = stage_seconds(run_dir)  # z, keys, solve, ... of every step
+    if "seconds_evaluation" in summary:  # every evaluation point, pre-edit one included
+        stage_totals["seconds_evaluation"] = summary["seconds_evaluation"]
+    return {
+        "seconds_per_edit": {k: v / edits for k, v in stage_totals.items()},
+        "summary": summary,
+        **run_records(run_dir),
+    }
+
+
+def write_record(study: Study, run: StudyRun, record: dict) -> dict:
+    study.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(study.out / f"{run.name}.json", json.dumps(record, indent=1) + "\n")
     return record
 
 
