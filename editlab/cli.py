@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import sys
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 from editlab.console import quiet_library_bars, quiet_lightning
 from editlab.errors import USAGE_EXIT, debug_requested, user_error_message, without_debug_flag
 from editlab.lightning.cli import EditLabCLI
+
+SIGTERM_EXIT = 128 + 15  # the shell's status of a process ended by SIGTERM
 
 
 def quiet_expected_warnings() -> None:
@@ -59,6 +63,10 @@ def main(args: list[str] | None = None) -> None:
             sys.exit(stats_main(argv[1:]))
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         EditLabCLI(args=None if args is None else argv)
+    except SIGTERMException:
+        # Lightning's SIGTERMException is a SystemExit with status 0: a stopped run must not look finished.
+        print("editlab: stopped by SIGTERM before the stream's end", file=sys.stderr, flush=True)
+        sys.exit(SIGTERM_EXIT)
     except BaseException as err:
         message = None if debug else user_error_message(err)
         if message is None:

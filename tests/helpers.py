@@ -342,11 +342,13 @@ class HangInStep(L.Callback):
     subprocess runs: ``--trainer.callbacks+=helpers.HangInStep``, tests/ on the PYTHONPATH).
 
     During step ``step`` (1-based), right after the method wrote its first edited layer, write
-    ``marker`` and sleep: the process is then killed with half of that step applied."""
+    ``marker`` and sleep ``seconds``: the process is then killed with half of that step applied
+    (or, signalled to stop, finishes the step after the sleep)."""
 
-    def __init__(self, step: int, marker: str) -> None:
+    def __init__(self, step: int, marker: str, seconds: float = 600.0) -> None:
         self.step = step
         self.marker = marker
+        self.seconds = seconds
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if pl_module.steps_done + 1 != self.step:
@@ -357,8 +359,9 @@ class HangInStep(L.Callback):
         real = stages.add_delta
 
         def add_then_hang(module, delta):
+            stages.add_delta = real  # once
             real(module, delta)
             Path(self.marker).write_text(f"step {self.step}: one layer written\n")
-            time.sleep(600)
+            time.sleep(self.seconds)
 
         stages.add_delta = add_then_hang

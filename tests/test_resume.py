@@ -1,7 +1,8 @@
 """Reliability of a run on a tiny model, through the real CLI in subprocesses: a run killed with
-SIGKILL in the middle of step 6 and resumed with --ckpt_path last ends bit-identical to an
-uninterrupted one; the same config and seed give the same run; a checkpoint written after the last
-step redoes only the final evaluation; resuming is refused when it would not continue the same run."""
+SIGKILL in the middle of step 6, or stopped by SIGTERM in step 5, and resumed with --ckpt_path last
+ends bit-identical to an uninterrupted one; the same config and seed give the same run; a
+checkpoint written after the last step redoes only the final evaluation; resuming is refused when it
+would not continue the same run."""
 
 from __future__ import annotations
 
@@ -120,13 +121,14 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert ra == rb
 
 
-def kill_in_step(base: Path, run: str, step: int) -> None:
-    """Start a run that hangs in the middle of ``step`` and kill it there with SIGKILL."""
+def kill_in_step(base: Path, run: str, step: int, sig: int = signal.SIGKILL, hang_seconds: float = 600) -> str:
+    """Start a run that hangs in the middle of ``step`` and send it ``sig`` there; its stderr."""
     marker = base / f"{run}_in_step_{step}"
     hang = [
         "--trainer.callbacks+=helpers.HangInStep",
         f"--trainer.callbacks.step={step}",
         f"--trainer.callbacks.marker={marker}",
+        f"--trainer.callbacks.seconds={hang_seconds}",
     ]
     cmd = [sys.executable, "-m", "editlab.cli", "fit", *args(base, run, *hang)]
     proc = subprocess.Popen(cmd, cwd=base, env=env(base), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -135,9 +137,9 @@ def kill_in_step(base: Path, run: str, step: int) -> None:
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline, f"step {step} never started"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    return f"exit {proc.returncode}\n{err}"
 
 
 @pytest.mark.slow  # starts processes
@@ -188,6 +190,23 @@ def test_killed_in_the_first_step_keeps_the_pre_edit_evaluation(base, full):
     resumed = fit(base, args(base, "killed_first", "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "after step 0" in resumed.stderr
+    assert_same_weights(full, run)
+    assert_same_results(full, run)
+
+
+@pytest.mark.slow  # starts processes
+def test_sigterm_in_step_5_saves_the_state_after_it_and_exits_non_zero(base, full):
+    # A scheduler's SIGTERM (preemption, time limit): Lightning stops after the step in progress;
+    # the state after step 5 is saved although checkpoints fall after even steps, the exit status
+    # says the run did not finish, and the resumed run recomputes nothing and ends bit-identical.
+    said = kill_in_step(base, "stopped", 5, signal.SIGTERM, hang_seconds=2)
+    run = base / "stopped"
+    assert said.startswith("exit 143\n") and "stopped after step 5" in said and "stopped by SIGTERM" in said
+    state = load_edit_state(edit_state_path(run))
+    assert state["steps_done"] == 5 and not state["final"] and not (run / "summary.json").exists()
+    resumed = fit(base, args(base, "stopped", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after step 5" in resumed.stderr
     assert_same_weights(full, run)
     assert_same_results(full, run)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from editlab.console import stderr_is_terminal, step_line
 from editlab.distributed import Ranks
@@ -34,6 +35,15 @@ from editlab.lightning.recorder import LoggedRows, RunRecorder
 from editlab.lightning.run import EditRun, LoadedModel, RunSettings
 from editlab.models.arch import ModelView
 from editlab.models.load import DType, load_model_and_tokenizer
+
+
+class SaveOnSigterm(L.Callback):
+    """On the SIGTERMException Lightning raises after the step in progress, the edit state after
+    that step (:meth:`EditingModule.save_after_sigterm`)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            pl_module.save_after_sigterm()
 
 
 class EditingModule(L.LightningModule):
@@ -112,7 +122,7 @@ class EditingModule(L.LightningModule):
     def configure_callbacks(self):
         # Weight-norm tracking is part of every run's record (steps.jsonl, plots); a tracker given
         # in the trainer's callbacks is replaced by this one (Lightning's rule), not duplicated.
-        return [WeightNormTracker()]
+        return [WeightNormTracker(), SaveOnSigterm()]
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a list of EditRequest: strings only, nothing to move
@@ -192,6 +202,22 @@ class EditingModule(L.LightningModule):
             # Lightning's logging step counts the batches of this process; continue the stream's count.
             self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.recorder.steps_done
         self.run.begin_stream()
+
+    def save_after_sigterm(self) -> None:
+        """Lightning ends a fit on SIGTERM (a scheduler's preemption or time limit) once the step in
+        progress is done and its row logged; the state after that step, otherwise written when the
+        next step starts, is written now, so the resumed run recomputes nothing."""
+        run = getattr(self, "run", None)
+        if run is None or not self.checkpoint_every or self.steps_done in (0, self.resumed_from_step):
+            return
+        run.save_state()
+        if run.ranks.is_main:
+            print(
+                f"[editlab] SIGTERM: stopped after step {self.steps_done}, its edit state saved; "
+                "continue with --ckpt_path last",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # The state after step k is saved when step k + 1 starts: by then the callbacks have added
