@@ -202,11 +202,27 @@ def test_sigterm_in_step_5_saves_the_state_after_it_and_exits_non_zero(base, ful
     said = kill_in_step(base, "stopped", 5, signal.SIGTERM, hang_seconds=2)
     run = base / "stopped"
     assert said.startswith("exit 143\n") and "stopped after step 5" in said and "stopped by SIGTERM" in said
+    assert "continues with step 6" in said
     state = load_edit_state(edit_state_path(run))
     assert state["steps_done"] == 5 and not state["final"] and not (run / "summary.json").exists()
     resumed = fit(base, args(base, "stopped", "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "after step 5" in resumed.stderr
+    assert_same_weights(full, run)
+    assert_same_results(full, run)
+
+
+@pytest.mark.slow  # starts processes
+def test_sigterm_in_the_last_step_leaves_only_the_final_evaluation(base, full):
+    # In the last step Lightning stops at the epoch's end, before the final evaluation: the state
+    # saved is the final one, and the resumed run does only that evaluation.
+    said = kill_in_step(base, "stopped_last", STEPS, signal.SIGTERM, hang_seconds=2)
+    run = base / "stopped_last"
+    assert said.startswith("exit 143\n") and "continues with the final evaluation" in said
+    state = load_edit_state(edit_state_path(run))
+    assert state["steps_done"] == STEPS and state["final"] and not (run / "summary.json").exists()
+    resumed = fit(base, args(base, "stopped_last", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(full, run)
     assert_same_results(full, run)
 

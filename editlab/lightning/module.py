@@ -210,11 +210,15 @@ class EditingModule(L.LightningModule):
         run = getattr(self, "run", None)
         if run is None or not self.checkpoint_every or self.steps_done in (0, self.resumed_from_step):
             return
-        run.save_state()
+        # In the stream's last step Lightning stops at the epoch's end, before on_train_end: the
+        # state is the final one (only the final evaluation remains), as run.finish would write it.
+        final = self.steps_done == self.stream_length()
+        run.save_state(final=final)
         if run.ranks.is_main:
+            left = "the final evaluation" if final else f"step {self.steps_done + 1}"
             print(
                 f"[editlab] SIGTERM: stopped after step {self.steps_done}, its edit state saved; "
-                "continue with --ckpt_path last",
+                f"--ckpt_path last continues with {left}",
                 file=sys.stderr,
                 flush=True,
             )
