@@ -65,7 +65,7 @@ def main(args: list[str] | None = None) -> None:
         EditLabCLI(args=None if args is None else argv)
     except SIGTERMException:
         # Lightning's SIGTERMException is a SystemExit with status 0: a stopped run must not look finished.
-        print("editlab: stopped by SIGTERM before the stream's end", file=sys.stderr, flush=True)
+        print("editlab: stopped by SIGTERM before the run finished", file=sys.stderr, flush=True)
         sys.exit(SIGTERM_EXIT)
     except BaseException as err:
         message = None if debug else user_error_message(err)
