@@ -121,6 +121,15 @@ def assert_same_results(a: Path, b: Path) -> None:
     assert ra == rb
 
 
+def resumes_to_full(base: Path, full: Path, run: str, after_step: int) -> None:
+    """``--ckpt_path last`` on ``run`` continues after ``after_step`` and ends as the uninterrupted run."""
+    resumed = fit(base, args(base, run, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"after step {after_step}" in resumed.stderr
+    assert_same_weights(full, base / run)
+    assert_same_results(full, base / run)
+
+
 def kill_in_step(base: Path, run: str, step: int, sig: int = signal.SIGKILL, hang_seconds: float = 600) -> str:
     """Start a run that hangs in the middle of ``step`` and send it ``sig`` there; its stderr."""
     marker = base / f"{run}_in_step_{step}"
@@ -187,11 +196,7 @@ def test_killed_in_the_first_step_keeps_the_pre_edit_evaluation(base, full):
     run = base / "killed_first"
     state = load_edit_state(edit_state_path(run))
     assert state["steps_done"] == 0 and json.loads(state["results"])["pre"]["metrics"]
-    resumed = fit(base, args(base, "killed_first", "--ckpt_path", "last"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "after step 0" in resumed.stderr
-    assert_same_weights(full, run)
-    assert_same_results(full, run)
+    resumes_to_full(base, full, "killed_first", after_step=0)
 
 
 @pytest.mark.slow  # starts processes
@@ -205,11 +210,7 @@ def test_sigterm_in_step_5_saves_the_state_after_it_and_exits_non_zero(base, ful
     assert "continues with step 6" in said
     state = load_edit_state(edit_state_path(run))
     assert state["steps_done"] == 5 and not state["final"] and not (run / "summary.json").exists()
-    resumed = fit(base, args(base, "stopped", "--ckpt_path", "last"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "after step 5" in resumed.stderr
-    assert_same_weights(full, run)
-    assert_same_results(full, run)
+    resumes_to_full(base, full, "stopped", after_step=5)
 
 
 @pytest.mark.slow  # starts processes
@@ -221,10 +222,7 @@ def test_sigterm_in_the_last_step_leaves_only_the_final_evaluation(base, full):
     assert said.startswith("exit 143\n") and "continues with the final evaluation" in said
     state = load_edit_state(edit_state_path(run))
     assert state["steps_done"] == STEPS and state["final"] and not (run / "summary.json").exists()
-    resumed = fit(base, args(base, "stopped_last", "--ckpt_path", "last"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_weights(full, run)
-    assert_same_results(full, run)
+    resumes_to_full(base, full, "stopped_last", after_step=STEPS)
 
 
 @pytest.mark.slow  # starts processes
