@@ -41,7 +41,7 @@ def test_study_file_problems_name_the_field(tmp_path):
 def test_parallel_option_overrides_the_file(tmp_path, monkeypatch, capsys):
     path = write_study(tmp_path, [{"name": "a", "config": str(REPO / "configs" / "memit_smollm2.yaml")}], parallel=2)
     seen = []
-    monkeypatch.setattr(study_module, "run_study", lambda study, repo: seen.append(study.parallel) or [])
+    monkeypatch.setattr(study_module, "run_study", lambda study, repo, **kw: seen.append(study.parallel) or [])
     assert study_main([str(path), "--parallel", "1"]) == 0 and seen == [1]
     assert study_main([str(path)]) == 0 and seen == [1, 2]
     assert study_main([str(path), "--parallel", "0"]) == 2
@@ -141,7 +141,12 @@ def test_only_runs_the_named_runs_and_an_unknown_name_is_one_error(tmp_path, mon
     config = str(REPO / "configs" / "memit_smollm2.yaml")
     path = write_study(tmp_path, [{"name": "a", "config": config}, {"name": "b", "config": config}])
     seen = []
-    monkeypatch.setattr(study_module, "run_study", lambda study, repo: seen.append([r.name for r in study.runs]) or [])
+
+    def names(study, repo, **kw):
+        seen.append([r.name for r in study.runs])
+        return []
+
+    monkeypatch.setattr(study_module, "run_study", names)
     assert study_main([str(path), "--only", "b"]) == 0 and seen == [["b"]]
     assert study_main([str(path), "--only", "b", "c"]) == 2
     assert "--only: no run named c (runs: a, b)" in capsys.readouterr().err
@@ -231,3 +236,58 @@ def test_a_run_that_finished_after_its_study_process_ended_gets_its_results_json
     assert record["returncode"] == 0 and record["summary"]["method"] == "MEMIT" and record["steps"] == steps
     assert record["seconds_per_edit"] == {"seconds_z": 0.4, "seconds_solve": 0.1, "seconds_evaluation": 0.2}
     assert json.loads((tmp_path / "out" / "a.json").read_text()) == record
+
+
+FAKE_FIT = """
+import pathlib, signal, sys, time
+root = pathlib.Path(sys.argv[sys.argv.index("--trainer.default_root_dir") + 1])
+root.mkdir(parents=True, exist_ok=True)
+def stop(signum, frame):  # as editlab fit: finish the step, save, exit 143
+    (root / "got_sigterm").write_text("")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+(root / "started").write_text("")
+time.sleep(120)
+sys.exit(1)
+"""
+
+
+@pytest.mark.slow  # starts processes
+def test_sigterm_stops_the_study_passes_it_on_to_its_runs_and_starts_no_other(tmp_path):
+    import signal
+    import threading
+    import time
+
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    study = read_study(write_study(tmp_path, [{"name": n, "config": config} for n in "abc"], parallel=2))
+    (tmp_path / "fake_fit.py").write_text(FAKE_FIT)
+    runs = tmp_path / "runs"
+
+    def signal_once_both_run() -> None:
+        deadline = time.monotonic() + 60
+        while not all((runs / n / "started").exists() for n in "ab") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    launches = study_module.Launches()
+    threading.Thread(target=signal_once_both_run, daemon=True).start()
+    start = time.monotonic()
+    with study_module.stop_on_sigterm(launches):
+        records = run_study(study, REPO, launcher=[sys.executable, str(tmp_path / "fake_fit.py")], launches=launches)
+    assert time.monotonic() - start < 60  # the runs were stopped, not waited out
+    assert launches.stopping and [r["returncode"] for r in records] == [143, 143, None]
+    assert (runs / "a" / "got_sigterm").exists() and (runs / "b" / "got_sigterm").exists()
+    assert records[2]["not_started"] == "the study stopped" and not (runs / "c").exists()
+    assert signal.getsignal(signal.SIGTERM) is not launches.stop  # the handler before the study is back
+
+
+def test_a_study_stopped_by_sigterm_exits_143_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path, [{"name": "a", "config": str(REPO / "configs" / "memit_smollm2.yaml")}])
+
+    def stopped(study, repo, launches):
+        launches.stop(15)  # as the SIGTERM handler does
+        return [{"name": "a", "returncode": 143}]
+
+    monkeypatch.setattr(study_module, "run_study", stopped)
+    assert study_main([str(path)]) == 143
+    assert "stopped by SIGTERM; run the same command again to continue" in capsys.readouterr().err

@@ -24,7 +24,8 @@ every run has finished, ``editlab report`` puts them side by side in ``OUT/repor
 JSONs: the committed results redraw the figures without the run directories. ``--collect`` copies
 the run directories' records into results JSONs written before they carried them, runs nothing and
 writes the report. ``--progress`` prints every evaluation point so far of each run, an unfinished
-one's from its last edit-state checkpoint, and runs nothing.
+one's from its last edit-state checkpoint, and runs nothing. SIGTERM stops a study: its runs get the
+signal (each finishes its step, saves its state and exits), no further run starts, exit status 143.
 """
 
 from __future__ import annotations
@@ -32,10 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +70,50 @@ class Study:
 
 class StudyError(ValueError):
     pass
+
+
+STOPPED_EXIT = 128 + signal.SIGTERM  # a study stopped by SIGTERM, as its fit processes exit
+
+
+class Launches:
+    """The fit processes a study has running, and whether the study was told to stop. Stopped
+    (SIGTERM: a scheduler's preemption or time limit), it passes the signal on to them, so each
+    finishes its step, saves its edit state and exits, and it starts no further run."""
+
+    def __init__(self) -> None:
+        self.running: set[subprocess.Popen] = set()
+        self.stopping = False
+        self.lock = threading.Lock()  # taken by the pool's threads only, never by the signal handler's
+
+    def start(self, argv: list[str], **popen) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(argv, **popen)
+            self.running.add(proc)
+            return proc
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        rc = proc.wait()
+        with self.lock:
+            self.running.discard(proc)
+        return rc
+
+    def stop(self, signum: int, frame=None) -> None:
+        self.stopping = True
+        for proc in list(self.running):
+            proc.send_signal(signal.SIGTERM)
+
+
+@contextmanager
+def stop_on_sigterm(launches: Launches) -> Iterator[None]:
+    """SIGTERM to this process stops the study (:meth:`Launches.stop`) instead of ending it at once,
+    which would leave its fit processes running unattended."""
+    previous = signal.signal(signal.SIGTERM, launches.stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_study(path: str | Path) -> Study:
@@ -191,7 +240,7 @@ def collect(study: Study) -> list[str]:
     return refreshed
 
 
-def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None = None) -> dict:
+def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None, launches: Launches) -> dict:
     """Run one member of the study (or skip it when it has finished) and write its results JSON."""
     run_dir = study.runs_dir / run.name
     result_path = study.out / f"{run.name}.json"
@@ -218,7 +267,10 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None 
     # ``launcher`` stands in for the ``editlab`` program (tests run this checkout's module).
     argv = launcher + cmd[1:] if launcher else cmd
     with open(study.runs_dir / f"{run.name}.log", "a") as log:
-        rc = subprocess.run(argv, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = launches.start(argv, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc is None:
+            return {"name": run.name, "command": " ".join(cmd), "returncode": None, "not_started": "the study stopped"}
+        rc = launches.wait(proc)
     seconds = time.time() - start
     record = {"name": run.name, "command": " ".join(cmd), "returncode": rc, "commit": commit_of(repo)}
     if rc != 0:
@@ -316,9 +368,13 @@ def progress_table(study: Study, metrics: list[str]) -> list[str]:
     return markdown_table(header, rows)
 
 
-def run_study(study: Study, repo: Path, launcher: list[str] | None = None) -> list[dict]:
+def run_study(
+    study: Study, repo: Path, launcher: list[str] | None = None, launches: Launches | None = None
+) -> list[dict]:
+    """Every run, ``study.parallel`` at a time (``launches``: the processes, for a stop)."""
+    launches = launches or Launches()
     with ThreadPoolExecutor(max_workers=study.parallel) as pool:
-        records = list(pool.map(lambda r: execute(study, r, repo, launcher), study.runs))
+        records = list(pool.map(lambda r: execute(study, r, repo, launcher, launches), study.runs))
     write_report(study, records)
     return records
 
@@ -386,7 +442,12 @@ def study_main(argv: list[str] | None = None) -> int:
         print(f"editlab study: refreshed {', '.join(refreshed) or 'nothing'}", file=sys.stderr)
         write_report(study, [finished_record(study, run) or {} for run in study.runs])
         return 0
-    records = run_study(study, Path.cwd())
+    launches = Launches()
+    with stop_on_sigterm(launches):
+        records = run_study(study, Path.cwd(), launches=launches)
+    if launches.stopping:
+        print("editlab study: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
+        return STOPPED_EXIT
     failed = [r["name"] for r in records if r.get("returncode") != 0]
     if failed:
         print(f"editlab study: error: runs failed: {', '.join(failed)}", file=sys.stderr)
