@@ -263,17 +263,24 @@ def test_sigterm_stops_the_study_passes_it_on_to_its_runs_and_starts_no_other(tm
     (tmp_path / "fake_fit.py").write_text(FAKE_FIT)
     runs = tmp_path / "runs"
 
+    finished = threading.Event()  # the study returned: a late signal would hit pytest itself
+
     def signal_once_both_run() -> None:
-        deadline = time.monotonic() + 60
-        while not all((runs / n / "started").exists() for n in "ab") and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not all((runs / n / "started").exists() for n in "ab"):
+            if finished.wait(0.05):
+                return
         os.kill(os.getpid(), signal.SIGTERM)
 
     launches = study_module.Launches()
     threading.Thread(target=signal_once_both_run, daemon=True).start()
     start = time.monotonic()
     with study_module.stop_on_sigterm(launches):
-        records = run_study(study, REPO, launcher=[sys.executable, str(tmp_path / "fake_fit.py")], launches=launches)
+        try:
+            records = run_study(
+                study, REPO, launcher=[sys.executable, str(tmp_path / "fake_fit.py")], launches=launches
+            )
+        finally:
+            finished.set()
     assert time.monotonic() - start < 60  # the runs were stopped, not waited out
     assert launches.stopping and [r["returncode"] for r in records] == [143, 143, None]
     assert (runs / "a" / "got_sigterm").exists() and (runs / "b" / "got_sigterm").exists()
