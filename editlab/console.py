@@ -55,7 +55,7 @@ def step_line(record: dict, total: int | None) -> str:
     parts = [f"editlab: step {record['step']}{of}", f"{record['edits']} edits", f"{_seconds(record['seconds'])}"]
     stages = [
         f"{name} {_seconds(record[key])}"
-        for name, key in (("keys", "seconds_keys"), ("z", "seconds_z"), ("solve", "seconds_solve"))
+        for name, key in (("z", "seconds_z"), ("keys", "seconds_keys"), ("solve", "seconds_solve"))
         if key in record
     ]
     if stages:
