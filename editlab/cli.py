@@ -15,10 +15,8 @@ import sys
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from editlab.console import quiet_library_bars, quiet_lightning
-from editlab.errors import USAGE_EXIT, debug_requested, user_error_message, without_debug_flag
+from editlab.errors import SIGTERM_EXIT, USAGE_EXIT, debug_requested, user_error_message, without_debug_flag
 from editlab.lightning.cli import EditLabCLI
-
-SIGTERM_EXIT = 128 + 15  # the shell's status of a process ended by SIGTERM
 
 
 def quiet_expected_warnings() -> None:

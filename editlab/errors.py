@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 USAGE_EXIT = 2  # argparse's status for a usage error: the command line, not editlab, was wrong
+SIGTERM_EXIT = 128 + 15  # the shell's status of a process ended by SIGTERM: a run or study stopped, not finished
 
 
 class UserError(Exception):

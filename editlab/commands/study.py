@@ -47,6 +47,7 @@ from pathlib import Path
 import yaml
 
 from editlab import rundir
+from editlab.errors import SIGTERM_EXIT
 from editlab.files import write_text_atomic
 from editlab.report import fmt, fmt_count, l1_growth_by_layer, load_jsonl, markdown_table, write_comparison
 
@@ -70,9 +71,6 @@ class Study:
 
 class StudyError(ValueError):
     pass
-
-
-STOPPED_EXIT = 128 + signal.SIGTERM  # a study stopped by SIGTERM, as its fit processes exit
 
 
 class Launches:
@@ -248,12 +246,13 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None,
     record = finished_record(study, run)
     if record is not None:
         return record
+    head = {"name": run.name, "command": " ".join(cmd)}
     if (run_dir / rundir.SUMMARY).is_file():
         # Finished in an earlier sitting whose study process ended before writing the results JSON
         # (fit would refuse the finished directory): the record comes from the run directory, the
         # commit from the checkout the study runs from (a study's worktree stays at one commit).
-        record = {"name": run.name, "command": " ".join(cmd), "returncode": 0, "commit": commit_of(repo)}
-        return write_record(study, run, {**record, "threads": study.threads, **finished_run_files(run_dir)})
+        record = {**head, "returncode": 0, "commit": commit_of(repo), "threads": study.threads}
+        return write_record(study, run, {**record, **finished_run_files(run_dir)})
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -269,10 +268,10 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None,
     with open(study.runs_dir / f"{run.name}.log", "a") as log:
         proc = launches.start(argv, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
         if proc is None:
-            return {"name": run.name, "command": " ".join(cmd), "returncode": None, "not_started": "the study stopped"}
+            return {**head, "returncode": None, "not_started": "the study stopped"}
         rc = launches.wait(proc)
     seconds = time.time() - start
-    record = {"name": run.name, "command": " ".join(cmd), "returncode": rc, "commit": commit_of(repo)}
+    record = {**head, "returncode": rc, "commit": commit_of(repo)}
     if rc != 0:
         print(f"editlab study: {run.name} failed (exit {rc}); see {study.runs_dir / run.name}.log", file=sys.stderr)
         return record
@@ -447,7 +446,7 @@ def study_main(argv: list[str] | None = None) -> int:
         records = run_study(study, Path.cwd(), launches=launches)
     if launches.stopping:
         print("editlab study: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
-        return STOPPED_EXIT
+        return SIGTERM_EXIT  # as its fit processes exit
     failed = [r["name"] for r in records if r.get("returncode") != 0]
     if failed:
         print(f"editlab study: error: runs failed: {', '.join(failed)}", file=sys.stderr)
