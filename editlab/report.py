@@ -280,6 +280,12 @@ def l1_growth_by_layer(row: Mapping[str, Any]) -> dict[int, float]:
     return {int(m.group(1)): float(v) for k, v in row.items() if (m := L1_GROWTH.fullmatch(k))}
 
 
+def last_layer_l1_growth(row: Mapping[str, Any]) -> float | None:
+    """The highest edited layer's relative L1 growth in ``row`` (:func:`l1_growth_by_layer`), None without one."""
+    growth = l1_growth_by_layer(row)
+    return growth[max(growth)] if growth else None
+
+
 def final_weight_norms(steps: Sequence[Mapping[str, Any]] | None) -> dict[str, float]:
     """The relative weight-norm values (``weight_norm/l{layer}/rel_*``) of the last step that
     logged them: how far each edited matrix moved from W_0 by the end of the stream."""

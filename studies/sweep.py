@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from editlab.report import l1_growth_by_layer
+from editlab.report import last_layer_l1_growth
 
 NAME = re.compile(r"(?P<series>.+)_c(?P<n>\d+)")
 LAST_GROWTH = "last_layer_l1_growth_percent"  # the last edited layer's L1 growth, in %
@@ -35,8 +35,8 @@ COLUMNS = [  # (header, key of a point's values, format)
 
 def point_values(record: dict) -> dict:
     """A results JSON's summary plus the L1 growth (%) of its highest edited layer at the end."""
-    growth = l1_growth_by_layer(record.get("weight_norms_end", {}))
-    return {**record["summary"], **({LAST_GROWTH: 100 * growth[max(growth)]} if growth else {})}
+    growth = last_layer_l1_growth(record.get("weight_norms_end", {}))
+    return {**record["summary"], **({} if growth is None else {LAST_GROWTH: 100 * growth})}
 
 
 def sweep_points(directory: Path) -> dict[str, list[tuple[int, dict]]]:

@@ -49,7 +49,7 @@ import yaml
 from editlab import rundir
 from editlab.errors import SIGTERM_EXIT
 from editlab.files import write_text_atomic
-from editlab.report import fmt, fmt_count, l1_growth_by_layer, load_jsonl, markdown_table, write_comparison
+from editlab.report import fmt, fmt_count, last_layer_l1_growth, load_jsonl, markdown_table, write_comparison
 
 
 @dataclass
@@ -357,10 +357,10 @@ def progress_table(study: Study, metrics: list[str]) -> list[str]:
         if got is None:
             continue
         curve, steps = got
-        growth_at = {int(row["step"]): l1_growth_by_layer(row) for row in steps if "step" in row}
+        growth_at = {int(row["step"]): last_layer_l1_growth(row) for row in steps if "step" in row}
         for point in curve:
-            growth = growth_at.get(int(point.get("step", -1)), {})
-            last = f"{100 * growth[max(growth)]:+.1f}%" if growth else "—"
+            growth = growth_at.get(int(point.get("step", -1)))
+            last = "—" if growth is None else f"{100 * growth:+.1f}%"
             values = [fmt(point.get(key)) for key in metrics]
             rows.append([run.name, str(point.get("timing", "—")), fmt_count(point.get("edits")), *values, last])
     header = ["run", "point", "edits", *metrics, "L1 growth, last layer"]

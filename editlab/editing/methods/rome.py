@@ -131,9 +131,9 @@ class ROME(KeyValueMethod, StagedMethod):
         """One rank-one update per request, in order, each on the weights the previous left."""
         view = ctx.view
         before = read_weight(view.ffn_out(self.layer)).detach().double().clone()
+        weighting = self.context.key_weighting
         with restore_on_error(view, [self.layer]):
             for i, req in enumerate(requests):
-                weighting = self.context.key_weighting
                 with ctx.stopwatch.timing("keys"):
                     key, cur = keys_and_outputs(
                         view, ctx.tok, [req], self.templates, self.layer, self.layer, weighting=weighting
