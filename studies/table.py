@@ -3,7 +3,7 @@
     python studies/table.py DIR [RUN ...] [--growth-layers 8] [--curve KEY ...]
 
 Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
-zsRE's token accuracies, quality, probes), the L1 growth of the edited matrices after the last
+zsRE's token accuracies, quality, each probe task's scores on all its examples), the L1 growth of the edited matrices after the last
 step (the results JSON's ``weight_norms_end``; ``--growth-layers`` picks the layers), seconds per
 step (the mean, and the median of the steps' records, which one step that waited does not move),
 and seconds per edit of z, keys, solve and evaluation where the results JSONs have them
@@ -55,6 +55,16 @@ def cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return "—" if value is None else str(value)
+
+
+def probe_rows(summaries: list[dict]) -> list[tuple[str, str]]:
+    """One row per probe task and score any run has on every example (``probe/<task>/<score>``), in
+    the order the summaries list them; the ``subset_`` scores (the 100 examples scored between
+    points) belong to the curve tables, not to the end of the stream."""
+    keys = dict.fromkeys(
+        k for s in summaries for k in s if k.startswith("probe/") and not k.rsplit("/", 1)[-1].startswith("subset_")
+    )
+    return [(f"probe {k.split('/')[1]} {k.split('/')[2]}", k) for k in keys]
 
 
 def growth_rows(records: dict, layers: list[int] | None) -> list[tuple[str, list]]:
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     cols = (["before"] if pre else []) + names
     print("| | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
-    for label, key in ROWS:
+    for label, key in ROWS + probe_rows(summaries):
         if not any(key in s for s in summaries):
             continue
         before = [None if label in NOT_BEFORE else pre.get(f"pre_{key}")] if pre else []

@@ -84,3 +84,13 @@ def test_the_median_step_row_is_not_moved_by_one_step_that_waited(tmp_path, caps
     write(tmp_path, "old", {"method": "MEMIT"})  # a results JSON without steps
     lines = table([str(tmp_path), "seq", "old"], capsys)
     assert "| median seconds of a step | 515.0 | — |" in lines
+
+
+def test_probe_rows_give_every_task_and_score_on_all_examples_with_the_pre_edit_value(tmp_path, capsys):
+    write(tmp_path, "seq", {"method": "MEMIT_seq", "pre_probe/sst2/accuracy": 0.687, "probe/sst2/accuracy": 0.556,
+                            "probe/sst2/subset_accuracy": 0.59, "probe/cola/mcc": 0.013})  # fmt: skip
+    write(tmp_path, "ece", {"method": "ECE", "probe/sst2/accuracy": 0.6})
+    lines = table([str(tmp_path), "seq", "ece"], capsys)
+    assert "| probe sst2 accuracy | 0.687 | 0.556 | 0.600 |" in lines
+    assert "| probe cola mcc | — | 0.013 | — |" in lines
+    assert not any("subset" in line for line in lines)  # the 100-example scores are the curve's
