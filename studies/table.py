@@ -3,11 +3,12 @@
     python studies/table.py DIR [RUN ...] [--growth-layers 8] [--curve KEY ...]
 
 Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
-zsRE's token accuracies, quality, each probe task's scores on all its examples), the L1 growth of the edited matrices after the last
-step (the results JSON's ``weight_norms_end``; ``--growth-layers`` picks the layers), seconds per
-step (the mean, and the median of the steps' records, which one step that waited does not move),
-and seconds per edit of z, keys, solve and evaluation where the results JSONs have them
-(``seconds_per_edit``). The "before" column is the first run's ``pre_*`` values.
+zsRE's token accuracies, quality, each probe task's scores on all its examples), the L1 growth of
+the edited matrices after the last step (the results JSON's ``weight_norms_end``;
+``--growth-layers`` picks the layers), seconds per step (the mean, and the median of the steps'
+records, which one step that waited does not move), and seconds per edit of z, keys, solve and
+evaluation where the results JSONs have them (``seconds_per_edit``). The "before" column is the
+first run's ``pre_*`` values.
 
 ``--curve KEY ...`` adds one table per metric against edits, a row per run, a column per
 evaluation point of the results JSONs' ``curve`` (pre-edit, periodic, final); the 0-edit column of a
@@ -64,7 +65,7 @@ def probe_rows(summaries: list[dict]) -> list[tuple[str, str]]:
     keys = dict.fromkeys(
         k for s in summaries for k in s if k.startswith("probe/") and not k.rsplit("/", 1)[-1].startswith("subset_")
     )
-    return [(f"probe {k.split('/')[1]} {k.split('/')[2]}", k) for k in keys]
+    return [(f"probe {task} {score}", k) for k in keys for _, task, score in [k.split("/")]]
 
 
 def growth_rows(records: dict, layers: list[int] | None) -> list[tuple[str, list]]:
