@@ -16,7 +16,7 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Every test, the ones marked slow too (1016 tests, 48 slow: they load SmolLM2, run the CLI in a
+# Every test, the ones marked slow too (1018 tests, 50 slow: they load SmolLM2, run the CLI in a
 # subprocess or start processes; 18.4 min measured on 2 CPU cores with 946 of them).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q

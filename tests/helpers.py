@@ -365,3 +365,29 @@ class HangInStep(L.Callback):
             time.sleep(self.seconds)
 
         stages.add_delta = add_then_hang
+
+
+class HangInEvaluation(L.Callback):
+    """Makes a run hang in the periodic evaluation point after step ``step`` (run when the next
+    step starts, editlab.lightning.run.EditRun.before_step): writes ``marker`` as the evaluation
+    starts, sleeps ``seconds``, then evaluates (``--trainer.callbacks+=helpers.HangInEvaluation``)."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 600.0) -> None:
+        self.step = step
+        self.marker = marker
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Callbacks' hooks run before the module's: the evaluation has not started yet.
+        if pl_module.steps_done != self.step:
+            return
+        stream = pl_module.run.evaluation
+        real = stream.evaluate
+
+        def hang_then_evaluate(*args, **kwargs):
+            stream.evaluate = real  # once
+            Path(self.marker).write_text(f"evaluation after step {self.step} started\n")
+            time.sleep(self.seconds)
+            return real(*args, **kwargs)
+
+        stream.evaluate = hang_then_evaluate

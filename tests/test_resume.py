@@ -1,8 +1,8 @@
 """Reliability of a run on a tiny model, through the real CLI in subprocesses: a run killed with
-SIGKILL in the middle of step 6, or stopped by SIGTERM in step 5, and resumed with --ckpt_path last
-ends bit-identical to an uninterrupted one; the same config and seed give the same run; a
-checkpoint written after the last step redoes only the final evaluation; resuming is refused when it
-would not continue the same run."""
+SIGKILL in the middle of step 6 or in a periodic evaluation, or stopped by SIGTERM in step 5 or
+before an evaluation, and resumed with --ckpt_path last ends bit-identical to an uninterrupted
+one; the same config and seed give the same run; a checkpoint written after the last step redoes
+only the final evaluation; resuming is refused when it would not continue the same run."""
 
 from __future__ import annotations
 
@@ -130,11 +130,14 @@ def resumes_to_full(base: Path, full: Path, run: str, after_step: int) -> None:
     assert_same_results(full, base / run)
 
 
-def kill_in_step(base: Path, run: str, step: int, sig: int = signal.SIGKILL, hang_seconds: float = 600) -> str:
-    """Start a run that hangs in the middle of ``step`` and send it ``sig`` there; its stderr."""
+def kill_in_step(
+    base: Path, run: str, step: int, sig: int = signal.SIGKILL, hang_seconds: float = 600, where: str = "HangInStep"
+) -> str:
+    """Start a run that hangs in the middle of ``step`` (``where``: HangInEvaluation, in the
+    evaluation point after ``step``) and send it ``sig`` there; its stderr."""
     marker = base / f"{run}_in_step_{step}"
     hang = [
-        "--trainer.callbacks+=helpers.HangInStep",
+        f"--trainer.callbacks+=helpers.{where}",
         f"--trainer.callbacks.step={step}",
         f"--trainer.callbacks.marker={marker}",
         f"--trainer.callbacks.seconds={hang_seconds}",
@@ -197,6 +200,28 @@ def test_killed_in_the_first_step_keeps_the_pre_edit_evaluation(base, full):
     state = load_edit_state(edit_state_path(run))
     assert state["steps_done"] == 0 and json.loads(state["results"])["pre"]["metrics"]
     resumes_to_full(base, full, "killed_first", after_step=0)
+
+
+@pytest.mark.slow  # starts processes
+def test_killed_in_a_periodic_evaluation_keeps_the_step_before_it(base, full):
+    # The point after step 3 runs when step 4 starts, after the state after step 3 is saved
+    # (checkpoints fall after even steps): a crash in an evaluation of an hour loses no step.
+    kill_in_step(base, "killed_eval", 3, where="HangInEvaluation")
+    state = load_edit_state(edit_state_path(base / "killed_eval"))
+    assert state["steps_done"] == 3 and not state["final"]
+    assert [p["step"] for p in json.loads(state["results"])["curve"]] == [0]  # point 3 not yet
+    resumes_to_full(base, full, "killed_eval", after_step=3)
+
+
+@pytest.mark.slow  # starts processes
+def test_sigterm_before_a_periodic_evaluation_stops_without_it(base, full):
+    # SIGTERM in step 6: the run stops after the step, leaving its evaluation point for the
+    # resumed run, which evaluates it first.
+    said = kill_in_step(base, "stopped_eval", 6, signal.SIGTERM, hang_seconds=2)
+    assert said.startswith("exit 143\n") and "continues with the evaluation after step 6, then step 7" in said
+    state = load_edit_state(edit_state_path(base / "stopped_eval"))
+    assert state["steps_done"] == 6 and [p["step"] for p in json.loads(state["results"])["curve"]] == [0, 3]
+    resumes_to_full(base, full, "stopped_eval", after_step=6)
 
 
 @pytest.mark.slow  # starts processes

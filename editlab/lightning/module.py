@@ -9,7 +9,9 @@ trainer's step count, device moves):
                    the stream continues
   on_train_start   the EditRun started: requests checked, method set up, edit state restored (the
                    loggers given the earlier rows again) or the unedited model evaluated
-  training_step    one edit step, logged; then what the evaluation schedule says
+  on_train_batch_start  the edit state after the previous step saved when due, and a periodic
+                   evaluation point due after that step (editlab.lightning.run.EditRun.before_step)
+  training_step    one edit step, logged; then what the evaluation schedule says right after it
   on_train_end     the final edit state, the final evaluation, the result files
   on_fit_end       only for an edit state written after the last step: Lightning has no batch to
                    run and skips on_train_start / on_train_end, so both run here
@@ -216,6 +218,8 @@ class EditingModule(L.LightningModule):
         run.save_state(final=final)
         if run.ranks.is_main:
             left = "the final evaluation" if final else f"step {self.steps_done + 1}"
+            if not final and run.point_due():
+                left = f"the evaluation after step {self.steps_done}, then {left}"
             print(
                 f"[editlab] SIGTERM: stopped after step {self.steps_done}, its edit state saved; "
                 f"--ckpt_path last continues with {left}",
@@ -226,9 +230,9 @@ class EditingModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # The state after step k is saved when step k + 1 starts: by then the callbacks have added
         # their values to step k's record and Lightning has handed step k's row to the loggers.
-        # Nothing happens in between, so this is the state right after step k.
-        if self.run.checkpoint_due(self.resumed_from_step):
-            self.run.save_state()
+        # Nothing happens in between, so this is the state right after step k. A periodic point
+        # after step k runs here too, after that save (its rows are logged at step k).
+        self.run.before_step(self.resumed_from_step)
 
     def training_step(self, batch, batch_idx: int):
         batch = list(batch)

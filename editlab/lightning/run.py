@@ -7,7 +7,9 @@ The LightningModule (editlab.lightning.module) turns Lightning's hooks into thes
                  the edit state restored (a resumed run) or the unedited model evaluated (and,
                  with checkpoints on, the state before the first step written)
   edit(batch)    method.apply on the step's requests, the step recorded
-  after_step()   what the evaluation schedule says after the step
+  after_step()   what the evaluation schedule says right after the step (immediate, probes)
+  before_step()  the state after the previous step saved when due, and a periodic point due
+                 after it evaluated (saved before and after: a crash in it loses no step)
   save_state()   the edit state after the steps done (for ``--ckpt_path last``)
   finish()       the final edit state, the final evaluation, the result files and the export
 ``editlab test`` evaluates the loaded model as it is: test_batch(), then finish_test().
@@ -158,6 +160,24 @@ class EditRun:
         of checkpoint_every (and not the step this run resumed from)."""
         k, every = self.recorder.steps_done, self.settings.checkpoint_every
         return bool(every and k and k % every == 0 and k != resumed_from_step)
+
+    def before_step(self, resumed_from_step: int | None) -> None:
+        """When a step starts: the state after the previous step when a checkpoint is due, then a
+        periodic point due after that step, with the state saved before it (whatever
+        checkpoint_every says: a crash in an evaluation of an hour keeps the step) and after it
+        (a crash in the next step keeps the point)."""
+        due = self.point_due()
+        every, k = self.settings.checkpoint_every, self.recorder.steps_done
+        if self.checkpoint_due(resumed_from_step) or (due and every and k != resumed_from_step):
+            self.save_state()
+        if due:
+            self.evaluation.periodic_point()
+            if every:
+                self.save_state()
+
+    def point_due(self) -> bool:
+        """A periodic point is due before the next step (rank 0 evaluates)."""
+        return self.ranks.is_main and self.evaluation.point_due()
 
     def save_state(self, final: bool = False) -> None:
         """The edit state after the steps done, into the run directory (rank 0 writes it: every

@@ -62,24 +62,40 @@ class StreamEvaluation:
         self.add_point("pre", metrics, seconds)
 
     def after_step(self, batch: list[EditRequest]) -> dict[str, float] | None:
-        """What the schedule says after the step just recorded; returns the in-stream probe scores
-        when they were due (the module logs them with the step's row), else None."""
+        """What the schedule says right after the step just recorded: the step's own requests
+        (immediate) and the in-stream probes; returns the probe scores when they were due (the
+        module logs them with the step's row), else None. A periodic point is not run here but
+        when the next step starts (:meth:`point_due`), or after the stream."""
         rec, t0 = self.recorder, time.perf_counter()
-        what = self.schedule.after_step(rec.steps_done)
-        if what == "batch":
+        if self.schedule.after_step(rec.steps_done) == "batch":
             cases, metrics, seconds = self.evaluate(batch, "immediate", quality=False)
             rec.post_cases.update({c["case_id"]: c for c in cases})
             metrics.update(self.held_out(batch, cases))
             self.add_point("immediate", metrics, seconds)
-        elif what == "so_far":
-            # The stream's last point is its final evaluation: probes on their full sets.
-            self.so_far("periodic", final=rec.steps_done == self.stream_length())
         probes = None
         if self.schedule.probes_after_step(rec.steps_done):
             probes = self.evaluator.probes(final=False)
             rec.add_step_values(probes)
         rec.clock.eval_seconds += time.perf_counter() - t0
         return probes
+
+    def point_due(self) -> bool:
+        """A periodic point is due after the steps done and not evaluated yet. It runs when the
+        next step starts, once the state after the step is saved (an evaluation of an hour that
+        crashes loses no step), or after the stream as its final evaluation."""
+        rec = self.recorder
+        k = rec.steps_done
+        if k == 0 or self.schedule.after_step(k) != "so_far":
+            return False
+        last = rec.curve[-1] if rec.curve else None
+        return not (last is not None and last["step"] == k and last["timing"] == "periodic")
+
+    def periodic_point(self) -> None:
+        """The periodic point after the steps done, before the next step: every request edited
+        so far, probes on their subsets (the stream's last point is after_stream's, on the full sets)."""
+        t0 = time.perf_counter()
+        self.so_far("periodic", final=False)
+        self.recorder.clock.eval_seconds += time.perf_counter() - t0
 
     def after_stream(self) -> dict:
         """The final metrics: what the schedule says is left to evaluate after the stream."""
