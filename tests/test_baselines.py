@@ -560,7 +560,8 @@ def test_a_step_records_its_key_forwards_apart_from_its_solve(kind, tmp_path, mo
     """Each key forward of the spread is slowed by 0.25 s: seconds_keys gets that time and
     seconds_solve does not (both were one "solve" figure before)."""
     module = {"rome": rome_module, "pmet": pmet_module}.get(kind, stages_module)
-    real, calls = module.keys_and_outputs, []
+    name = "keys_at_layers" if module is stages_module else "keys_and_outputs"
+    real, calls = getattr(module, name), []
 
     def slow(*args, **kwargs):
         calls.append(1)
@@ -569,7 +570,7 @@ def test_a_step_records_its_key_forwards_apart_from_its_solve(kind, tmp_path, mo
 
     makers = {"memit": make_memit, "ece": lambda path: make_ece(path, z_mode="per_request")}
     ctx, method = makers.get(kind, lambda path: make(kind, path))(tmp_path)
-    monkeypatch.setattr(module, "keys_and_outputs", slow)
+    monkeypatch.setattr(module, name, slow)
     scalars = method.apply(ctx, facts()[:2]).scalars
     # at least one key forward per edited layer (ROME: per request; ECE: the first layer's come from
     # its neuron attribution, before the spread) inside the spread, none in its solve

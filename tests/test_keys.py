@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from editlab.editing.context_templates import ContextTemplates
-from editlab.editing.keys import keys_and_outputs, template_weights
+from editlab.editing.keys import keys_and_outputs, keys_at_layers, template_weights
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.rome import ROME
@@ -91,6 +91,26 @@ def test_keys_combine_single_prompt_keys_by_context_type(tiny_llama, batch_size)
         torch.testing.assert_close(keys[i], by_hand, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(flat[i], sum(alone) / 6, rtol=1e-5, atol=1e-6)
         assert float((by_hand - sum(alone) / 6).norm()) > 1e-3 * float(by_hand.norm())
+
+
+@pytest.mark.parametrize("batch_size", [64, 4])
+def test_keys_of_several_layers_in_one_forward_are_each_layers_keys_bit_for_bit(tiny_llama, batch_size):
+    # One forward per chunk for every key layer (NSE's final keys, ECE's neuron plan) gives the
+    # bits of one keys_and_outputs call per layer, and each matches single-prompt keys by hand.
+    model, tok = tiny_llama
+    view = ModelView.of(model)
+    reqs = facts()
+    layers = [0, 1]
+    together, out = keys_at_layers(view, tok, reqs, TEMPLATES, layers, 1, batch_size=batch_size)
+    assert len(together) == len(layers)
+    for layer, keys in zip(layers, together, strict=True):
+        alone, out_alone = keys_and_outputs(view, tok, reqs, TEMPLATES, layer, 1, batch_size=batch_size)
+        assert torch.equal(keys, alone) and torch.equal(out, out_alone)
+        by_hand = (key_alone(view, tok, TEMPLATES[0], reqs[0], layer) / 2) + sum(
+            key_alone(view, tok, t, reqs[0], layer) for t in TEMPLATES[1:]
+        ) / 10
+        torch.testing.assert_close(keys[0], by_hand, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(together[0], together[1])
 
 
 def test_methods_default_to_their_reference_weighting():

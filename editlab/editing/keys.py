@@ -61,6 +61,52 @@ def template_weights(n_templates: int, weighting: KeyWeighting) -> torch.Tensor:
 
 
 @torch.no_grad()
+def keys_at_layers(
+    view: ModelView,
+    tok,
+    requests: list[EditRequest],
+    templates: list[str],
+    key_layers: list[int],
+    out_layer: int,
+    batch_size: int = 64,
+    weighting: KeyWeighting = "per_type",
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Keys at each of ``key_layers`` averaged over templates with :func:`template_weights`, one
+    [n, d_ff] per layer in that order, and the output of ``out_layer`` at the subject's last token
+    of the bare prompt (template 0 is "{}"), [n, d_model]. One forward per chunk serves every key
+    layer: keys of several layers on the same weights cost one pass, not one per layer."""
+    assert templates[0] == "{}", "template 0 must be the bare prompt"
+    sr = subject_rows(tok, requests, templates)
+    n = len(requests)
+    # Rows are template-major: row r is template r // n.
+    row_weight = template_weights(len(templates), weighting).repeat_interleave(n)  # [R]
+    key_sums: list[torch.Tensor] = []
+    outs = torch.empty(0)
+    for start in range(0, len(sr.rows), batch_size):
+        chunk = slice(start, start + batch_size)
+        batch = pad(sr.rows[chunk], tok.pad_token_id).to(view.device)
+        keys, layer_out = trace(view, batch.input_ids, batch.attention_mask, list(key_layers), [out_layer])
+        ar = torch.arange(batch.input_ids.shape[0], device=view.device)
+        pos = sr.subject_pos[chunk].to(view.device)
+        owner = sr.owner[chunk].to(view.device)
+        # mix[i, j]: weight of the chunk's row j in request i's key. A matmul sums each request's
+        # rows in a fixed order (index_add_ on a GPU adds them in whatever order its atomics run).
+        mix = torch.zeros(n, len(ar), dtype=torch.float64, device=view.device)  # [n, b]
+        mix[owner, ar] = row_weight[chunk].to(view.device)
+        for j, layer in enumerate(key_layers):
+            k = keys[layer][ar, pos].double()  # [b, d_ff]
+            if j == len(key_sums):
+                key_sums.append(torch.zeros(n, k.shape[1], dtype=torch.float64, device=view.device))
+            key_sums[j] += mix @ k  # [n, d_ff]
+        if start == 0:
+            outs = torch.zeros(n, layer_out[out_layer].shape[-1], dtype=torch.float64, device=view.device)
+        # Rows [0, n) are the bare-prompt rows of template 0.
+        bare = torch.arange(start, start + len(owner), device=view.device) < n
+        if bare.any():
+            outs[owner[bare]] = layer_out[out_layer][ar, pos][bare].double()
+    return tuple(key_sums), outs
+
+
 def keys_and_outputs(
     view: ModelView,
     tok,
@@ -71,34 +117,6 @@ def keys_and_outputs(
     batch_size: int = 64,
     weighting: KeyWeighting = "per_type",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys at ``key_layer`` averaged over templates with :func:`template_weights`, [n, d_ff],
-    and the output of ``out_layer`` at the subject's last token of the bare prompt (template 0 is
-    "{}"), [n, d_model]."""
-    assert templates[0] == "{}", "template 0 must be the bare prompt"
-    sr = subject_rows(tok, requests, templates)
-    n = len(requests)
-    # Rows are template-major: row r is template r // n.
-    row_weight = template_weights(len(templates), weighting).repeat_interleave(n)  # [R]
-    key_sum = None
-    outs = torch.empty(0)
-    for start in range(0, len(sr.rows), batch_size):
-        chunk = slice(start, start + batch_size)
-        batch = pad(sr.rows[chunk], tok.pad_token_id).to(view.device)
-        keys, layer_out = trace(view, batch.input_ids, batch.attention_mask, [key_layer], [out_layer])
-        ar = torch.arange(batch.input_ids.shape[0], device=view.device)
-        pos = sr.subject_pos[chunk].to(view.device)
-        k = keys[key_layer][ar, pos].double()  # [b, d_ff]
-        owner = sr.owner[chunk].to(view.device)
-        if key_sum is None:
-            key_sum = torch.zeros(n, k.shape[1], dtype=torch.float64, device=view.device)
-            outs = torch.zeros(n, layer_out[out_layer].shape[-1], dtype=torch.float64, device=view.device)
-        # mix[i, j]: weight of the chunk's row j in request i's key. A matmul sums each request's
-        # rows in a fixed order (index_add_ on a GPU adds them in whatever order its atomics run).
-        mix = torch.zeros(n, k.shape[0], dtype=torch.float64, device=view.device)  # [n, b]
-        mix[owner, ar] = row_weight[chunk].to(view.device)
-        key_sum += mix @ k  # [n, d_ff]
-        # Rows [0, n) are the bare-prompt rows of template 0.
-        bare = torch.arange(start, start + len(owner), device=view.device) < n
-        if bare.any():
-            outs[owner[bare]] = layer_out[out_layer][ar, pos][bare].double()
-    return key_sum, outs
+    """:func:`keys_at_layers` of one layer: keys [n, d_ff] and outputs of ``out_layer`` [n, d_model]."""
+    keys, outs = keys_at_layers(view, tok, requests, templates, [key_layer], out_layer, batch_size, weighting)
+    return keys[0], outs

@@ -48,6 +48,7 @@ from editlab.editing.methods.stages import (
     StagedMethod,
     layer_keys,
     layer_residual,
+    layers_keys,
     spread_over_layers,
 )
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
@@ -203,8 +204,11 @@ class ECE(RewindingMethod, StagedMethod):
         own_sets: list[list[torch.Tensor]] = [[] for _ in range(n)]
         cluster_attr = self.clustering_attribution()
         d_ff = 0
-        for j, layer in enumerate(self.layers):
-            keys, cur = self.keys_and_outputs(ctx, requests, layer)  # [n, d_ff], [n, d_model]
+        # Nothing is written yet: every layer's keys come from one forward on the current weights.
+        all_keys, cur = layers_keys(
+            ctx, requests, self.templates, self.layers, self.layers[-1], self.context.key_weighting
+        )  # [n, d_ff] per layer, [n, d_model]
+        for j, (layer, keys) in enumerate(zip(self.layers, all_keys, strict=True)):
             first_pass[layer] = (keys, cur)
             w_out = read_weight(view.ffn_out(layer))  # [d_model, d_ff]
             d_ff = keys.shape[1]

@@ -32,7 +32,14 @@ from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, restore_on_error
 from editlab.editing.methods.rewinding import RewindingMethod
-from editlab.editing.methods.stages import MethodTargets, Spread, StagedMethod, layer_keys, memit_residual, write_layers
+from editlab.editing.methods.stages import (
+    MethodTargets,
+    Spread,
+    StagedMethod,
+    layers_keys,
+    memit_residual,
+    write_layers,
+)
 from editlab.editing.neurons import ActivationScore, NeuronAttribution
 from editlab.editing.rewind import rewound_target_rows
 from editlab.editing.solve import submatrix_delta
@@ -185,10 +192,11 @@ class NSE(RewindingMethod, StagedMethod):
                 idx = mask.nonzero().squeeze(1)
                 out.passes.append(self.one_pass(ctx, [requests[i] for i in idx.tolist()], z[idx.to(z.device)]))
                 out.times_edited[idx] += 1
-            for layer in self.layers:
-                keys, _ = layer_keys(
-                    ctx, requests, self.templates, layer, self.layers[-1], self.context.key_weighting, share=False
-                )
+            # Every layer's keys on the final weights: one forward serves them all.
+            final_keys, _ = layers_keys(
+                ctx, requests, self.templates, self.layers, self.layers[-1], self.context.key_weighting, share=False
+            )
+            for layer, keys in zip(self.layers, final_keys, strict=True):
                 out.pending[layer] = keys.T @ keys  # [d_ff, d_ff]
         last = out.checks[-1]
         out.summary = {

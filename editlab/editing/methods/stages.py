@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from editlab.editing.keys import KeyWeighting, keys_and_outputs
+from editlab.editing.keys import KeyWeighting, keys_at_layers
 from editlab.editing.methods.base import EditContext, EditMethod, restore_on_error
 from editlab.models.arch import ModelView
 from editlab.models.weights import add_delta
@@ -149,12 +149,27 @@ def layer_keys(
     """Keys at ``key_layer`` [n, d_ff] (templates combined by ``weighting``) and outputs of
     ``out_layer`` [n, d_model]. ``share``: rows shared over ranks and gathered; False: this rank
     computes every row (NSE, which runs whole on every rank)."""
+    keys, outs = layers_keys(ctx, requests, templates, [key_layer], out_layer, weighting, share)
+    return keys[0], outs
+
+
+def layers_keys(
+    ctx: EditContext,
+    requests: list[EditRequest],
+    templates: list[str],
+    key_layers: list[int],
+    out_layer: int,
+    weighting: KeyWeighting = "per_type",
+    share: bool = True,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """:func:`layer_keys` of several layers on the same weights in one forward per chunk: keys
+    [n, d_ff] per layer of ``key_layers``, in order, and outputs of ``out_layer`` [n, d_model]."""
     keys_fn = partial(
-        keys_and_outputs,
+        keys_at_layers,
         ctx.view,
         ctx.tok,
         templates=templates,
-        key_layer=key_layer,
+        key_layers=key_layers,
         out_layer=out_layer,
         weighting=weighting,
     )
