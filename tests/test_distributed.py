@@ -25,6 +25,22 @@ from editlab.runlock import is_rank_zero_process, lock_path, parse_lock
 from helpers import REPO, SHARED_DATA, hold_lock, run_cli, tiny_args
 
 
+def test_the_strategy_waits_out_rank_zeros_evaluation_unless_told_otherwise(monkeypatch):
+    # Rank 0 evaluates alone while the others wait in a collective: Lightning's 30-minute
+    # process-group timeout would end a run whose evaluation takes longer.
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from editlab.lightning.strategy import EVALUATION_WAIT, EditStrategy
+
+    seen = []
+    monkeypatch.setattr(DDPStrategy, "setup_distributed", lambda self: seen.append(self._timeout))
+    EditStrategy().setup_distributed()
+    EditStrategy(timeout=timedelta(hours=2)).setup_distributed()
+    assert seen == [EVALUATION_WAIT, timedelta(hours=2)] and EVALUATION_WAIT >= timedelta(hours=6)
+
+
 @pytest.mark.parametrize("n, world", [(10, 3), (2, 3), (7, 2), (0, 2)])
 def test_contiguous_shares_cover_every_index_once(n, world):
     shares = [Ranks(r, world).contiguous_share(n) for r in range(world)]
