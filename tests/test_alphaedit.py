@@ -1,6 +1,8 @@
-"""AlphaEdit reports the dimension of each layer's null space in every step's scalars: its
-threshold is absolute, so that dimension depends on the scale of C (corpus, token cap, model)."""
+"""AlphaEdit reports the dimension of each layer's null space, and the share of the preserved keys'
+second moment inside it, in every step's scalars: its threshold is absolute, so both depend on the
+scale of C (corpus, token cap, model)."""
 
+import pytest
 import torch
 
 from editlab.editing.context_templates import ContextTemplates
@@ -41,3 +43,7 @@ def test_every_step_reports_the_null_space_dimension_of_each_layer(tmp_path, sta
         result = method.apply(ctx, facts())
         assert result.scalars["nullspace_dim/l0"] == 41.0
         assert result.scalars["nullspace_dim/l1"] == float(by_hand[1])
+        # The share of tr(C) on the 41 smallest eigenvalues of layer 0, summed by hand.
+        share = float(evals[0][:41].sum() / evals[0].sum())
+        assert result.scalars["nullspace_key_share/l0"] == pytest.approx(share, rel=1e-9)
+        assert 0.0 < share < 1.0

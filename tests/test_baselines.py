@@ -19,7 +19,7 @@ from editlab.editing.methods.ft import FT
 from editlab.editing.methods.memit import MEMIT
 from editlab.editing.methods.pmet import PMET, ffn_outputs
 from editlab.editing.methods.rome import ROME
-from editlab.editing.solve import alphaedit_delta, null_space_projection, rome_delta
+from editlab.editing.solve import alphaedit_delta, null_space_key_share, null_space_projection, rome_delta
 from editlab.editing.stats import second_moments, statistics_cache
 from editlab.editing.targets import TargetConfig
 from editlab.keyed_cache import cache_root
@@ -116,6 +116,21 @@ def test_null_space_projection_spans_the_small_eigenvalues():
     torch.testing.assert_close(p, small @ small.T, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(p @ p, p, rtol=1e-8, atol=1e-10)
     assert float((p @ large).abs().max()) < 1e-10
+
+
+def test_null_space_key_share_is_the_small_eigenvalues_share_of_the_trace_and_of_sampled_keys():
+    # Eigenvalues 4, 2, 1 (kept) and 0.5, 0.25 (below the threshold 0.6), in a random basis: the
+    # null space holds 0.75 / 7.75 of tr(C); keys drawn with E[kkᵀ] = C put that share of E‖k‖² in it.
+    g = torch.Generator().manual_seed(5)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    evals = torch.tensor([4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    cov = q @ torch.diag(evals) @ q.T
+    p = null_space_projection(cov, 0.6)
+    assert null_space_key_share(cov, p) == pytest.approx(0.75 / 7.75, rel=1e-12)
+    keys = torch.randn(200_000, 5, generator=g, dtype=torch.float64) * evals.sqrt() @ q.T  # [N, 5], E[kkᵀ] = C
+    sampled = float(((keys @ p) ** 2).sum() / (keys**2).sum())
+    assert sampled == pytest.approx(0.75 / 7.75, rel=0.02)
+    assert null_space_key_share(cov, null_space_projection(cov, 1e-3)) == 0.0
 
 
 def test_alphaedit_delta_leaves_preserved_keys_alone_and_matches_the_slow_least_squares():

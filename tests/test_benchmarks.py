@@ -459,3 +459,29 @@ def test_z_setting_options_and_recommendation():
     assert z_setting.recommend(entries, 2.0, 0.0)["setting"] == "lr=2,steps=12"
     assert z_setting.recommend(entries, 2.0, 2.0)["setting"] == "lr=2,steps=10"
     assert z_setting.recommend([ref, fast_lower_paraphrase, fast_lower_efficacy], 1.0, 0.0) is None
+
+
+def test_nullspace_share_reports_each_layers_dimension_and_key_share():
+    # Eigenvalues 3, 1 (kept) and 0.01, 0.005 (below 0.02) in a random basis: a 2-dimensional null
+    # space holding 0.015 / 4.015 of tr(C).
+    from editlab.editing.solve import null_space_projection
+
+    nullspace_share = load_script("nullspace_share")
+    g = torch.Generator().manual_seed(3)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    cov = q @ torch.diag(torch.tensor([3.0, 1.0, 0.01, 0.005], dtype=torch.float64)) @ q.T
+    got = nullspace_share.layer_report(cov, null_space_projection(cov, 0.02), 0.02)
+    assert got["d_ff"] == 4 and got["null_space_dim"] == 2
+    assert got["key_share_in_null_space"] == pytest.approx(0.015 / 4.015, rel=1e-10)
+    assert got["largest_eigenvalue"] == pytest.approx(3.0) and got[
+        "threshold_over_largest_eigenvalue"
+    ] == pytest.approx(0.02 / 3.0)
+
+
+def test_nullspace_share_refuses_a_method_without_a_null_space(monkeypatch):
+    from editlab.errors import ConfigError
+
+    monkeypatch.chdir(REPO)
+    nullspace_share = load_script("nullspace_share")
+    with pytest.raises(ConfigError, match="option model.method: MEMIT_seq has no null space"):
+        nullspace_share.main(["--config", "configs/memit_seq_smollm2.yaml"])

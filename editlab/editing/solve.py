@@ -133,6 +133,15 @@ def null_space_projection(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     return u @ u.T
 
 
+def null_space_key_share(cov: torch.Tensor, proj: torch.Tensor) -> float:
+    """Share of the preserved keys' second moment inside AlphaEdit's null space:
+    tr(P C) / tr(C) = E‖P k₀‖² / E‖k₀‖² (P a projector). Near 0, P k₀ ≈ 0 as the method assumes;
+    the threshold is absolute, so on a model whose keys are small a large share of them lies in
+    the "null" space and the projected update still moves them."""
+    c = cov.double()
+    return float((proj.double().to(c.device) * c).sum() / c.trace())  # tr(P C), P and C symmetric
+
+
 def alphaedit_delta(
     keys: torch.Tensor, resid: torch.Tensor, proj: torch.Tensor, cache: torch.Tensor | None, l2: float
 ) -> torch.Tensor:

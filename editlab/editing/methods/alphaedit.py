@@ -16,7 +16,7 @@ from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.methods.base import EditContext
 from editlab.editing.methods.memit import LayerSpreadMethod
 from editlab.editing.methods.stages import Spread
-from editlab.editing.solve import alphaedit_delta, null_space_projection
+from editlab.editing.solve import alphaedit_delta, null_space_key_share, null_space_projection
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import TargetConfig, TargetResult
 from editlab.memory import MemoryProfile
@@ -72,10 +72,17 @@ class AlphaEdit(LayerSpreadMethod):
     def null_space_dims(self) -> dict[int, int]:
         return {layer: round(float(p.trace())) for layer, p in self.proj.items()}
 
+    def null_space_key_shares(self) -> dict[int, float]:
+        """Per layer, the share of E[kkᵀ]'s trace in the null space (solve.null_space_key_share)."""
+        return {layer: null_space_key_share(self.cov[layer], p) for layer, p in self.proj.items()}
+
     def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
-        """MEMIT's spread with the projected solve, plus each layer's null-space dimension: the
-        threshold is absolute, so how many directions P keeps depends on C's scale (corpus, token
-        cap, model), and the step's scalars (steps.jsonl, metrics.csv) record it."""
+        """MEMIT's spread with the projected solve, plus each layer's null-space dimension and the
+        share of the preserved keys' second moment inside it: the threshold is absolute, so how
+        many directions P keeps, and how null they are, depend on C's scale (corpus, token cap,
+        model); the step's scalars (steps.jsonl, metrics.csv) record both."""
         out = super().spread(ctx, requests, tgt)
         out.scalars.update({f"nullspace_dim/l{layer}": float(dim) for layer, dim in self.null_space_dims().items()})
+        shares = self.null_space_key_shares()
+        out.scalars.update({f"nullspace_key_share/l{layer}": share for layer, share in shares.items()})
         return out
