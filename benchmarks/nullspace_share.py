@@ -2,7 +2,9 @@
 dimension of P (eigenvalues of E[kkᵀ] below ``nullspace_threshold``) and the share of the preserved
 keys' second moment inside it, tr(P C) / tr(C) = E‖P k₀‖² / E‖k₀‖² (solve.null_space_key_share).
 The method assumes P k₀ ≈ 0; its threshold is absolute, so on a model with small keys much of
-their energy can lie in the "null" space and the projected update still moves them.
+their energy can lie in the "null" space and the projected update still moves them. Also, per
+layer, how many of the smallest directions hold at most 0.1%, 1% and 5% of tr(C): the size a
+nearly null space could have on this model.
 
 Reads the statistics a fit with the same options reads (from the cache, or computes them), no
 edit data:
@@ -25,6 +27,7 @@ from editlab.commands.study import commit_of
 from editlab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
+SHARES = (0.001, 0.01, 0.05)  # of tr(C), for dims_holding_at_most
 
 
 def layer_report(cov: torch.Tensor, proj: torch.Tensor, threshold: float) -> dict:
@@ -39,6 +42,9 @@ def layer_report(cov: torch.Tensor, proj: torch.Tensor, threshold: float) -> dic
         "largest_eigenvalue": float(evals[-1]),
         "median_eigenvalue": float(evals.median()),
         "threshold_over_largest_eigenvalue": threshold / float(evals[-1]),
+        # How large a null space could be and still be nearly null: the number of smallest
+        # eigen-directions whose eigenvalues sum to at most this share of tr(C).
+        "dims_holding_at_most": {str(share): int((evals.cumsum(0) / evals.sum() <= share).sum()) for share in SHARES},
     }
 
 

@@ -472,6 +472,8 @@ def test_nullspace_share_reports_each_layers_dimension_and_key_share():
     cov = q @ torch.diag(torch.tensor([3.0, 1.0, 0.01, 0.005], dtype=torch.float64)) @ q.T
     got = nullspace_share.layer_report(cov, null_space_projection(cov, 0.02), 0.02)
     assert got["d_ff"] == 4 and got["null_space_dim"] == 2
+    # cumulative shares of tr(C): 0.005/4.015 ≈ 0.00125, 0.015/4.015 ≈ 0.0037, 1.015/4.015 ≈ 0.25
+    assert got["dims_holding_at_most"] == {"0.001": 0, "0.01": 2, "0.05": 2}
     assert got["key_share_in_null_space"] == pytest.approx(0.015 / 4.015, rel=1e-10)
     assert got["largest_eigenvalue"] == pytest.approx(3.0) and got[
         "threshold_over_largest_eigenvalue"
