@@ -49,6 +49,9 @@ class AlphaEdit(LayerSpreadMethod):
         self.nullspace_threshold = nullspace_threshold
         self.l2 = l2
         self.proj: dict[int, torch.Tensor] = {}
+        # Per layer, the share of E[kkᵀ]'s trace in the null space (solve.null_space_key_share):
+        # fixed with P at setup, reported with every step.
+        self.key_shares: dict[int, float] = {}
 
     def setup(self, ctx: EditContext) -> None:
         super().setup(ctx)
@@ -59,6 +62,7 @@ class AlphaEdit(LayerSpreadMethod):
                     f"option nullspace_threshold={self.nullspace_threshold}: no eigenvalue of E[kkᵀ] at layer {layer} "
                     "is below it, so the null space is empty and no edit could be written"
                 )
+        self.key_shares = {layer: null_space_key_share(self.cov[layer], p) for layer, p in self.proj.items()}
 
     def memory_profile(self) -> MemoryProfile:
         # C, P and the cache; solve: M, P M, l2·I and A (offloaded: P's device copy too).
@@ -72,10 +76,6 @@ class AlphaEdit(LayerSpreadMethod):
     def null_space_dims(self) -> dict[int, int]:
         return {layer: round(float(p.trace())) for layer, p in self.proj.items()}
 
-    def null_space_key_shares(self) -> dict[int, float]:
-        """Per layer, the share of E[kkᵀ]'s trace in the null space (solve.null_space_key_share)."""
-        return {layer: null_space_key_share(self.cov[layer], p) for layer, p in self.proj.items()}
-
     def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
         """MEMIT's spread with the projected solve, plus each layer's null-space dimension and the
         share of the preserved keys' second moment inside it: the threshold is absolute, so how
@@ -83,6 +83,5 @@ class AlphaEdit(LayerSpreadMethod):
         model); the step's scalars (steps.jsonl, metrics.csv) record both."""
         out = super().spread(ctx, requests, tgt)
         out.scalars.update({f"nullspace_dim/l{layer}": float(dim) for layer, dim in self.null_space_dims().items()})
-        shares = self.null_space_key_shares()
-        out.scalars.update({f"nullspace_key_share/l{layer}": share for layer, share in shares.items()})
+        out.scalars.update({f"nullspace_key_share/l{layer}": share for layer, share in self.key_shares.items()})
         return out
