@@ -41,7 +41,7 @@ def test_study_file_problems_name_the_field(tmp_path):
 def test_parallel_option_overrides_the_file(tmp_path, monkeypatch, capsys):
     path = write_study(tmp_path, [{"name": "a", "config": str(REPO / "configs" / "memit_smollm2.yaml")}], parallel=2)
     seen = []
-    monkeypatch.setattr(study_module, "run_study", lambda study, repo, **kw: seen.append(study.parallel) or [])
+    monkeypatch.setattr(study_module, "run_studies", lambda studies, repo, parallel, **kw: seen.append(parallel) or [])
     assert study_main([str(path), "--parallel", "1"]) == 0 and seen == [1]
     assert study_main([str(path)]) == 0 and seen == [1, 2]
     assert study_main([str(path), "--parallel", "0"]) == 2
@@ -142,14 +142,63 @@ def test_only_runs_the_named_runs_and_an_unknown_name_is_one_error(tmp_path, mon
     path = write_study(tmp_path, [{"name": "a", "config": config}, {"name": "b", "config": config}])
     seen = []
 
-    def names(study, repo, **kw):
-        seen.append([r.name for r in study.runs])
+    def names(studies, repo, parallel, **kw):
+        seen.extend([r.name for r in study.runs] for study in studies)
         return []
 
-    monkeypatch.setattr(study_module, "run_study", names)
+    monkeypatch.setattr(study_module, "run_studies", names)
     assert study_main([str(path), "--only", "b"]) == 0 and seen == [["b"]]
     assert study_main([str(path), "--only", "b", "c"]) == 2
     assert "--only: no run named c (runs: a, b)" in capsys.readouterr().err
+
+
+def finished_run_dir(run_dir: Path, method: str) -> None:
+    """A run directory as a finished fit leaves it (summary and steps), for the study to collect."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"method": method, "edits": 10, "seconds_evaluation": 1.0}))
+    (run_dir / "steps.jsonl").write_text(json.dumps({"step": 1, "seconds_z": 2.0}) + "\n")
+
+
+def test_several_study_files_run_as_one_queue_each_run_writing_to_its_own_files_out(tmp_path):
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    studies = [
+        read_study(write_study(one, [{"name": "a", "config": config}])),
+        read_study(write_study(two, [{"name": "b", "config": config}, {"name": "c", "config": config}])),
+    ]
+    for root, name in ((one, "a"), (two, "b"), (two, "c")):
+        finished_run_dir(root / "runs" / name, name.upper())
+    # "false" stands in for editlab: every run has finished, so none may be launched
+    per_study = study_module.run_studies(studies, REPO, 2, launcher=["false"])
+    assert [[r["name"] for r in records] for records in per_study] == [["a"], ["b", "c"]]
+    assert all(r["returncode"] == 0 for records in per_study for r in records)
+    assert json.loads((one / "out" / "a.json").read_text())["summary"]["method"] == "A"
+    assert sorted(p.name for p in (two / "out").glob("*.json")) == ["b.json", "c.json"]
+    assert not (one / "out" / "b.json").exists() and not (two / "out" / "a.json").exists()
+    # each file's report once its own runs have finished (one run alone has nothing to compare)
+    assert (two / "out" / "report" / "report.md").is_file() and not (one / "out" / "report").exists()
+
+
+def test_several_files_share_the_smallest_parallel_and_only_picks_across_them(tmp_path, monkeypatch, capsys):
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one = write_study(tmp_path / "one", [{"name": "a", "config": config}], parallel=2)
+    two = write_study(tmp_path / "two", [{"name": "b", "config": config}, {"name": "c", "config": config}], parallel=1)
+    seen = []
+
+    def queue(studies, repo, parallel, **kw):
+        seen.append((parallel, [[r.name for r in study.runs] for study in studies]))
+        return [[] for _ in studies]
+
+    monkeypatch.setattr(study_module, "run_studies", queue)
+    assert study_main([str(one), str(two)]) == 0 and seen[-1] == (1, [["a"], ["b", "c"]])
+    assert study_main([str(one), str(two), "--parallel", "2", "--only", "c", "a"]) == 0
+    assert seen[-1] == (2, [["a"], ["c"]])
+    assert study_main([str(two), str(one), "--only", "c"]) == 0 and seen[-1] == (1, [["c"]])  # file a drops out
+    assert study_main([str(one), str(two), "--only", "d"]) == 2
+    assert f"{one}, {two}: --only: no run named d (runs: a, b, c)" in capsys.readouterr().err
 
 
 def test_the_final_weight_norms_are_the_last_steps(tmp_path):
@@ -291,10 +340,10 @@ def test_sigterm_stops_the_study_passes_it_on_to_its_runs_and_starts_no_other(tm
 def test_a_study_stopped_by_sigterm_exits_143_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
     path = write_study(tmp_path, [{"name": "a", "config": str(REPO / "configs" / "memit_smollm2.yaml")}])
 
-    def stopped(study, repo, launches):
+    def stopped(studies, repo, parallel, launches):
         launches.stop(15)  # as the SIGTERM handler does
-        return [{"name": "a", "returncode": 143}]
+        return [[{"name": "a", "returncode": 143}]]
 
-    monkeypatch.setattr(study_module, "run_study", stopped)
+    monkeypatch.setattr(study_module, "run_studies", stopped)
     assert study_main([str(path)]) == 143
     assert "stopped by SIGTERM; run the same command again to continue" in capsys.readouterr().err

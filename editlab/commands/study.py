@@ -24,7 +24,10 @@ every run has finished, ``editlab report`` puts them side by side in ``OUT/repor
 JSONs: the committed results redraw the figures without the run directories. ``--collect`` copies
 the run directories' records into results JSONs written before they carried them, runs nothing and
 writes the report. ``--progress`` prints every evaluation point so far of each run, an unfinished
-one's from its last edit-state checkpoint, and runs nothing. SIGTERM stops a study: its runs get the
+one's from its last edit-state checkpoint, and runs nothing. ``editlab study A.yaml B.yaml`` runs the
+runs of several files as one queue in file order, ``--parallel`` processes at once for all of them
+(a slot a finished run frees goes to the next run, whichever file it is in); each file keeps its
+runs_dir, out, threads and report. SIGTERM stops a study: its runs get the
 signal (each finishes its step, saves its state and exits), no further run starts, exit status 143.
 """
 
@@ -371,11 +374,29 @@ def run_study(
     study: Study, repo: Path, launcher: list[str] | None = None, launches: Launches | None = None
 ) -> list[dict]:
     """Every run, ``study.parallel`` at a time (``launches``: the processes, for a stop)."""
+    return run_studies([study], repo, study.parallel, launcher, launches)[0]
+
+
+def run_studies(
+    studies: list[Study],
+    repo: Path,
+    parallel: int,
+    launcher: list[str] | None = None,
+    launches: Launches | None = None,
+) -> list[list[dict]]:
+    """The runs of several studies in one queue, in file order, ``parallel`` processes at once for
+    all of them (a slot a finished run frees goes to the next run, whichever study it is in); each
+    study's report once its own runs have finished. Returns each study's records."""
     launches = launches or Launches()
-    with ThreadPoolExecutor(max_workers=study.parallel) as pool:
-        records = list(pool.map(lambda r: execute(study, r, repo, launcher, launches), study.runs))
-    write_report(study, records)
-    return records
+    queue = [(study, run) for study in studies for run in study.runs]
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        flat = list(pool.map(lambda item: execute(item[0], item[1], repo, launcher, launches), queue))
+    per_study, start = [], 0
+    for study in studies:
+        records, start = flat[start : start + len(study.runs)], start + len(study.runs)
+        write_report(study, records)
+        per_study.append(records)
+    return per_study
 
 
 def write_report(study: Study, records: list[dict]) -> None:
@@ -386,24 +407,36 @@ def write_report(study: Study, records: list[dict]) -> None:
         write_comparison(done, study.out / "report")
 
 
-def select_runs(study: Study, names: list[str], path: str) -> list[StudyRun]:
-    known = {run.name for run in study.runs}
+def select_runs(studies: list[Study], names: list[str], paths: list[str]) -> list[Study]:
+    """The studies cut down to the runs named (``--only``), those left with none dropped; a name
+    no file has is one error naming the files and their runs."""
+    known = {run.name for study in studies for run in study.runs}
     unknown = [name for name in names if name not in known]
     if unknown:
-        raise StudyError(f"{path}: --only: no run named {', '.join(unknown)} (runs: {', '.join(sorted(known))})")
-    return [run for run in study.runs if run.name in names]
+        raise StudyError(
+            f"{', '.join(paths)}: --only: no run named {', '.join(unknown)} (runs: {', '.join(sorted(known))})"
+        )
+    for study in studies:
+        study.runs = [run for run in study.runs if run.name in names]
+    return [study for study in studies if study.runs]
 
 
 def study_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="editlab study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("file", help="the study file (YAML)")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="the study file (YAML); several run as one queue, in order, sharing --parallel's slots",
+    )
     parser.add_argument("--list", action="store_true", help="print each run's command and whether it has finished")
     parser.add_argument(
         "--parallel",
         type=int,
-        help="processes at once, instead of the file's (e.g. 1 while another study shares the machine)",
+        help="processes at once, instead of the file's (several files: the smallest of theirs) "
+        "(e.g. 1 while another study shares the machine)",
     )
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the file")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the files")
     parser.add_argument(
         "--progress",
         nargs="*",
@@ -418,38 +451,42 @@ def study_main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        study = read_study(args.file)
+        studies = [read_study(path) for path in args.files]
         if args.only:
-            study.runs = select_runs(study, args.only, args.file)
+            studies = select_runs(studies, args.only, args.files)
     except StudyError as err:
         print(f"editlab study: error: {err}", file=sys.stderr)
         return 2
-    if args.parallel is not None:
-        if args.parallel < 1:
-            print("editlab study: error: --parallel must be >= 1", file=sys.stderr)
-            return 2
-        study.parallel = args.parallel
+    if args.parallel is not None and args.parallel < 1:
+        print("editlab study: error: --parallel must be >= 1", file=sys.stderr)
+        return 2
+    parallel = args.parallel if args.parallel is not None else min(study.parallel for study in studies)
+    for study in studies:
+        study.parallel = parallel  # what each results JSON records: the processes that shared the machine
     if args.list:
-        for run in study.runs:
-            print(f"{run.name}\t{run_state(study, run)}\t{' '.join(run_command(study, run))}")
+        for study in studies:
+            for run in study.runs:
+                print(f"{run.name}\t{run_state(study, run)}\t{' '.join(run_command(study, run))}")
         return 0
     if args.progress is not None:
-        print("\n".join(progress_table(study, args.progress or PROGRESS_METRICS)))
+        for study in studies:
+            print("\n".join(progress_table(study, args.progress or PROGRESS_METRICS)))
         return 0
     if args.collect:
-        refreshed = collect(study)
-        print(f"editlab study: refreshed {', '.join(refreshed) or 'nothing'}", file=sys.stderr)
-        write_report(study, [finished_record(study, run) or {} for run in study.runs])
+        for study in studies:
+            refreshed = collect(study)
+            print(f"editlab study: {study.name}: refreshed {', '.join(refreshed) or 'nothing'}", file=sys.stderr)
+            write_report(study, [finished_record(study, run) or {} for run in study.runs])
         return 0
     launches = Launches()
     with stop_on_sigterm(launches):
-        records = run_study(study, Path.cwd(), launches=launches)
+        per_study = run_studies(studies, Path.cwd(), parallel, launches=launches)
     if launches.stopping:
         print("editlab study: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
         return SIGTERM_EXIT  # as its fit processes exit
-    failed = [r["name"] for r in records if r.get("returncode") != 0]
+    failed = [r["name"] for records in per_study for r in records if r.get("returncode") != 0]
     if failed:
         print(f"editlab study: error: runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    print(study.out)
+    print("\n".join(str(study.out) for study in studies))
     return 0
