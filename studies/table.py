@@ -1,6 +1,6 @@
 """Print a markdown table of a study's results JSONs, one column per run:
 
-    python studies/table.py DIR [RUN ...] [--growth-layers 8] [--curve KEY ...]
+    python studies/table.py DIR [RUN ...] [--growth-layers 8] [--curve KEY ...] [--paired BASE]
 
 Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
 zsRE's token accuracies, quality, each probe task's scores on all its examples), the L1 growth of
@@ -9,6 +9,10 @@ the edited matrices after the last step (the results JSON's ``weight_norms_end``
 records, which one step that waited does not move), and seconds per edit of z, keys, solve and
 evaluation where the results JSONs have them (``seconds_per_edit``). The "before" column is the
 first run's ``pre_*`` values.
+
+``--paired BASE`` adds a table of every other run's per-case differences from run BASE at the final
+point (success and accuracy rows) with 95% paired bootstrap intervals, from the compact per-case
+files ``editlab study`` keeps beside the results JSONs (``RUN.cases.jsonl.gz``).
 
 ``--curve KEY ...`` adds one table per metric against edits, a row per run, a column per
 evaluation point of the results JSONs' ``curve`` (pre-edit, periodic, final); the 0-edit column of a
@@ -19,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from editlab.paired import CASE_FILE_SUFFIX, case_values, paired_difference, read_case_records
 from editlab.report import is_stream, l1_growth_by_layer
 
 ROWS = [
@@ -107,6 +112,34 @@ def curve_table(records: dict, key: str) -> list[str]:
     return lines
 
 
+PAIRED_METRICS = [
+    ("efficacy success", "efficacy_success"),
+    ("paraphrase success", "generalization_success"),
+    ("neighbourhood success", "specificity_success"),
+    ("efficacy accuracy", "efficacy_accuracy"),
+    ("generalization accuracy", "generalization_accuracy"),
+    ("specificity accuracy", "specificity_accuracy"),
+]
+
+
+def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
+    """Each run's mean per-case difference from ``base`` at the final point with its 95% paired
+    bootstrap interval (10,000 resamples of the cases, seed 0); * where the interval excludes 0."""
+    base_records = read_case_records(root / f"{base}{CASE_FILE_SUFFIX}")
+    lines = [f"| metric | run | {base} | run | run − {base} | 95% interval | cases |"]
+    lines.append("|---|---|---:|---:|---:|---|---:|")
+    for name in others:
+        records = read_case_records(root / f"{name}{CASE_FILE_SUFFIX}")
+        for label, key in PAIRED_METRICS:
+            d = paired_difference(case_values(base_records, key), case_values(records, key), key)
+            mark = " *" if d.excludes_zero else ""
+            lines.append(
+                f"| {label} | {name} | {d.mean_a:.4f} | {d.mean_b:.4f} | {d.difference:+.3f}{mark} "
+                f"| [{d.low:+.3f}, {d.high:+.3f}] | {d.cases} |"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dir")
@@ -115,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
         "--growth-layers", type=int, nargs="*", help="layers of the growth rows (default: every edited layer)"
     )
     p.add_argument("--curve", nargs="*", default=[], metavar="KEY", help="curve tables of these metrics")
+    p.add_argument(
+        "--paired",
+        metavar="BASE",
+        help="a table of each run's per-case differences from run BASE at the final point, with 95%% paired "
+        "bootstrap intervals (from DIR/RUN.cases.jsonl.gz)",
+    )
     args = p.parse_args(argv)
     root = Path(args.dir)
     names = args.runs or sorted(q.stem for q in root.glob("*.json"))
@@ -143,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     for key in args.curve:
         print()
         print("\n".join(curve_table(records, key)))
+    if args.paired:
+        print()
+        print("\n".join(paired_table(root, args.paired, [n for n in names if n != args.paired])))
     print()
     for n, r in records.items():
         sitting = r.get("seconds_this_sitting")  # absent where the results came from the run directory alone

@@ -14,6 +14,7 @@ import yaml
 from editlab.commands import study as study_module
 from editlab.commands.study import StudyError, final_weight_norms, read_study, run_command, run_study, study_main
 from editlab.models.tiny import save_tiny
+from editlab.paired import read_case_records
 
 from helpers import REPO, SHARED_DATA
 
@@ -237,6 +238,13 @@ def test_collect_copies_a_finished_runs_records_into_a_results_json_written_befo
     assert (tmp_path / "out" / "report" / "report.md").is_file()
     assert study_main([str(path), "--collect"]) == 0  # nothing new: nothing rewritten
     assert "refreshed nothing" in capsys.readouterr().err
+    # a finished run whose results JSON predates the per-case copy gets it from its cases.jsonl
+    (a_dir / "cases.jsonl").write_text(json.dumps({"case_id": "1", "post": {"efficacy_success": 1.0}}) + "\n")
+    assert study_main([str(path), "--collect"]) == 0 and "refreshed a" in capsys.readouterr().err
+    kept = read_case_records(tmp_path / "out" / "a.cases.jsonl.gz")
+    assert kept == [{"case_id": "1", "post": {"efficacy_success": 1.0}}]
+    assert not (tmp_path / "out" / "b.cases.jsonl.gz").exists()  # no run directory, nothing to copy
+    assert study_main([str(path), "--collect"]) == 0 and "refreshed nothing" in capsys.readouterr().err
 
 
 def test_progress_shows_every_evaluation_point_so_far_from_results_json_or_checkpoint(tmp_path, capsys):
@@ -280,11 +288,16 @@ def test_a_run_that_finished_after_its_study_process_ended_gets_its_results_json
     (run_dir / "summary.json").write_text(json.dumps({"method": "MEMIT", "edits": 20, "seconds_evaluation": 4.0}))
     steps = [{"step": 1, "seconds_z": 3.0, "seconds_solve": 1.0}, {"step": 2, "seconds_z": 5.0, "seconds_solve": 1.0}]
     (run_dir / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    case = {"case_id": "3", "step": 1, "post": {"specificity_success": 0.6}, "detail": {"post": {}}}
+    (run_dir / "cases.jsonl").write_text(json.dumps(case) + "\n")
     # "false" stands in for editlab: launching fit (which refuses a finished directory) would fail
     [record] = run_study(study, REPO, launcher=["false"])
     assert record["returncode"] == 0 and record["summary"]["method"] == "MEMIT" and record["steps"] == steps
     assert record["seconds_per_edit"] == {"seconds_z": 0.4, "seconds_solve": 0.1, "seconds_evaluation": 0.2}
     assert json.loads((tmp_path / "out" / "a.json").read_text()) == record
+    # the per-case values beside it, for paired comparisons once the run directory is gone
+    kept = read_case_records(tmp_path / "out" / "a.cases.jsonl.gz")
+    assert kept == [{"case_id": "3", "step": 1, "post": {"specificity_success": 0.6}}]
 
 
 FAKE_FIT = """

@@ -94,3 +94,30 @@ def test_probe_rows_give_every_task_and_score_on_all_examples_with_the_pre_edit_
     assert "| probe sst2 accuracy | 0.687 | 0.556 | 0.600 |" in lines
     assert "| probe cola mcc | — | 0.013 | — |" in lines
     assert not any("subset" in line for line in lines)  # the 100-example scores are the curve's
+
+
+def test_paired_table_gives_each_runs_per_case_difference_from_the_base_with_an_interval(tmp_path, capsys):
+    from editlab.paired import write_case_values
+
+    flags = {  # per case: efficacy, paraphrase, neighbourhood success (accuracy rows equal them here)
+        "seq": [(1, 1, 0), (1, 1, 0), (1, 0, 1), (1, 1, 1)],
+        "ece": [(1, 1, 1), (1, 1, 1), (1, 0, 1), (1, 1, 1)],
+    }
+    for name, rows in flags.items():
+        write(tmp_path, name, {"method": name})
+        records = []
+        for i, (eff, par, hood) in enumerate(rows):
+            post = {"efficacy_success": eff, "generalization_success": par, "specificity_success": hood}
+            post |= {k.replace("success", "accuracy"): v for k, v in post.items()}
+            records.append({"case_id": str(i), "post": post, "detail": {}})
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_case_values(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.cases.jsonl.gz")
+    lines = table([str(tmp_path), "seq", "ece", "--paired", "seq"], capsys)
+    hood = next(line for line in lines if line.startswith("| neighbourhood success | ece |"))
+    cells = [c.strip() for c in hood.strip("|").split("|")]
+    assert cells[2:5] == ["0.5000", "1.0000", "+0.500"]  # two of four cases gained: +0.5
+    low, high = (float(x) for x in cells[5].strip("[]").split(","))
+    assert 0.0 <= low <= 0.5 <= high <= 1.0 and cells[6] == "4"
+    same = next(line for line in lines if line.startswith("| efficacy success | ece |"))
+    assert "| +0.000 | [+0.000, +0.000] | 4 |" in same
+    assert not any(line.startswith("| efficacy success | seq |") for line in lines)  # the base is no row

@@ -17,7 +17,8 @@ Every run is ``editlab fit --config C ARGS --trainer.default_root_dir RUNS_DIR/N
 last edit-state checkpoint, and a finished run is not run again: one with its summary.json, or one
 whose results JSON says it finished with the same command (its run directory may live on another
 machine; ``--only NAME`` runs a subset). Each finished
-run gets ``OUT/NAME.json``: its command, the commit it ran on (a dirty tree is named as such), its
+run gets ``OUT/NAME.json`` and its per-case values (``OUT/NAME.cases.jsonl.gz``, for paired comparisons
+with ``editlab.paired``): ``OUT/NAME.json`` holds its command, the commit it ran on (a dirty tree is named as such), its
 seconds, the machine's load while it ran, the per-stage seconds, its summary, its evaluation points
 (``curve``), its steps' records (``steps``) and the edited matrices' norms after the last step. When
 every run has finished, ``editlab report`` puts them side by side in ``OUT/report``, from the results
@@ -52,6 +53,7 @@ import yaml
 from editlab import rundir
 from editlab.errors import SIGTERM_EXIT
 from editlab.files import write_text_atomic
+from editlab.paired import CASE_FILE_SUFFIX, write_case_values
 from editlab.report import fmt, fmt_count, last_layer_l1_growth, load_jsonl, markdown_table, write_comparison
 
 
@@ -238,7 +240,24 @@ def collect(study: Study) -> list[str]:
         if fresh != record:
             write_text_atomic(study.out / f"{run.name}.json", json.dumps(fresh, indent=1) + "\n")
             refreshed.append(run.name)
+        if keep_case_values(study, run) and run.name not in refreshed:
+            refreshed.append(run.name)
     return refreshed
+
+
+def case_values_path(study: Study, run: StudyRun) -> Path:
+    return study.out / f"{run.name}{CASE_FILE_SUFFIX}"
+
+
+def keep_case_values(study: Study, run: StudyRun, overwrite: bool = False) -> bool:
+    """Write the compact copy of a finished run's cases.jsonl beside its results JSON (paired
+    comparisons of runs need the per-case values once the run directory is gone); one already
+    there is kept unless ``overwrite`` (a results JSON just written). Returns whether it wrote one."""
+    cases, out = study.runs_dir / run.name / rundir.CASES, case_values_path(study, run)
+    if not cases.is_file() or (out.is_file() and not overwrite):
+        return False
+    write_case_values(cases, out)
+    return True
 
 
 def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None, launches: Launches) -> dict:
@@ -308,8 +327,10 @@ def finished_run_files(run_dir: Path) -> dict:
 
 
 def write_record(study: Study, run: StudyRun, record: dict) -> dict:
+    """The results JSON of a finished run, and the compact copy of its per-case values."""
     study.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.out / f"{run.name}.json", json.dumps(record, indent=1) + "\n")
+    keep_case_values(study, run, overwrite=True)
     return record
 
 
