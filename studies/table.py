@@ -12,7 +12,8 @@ first run's ``pre_*`` values.
 
 ``--paired BASE`` adds a table of every other run's per-case differences from run BASE at the final
 point (success and accuracy rows) with 95% paired bootstrap intervals, from the compact per-case
-files ``editlab study`` keeps beside the results JSONs (``RUN.cases.jsonl.gz``).
+files ``editlab study`` keeps beside the results JSONs (``RUN.cases.jsonl.gz``); ``--paired pre``
+compares every run with the unedited model's values of the same cases (what the stream cost).
 
 ``--curve KEY ...`` adds one table per metric against edits, a row per run, a column per
 evaluation point of the results JSONs' ``curve`` (pre-edit, periodic, final); the 0-edit column of a
@@ -122,16 +123,31 @@ PAIRED_METRICS = [
 ]
 
 
+def pre_edit_records(root: Path, names: list[str]) -> list[dict]:
+    """The per-case records of the first run that scored the unedited model (its ``pre`` blocks):
+    every run of a study edits the same cases from the same model."""
+    for name in names:
+        records = read_case_records(root / f"{name}{CASE_FILE_SUFFIX}")
+        if records and all("pre" in r for r in records):
+            return records
+    raise SystemExit(f"--paired pre: no run of {', '.join(names)} has pre-edit values in its case file")
+
+
 def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
     """Each run's mean per-case difference from ``base`` at the final point with its 95% paired
-    bootstrap interval (10,000 resamples of the cases, seed 0); * where the interval excludes 0."""
-    base_records = read_case_records(root / f"{base}{CASE_FILE_SUFFIX}")
+    bootstrap interval (10,000 resamples of the cases, seed 0); * where the interval excludes 0.
+    ``base`` "pre": from the unedited model's values of the same cases (what the stream cost)."""
+    if base == "pre":
+        base_records, base_point = pre_edit_records(root, others), "pre"
+    else:
+        base_records, base_point = read_case_records(root / f"{base}{CASE_FILE_SUFFIX}"), "post"
     lines = [f"| metric | run | {base} | run | run − {base} | 95% interval | cases |"]
     lines.append("|---|---|---:|---:|---:|---|---:|")
     for name in others:
         records = read_case_records(root / f"{name}{CASE_FILE_SUFFIX}")
         for label, key in PAIRED_METRICS:
-            d = paired_difference(case_values(base_records, key), case_values(records, key), key)
+            before = case_values(base_records, key, point=base_point)
+            d = paired_difference(before, case_values(records, key), key)
             mark = " *" if d.excludes_zero else ""
             lines.append(
                 f"| {label} | {name} | {d.mean_a:.4f} | {d.mean_b:.4f} | {d.difference:+.3f}{mark} "
@@ -152,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         "--paired",
         metavar="BASE",
         help="a table of each run's per-case differences from run BASE at the final point, with 95%% paired "
-        "bootstrap intervals (from DIR/RUN.cases.jsonl.gz)",
+        "bootstrap intervals (from DIR/RUN.cases.jsonl.gz); BASE 'pre': from the unedited model's values",
     )
     args = p.parse_args(argv)
     root = Path(args.dir)

@@ -109,7 +109,8 @@ def test_paired_table_gives_each_runs_per_case_difference_from_the_base_with_an_
         for i, (eff, par, hood) in enumerate(rows):
             post = {"efficacy_success": eff, "generalization_success": par, "specificity_success": hood}
             post |= {k.replace("success", "accuracy"): v for k, v in post.items()}
-            records.append({"case_id": str(i), "post": post, "detail": {}})
+            pre = {k: 0 if k.startswith("efficacy") else 1 for k in post}  # unedited: no edit, every neighbour kept
+            records.append({"case_id": str(i), "pre": pre, "post": post, "detail": {}})
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         write_case_values(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.cases.jsonl.gz")
     lines = table([str(tmp_path), "seq", "ece", "--paired", "seq"], capsys)
@@ -121,3 +122,8 @@ def test_paired_table_gives_each_runs_per_case_difference_from_the_base_with_an_
     same = next(line for line in lines if line.startswith("| efficacy success | ece |"))
     assert "| +0.000 | [+0.000, +0.000] | 4 |" in same
     assert not any(line.startswith("| efficacy success | seq |") for line in lines)  # the base is no row
+    cost = table([str(tmp_path), "seq", "ece", "--paired", "pre"], capsys)
+    assert any(line.startswith("| neighbourhood success | seq | 1.0000 | 0.5000 | -0.500 ") for line in cost)
+    assert any(
+        line.startswith("| efficacy success | ece | 0.0000 | 1.0000 | +1.000 * | [+1.000, +1.000] |") for line in cost
+    )
