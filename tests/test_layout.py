@@ -24,9 +24,10 @@ MAY_IMPORT = {
     "evaluation": {"data", "models", "metrics", "keyed_cache"},
     "plan": {"editing", "models"},
     "report": set(),
+    "paired": set(),
     "lightning": {"data", "models", "metrics", "editing", "evaluation", "plan", "report"}
     | {"files", "runlock", "keyed_cache"},
-    "commands": {"data", "models", "metrics", "editing", "evaluation", "plan", "report"}
+    "commands": {"data", "models", "metrics", "editing", "evaluation", "plan", "report", "paired"}
     | {"files", "runlock", "keyed_cache", "lightning"},
     "cli": {"commands", "lightning", "report"},
 }
