@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from editlab.files import write_atomic
+from editlab.report import load_jsonl
+
 CASE_FILE_SUFFIX = ".cases.jsonl.gz"  # OUT/<run>.cases.jsonl.gz beside OUT/<run>.json
 
 
@@ -45,22 +48,23 @@ def compact_case_records(records: list[dict]) -> list[dict]:
 def write_case_values(cases_jsonl: Path, out: Path) -> Path:
     """The compact, gzipped copy of a run's cases.jsonl (~250 KB for 2,000 cases instead of ~10 MB):
     what a paired comparison needs once the run directory is gone."""
-    records = [json.loads(line) for line in Path(cases_jsonl).read_text().splitlines() if line.strip()]
+    records = read_case_records(cases_jsonl)
     text = "".join(json.dumps(r) + "\n" for r in compact_case_records(records))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(gzip.compress(text.encode(), mtime=0))  # mtime 0: the same records give the same bytes
-    tmp.replace(out)
-    return out
+    data = gzip.compress(text.encode(), mtime=0)  # mtime 0: the same records give the same bytes
+    return write_atomic(out, lambda tmp: tmp.write_bytes(data))
 
 
 def read_case_records(path: Path) -> list[dict]:
     """Records of a cases.jsonl or of its compact ``.cases.jsonl.gz`` copy."""
     path = Path(path)
+    if not path.name.endswith(".gz"):
+        records = load_jsonl(path)
+        if records is None:
+            raise FileNotFoundError(f"{path}: no such case file")
+        return records
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such case file")
-    raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-    return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    return [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode().splitlines() if line.strip()]
 
 
 def case_values(records: list[dict], metric: str, point: str = "post") -> dict[str, float]:

@@ -123,31 +123,25 @@ PAIRED_METRICS = [
 ]
 
 
-def pre_edit_records(root: Path, names: list[str]) -> list[dict]:
-    """The per-case records of the first run that scored the unedited model (its ``pre`` blocks):
-    every run of a study edits the same cases from the same model."""
-    for name in names:
-        records = read_case_records(root / f"{name}{CASE_FILE_SUFFIX}")
-        if records and all("pre" in r for r in records):
-            return records
-    raise SystemExit(f"--paired pre: no run of {', '.join(names)} has pre-edit values in its case file")
-
-
 def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
     """Each run's mean per-case difference from ``base`` at the final point with its 95% paired
     bootstrap interval (10,000 resamples of the cases, seed 0); * where the interval excludes 0.
-    ``base`` "pre": from the unedited model's values of the same cases (what the stream cost)."""
+    ``base`` "pre": from the unedited model's values of the same cases (what the stream cost), read
+    from the first run that scored the unedited model (every run edits the same cases from it)."""
+    runs = {name: read_case_records(root / f"{name}{CASE_FILE_SUFFIX}") for name in others}
     if base == "pre":
-        base_records, base_point = pre_edit_records(root, others), "pre"
+        with_pre = [records for records in runs.values() if records and all("pre" in r for r in records)]
+        if not with_pre:
+            raise SystemExit(f"--paired pre: no run of {', '.join(others)} has pre-edit values in its case file")
+        base_records, base_point = with_pre[0], "pre"
     else:
         base_records, base_point = read_case_records(root / f"{base}{CASE_FILE_SUFFIX}"), "post"
+    before = {key: case_values(base_records, key, point=base_point) for _, key in PAIRED_METRICS}
     lines = [f"| metric | run | {base} | run | run − {base} | 95% interval | cases |"]
     lines.append("|---|---|---:|---:|---:|---|---:|")
-    for name in others:
-        records = read_case_records(root / f"{name}{CASE_FILE_SUFFIX}")
+    for name, records in runs.items():
         for label, key in PAIRED_METRICS:
-            before = case_values(base_records, key, point=base_point)
-            d = paired_difference(before, case_values(records, key), key)
+            d = paired_difference(before[key], case_values(records, key), key)
             mark = " *" if d.excludes_zero else ""
             lines.append(
                 f"| {label} | {name} | {d.mean_a:.4f} | {d.mean_b:.4f} | {d.difference:+.3f}{mark} "

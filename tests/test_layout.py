@@ -24,7 +24,7 @@ MAY_IMPORT = {
     "evaluation": {"data", "models", "metrics", "keyed_cache"},
     "plan": {"editing", "models"},
     "report": set(),
-    "paired": set(),
+    "paired": {"files", "report"},
     "lightning": {"data", "models", "metrics", "editing", "evaluation", "plan", "report"}
     | {"files", "runlock", "keyed_cache"},
     "commands": {"data", "models", "metrics", "editing", "evaluation", "plan", "report", "paired"}
