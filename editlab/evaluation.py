@@ -13,12 +13,15 @@ consistency is scored on the case's texts joined with spaces.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -373,6 +376,27 @@ def generated_metrics(
     return out
 
 
+class PointParts(Protocol):
+    """The finished parts of one evaluation point (its cases, generations, perplexity, probe
+    scores), by name: what a point interrupted part-way keeps for its second attempt. Values are
+    JSON data (editlab.lightning.parts keeps them in the run directory)."""
+
+    def get(self, name: str) -> Any | None: ...
+
+    def put(self, name: str, value: Any) -> None: ...
+
+
+def part(parts: PointParts | None, name: str, compute: Callable[[], Any]) -> Any:
+    """``name``'s value from ``parts`` when it holds it, else computed and handed to ``parts``."""
+    if parts is None:
+        return compute()
+    value = parts.get(name)
+    if value is None:
+        value = compute()
+        parts.put(name, value)
+    return value
+
+
 class Evaluator:
     """Runs the configured metrics on the current model. Reference data (ME-PPL-50, the
     consistency files) is read once at construction, before the first edit."""
@@ -400,34 +424,55 @@ class Evaluator:
             | (generated_metric_names() if cfg.generated else set())
         )
 
-    def evaluate(self, requests: list[EditRequest], quality: bool, final: bool = True) -> tuple[list[dict], dict]:
+    def evaluate(
+        self, requests: list[EditRequest], quality: bool, final: bool = True, parts: PointParts | None = None
+    ) -> tuple[list[dict], dict]:
         """``final``: a point before or after the stream (probes on every loaded example), not one
-        during it (probes on their intermediate subset)."""
-        cases = evaluate_cases(self.view, self.tok, requests, self.cfg.batch_size)
+        during it (probes on their intermediate subset). ``parts``: the point's finished parts,
+        kept as each one finishes and taken from there when present (a resumed point)."""
+        cases = part(parts, "cases", lambda: evaluate_cases(self.view, self.tok, requests, self.cfg.batch_size))
         metrics = self.summarise_cases(cases)
         if quality:
-            metrics.update(self.quality(requests, final))
+            metrics.update(self.quality(requests, final, parts))
         return cases, metrics
 
     def summarise_cases(self, cases: list[dict]) -> dict[str, float]:
         return editing_metrics(cases)
 
+    def settings_digest(self) -> str:
+        """Identity of what this evaluator computes: its options and the generation seed."""
+        blob = json.dumps({"options": dataclasses.asdict(self.cfg), "seed": self.seed}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
     case_summary = staticmethod(case_summary)
 
-    def quality(self, requests: list[EditRequest], final: bool = True) -> dict:
+    def quality(self, requests: list[EditRequest], final: bool = True, parts: PointParts | None = None) -> dict:
+        """The quality metrics, each part through ``parts`` (see :meth:`evaluate`)."""
         out: dict = {}
         if self.cfg.generated:
-            out.update(generated_metrics(self.view, self.tok, requests, self.cfg.generated_margin, self.cfg.batch_size))
+            out.update(
+                part(
+                    parts,
+                    "generated",
+                    lambda: generated_metrics(
+                        self.view, self.tok, requests, self.cfg.generated_margin, self.cfg.batch_size
+                    ),
+                )
+            )
         if self.cfg.fluency:
-            out.update(self.generation_metrics(requests))
+            out.update(part(parts, "generation", lambda: self.generation_metrics(requests)))
         if self.me_ppl_texts is not None:
-            ppl = Perplexity()
-            ppl.update(*sequence_nll(self.view.model, self.tok, self.me_ppl_texts, self.cfg.batch_size))
-            out["me_ppl50_perplexity"] = float(ppl.compute())
+            out["me_ppl50_perplexity"] = part(parts, "me_ppl50", self.me_ppl)
         if self.probe_suite is not None:
-            out.update(self.probes(final))
+            out.update(part(parts, "probes", lambda: self.probes(final)))
             out["probe_setting"] = self.probe_suite.setting
         return out
+
+    def me_ppl(self) -> float:
+        """Perplexity of the model on the ME-PPL-50 texts."""
+        ppl = Perplexity()
+        ppl.update(*sequence_nll(self.view.model, self.tok, self.me_ppl_texts, self.cfg.batch_size))
+        return float(ppl.compute())
 
     def probes(self, final: bool = True) -> dict[str, float]:
         """The probe scores: every loaded example when ``final``, else the intermediate subset."""

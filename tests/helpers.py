@@ -391,3 +391,28 @@ class HangInEvaluation(L.Callback):
             return real(*args, **kwargs)
 
         stream.evaluate = hang_then_evaluate
+
+
+class HangInGeneration(L.Callback):
+    """Makes a run hang in the generations of the periodic evaluation point after step ``step``,
+    once the point's cases are scored: writes ``marker``, sleeps ``seconds``, then generates
+    (``--trainer.callbacks+=helpers.HangInGeneration``)."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 600.0) -> None:
+        self.step = step
+        self.marker = marker
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.steps_done != self.step:
+            return
+        evaluator = pl_module.run.evaluator
+        real = evaluator.generation_metrics
+
+        def hang_then_generate(*args, **kwargs):
+            evaluator.generation_metrics = real  # once
+            Path(self.marker).write_text(f"generations after step {self.step} started\n")
+            time.sleep(self.seconds)
+            return real(*args, **kwargs)
+
+        evaluator.generation_metrics = hang_then_generate

@@ -1,8 +1,9 @@
 """Reliability of a run on a tiny model, through the real CLI in subprocesses: a run killed with
-SIGKILL in the middle of step 6 or in a periodic evaluation, or stopped by SIGTERM in step 5 or
-before an evaluation, and resumed with --ckpt_path last ends bit-identical to an uninterrupted
-one; the same config and seed give the same run; a checkpoint written after the last step redoes
-only the final evaluation; resuming is refused when it would not continue the same run."""
+SIGKILL in the middle of step 6 or in a periodic evaluation (before it or in its generations), or
+stopped by SIGTERM in step 5 or before an evaluation, and resumed with --ckpt_path last ends
+bit-identical to an uninterrupted one; the same config and seed give the same run; a checkpoint
+written after the last step redoes only the final evaluation; resuming is refused when it would
+not continue the same run."""
 
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ def kill_in_step(
     base: Path, run: str, step: int, sig: int = signal.SIGKILL, hang_seconds: float = 600, where: str = "HangInStep"
 ) -> str:
     """Start a run that hangs in the middle of ``step`` (``where``: HangInEvaluation, in the
-    evaluation point after ``step``) and send it ``sig`` there; its stderr."""
+    evaluation point after ``step``; HangInGeneration, in that point's generations) and send it
+    ``sig`` there; its stderr."""
     marker = base / f"{run}_in_step_{step}"
     hang = [
         f"--trainer.callbacks+=helpers.{where}",
@@ -211,6 +213,23 @@ def test_killed_in_a_periodic_evaluation_keeps_the_step_before_it(base, full):
     assert state["steps_done"] == 3 and not state["final"]
     assert [p["step"] for p in json.loads(state["results"])["curve"]] == [0]  # point 3 not yet
     resumes_to_full(base, full, "killed_eval", after_step=3)
+
+
+@pytest.mark.slow  # starts processes
+def test_killed_in_the_generations_of_a_point_keeps_its_scored_cases(base, full):
+    # The point after step 3 keeps each part as it finishes: killed in its generations, the
+    # resumed run takes the cases' scores and greedy answers from the file and generates only.
+    kill_in_step(base, "killed_gen", 3, where="HangInGeneration")
+    run = base / "killed_gen"
+    parts = json.loads((run / "checkpoints" / "evaluation_parts.json").read_text())
+    assert list(parts["parts"]) == ["cases", "generated"] and parts["point"]["steps"] == 3
+    resumed = fit(base, args(base, "killed_gen", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "evaluation (periodic) took cases, generated from the interrupted sitting" in resumed.stderr
+    assert resumed.stderr.count("from the interrupted sitting") == 1  # the later points compute everything
+    assert_same_weights(full, run)
+    assert_same_results(full, run)
+    assert not (run / "checkpoints" / "evaluation_parts.json").exists()  # gone with the results
 
 
 @pytest.mark.slow  # starts processes

@@ -91,6 +91,8 @@ class EditRun:
             log_row,
             stream_length,
             announce=settings.lines and ranks.is_main,
+            # With checkpoints a killed run resumes: a point killed part-way keeps its finished parts.
+            parts_file=recorder.path(rundir.EVALUATION_PARTS) if settings.checkpoint_every else None,
         )
         self.ctx: EditContext | None = None
         self.fingerprint: str | None = None  # of the unedited weights
@@ -196,6 +198,7 @@ class EditRun:
         end = time.perf_counter()
         final = self.evaluation.after_stream()
         self.write_results(final, end, self.settings.evaluation.timing, loggers)
+        self.evaluation.drop_parts()
 
     # -- editlab test ------------------------------------------------------------------------------
     def open_test(self) -> None:

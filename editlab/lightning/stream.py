@@ -6,7 +6,8 @@ result becomes a point of the run's records (RunRecorder) and a row for the logg
 Evaluation is rank 0's: the module asks only there. Each point records its own seconds
 (``seconds_evaluation``: a resumed run's earlier points keep theirs) and, with ``announce``, says
 on stderr when it starts and how long it took (a log file shows nothing else for the hour a
-2,000-case evaluation can take).
+2,000-case evaluation can take). With ``parts_file`` each point keeps its finished parts there
+(editlab.lightning.parts), so a point killed part-way redoes only the parts it had not finished.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from editlab.evaluation import EvaluationSchedule, Evaluator, held_out_specificity
+from editlab.lightning.editstate import requests_digest
+from editlab.lightning.parts import EvaluationParts
 from editlab.lightning.recorder import RunRecorder
+from editlab.models.fingerprint import model_fingerprint
 from editlab.report import POINT_KEYS
 from editlab.types import EditRequest
 
@@ -31,10 +36,12 @@ class StreamEvaluation:
         log_row: Callable[[dict], None],
         stream_length: Callable[[], int | None],
         announce: bool = False,
+        parts_file: Path | None = None,
     ) -> None:
         """``log_row``: hand a row to every logger at the current step; ``stream_length``: the
         stream's steps as this run does them (the module's, from the trainer); ``announce``: one
-        plain stderr line when an evaluation point starts and one when it ends."""
+        plain stderr line when an evaluation point starts and one when it ends; ``parts_file``:
+        where the point in progress keeps its finished parts (None: nowhere)."""
         self.evaluator = evaluator
         self.schedule = schedule
         self.recorder = recorder
@@ -42,18 +49,51 @@ class StreamEvaluation:
         self.log_row = log_row
         self.stream_length = stream_length
         self.announce = announce
+        self.parts_file = parts_file
 
     def evaluate(self, requests: list[EditRequest], timing: str, quality: bool, final: bool = True):
-        """The evaluator's cases and metrics of ``requests``, and the seconds they took."""
+        """The evaluator's cases and metrics of ``requests``, and the seconds they took (with the
+        seconds of the parts an interrupted sitting had finished, when they are taken from it)."""
         if self.announce:
             edits = self.recorder.edits_done
             print(f"editlab: evaluating {len(requests)} cases ({timing}, {edits} edits)", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        cases, metrics = self.evaluator.evaluate(requests, quality=quality, final=final)
+        parts = self.point_parts(requests, timing, quality, final)
+        cases, metrics = self.evaluator.evaluate(requests, quality=quality, final=final, parts=parts)
         seconds = time.perf_counter() - t0
+        if parts is not None and parts.reused:
+            seconds += parts.reused_seconds()
+            kept = ", ".join(parts.reused)
+            print(
+                f"editlab: evaluation ({timing}) took {kept} from the interrupted sitting", file=sys.stderr, flush=True
+            )
         if self.announce:
             print(f"editlab: evaluation ({timing}) done in {seconds:.1f}s", file=sys.stderr, flush=True)
         return cases, metrics, seconds
+
+    def point_parts(
+        self, requests: list[EditRequest], timing: str, quality: bool, final: bool
+    ) -> EvaluationParts | None:
+        """The parts store of the point about to be evaluated, named by what its values depend on."""
+        if self.parts_file is None:
+            return None
+        rec = self.recorder
+        point = {
+            "timing": timing,
+            "steps": rec.steps_done,
+            "edits": rec.edits_done,
+            "quality": quality,
+            "final": final,
+            "weights": model_fingerprint(self.evaluator.view.model),
+            "cases": requests_digest(requests),
+            "settings": self.evaluator.settings_digest(),
+        }
+        return EvaluationParts(self.parts_file, point)
+
+    def drop_parts(self) -> None:
+        """Remove the parts file once the run's results are written: every point is in them."""
+        if self.parts_file is not None:
+            self.parts_file.unlink(missing_ok=True)
 
     def before(self) -> None:
         """The unedited model: every request, with the quality metrics."""
@@ -111,7 +151,9 @@ class StreamEvaluation:
             return {
                 **self.evaluator.summarise_cases(done),
                 **self.held_out(done_reqs, done),
-                **self.evaluator.quality(done_reqs),
+                **self.evaluator.quality(
+                    done_reqs, parts=self.point_parts(done_reqs, timing="final", quality=True, final=True)
+                ),
             }
         final = {k: v for k, v in last.items() if k not in POINT_KEYS and k != "seconds_evaluation"}
         if rec.steps_done != self.stream_length():  # the last periodic point probed the subsets only
