@@ -110,6 +110,42 @@ def test_a_stored_z_under_another_key_is_an_error(stats_cache):
         TargetCache(files).get(key)
 
 
+def test_z_on_theta0_in_chunks_is_cached_chunk_by_chunk_and_equals_one_run(stats_cache, monkeypatch):
+    # With requests_per_forward each chunk's z goes to the cache as it is done: killed in the
+    # second chunk, the first chunk's z is kept and the second attempt computes only the rest,
+    # ending with the z of the uninterrupted chunked run (the chunks optimize_targets makes).
+    model, tok = peaky_model()
+    view = ModelView.of(model)
+    reqs = facts()  # 3 requests: chunks of 2 and 1
+    cfg = dataclasses.replace(TARGETS, requests_per_forward=2)
+    whole = optimize_targets(view, tok, reqs, ["{}"], 1, cfg, progress=False)
+    original = rewind_module.OriginalWeights(view, [0, 1])
+    args = (view, tok, reqs, ["{}"], 1, cfg, original)
+    done: list[int] = []
+    real = rewind_module.optimize_targets
+
+    def dies_in_the_second_chunk(view, tok, part, *rest, **kw):
+        if done:
+            raise KeyboardInterrupt
+        done.append(len(part))
+        return real(view, tok, part, *rest, **kw)
+
+    monkeypatch.setattr(rewind_module, "optimize_targets", dies_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        rewind_module.rewound_target_rows(*args, TargetCache(z_cache_files(cache_root())), "m", "f", False)
+    assert done == [2]
+    sizes: list[int] = []
+    monkeypatch.setattr(
+        rewind_module,
+        "optimize_targets",
+        lambda v, t, part, *r, **k: sizes.append(len(part)) or real(v, t, part, *r, **k),
+    )
+    res, cached = rewind_module.rewound_target_rows(*args, TargetCache(z_cache_files(cache_root())), "m", "f", False)
+    assert sizes == [1] and cached.tolist() == [True, True, False]
+    for field in ("z", "h", "loss", "nll", "steps"):
+        assert torch.equal(getattr(res, field), getattr(whole, field)), field
+
+
 # -- residual filter -------------------------------------------------------------------------
 def test_pass_mask_on_hand_made_residuals():
     r = torch.tensor([0.0, 2.0, 2.5, 10.0, 99.9, 100.0, 250.0])

@@ -154,16 +154,20 @@ def rewound_target_rows(
     targets (rows in request order) and which rows came from the cache (bool [n], per row so
     that ranks can gather it).
 
-    With ``original`` None the key cannot promise θ₀, so nothing is cached."""
+    With ``original`` None the key cannot promise θ₀, so nothing is cached. With
+    ``cfg.requests_per_forward`` the missing requests run chunk after chunk (the chunks
+    optimize_targets would make, so the same z) and each chunk's z is cached as it is done: a run
+    killed in the step keeps the chunks it finished."""
     fields = ("z", "h", "loss", "nll", "steps")
     keys = [z_cache_key(model_id, fingerprint, view, layer, templates, cfg, r) for r in requests]
     found = [cache.get(k) if original is not None else None for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
-    if missing:
-        todo = [requests[i] for i in missing]
+    size = cfg.requests_per_forward or len(missing)
+    for start in range(0, len(missing), max(size, 1)):
+        part = missing[start : start + size]
         with original.swapped_in(view) if original is not None else nullcontext():
-            res = optimize_targets(view, tok, todo, templates, layer, cfg, progress)
-        for j, i in enumerate(missing):
+            res = optimize_targets(view, tok, [requests[i] for i in part], templates, layer, cfg, progress)
+        for j, i in enumerate(part):
             entry = {f: getattr(res, f)[j] for f in fields}
             found[i] = entry
             if original is not None:
