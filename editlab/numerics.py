@@ -8,6 +8,9 @@ recorded in every run and in its edit state, and a resumed run that differs in e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 
@@ -30,3 +33,13 @@ def set_threads(threads: int | None) -> int:
             raise ValueError(f"option threads={threads} must be >= 1")
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+@contextmanager
+def threads_for(threads: int | None) -> Iterator[int]:
+    """:func:`set_threads` for the block; the count before it is given back after."""
+    before = torch.get_num_threads()
+    try:
+        yield set_threads(threads)
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,8 @@ from editlab.files import write_atomic
 from editlab.report import load_jsonl
 
 CASE_FILE_SUFFIX = ".cases.jsonl.gz"  # OUT/<run>.cases.jsonl.gz beside OUT/<run>.json
+# OUT/<run>.probes.jsonl.gz: per-example probe outcomes, one record per example (case_id "<task>/<i>").
+PROBE_FILE_SUFFIX = ".probes.jsonl.gz"
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,12 @@ def compact_case_records(records: list[dict]) -> list[dict]:
 def write_case_values(cases_jsonl: Path, out: Path) -> Path:
     """The compact, gzipped copy of a run's cases.jsonl (~250 KB for 2,000 cases instead of ~10 MB):
     what a paired comparison needs once the run directory is gone."""
-    records = read_case_records(cases_jsonl)
-    text = "".join(json.dumps(r) + "\n" for r in compact_case_records(records))
+    return write_records(compact_case_records(read_case_records(cases_jsonl)), out)
+
+
+def write_records(records: list[dict], out: Path) -> Path:
+    """Gzipped JSON lines, one per record, written atomically (read back by :func:`read_case_records`)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
     data = gzip.compress(text.encode(), mtime=0)  # mtime 0: the same records give the same bytes
     return write_atomic(out, lambda tmp: tmp.write_bytes(data))
 

@@ -13,7 +13,9 @@ first run's ``pre_*`` values.
 ``--paired BASE`` adds a table of every other run's per-case differences from run BASE at the final
 point (success and accuracy rows) with 95% paired bootstrap intervals, from the compact per-case
 files ``editlab study`` keeps beside the results JSONs (``RUN.cases.jsonl.gz``); ``--paired pre``
-compares every run with the unedited model's values of the same cases (what the stream cost).
+compares every run with the unedited model's values of the same cases (what the stream cost). Where
+the runs have per-example probe files (``RUN.probes.jsonl.gz``, written by ``editlab study --collect``),
+a second table does the same for each probe task's accuracy over its examples.
 
 ``--curve KEY ...`` adds one table per metric against edits, a row per run, a column per
 evaluation point of the results JSONs' ``curve`` (pre-edit, periodic, final); the 0-edit column of a
@@ -24,7 +26,7 @@ import argparse
 import json
 from pathlib import Path
 
-from editlab.paired import CASE_FILE_SUFFIX, case_values, paired_difference, read_case_records
+from editlab.paired import CASE_FILE_SUFFIX, PROBE_FILE_SUFFIX, case_values, paired_difference, read_case_records
 from editlab.report import is_stream, l1_growth_by_layer
 
 ROWS = [
@@ -150,6 +152,30 @@ def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
     return lines
 
 
+def paired_probe_table(root: Path, base: str, others: list[str]) -> list[str]:
+    """As :func:`paired_table` for each probe task's accuracy, per example, from the per-example probe
+    files (``RUN.probes.jsonl.gz``, ``editlab study --collect``); empty where a run has none."""
+    files = {name: root / f"{name}{PROBE_FILE_SUFFIX}" for name in [base, *others] if name != "pre"}
+    runs = {name: read_case_records(path) for name, path in files.items() if path.is_file() and name != base}
+    if not runs or (base != "pre" and not files[base].is_file()):
+        return []
+    base_records = next(iter(runs.values())) if base == "pre" else read_case_records(files[base])
+    point = "pre" if base == "pre" else "post"
+    tasks = list(dict.fromkeys(r["task"] for r in base_records))
+    lines = [f"| probe accuracy | run | {base} | run | run − {base} | 95% interval | examples |"]
+    lines.append("|---|---|---:|---:|---:|---|---:|")
+    for name, records in runs.items():
+        for task in tasks:
+            a = case_values([r for r in base_records if r["task"] == task], "correct", point=point)
+            d = paired_difference(a, case_values([r for r in records if r["task"] == task], "correct"), task)
+            mark = " *" if d.excludes_zero else ""
+            lines.append(
+                f"| {task} | {name} | {d.mean_a:.4f} | {d.mean_b:.4f} | {d.difference:+.3f}{mark} "
+                f"| [{d.low:+.3f}, {d.high:+.3f}] | {d.cases} |"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dir")
@@ -194,7 +220,12 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(curve_table(records, key)))
     if args.paired:
         print()
-        print("\n".join(paired_table(root, args.paired, [n for n in names if n != args.paired])))
+        others = [n for n in names if n != args.paired]
+        print("\n".join(paired_table(root, args.paired, others)))
+        probes = paired_probe_table(root, args.paired, others)
+        if probes:
+            print()
+            print("\n".join(probes))
     print()
     for n, r in records.items():
         sitting = r.get("seconds_this_sitting")  # absent where the results came from the run directory alone

@@ -647,6 +647,25 @@ def test_curve_points_probe_subsets_during_the_stream_and_full_sets_at_the_ends(
                 task, score = key.split("/")[1:]
                 assert point[key] == point[f"probe/{task}/subset_{score}"], key
 
+    # The per-example outcomes, rebuilt from the final edit state (editlab study --collect), are the
+    # predictions of the unedited and of the exported model, example by example.
+    from editlab.commands.probe_values import ProbeValuesError, run_probe_values
+
+    records = run_probe_values(run)
+    for model_dir, point in ((tmp_path / "tiny", "pre"), (run / "edited_model", "post")):
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        for name in ("sst2", "cola"):
+            expected = probe_details(model, tok, load_seed_task(name, str(seeds)))
+            mine = [r for r in records if r["task"] == name]
+            assert [r[point]["prediction"] for r in mine] == expected.predictions, (name, point)
+            assert [r["label"] for r in mine] == expected.labels
+    (run / "summary.json").write_text(
+        json.dumps({**summary, "probe/sst2/accuracy": summary["probe/sst2/accuracy"] + 0.5})
+    )
+    with pytest.raises(ProbeValuesError, match="probe/sst2/accuracy from the final weights"):
+        run_probe_values(run)
+
 
 @pytest.mark.slow
 def test_seed_tasks_on_smollm2_equal_the_reference_loop():

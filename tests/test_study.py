@@ -360,3 +360,31 @@ def test_a_study_stopped_by_sigterm_exits_143_and_says_how_to_continue(tmp_path,
     monkeypatch.setattr(study_module, "run_studies", stopped)
     assert study_main([str(path)]) == 143
     assert "stopped by SIGTERM; run the same command again to continue" in capsys.readouterr().err
+
+
+def test_collect_writes_the_probe_outcomes_of_a_finished_run_that_probed(tmp_path, capsys, monkeypatch):
+    import editlab.commands.probe_values as probe_values
+    from editlab.paired import read_case_records
+
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    path = write_study(tmp_path, [{"name": "probed", "config": config}, {"name": "plain", "config": config}])
+    study = read_study(path)
+    (tmp_path / "out").mkdir()
+    for run in study.runs:
+        done = {"name": run.name, "command": " ".join(run_command(study, run)), "returncode": 0,
+                "summary": {"method": "MEMIT"}, "curve": [], "steps": [], "weight_norms_end": {}}  # fmt: skip
+        (tmp_path / "out" / f"{run.name}.json").write_text(json.dumps(done))
+        run_dir = tmp_path / "runs" / run.name
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps({"method": "MEMIT"}))
+        tasks = "[sst2]" if run.name == "probed" else "[]"
+        (run_dir / "config.yaml").write_text(f"model:\n  evaluation:\n    probes:\n      tasks: {tasks}\n")
+    record = {"case_id": "sst2/0", "task": "sst2", "label": 1, "pre": {"prediction": 1, "correct": 1},
+              "post": {"prediction": 0, "correct": 0}}  # fmt: skip
+    asked = []
+    monkeypatch.setattr(probe_values, "run_probe_values", lambda run_dir: asked.append(run_dir.name) or [record])
+    assert study_main([str(path), "--collect"]) == 0
+    assert "refreshed probed" in capsys.readouterr().err and asked == ["probed"]  # plain probed nothing
+    assert read_case_records(tmp_path / "out" / "probed.probes.jsonl.gz") == [record]
+    assert not (tmp_path / "out" / "plain.probes.jsonl.gz").exists()
+    assert study_main([str(path), "--collect"]) == 0 and asked == ["probed"]  # there already: not again

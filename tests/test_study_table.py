@@ -127,3 +127,36 @@ def test_paired_table_gives_each_runs_per_case_difference_from_the_base_with_an_
     assert any(
         line.startswith("| efficacy success | ece | 0.0000 | 1.0000 | +1.000 * | [+1.000, +1.000] |") for line in cost
     )
+
+
+def test_paired_probe_table_gives_each_tasks_accuracy_difference_per_example(tmp_path, capsys):
+    from editlab.paired import write_case_values, write_records
+
+    def probe_file(name, correct_post, correct_pre):
+        rows = []
+        for task, post, pre in zip(("sst2", "cola"), correct_post, correct_pre, strict=True):
+            for i, (b, a) in enumerate(zip(post, pre, strict=True)):
+                blocks = {"pre": {"prediction": a, "correct": a}, "post": {"prediction": b, "correct": b}}
+                rows.append({"case_id": f"{task}/{i}", "task": task, "label": 1, **blocks})
+        write_records(rows, tmp_path / f"{name}.probes.jsonl.gz")
+
+    for name in ("seq", "eac"):
+        write(tmp_path, name, {"method": name})
+    pre = ([1, 1, 1, 1], [1, 0, 1, 0])
+    probe_file("seq", ([1, 0, 0, 0], [1, 0, 1, 0]), pre)  # sst2 0.25, cola 0.5
+    probe_file("eac", ([1, 1, 1, 0], [1, 0, 1, 0]), pre)  # sst2 0.75, cola 0.5
+    for name in ("seq", "eac"):  # the case files the case table reads: one case, every metric
+        post = {k: 1.0 for k in ("efficacy_success", "generalization_success", "specificity_success",
+                                 "efficacy_accuracy", "generalization_accuracy", "specificity_accuracy")}  # fmt: skip
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"case_id": "0", "pre": post, "post": post}) + "\n")
+        write_case_values(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.cases.jsonl.gz")
+    lines = table([str(tmp_path), "seq", "eac", "--paired", "seq"], capsys)
+    assert "| probe accuracy | run | seq | run | run − seq | 95% interval | examples |" in lines
+    sst2 = next(line for line in lines if line.startswith("| sst2 | eac |"))
+    assert sst2.startswith("| sst2 | eac | 0.2500 | 0.7500 | +0.500 ") and sst2.endswith("| 4 |")
+    assert any(line.startswith("| cola | eac | 0.5000 | 0.5000 | +0.000 | [+0.000, +0.000] | 4 |") for line in lines)
+    cost = table([str(tmp_path), "seq", "eac", "--paired", "pre"], capsys)
+    assert any(line.startswith("| sst2 | seq | 1.0000 | 0.2500 | -0.750 *") for line in cost)
+    (tmp_path / "eac.probes.jsonl.gz").unlink()  # a run without its probe file: no probe row for it
+    lines = table([str(tmp_path), "seq", "eac", "--paired", "seq"], capsys)
+    assert not any(line.startswith("| probe accuracy") for line in lines)

@@ -23,12 +23,14 @@ seconds, the machine's load while it ran, the per-stage seconds, its summary, it
 (``curve``), its steps' records (``steps``) and the edited matrices' norms after the last step. When
 every run has finished, ``editlab report`` puts them side by side in ``OUT/report``, from the results
 JSONs: the committed results redraw the figures without the run directories. ``--collect`` copies
-the run directories' records into results JSONs written before they carried them, runs nothing and
-writes the report. ``--progress`` prints every evaluation point so far of each run, an unfinished
-one's from its last edit-state checkpoint, and runs nothing. ``editlab study A.yaml B.yaml`` runs the
-runs of several files as one queue in file order, ``--parallel`` processes at once for all of them
-(a slot a finished run frees goes to the next run, whichever file it is in); each file keeps its
-runs_dir, out, threads and report. SIGTERM stops a study: its runs get the
+the run directories' records into results JSONs written before they carried them, writes each
+finished run's per-example probe outcomes (``OUT/NAME.probes.jsonl.gz``,
+editlab.commands.probe_values: from its final edit state and the probe cache; it loads the model),
+runs nothing and writes the report. ``--progress`` prints every evaluation point so far of each run,
+an unfinished one's from its last edit-state checkpoint, and runs nothing. ``editlab study A.yaml
+B.yaml`` runs the runs of several files as one queue in file order, ``--parallel`` processes at once
+for all of them (a slot a finished run frees goes to the next run, whichever file it is in); each
+file keeps its runs_dir, out, threads and report. SIGTERM stops a study: its runs get the
 signal (each finishes its step, saves its state and exits), no further run starts, exit status 143.
 """
 
@@ -53,8 +55,16 @@ import yaml
 from editlab import rundir
 from editlab.errors import SIGTERM_EXIT
 from editlab.files import write_text_atomic
-from editlab.paired import CASE_FILE_SUFFIX, write_case_values
-from editlab.report import fmt, fmt_count, last_layer_l1_growth, load_jsonl, markdown_table, write_comparison
+from editlab.paired import CASE_FILE_SUFFIX, PROBE_FILE_SUFFIX, write_case_values, write_records
+from editlab.report import (
+    fmt,
+    fmt_count,
+    last_layer_l1_growth,
+    load_config,
+    load_jsonl,
+    markdown_table,
+    write_comparison,
+)
 
 
 @dataclass
@@ -242,7 +252,23 @@ def collect(study: Study) -> list[str]:
             refreshed.append(run.name)
         if keep_case_values(study, run) and run.name not in refreshed:
             refreshed.append(run.name)
+        if keep_probe_values(study, run) and run.name not in refreshed:
+            refreshed.append(run.name)
     return refreshed
+
+
+def keep_probe_values(study: Study, run: StudyRun) -> bool:
+    """Write a finished run's per-example probe outcomes beside its results JSON
+    (editlab.commands.probe_values: from its final edit state and the probe cache) unless the file
+    is there or the run probed nothing. Returns whether it wrote one."""
+    run_dir, out = study.runs_dir / run.name, study.out / f"{run.name}{PROBE_FILE_SUFFIX}"
+    probes = ((load_config(run_dir) or {}).get("model", {}).get("evaluation", {}).get("probes") or {}).get("tasks")
+    if out.is_file() or not probes:
+        return False
+    from editlab.commands.probe_values import run_probe_values  # loads the model: only here
+
+    write_records(run_probe_values(run_dir), out)
+    return True
 
 
 def case_values_path(study: Study, run: StudyRun) -> Path:
