@@ -377,42 +377,29 @@ class HangInEvaluation(L.Callback):
         self.marker = marker
         self.seconds = seconds
 
+    def target(self, pl_module) -> tuple[object, str]:
+        """The object and the name of the method that hangs once when called."""
+        return pl_module.run.evaluation, "evaluate"
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Callbacks' hooks run before the module's: the evaluation has not started yet.
         if pl_module.steps_done != self.step:
             return
-        stream = pl_module.run.evaluation
-        real = stream.evaluate
+        owner, name = self.target(pl_module)
+        real = getattr(owner, name)
 
-        def hang_then_evaluate(*args, **kwargs):
-            stream.evaluate = real  # once
-            Path(self.marker).write_text(f"evaluation after step {self.step} started\n")
+        def hang_then_call(*args, **kwargs):
+            setattr(owner, name, real)  # once
+            Path(self.marker).write_text(f"{name} after step {self.step} started\n")
             time.sleep(self.seconds)
             return real(*args, **kwargs)
 
-        stream.evaluate = hang_then_evaluate
+        setattr(owner, name, hang_then_call)
 
 
-class HangInGeneration(L.Callback):
+class HangInGeneration(HangInEvaluation):
     """Makes a run hang in the generations of the periodic evaluation point after step ``step``,
-    once the point's cases are scored: writes ``marker``, sleeps ``seconds``, then generates
-    (``--trainer.callbacks+=helpers.HangInGeneration``)."""
+    once the point's cases are scored (``--trainer.callbacks+=helpers.HangInGeneration``)."""
 
-    def __init__(self, step: int, marker: str, seconds: float = 600.0) -> None:
-        self.step = step
-        self.marker = marker
-        self.seconds = seconds
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if pl_module.steps_done != self.step:
-            return
-        evaluator = pl_module.run.evaluator
-        real = evaluator.generation_metrics
-
-        def hang_then_generate(*args, **kwargs):
-            evaluator.generation_metrics = real  # once
-            Path(self.marker).write_text(f"generations after step {self.step} started\n")
-            time.sleep(self.seconds)
-            return real(*args, **kwargs)
-
-        evaluator.generation_metrics = hang_then_generate
+    def target(self, pl_module) -> tuple[object, str]:
+        return pl_module.run.evaluator, "generation_metrics"
