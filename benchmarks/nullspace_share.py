@@ -32,7 +32,7 @@ SHARES = (0.001, 0.01, 0.05)  # of tr(C), for dims_holding_at_most
 
 def layer_report(cov: torch.Tensor, proj: torch.Tensor, threshold: float) -> dict:
     """One layer's figures from C [d_ff, d_ff] and its projector P."""
-    from editlab.editing.solve import null_space_key_share
+    from editlab.editing.solve import null_space_key_share, null_space_mask
 
     evals = torch.linalg.eigvalsh(cov.double())  # ascending
     return {
@@ -43,8 +43,9 @@ def layer_report(cov: torch.Tensor, proj: torch.Tensor, threshold: float) -> dic
         "median_eigenvalue": float(evals.median()),
         "threshold_over_largest_eigenvalue": threshold / float(evals[-1]),
         # How large a null space could be and still be nearly null: the number of smallest
-        # eigen-directions whose eigenvalues sum to at most this share of tr(C).
-        "dims_holding_at_most": {str(share): int((evals.cumsum(0) / evals.sum() <= share).sum()) for share in SHARES},
+        # eigen-directions whose eigenvalues sum to at most this share of tr(C) (AlphaEdit's
+        # nullspace_share option takes exactly these).
+        "dims_holding_at_most": {str(s): int(null_space_mask(evals, threshold, s).sum()) for s in SHARES},
     }
 
 

@@ -125,12 +125,25 @@ def rome_delta(key: torch.Tensor, resid: torch.Tensor, cov: torch.Tensor | None)
     return delta
 
 
-def null_space_projection(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+def null_space_projection(cov: torch.Tensor, threshold: float, share: float | None = None) -> torch.Tensor:
     """AlphaEdit's P = U Uᵀ [d_ff, d_ff], U the eigenvectors of C whose eigenvalues are below
-    ``threshold``: P k₀ ≈ 0 for preserved keys k₀, which live on C's large eigenvalues."""
+    ``threshold``: P k₀ ≈ 0 for preserved keys k₀, which live on C's large eigenvalues. With
+    ``share``, U is instead the smallest eigenvalues' eigenvectors whose eigenvalues sum to at most
+    ``share``·tr(C) (:func:`null_space_mask`)."""
     evals, evecs = torch.linalg.eigh(cov.double())  # C is symmetric: eigh, ascending
-    u = evecs[:, evals < threshold]  # [d_ff, m]
+    u = evecs[:, null_space_mask(evals, threshold, share)]  # [d_ff, m]
     return u @ u.T
+
+
+def null_space_mask(evals: torch.Tensor, threshold: float, share: float | None = None) -> torch.Tensor:
+    """Which eigenvalues (ascending, [d]) span the null space: those below ``threshold`` (the
+    released rule, absolute), or with ``share`` the smallest ones whose sum stays within ``share``
+    of the trace (scale-free: the preserved keys' second moment left in the null space is at most
+    ``share``, see :func:`null_space_key_share`). Rounding's tiny negative eigenvalues count as 0."""
+    if share is None:
+        return evals < threshold
+    energy = evals.clamp_min(0.0)  # [d]
+    return energy.cumsum(0) <= share * energy.sum()
 
 
 def null_space_key_share(cov: torch.Tensor, proj: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """AlphaEdit (Fang et al., ICLR 2025): MEMIT's z and spread with a null-space-projected solve.
 
 P = U Uᵀ from the eigenvectors of C = E[kkᵀ] whose eigenvalues are below ``nullspace_threshold``
-(computed once per layer on the unedited model); each layer's ΔW = Xᵀ with
+(or, with ``nullspace_share``, the smallest ones holding at most that share of tr C; computed once
+per layer on the unedited model); each layer's ΔW = Xᵀ with
 (P(KᵀK + cache) + L2·I) X = P Kᵀ R, so ΔW k₀ = 0 for every preserved key k₀ (P k₀ = 0). λC is not
 in the solve. The sequential cache Σ KKᵀ of earlier steps is always kept (the method is sequential).
 """
@@ -32,6 +33,7 @@ class AlphaEdit(LayerSpreadMethod):
         targets: TargetConfig = TargetConfig(),
         context: ContextTemplates = ContextTemplates(),
         covariance: CovarianceConfig = CovarianceConfig(),
+        nullspace_share: float | None = None,
     ) -> None:
         """
         Args:
@@ -42,11 +44,19 @@ class AlphaEdit(LayerSpreadMethod):
             targets: z optimisation settings.
             context: context-template generation settings.
             covariance: corpus and settings of E[kkᵀ].
+            nullspace_share: None (the released rule) or a share in (0, 1): the null space is then
+                the smallest eigenvalues' eigenvectors whose eigenvalues sum to at most this share
+                of tr(E[kkᵀ]), so at most this share of the preserved keys' second moment is left
+                where the update may move it, whatever C's scale (editlab's option, in neither the
+                paper nor the released code); ``nullspace_threshold`` is then not read.
         """
         if nullspace_threshold <= 0 or l2 <= 0:
             raise ValueError(f"options nullspace_threshold={nullspace_threshold}, l2={l2} must be > 0")
+        if nullspace_share is not None and not 0.0 < nullspace_share < 1.0:
+            raise ValueError(f"option nullspace_share={nullspace_share} must be in (0, 1), or null for the threshold")
         super().__init__(layers, 0.0, targets, context, covariance)
         self.nullspace_threshold = nullspace_threshold
+        self.nullspace_share = nullspace_share
         self.l2 = l2
         self.proj: dict[int, torch.Tensor] = {}
         # Per layer, the share of E[kkᵀ]'s trace in the null space (solve.null_space_key_share):
@@ -55,13 +65,20 @@ class AlphaEdit(LayerSpreadMethod):
 
     def setup(self, ctx: EditContext) -> None:
         super().setup(ctx)
-        self.proj = {layer: null_space_projection(self.cov[layer], self.nullspace_threshold) for layer in self.layers}
+        self.proj = {
+            layer: null_space_projection(self.cov[layer], self.nullspace_threshold, self.nullspace_share)
+            for layer in self.layers
+        }
         for layer, p in self.proj.items():
             if float(p.trace()) < 0.5:
-                raise ValueError(
+                rule = (
                     f"option nullspace_threshold={self.nullspace_threshold}: no eigenvalue of E[kkᵀ] at layer {layer} "
-                    "is below it, so the null space is empty and no edit could be written"
+                    "is below it"
+                    if self.nullspace_share is None
+                    else f"option nullspace_share={self.nullspace_share}: the smallest eigenvalue of E[kkᵀ] at layer "
+                    f"{layer} alone is a larger share of its trace"
                 )
+                raise ValueError(f"{rule}, so the null space is empty and no edit could be written")
         self.key_shares = {layer: null_space_key_share(self.cov[layer], p) for layer, p in self.proj.items()}
 
     def memory_profile(self) -> MemoryProfile:
