@@ -85,7 +85,7 @@ def _to(obj, device):
     return obj
 
 
-def _assemble(parts: list, indices: list[list[int]], n: int):
+def assemble_rows(parts: list, indices: list[list[int]], n: int):
     """Rows of every rank's part put back in request order. Tensors whose first dimension is the
     rank's row count are scattered to their indices; anything else (timings, counts) is taken
     from the first rank that computed something (ranks report their own)."""
@@ -98,14 +98,16 @@ def _assemble(parts: list, indices: list[list[int]], n: int):
                 out[torch.tensor(idx, device=out.device)] = part
         return out
     if isinstance(ref, tuple):
-        return tuple(_assemble([p[j] if p is not None else None for p in parts], indices, n) for j in range(len(ref)))
+        return tuple(
+            assemble_rows([p[j] if p is not None else None for p in parts], indices, n) for j in range(len(ref))
+        )
     if dataclasses.is_dataclass(ref):
         fields = {}
         for f in dataclasses.fields(ref):
             value = getattr(ref, f.name)
             per_row = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == len(indices[first])
             fields[f.name] = (
-                _assemble([getattr(p, f.name) if p is not None else None for p in parts], indices, n)
+                assemble_rows([getattr(p, f.name) if p is not None else None for p in parts], indices, n)
                 if per_row
                 else value
             )
@@ -127,4 +129,4 @@ def map_rows(ranks: Ranks, n: int, fn: Callable[[list[int]], T], device, groups:
     gathered = ranks.all_gather_object((mine, _to(part, "cpu") if part is not None else None))
     indices = [idx for idx, _ in gathered]
     parts = [p for _, p in gathered]
-    return _to(_assemble(parts, indices, n), device)
+    return _to(assemble_rows(parts, indices, n), device)

@@ -18,10 +18,10 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import torch
 
@@ -41,7 +41,7 @@ from editlab.metrics.probes import ProbeConfig, probe_cache
 from editlab.models.arch import ModelView
 from editlab.models.prompts import check_context_length
 from editlab.models.scoring import score_answers
-from editlab.types import EditRequest
+from editlab.types import EditRequest, Parts, through_parts
 
 FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}
 # Families scored by greedy generation too (``*_generated_exact`` / ``*_generated_prefix``).
@@ -376,27 +376,6 @@ def generated_metrics(
     return out
 
 
-class PointParts(Protocol):
-    """The finished parts of one evaluation point (its cases, generations, perplexity, probe
-    scores), by name: what a point interrupted part-way keeps for its second attempt. Values are
-    JSON data (editlab.lightning.parts keeps them in the run directory)."""
-
-    def get(self, name: str) -> Any | None: ...
-
-    def put(self, name: str, value: Any) -> None: ...
-
-
-def part(parts: PointParts | None, name: str, compute: Callable[[], Any]) -> Any:
-    """``name``'s value from ``parts`` when it holds it, else computed and handed to ``parts``."""
-    if parts is None:
-        return compute()
-    value = parts.get(name)
-    if value is None:
-        value = compute()
-        parts.put(name, value)
-    return value
-
-
 class Evaluator:
     """Runs the configured metrics on the current model. Reference data (ME-PPL-50, the
     consistency files) is read once at construction, before the first edit."""
@@ -425,12 +404,14 @@ class Evaluator:
         )
 
     def evaluate(
-        self, requests: list[EditRequest], quality: bool, final: bool = True, parts: PointParts | None = None
+        self, requests: list[EditRequest], quality: bool, final: bool = True, parts: Parts | None = None
     ) -> tuple[list[dict], dict]:
         """``final``: a point before or after the stream (probes on every loaded example), not one
         during it (probes on their intermediate subset). ``parts``: the point's finished parts,
         kept as each one finishes and taken from there when present (a resumed point)."""
-        cases = part(parts, "cases", lambda: evaluate_cases(self.view, self.tok, requests, self.cfg.batch_size))
+        cases = through_parts(
+            parts, "cases", lambda: evaluate_cases(self.view, self.tok, requests, self.cfg.batch_size)
+        )
         metrics = self.summarise_cases(cases)
         if quality:
             metrics.update(self.quality(requests, final, parts))
@@ -446,12 +427,12 @@ class Evaluator:
 
     case_summary = staticmethod(case_summary)
 
-    def quality(self, requests: list[EditRequest], final: bool = True, parts: PointParts | None = None) -> dict:
+    def quality(self, requests: list[EditRequest], final: bool = True, parts: Parts | None = None) -> dict:
         """The quality metrics, each part through ``parts`` (see :meth:`evaluate`)."""
         out: dict = {}
         if self.cfg.generated:
             out.update(
-                part(
+                through_parts(
                     parts,
                     "generated",
                     lambda: generated_metrics(
@@ -460,11 +441,11 @@ class Evaluator:
                 )
             )
         if self.cfg.fluency:
-            out.update(part(parts, "generation", lambda: self.generation_metrics(requests)))
+            out.update(through_parts(parts, "generation", lambda: self.generation_metrics(requests)))
         if self.me_ppl_texts is not None:
-            out["me_ppl50_perplexity"] = part(parts, "me_ppl50", self.me_ppl)
+            out["me_ppl50_perplexity"] = through_parts(parts, "me_ppl50", self.me_ppl)
         if self.probe_suite is not None:
-            out.update(part(parts, "probes", lambda: self.probes(final)))
+            out.update(through_parts(parts, "probes", lambda: self.probes(final)))
             out["probe_setting"] = self.probe_suite.setting
         return out
 

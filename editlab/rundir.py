@@ -21,8 +21,9 @@ EDITED_MODEL = "edited_model"  # --model.export: save_pretrained of the edited m
 EDIT_DELTA = "edit_delta.safetensors"  # --model.export: W_t − W_0 of the edited matrices
 CHECKPOINTS = "checkpoints"
 EDIT_STATE = "edit_state.pt"
-# The finished parts of the evaluation point in progress (editlab.lightning.parts).
-EVALUATION_PARTS = f"{CHECKPOINTS}/evaluation_parts.json"
+# The finished parts of the evaluation point and of the edit step in progress (editlab.lightning.parts).
+EVALUATION_PARTS = f"{CHECKPOINTS}/evaluation_parts.pt"
+STEP_PARTS = f"{CHECKPOINTS}/step_parts.pt"
 
 
 def edit_state_path(run_dir: str | Path) -> Path:

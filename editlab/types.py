@@ -6,8 +6,9 @@ field by field, which fails on frozen ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 @dataclass
@@ -58,3 +59,24 @@ class EditResult:
     scalars: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     per_request: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Parts(Protocol):
+    """The finished parts of one unit of work, by name: what a unit killed part-way keeps for its
+    second attempt (an evaluation point's cases, generations, perplexity and probe scores; an edit
+    step's z, chunk by chunk). editlab.lightning.parts keeps them in the run directory."""
+
+    def get(self, name: str) -> Any | None: ...
+
+    def put(self, name: str, value: Any) -> None: ...
+
+
+def through_parts(parts: Parts | None, name: str, compute: Callable[[], Any]) -> Any:
+    """``name``'s value from ``parts`` when it holds it, else computed and handed to ``parts``."""
+    if parts is None:
+        return compute()
+    value = parts.get(name)
+    if value is None:
+        value = compute()
+        parts.put(name, value)
+    return value

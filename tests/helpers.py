@@ -377,8 +377,10 @@ class HangInEvaluation(L.Callback):
         self.marker = marker
         self.seconds = seconds
 
+    skip = 0  # calls of the target that run before the one that hangs
+
     def target(self, pl_module) -> tuple[object, str]:
-        """The object and the name of the method that hangs once when called."""
+        """The object and the name of the function that hangs once when called."""
         return pl_module.run.evaluation, "evaluate"
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -387,11 +389,14 @@ class HangInEvaluation(L.Callback):
             return
         owner, name = self.target(pl_module)
         real = getattr(owner, name)
+        calls = []
 
         def hang_then_call(*args, **kwargs):
-            setattr(owner, name, real)  # once
-            Path(self.marker).write_text(f"{name} after step {self.step} started\n")
-            time.sleep(self.seconds)
+            calls.append(1)
+            if len(calls) > self.skip:
+                setattr(owner, name, real)  # once
+                Path(self.marker).write_text(f"{name} after step {self.step} started\n")
+                time.sleep(self.seconds)
             return real(*args, **kwargs)
 
         setattr(owner, name, hang_then_call)
@@ -403,3 +408,15 @@ class HangInGeneration(HangInEvaluation):
 
     def target(self, pl_module) -> tuple[object, str]:
         return pl_module.run.evaluator, "generation_metrics"
+
+
+class HangInSecondZChunk(HangInEvaluation):
+    """Makes a run hang in step ``step`` + 1 once the MEMIT z of its first chunk of requests
+    (targets.requests_per_forward) is done (``--trainer.callbacks+=helpers.HangInSecondZChunk``)."""
+
+    skip = 1
+
+    def target(self, pl_module) -> tuple[object, str]:
+        import editlab.editing.methods.memit as memit
+
+        return memit, "optimize_targets"

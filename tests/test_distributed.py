@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.same_edit import compare
-from editlab.distributed import Ranks, _assemble, map_rows
+from editlab.distributed import Ranks, assemble_rows, map_rows
 from editlab.lightning.cli import wants_several_processes
 from editlab.lightning.editstate import EditStateError, check_same_resume_point, resume_point
 from editlab.runlock import is_rank_zero_process, lock_path, parse_lock
@@ -60,9 +60,9 @@ def test_group_shares_keep_groups_whole_and_balance_load():
 def test_assemble_puts_rows_back_in_request_order():
     indices = [[1, 3], [], [0, 2]]
     parts = [torch.tensor([[1.0], [3.0]]), None, torch.tensor([[0.0], [2.0]])]
-    assert _assemble(parts, indices, 4).squeeze(1).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert assemble_rows(parts, indices, 4).squeeze(1).tolist() == [0.0, 1.0, 2.0, 3.0]
     pairs = [(p, p * 10) if p is not None else None for p in parts]
-    a, b = _assemble(pairs, indices, 4)
+    a, b = assemble_rows(pairs, indices, 4)
     assert b.squeeze(1).tolist() == [0.0, 10.0, 20.0, 30.0]
 
 

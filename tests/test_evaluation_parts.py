@@ -1,4 +1,5 @@
-"""The finished parts of an evaluation point kept in the run directory (editlab.lightning.parts):
+"""The finished parts of a unit of work kept in the run directory (editlab.lightning.parts), here
+an evaluation point's:
 a second attempt at the same point takes them and computes only the rest, with the same values
 as one uninterrupted evaluation; another point, another evaluator setting or unreadable file
 never gives parts. The killed-and-resumed run through the CLI is in tests/test_resume.py."""
@@ -9,12 +10,13 @@ import gzip
 import json
 
 import pytest
+import torch
 
 import editlab.evaluation as evaluation
 from editlab.data.sources import counterfact_request
 from editlab.errors import UserError
 from editlab.evaluation import EvaluationConfig, Evaluator
-from editlab.lightning.parts import EvaluationParts
+from editlab.lightning.parts import RunParts
 from editlab.models.arch import ModelView
 
 from helpers import SHARED_DATA
@@ -22,34 +24,38 @@ from helpers import SHARED_DATA
 POINT = {"timing": "periodic", "steps": 3, "weights": "abc"}
 
 
+def stored(path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
 def test_parts_are_read_back_by_the_same_point_with_their_seconds(tmp_path):
-    path = tmp_path / "checkpoints" / "evaluation_parts.json"
-    first = EvaluationParts(path, POINT)
+    path = tmp_path / "checkpoints" / "evaluation_parts.pt"
+    first = RunParts(path, POINT)
     assert first.get("cases") is None and not first.reused
     cases = [{"case_id": "7", "rewrite": [{"expected": {"nll": 0.1 + 0.2, "exact": True}}]}]
     first.put("cases", cases)
     first.put("me_ppl50", 94.12345678901234)
 
-    again = EvaluationParts(path, POINT)
+    again = RunParts(path, POINT)
     assert again.get("cases") == cases and again.get("me_ppl50") == 94.12345678901234  # every bit of the floats
     assert again.get("probes") is None
     assert again.reused == ["cases", "me_ppl50"]
-    assert again.reused_seconds() == pytest.approx(sum(json.loads(path.read_text())["seconds"].values()))
+    assert again.reused_seconds() == pytest.approx(sum(stored(path)["seconds"].values()))
 
     # Another point sees nothing; its first part replaces the file.
-    other = EvaluationParts(path, {**POINT, "steps": 4})
+    other = RunParts(path, {**POINT, "steps": 4})
     assert other.get("cases") is None and other.reused == []
     other.put("probes", {"probe/sst2/accuracy": 0.5})
-    assert EvaluationParts(path, POINT).get("cases") is None
-    assert EvaluationParts(path, {**POINT, "steps": 4}).get("probes") == {"probe/sst2/accuracy": 0.5}
+    assert RunParts(path, POINT).get("cases") is None
+    assert RunParts(path, {**POINT, "steps": 4}).get("probes") == {"probe/sst2/accuracy": 0.5}
 
 
-@pytest.mark.parametrize("text", ["{not json", json.dumps({"point": {}})])
-def test_an_unreadable_or_foreign_parts_file_is_one_error_naming_it(tmp_path, text):
-    path = tmp_path / "evaluation_parts.json"
-    path.write_text(text)
-    with pytest.raises(UserError, match=r"evaluation parts file .*evaluation_parts.json .*delete it"):
-        EvaluationParts(path, POINT)
+@pytest.mark.parametrize("content", [b"not a torch file", {"point": {}}])
+def test_an_unreadable_or_foreign_parts_file_is_one_error_naming_it(tmp_path, content):
+    path = tmp_path / "evaluation_parts.pt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    with pytest.raises(UserError, match=r"parts file .*evaluation_parts.pt .*delete it"):
+        RunParts(path, POINT)
 
 
 def requests(n: int):
@@ -66,22 +72,22 @@ def test_an_evaluation_taking_its_finished_parts_equals_one_computing_all(tiny_l
     whole = Evaluator(cfg, view, tok, seed=1, progress=False).evaluate(reqs, quality=True)
 
     # The first attempt dies in the generations: the cases' and greedy answers' parts are kept.
-    path = tmp_path / "evaluation_parts.json"
+    path = tmp_path / "evaluation_parts.pt"
     first = Evaluator(cfg, view, tok, seed=1, progress=False)
     monkeypatch.setattr(first, "generation_metrics", lambda reqs: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        first.evaluate(reqs, quality=True, parts=EvaluationParts(path, POINT))
-    assert list(json.loads(path.read_text())["parts"]) == ["cases", "generated"]
+        first.evaluate(reqs, quality=True, parts=RunParts(path, POINT))
+    assert list(stored(path)["parts"]) == ["cases", "generated"]
 
     # The second attempt scores no case again and ends with the uninterrupted evaluation's values.
     calls = []
     real = evaluation.evaluate_cases
     monkeypatch.setattr(evaluation, "evaluate_cases", lambda *a, **k: calls.append(1) or real(*a, **k))
-    parts = EvaluationParts(path, POINT)
+    parts = RunParts(path, POINT)
     resumed = Evaluator(cfg, view, tok, seed=1, progress=False).evaluate(reqs, quality=True, parts=parts)
     assert calls == [] and parts.reused == ["cases", "generated"]
     assert resumed == whole
-    assert list(json.loads(path.read_text())["parts"]) == ["cases", "generated", "generation"]
+    assert list(stored(path)["parts"]) == ["cases", "generated", "generation"]
 
 
 def test_the_settings_digest_changes_with_any_option_or_the_seed(tiny_llama):

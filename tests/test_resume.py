@@ -221,15 +221,49 @@ def test_killed_in_the_generations_of_a_point_keeps_its_scored_cases(base, full)
     # resumed run takes the cases' scores and greedy answers from the file and generates only.
     kill_in_step(base, "killed_gen", 3, where="HangInGeneration")
     run = base / "killed_gen"
-    parts = json.loads((run / "checkpoints" / "evaluation_parts.json").read_text())
-    assert list(parts["parts"]) == ["cases", "generated"] and parts["point"]["steps"] == 3
+    parts = torch.load(run / "checkpoints" / "evaluation_parts.pt", weights_only=True)
+    assert list(parts["parts"]) == ["cases", "generated"] and parts["unit"]["steps"] == 3
     resumed = fit(base, args(base, "killed_gen", "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "evaluation (periodic) took cases, generated from the interrupted sitting" in resumed.stderr
     assert resumed.stderr.count("from the interrupted sitting") == 1  # the later points compute everything
     assert_same_weights(full, run)
     assert_same_results(full, run)
-    assert not (run / "checkpoints" / "evaluation_parts.json").exists()  # gone with the results
+    assert not (run / "checkpoints" / "evaluation_parts.pt").exists()  # gone with the results
+
+
+@pytest.mark.slow  # starts processes
+def test_killed_in_the_second_z_chunk_of_a_step_keeps_the_first(base):
+    # Two requests per step, z one request per forward: killed in step 5 (the callback's hooks see
+    # 4 steps done) after the first request's z, the resumed run takes that z from
+    # checkpoints/step_parts.pt, computes the second and ends as the uninterrupted run.
+    chunked = ("--data.edits_per_step", "2", "--model.method.targets.requests_per_forward", "1")
+    full = fit(base, args(base, "full_chunked", *chunked))
+    assert full.returncode == 0, full.stderr[-3000:]
+    marker = base / "z_chunk_marker"
+    hang = [
+        "--trainer.callbacks+=helpers.HangInSecondZChunk",
+        "--trainer.callbacks.step=4",
+        f"--trainer.callbacks.marker={marker}",
+    ]
+    cmd = [sys.executable, "-m", "editlab.cli", "fit", *args(base, "killed_z", *chunked, *hang)]
+    proc = subprocess.Popen(cmd, cwd=base, env=env(base), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the second z chunk never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=240)
+    run = base / "killed_z"
+    parts = torch.load(run / "checkpoints" / "step_parts.pt", weights_only=True)
+    assert parts["unit"]["step"] == 5 and [n.split(",")[0] for n in parts["parts"]] == ["z of requests 0-0"]
+    resumed = fit(base, args(base, "killed_z", *chunked, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "editlab: step 5 took 1 part(s) (z of requests 0-0" in resumed.stderr
+    assert_same_weights(base / "full_chunked", run)
+    assert_same_results(base / "full_chunked", run)
+    assert not (run / "checkpoints" / "step_parts.pt").exists()
 
 
 @pytest.mark.slow  # starts processes

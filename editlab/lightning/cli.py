@@ -204,7 +204,8 @@ class EditLabCLI(LightningCLI):
             # Starting over: the old edit state must not be resumed by mistake later. missing_ok:
             # under srun every task of a shared run directory runs this check, and one removes it first.
             state.unlink(missing_ok=True)
-            (root / rundir.EVALUATION_PARTS).unlink(missing_ok=True)  # nor the old run's evaluation parts
+            for parts in (rundir.EVALUATION_PARTS, rundir.STEP_PARTS):  # nor the old run's parts
+                (root / parts).unlink(missing_ok=True)
         if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
             raise RunDirRefused(f"editlab: --ckpt_path {ckpt_path}: no such file (use 'last' or an edit_state.pt)")
 

@@ -1,42 +1,48 @@
-"""EvaluationParts: the finished parts of the evaluation point in progress, kept in the run directory.
+"""RunParts: the finished parts of the unit of work in progress, kept in the run directory.
 
-An evaluation point of a long stream takes an hour on a CPU (2,000 cases scored, 500 texts
-generated, the probe sets), and the edit state saved before it keeps only the steps. This file
-(``checkpoints/evaluation_parts.json``) keeps each part of the point as it finishes (the cases'
-scores, the generations' metrics, the ME-PPL-50 perplexity, the probe scores), so a point killed
-part-way and evaluated again by the resumed run computes only the parts it had not finished.
+The edit state saved after a step keeps whole steps, and on a long stream a step or an evaluation
+point is long: an evaluation point of 2,000 cases takes an hour on a CPU (the cases' scores, 500
+generated texts, the probe sets), a step of 100 MEMIT-EAC requests twenty minutes of z. Each unit
+keeps its parts as they finish in one file of ``checkpoints/``:
 
-A point is named by what its values depend on: its timing, the steps and edits done, whether it
-scores the quality metrics and the full probe sets, the weights' fingerprint and the digest of its
-cases. A file that names another point is left alone until this point's first part replaces it;
-the run removes it once its results are written. Parts are JSON, which gives back every float as
-it was (Python writes the shortest repr that reads back to the same double).
+- ``evaluation_parts.pt``: the point's cases, greedy answers, generations' metrics, ME-PPL-50
+  perplexity and probe scores (editlab.evaluation.Evaluator);
+- ``step_parts.pt``: the step's z, chunk by chunk (``targets.requests_per_forward`` requests each;
+  editlab.editing.methods.memit).
+
+A unit killed part-way and done again by the resumed run takes the parts it had finished and
+computes the rest. A unit is named by what its values depend on (for a point: its timing, steps,
+the weights' fingerprint, its cases, the evaluation options; for a step: its number, the weights'
+fingerprint when it starts and its requests); a file naming another unit is left alone until this
+unit's first part replaces it, and the run removes both files once its results are written. Parts
+are written with torch.save and read with weights_only: tensors and plain data come back bit for bit.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from editlab.errors import UserError
-from editlab.files import write_text_atomic
+from editlab.files import save_torch_atomic
 
 
-class EvaluationParts:
-    """One point's parts (editlab.evaluation.PointParts), read from and written to ``path``.
+class RunParts:
+    """One unit's parts (editlab.types.Parts), read from and written to ``path``.
 
-    ``point``: the point's identity (JSON data). Each part's seconds are kept with it, so a point
-    that takes parts from an interrupted sitting still reports what the whole point cost."""
+    ``unit``: the unit's identity (plain data). Each part's seconds are kept with it, so a unit that
+    takes parts from an interrupted sitting still reports what the whole unit cost."""
 
-    def __init__(self, path: Path, point: dict) -> None:
-        self.path, self.point = Path(path), point
+    def __init__(self, path: Path, unit: dict) -> None:
+        self.path, self.unit = Path(path), unit
         self.parts: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []  # the parts taken from the file, in the order asked for
         stored = read_parts(self.path)
-        if stored is not None and stored["point"] == point:
+        if stored is not None and stored["unit"] == unit:
             self.parts, self.seconds = stored["parts"], stored["seconds"]
         self.clock = time.perf_counter()
 
@@ -51,8 +57,7 @@ class EvaluationParts:
         now = time.perf_counter()
         self.parts[name], self.seconds[name] = value, now - self.clock
         self.clock = now
-        text = json.dumps({"point": self.point, "parts": self.parts, "seconds": self.seconds})
-        write_text_atomic(self.path, text)
+        save_torch_atomic({"unit": self.unit, "parts": self.parts, "seconds": self.seconds}, self.path)
 
     def reused_seconds(self) -> float:
         """Seconds the interrupted sitting spent on the parts taken from it."""
@@ -60,13 +65,14 @@ class EvaluationParts:
 
 
 def read_parts(path: Path) -> dict | None:
-    """The stored ``{"point", "parts", "seconds"}`` of ``path``, None when there is no file."""
+    """The stored ``{"unit", "parts", "seconds"}`` of ``path``, None when there is no file."""
     if not path.exists():
         return None
     try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"evaluation parts file {path} is unreadable ({err}): delete it") from err
-    if not isinstance(stored, dict) or set(stored) != {"point", "parts", "seconds"}:
-        raise UserError(f"evaluation parts file {path} is not editlab's (keys {sorted(stored)}): delete it")
+        stored = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # truncated or foreign file: unpickling errors of many kinds
+        raise UserError(f"parts file {path} is unreadable ({type(err).__name__}): delete it") from err
+    if not isinstance(stored, dict) or set(stored) != {"unit", "parts", "seconds"}:
+        keys = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
+        raise UserError(f"parts file {path} is not editlab's ({keys}): delete it")
     return stored

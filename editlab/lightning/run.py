@@ -30,6 +30,7 @@ from editlab.distributed import Ranks
 from editlab.editing.methods.base import EditContext, EditMethod
 from editlab.evaluation import EvaluationConfig, EvaluationSchedule, Evaluator, check_requests_fit
 from editlab.lightning.editstate import Resume, RunIdentity, capture_edit_state, requests_digest, save_run_state
+from editlab.lightning.parts import RunParts
 from editlab.lightning.recorder import RunClock, RunRecorder
 from editlab.lightning.stream import StreamEvaluation
 from editlab.memory import MemoryEstimate, run_memory
@@ -149,9 +150,35 @@ class EditRun:
         also has the process's CPU seconds: wall seconds count time the process waited (another
         process on its core, a stopped process), CPU seconds only the work."""
         t0, c0 = time.perf_counter(), time.process_time()
-        result = self.method.apply(self.ctx, batch)
+        parts = self.step_parts(batch)
+        self.ctx.parts = parts
+        try:
+            result = self.method.apply(self.ctx, batch)
+        finally:
+            self.ctx.parts = None
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return self.recorder.record_step(batch, result, seconds, cpu), result.scalars, seconds
+        record = self.recorder.record_step(batch, result, seconds, cpu)
+        if parts is not None and parts.reused:
+            # The step's own seconds are this sitting's; the kept parts' seconds are the interrupted one's.
+            record["seconds_reused"] = parts.reused_seconds()
+            kept = f"{len(parts.reused)} part(s) ({', '.join(parts.reused)})"
+            print(
+                f"editlab: step {record['step']} took {kept} from the interrupted sitting", file=sys.stderr, flush=True
+            )
+        return record, result.scalars, seconds
+
+    def step_parts(self, batch: list[EditRequest]) -> RunParts | None:
+        """Where the step keeps its finished parts (z chunk by chunk): with checkpoints on, in one
+        process (a multi-process step would need one file per rank), named by the step, the
+        weights it starts from and its requests."""
+        if not self.settings.checkpoint_every or self.ranks.world != 1:
+            return None
+        unit = {
+            "step": self.recorder.steps_done + 1,
+            "weights": model_fingerprint(self.model.lm),
+            "requests": requests_digest(batch),
+        }
+        return RunParts(self.recorder.path(rundir.STEP_PARTS), unit)
 
     def after_step(self, batch: list[EditRequest]) -> dict[str, float] | None:
         """What the schedule says after the step (rank 0 only); the in-stream probe scores or None."""
@@ -198,7 +225,9 @@ class EditRun:
         end = time.perf_counter()
         final = self.evaluation.after_stream()
         self.write_results(final, end, self.settings.evaluation.timing, loggers)
+        # Every step and point is in the results now: their parts files have nothing left to give.
         self.evaluation.drop_parts()
+        self.recorder.path(rundir.STEP_PARTS).unlink(missing_ok=True)
 
     # -- editlab test ------------------------------------------------------------------------------
     def open_test(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from editlab.evaluation import EvaluationSchedule, Evaluator, held_out_specificity
 from editlab.lightning.editstate import requests_digest
-from editlab.lightning.parts import EvaluationParts
+from editlab.lightning.parts import RunParts
 from editlab.lightning.recorder import RunRecorder
 from editlab.models.fingerprint import model_fingerprint
 from editlab.report import POINT_KEYS
@@ -71,9 +71,7 @@ class StreamEvaluation:
             print(f"editlab: evaluation ({timing}) done in {seconds:.1f}s", file=sys.stderr, flush=True)
         return cases, metrics, seconds
 
-    def point_parts(
-        self, requests: list[EditRequest], timing: str, quality: bool, final: bool
-    ) -> EvaluationParts | None:
+    def point_parts(self, requests: list[EditRequest], timing: str, quality: bool, final: bool) -> RunParts | None:
         """The parts store of the point about to be evaluated, named by what its values depend on."""
         if self.parts_file is None:
             return None
@@ -88,7 +86,7 @@ class StreamEvaluation:
             "cases": requests_digest(requests),
             "settings": self.evaluator.settings_digest(),
         }
-        return EvaluationParts(self.parts_file, point)
+        return RunParts(self.parts_file, point)
 
     def drop_parts(self) -> None:
         """Remove the parts file once the run's results are written: every point is in them."""

@@ -17,7 +17,7 @@ from editlab.keyed_cache import cache_root
 from editlab.memory import MemoryProfile
 from editlab.models.arch import ModelView
 from editlab.models.weights import read_weight, set_weight
-from editlab.types import EditRequest, EditResult
+from editlab.types import EditRequest, EditResult, Parts
 
 T = TypeVar("T")
 
@@ -55,6 +55,9 @@ class EditContext:
     ranks: Ranks = field(default_factory=Ranks)
     cache_root: Path = field(default_factory=cache_root)  # of the keyed disk caches (statistics, z)
     stopwatch: Stopwatch = field(default_factory=Stopwatch)  # "keys": the key forwards of the edited layers
+    # The finished parts of the step in progress (z chunk by chunk), kept by the run so that a step
+    # killed part-way resumes there (editlab.lightning.parts); None: nowhere.
+    parts: Parts | None = None
 
     def per_request(self, requests: list[EditRequest], fn: Callable[[list[EditRequest]], T]) -> T:
         """``fn`` on this rank's share of the requests, rows of every rank gathered in request

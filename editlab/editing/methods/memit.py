@@ -17,12 +17,16 @@ multi-process run (EditContext.per_request).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from editlab.distributed import assemble_rows
 from editlab.editing.context_templates import ContextTemplates
-from editlab.editing.eac import EACConfig, eac_scalars, eac_targets
+from editlab.editing.eac import EACConfig, EACTargetResult, eac_scalars, eac_targets
 from editlab.editing.methods.base import EditContext, KeyValueMethod
 from editlab.editing.methods.stages import Spread, StagedMethod, memit_residual, spread_over_layers
 from editlab.editing.neighbours import neighbour_terms
@@ -31,7 +35,8 @@ from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
 from editlab.errors import check_step_sum
 from editlab.memory import MemoryProfile
-from editlab.types import EditRequest, EditResult
+from editlab.models.fingerprint import model_fingerprint
+from editlab.types import EditRequest, EditResult, Parts, through_parts
 
 
 def target_scalars(tgt: TargetResult) -> dict[str, float]:
@@ -41,6 +46,48 @@ def target_scalars(tgt: TargetResult) -> dict[str, float]:
         "z_steps": float(tgt.steps.float().mean()),
         **eac_scalars(tgt),
     }
+
+
+def targets_in_parts(
+    parts: Parts | None,
+    idx: list[int],
+    size: int | None,
+    compute: Callable[[list[int]], TargetResult],
+    kind: type[TargetResult],
+    device: torch.device,
+    label: str = "",
+) -> TargetResult:
+    """``compute(idx)``, the z of the step's requests ``idx``, through the step's ``parts``: chunk by
+    chunk (``size`` requests, ``targets.requests_per_forward``; None: one chunk), each kept as it is
+    done and taken from ``parts`` when an interrupted sitting had finished it. The chunks are the
+    forwards descend_offsets makes anyway and each request's z depends on its own rows only (EAC's
+    saliency and anchors are per row too), so the result is the one of ``compute(idx)``, bit for bit.
+    ``kind``: the result's dataclass, rebuilt from the kept fields; ``label``: what else the z
+    depend on (the weights, the extra rows), in each part's name."""
+    if parts is None:
+        return compute(idx)
+    size = size or len(idx)
+    bounds = [(start, min(start + size, len(idx))) for start in range(0, len(idx), size)]
+    chunks = []
+    for start, stop in bounds:
+        sub = idx[start:stop]
+        name = f"z of requests {sub[0]}-{sub[-1]}, {label}"
+        kept = through_parts(parts, name, lambda sub=sub: tensors_of(compute(sub)))
+        chunks.append(kind(**{field: value.to(device) for field, value in kept.items()}))
+    return assemble_rows(chunks, [list(range(start, stop)) for start, stop in bounds], len(idx))
+
+
+def extra_digest(extra: list[ExtraRow] | None) -> str:
+    """A short digest of the extra (neighbour) rows of a z computation, "none" without any."""
+    if not extra:
+        return "none"
+    blob = json.dumps([dataclasses.asdict(e) for e in extra], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tensors_of(result: TargetResult) -> dict[str, torch.Tensor]:
+    """The fields of a targets dataclass, on the CPU (what a parts file keeps)."""
+    return {f.name: getattr(result, f.name).detach().cpu() for f in dataclasses.fields(result)}
 
 
 class LayerSpreadMethod(KeyValueMethod, StagedMethod):
@@ -86,7 +133,16 @@ class LayerSpreadMethod(KeyValueMethod, StagedMethod):
                 ctx.view, ctx.tok, reqs, self.templates, z_layer, self.targets, ctx.progress, neighbour_terms(mine)
             )
 
-        return ctx.per_index(len(requests), share)
+        kind = EACTargetResult if self.eac is not None else TargetResult
+        size = self.targets.requests_per_forward
+        # The iterative wrapper asks for z again on the weights its spread left: the parts' names
+        # carry the weights and the extra rows, so each call finds only its own.
+        label = f"weights {model_fingerprint(ctx.model)}, extra rows {extra_digest(extra)}" if ctx.parts else ""
+
+        def through(idx: list[int]) -> TargetResult:
+            return targets_in_parts(ctx.parts, idx, size, share, kind, ctx.view.device, label)
+
+        return ctx.per_index(len(requests), through)
 
     def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """ΔW [d_model, d_ff] of one layer from its keys [n, d_ff] and residuals [n, d_model]."""
