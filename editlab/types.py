@@ -1,4 +1,4 @@
-"""Plain data types shared by every stage.
+"""Plain data types shared by every stage, and the protocol of a unit of work's kept parts.
 
 Dataclasses are plain (not frozen): Lightning's batch-transfer utilities rebuild dataclasses
 field by field, which fails on frozen ones.
