@@ -35,7 +35,7 @@ from editlab.metrics.editing import (
     harmonic_mean,
 )
 from editlab.metrics.generated import DEFAULT_MARGIN, generated_answers
-from editlab.metrics.generation import Consistency, Fluency, consistency_reference, generate_text
+from editlab.metrics.generation import Consistency, Fluency, case_fluency, consistency_reference, generate_text
 from editlab.metrics.perplexity import Perplexity, load_me_ppl, sequence_nll
 from editlab.metrics.probes import ProbeConfig, probe_cache
 from editlab.models.arch import ModelView
@@ -44,6 +44,7 @@ from editlab.models.scoring import score_answers
 from editlab.types import EditRequest, Parts, through_parts
 
 FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization", "neighborhood": "specificity"}
+CASE_FLUENCY = "fluency_by_case"  # generation_metrics' per-case fluency, taken out of the point's metrics
 # Families scored by greedy generation too (``*_generated_exact`` / ``*_generated_prefix``).
 GENERATED_FAMILIES = {"rewrite": "efficacy", "paraphrase": "generalization"}
 
@@ -335,8 +336,9 @@ def held_out_specificity(
 
 
 def case_summary(case: dict) -> dict[str, float]:
-    """What cases.jsonl shows per case: rewrite probabilities and per-case metric values."""
-    return {**rewrite_probs(case), **case_flags(case)}
+    """What cases.jsonl shows per case: rewrite probabilities and per-case metric values (with the
+    case's fluency where it was generated from)."""
+    return {**rewrite_probs(case), **case_flags(case), **({"fluency": case["fluency"]} if "fluency" in case else {})}
 
 
 def generated_metric_names() -> set[str]:
@@ -414,7 +416,13 @@ class Evaluator:
         )
         metrics = self.summarise_cases(cases)
         if quality:
-            metrics.update(self.quality(requests, final, parts))
+            by_case: dict[str, float] = {}
+            metrics.update(self.quality(requests, final, parts, by_case))
+            # Each generated case carries its own fluency (cases.jsonl's pre/post blocks): two runs'
+            # fluency can then be compared case by case (editlab.paired).
+            cases = [
+                {**case, "fluency": by_case[case["case_id"]]} if case["case_id"] in by_case else case for case in cases
+            ]
         return cases, metrics
 
     def summarise_cases(self, cases: list[dict]) -> dict[str, float]:
@@ -427,8 +435,15 @@ class Evaluator:
 
     case_summary = staticmethod(case_summary)
 
-    def quality(self, requests: list[EditRequest], final: bool = True, parts: Parts | None = None) -> dict:
-        """The quality metrics, each part through ``parts`` (see :meth:`evaluate`)."""
+    def quality(
+        self,
+        requests: list[EditRequest],
+        final: bool = True,
+        parts: Parts | None = None,
+        fluency_by_case: dict[str, float] | None = None,
+    ) -> dict:
+        """The quality metrics, each part through ``parts`` (see :meth:`evaluate`); ``fluency_by_case``
+        receives each generated case's own fluency (case id -> mean over its texts)."""
         out: dict = {}
         if self.cfg.generated:
             out.update(
@@ -441,7 +456,11 @@ class Evaluator:
                 )
             )
         if self.cfg.fluency:
-            out.update(through_parts(parts, "generation", lambda: self.generation_metrics(requests)))
+            generation = dict(through_parts(parts, "generation", lambda: self.generation_metrics(requests)))
+            by_case = generation.pop(CASE_FLUENCY, {})  # per case, not a metric of the point
+            if fluency_by_case is not None:
+                fluency_by_case.update(by_case)
+            out.update(generation)
         if self.me_ppl_texts is not None:
             out["me_ppl50_perplexity"] = through_parts(parts, "me_ppl50", self.me_ppl)
         if self.probe_suite is not None:
@@ -485,11 +504,13 @@ class Evaluator:
         )
         flu = Fluency()
         flu.update(texts, owner)
+        by_case = case_fluency(texts, owner).tolist()  # [C] in chosen's order: owner labels are 0..C-1
         out: dict = {
             "fluency": float(flu.compute()),
             "fluency_cases": len(chosen),
             "fluency_texts": len(texts),
             "generation_setting": cfg.generation_setting(self.seed),
+            CASE_FLUENCY: {r.case_id: v for r, v in zip(chosen, by_case, strict=True)},
         }
         if self.reference is None:
             out["consistency_reason"] = self.consistency_reason

@@ -73,13 +73,16 @@ def read_case_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode().splitlines() if line.strip()]
 
 
-def case_values(records: list[dict], metric: str, point: str = "post") -> dict[str, float]:
+def case_values(records: list[dict], metric: str, point: str = "post", only_present: bool = False) -> dict[str, float]:
     """{case_id: value} of ``metric`` in each record's ``point`` block ("post": the final
-    evaluation, "pre": before any edit). A record without it is an error naming the case."""
+    evaluation, "pre": before any edit). A record without it is an error naming the case, or with
+    ``only_present`` left out (fluency: only the cases generated from carry it)."""
     values = {}
     for record in records:
         block = record.get(point)
         if block is None or metric not in block:
+            if only_present:
+                continue
             raise KeyError(f"case {record.get('case_id')!r}: no {point}.{metric}")
         values[str(record["case_id"])] = float(block[metric])
     return values

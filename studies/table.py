@@ -11,7 +11,8 @@ evaluation where the results JSONs have them (``seconds_per_edit``). The "before
 first run's ``pre_*`` values.
 
 ``--paired BASE`` adds a table of every other run's per-case differences from run BASE at the final
-point (success and accuracy rows) with 95% paired bootstrap intervals, from the compact per-case
+point (success and accuracy rows; fluency on the cases both generated from, where the case files
+carry it) with 95% paired bootstrap intervals, from the compact per-case
 files ``editlab study`` keeps beside the results JSONs (``RUN.cases.jsonl.gz``); ``--paired pre``
 compares every run with the unedited model's values of the same cases (what the stream cost). Where
 the runs have per-example probe files (``RUN.probes.jsonl.gz``, written by ``editlab study --collect``),
@@ -141,9 +142,16 @@ def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
     before = {key: case_values(base_records, key, point=base_point) for _, key in PAIRED_METRICS}
     lines = [f"| metric | run | {base} | run | run − {base} | 95% interval | cases |"]
     lines.append("|---|---|---:|---:|---:|---|---:|")
+    # Fluency: on the cases both runs generated from (runs since per-case fluency was recorded).
+    base_fluency = case_values(base_records, "fluency", point=base_point, only_present=True)
     for name, records in runs.items():
-        for label, key in PAIRED_METRICS:
-            d = paired_difference(before[key], case_values(records, key), key)
+        diffs = [paired_difference(before[key], case_values(records, key), key) for _, key in PAIRED_METRICS]
+        labels = [label for label, _ in PAIRED_METRICS]
+        fluency = case_values(records, "fluency", only_present=True)
+        if base_fluency and set(fluency) == set(base_fluency):
+            diffs.append(paired_difference(base_fluency, fluency, "fluency"))
+            labels.append("fluency (generation entropy)")
+        for label, d in zip(labels, diffs, strict=True):
             mark = " *" if d.excludes_zero else ""
             lines.append(
                 f"| {label} | {name} | {d.mean_a:.4f} | {d.mean_b:.4f} | {d.difference:+.3f}{mark} "

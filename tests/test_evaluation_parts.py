@@ -97,3 +97,14 @@ def test_the_settings_digest_changes_with_any_option_or_the_seed(tiny_llama):
     assert Evaluator(EvaluationConfig(), view, tok, seed=0, progress=False).settings_digest() == base
     assert Evaluator(EvaluationConfig(top_k=4), view, tok, seed=0, progress=False).settings_digest() != base
     assert Evaluator(EvaluationConfig(), view, tok, seed=1, progress=False).settings_digest() != base
+
+
+def test_each_generated_case_carries_its_fluency_and_the_point_their_mean(tiny_llama):
+    model, tok = tiny_llama
+    reqs = requests(3)
+    cfg = EvaluationConfig(max_new_tokens=6, generation_cases=2)
+    cases, metrics = Evaluator(cfg, ModelView.of(model), tok, seed=1, progress=False).evaluate(reqs, quality=True)
+    values = [case["fluency"] for case in cases[:2]]
+    assert "fluency" not in cases[2] and "fluency_by_case" not in metrics  # generated from the first 2 only
+    assert metrics["fluency"] == pytest.approx(sum(values) / 2, rel=1e-6)
+    assert [evaluation.case_summary(case)["fluency"] for case in cases[:2]] == values  # into cases.jsonl

@@ -151,6 +151,8 @@ def test_evaluator_generates_from_every_prompt_and_scores_the_joined_texts(tmp_p
     assert fluency("France France") == 0.0 and fluency("a b a b") == pytest.approx(f)
     assert out["fluency"] == pytest.approx((0.0 + f / 3) / 2, rel=1e-6)
     assert (out["fluency_cases"], out["fluency_texts"]) == (2, 6)
+    # Each case's own fluency, kept for its record (cases.jsonl) and taken out of the point's metrics.
+    assert out["fluency_by_case"] == {"1": 0.0, "2": pytest.approx(f / 3, rel=1e-12)}
     assert out["generation_setting"] == (
         "every generation prompt per case, 100 tokens including the prompt, top-k 5, seed 3, "
         "not stopped at EOS, NFKD + blank lines cleaned"

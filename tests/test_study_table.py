@@ -160,3 +160,23 @@ def test_paired_probe_table_gives_each_tasks_accuracy_difference_per_example(tmp
     (tmp_path / "eac.probes.jsonl.gz").unlink()  # a run without its probe file: no probe row for it
     lines = table([str(tmp_path), "seq", "eac", "--paired", "seq"], capsys)
     assert not any(line.startswith("| probe accuracy") for line in lines)
+
+
+def test_paired_table_compares_fluency_on_the_cases_both_runs_generated_from(tmp_path, capsys):
+    from editlab.paired import write_case_values
+
+    keys = ("efficacy_success", "generalization_success", "specificity_success",
+            "efficacy_accuracy", "generalization_accuracy", "specificity_accuracy")  # fmt: skip
+    for name, fluency in (("seq", [6.0, 5.0]), ("ece", [6.5, 5.5])):
+        write(tmp_path, name, {"method": name})
+        records = []
+        for i in range(3):  # fluency on the first two cases only, as the evaluation generates
+            post = dict.fromkeys(keys, 1.0) | ({"fluency": fluency[i]} if i < 2 else {})
+            records.append({"case_id": str(i), "pre": dict.fromkeys(keys, 0.0), "post": post})
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        write_case_values(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.cases.jsonl.gz")
+    lines = table([str(tmp_path), "seq", "ece", "--paired", "seq"], capsys)
+    row = next(line for line in lines if line.startswith("| fluency (generation entropy) | ece |"))
+    assert "| 5.5000 | 6.0000 | +0.500 * | [+0.500, +0.500] | 2 |" in row
+    cost = table([str(tmp_path), "seq", "ece", "--paired", "pre"], capsys)
+    assert not any(line.startswith("| fluency") for line in cost)  # no pre-edit fluency in these files

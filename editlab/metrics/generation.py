@@ -76,6 +76,18 @@ def fluency(text: str, lowercase: bool = False) -> float:
     return sum(terms) / len(terms)
 
 
+def case_fluency(
+    texts: Sequence[str], case_index: Sequence[int] | torch.Tensor | None = None, lowercase: bool = False
+) -> torch.Tensor:
+    """Each case's mean fluency over its texts, [C] float64 in the order of the distinct
+    ``case_index`` labels (sorted); without ``case_index`` each text is its own case."""
+    if isinstance(texts, str):
+        raise TypeError("Fluency.update takes a list of texts, not one string")
+    values = torch.tensor([fluency(t, lowercase) for t in texts], dtype=torch.float64)  # [N]
+    index = torch.arange(len(texts)) if case_index is None else torch.as_tensor(case_index)
+    return case_means(values, index)  # [C]
+
+
 class Fluency(LocalMetric):
     """Mean fluency per case (over its generated texts), then over cases, as the reference averages
     ``n_gram_entropy(gen_texts)`` per record. States: ``sum_case_means``, ``n_cases`` (sum-reduced).
@@ -92,11 +104,7 @@ class Fluency(LocalMetric):
         self.add_state("n_cases", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, texts: Sequence[str], case_index: Sequence[int] | torch.Tensor | None = None) -> None:
-        if isinstance(texts, str):
-            raise TypeError("Fluency.update takes a list of texts, not one string")
-        values = torch.tensor([fluency(t, self.lowercase) for t in texts], dtype=torch.float64)  # [N]
-        index = torch.arange(len(texts)) if case_index is None else torch.as_tensor(case_index)
-        means = case_means(values, index)  # [C]
+        means = case_fluency(texts, case_index, self.lowercase)  # [C]
         self.sum_case_means += means.sum().to(self.device)
         self.n_cases += means.numel()
 
