@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from editlab.errors import DiskFullError
+from editlab.errors import DiskFullError, UserError
 
 
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -39,6 +39,19 @@ def save_torch_atomic(obj, path: str | Path) -> Path:
             torch.save(obj, f)
 
     return write_atomic(path, write)
+
+
+def load_torch_file(path: str | Path, label: str, error: type[Exception] = UserError):
+    """``torch.load`` (weights_only, onto the CPU) of one of editlab's own files, None where there is
+    none; a file that cannot be read (truncated, foreign: unpickling fails in many ways) is one
+    ``error`` naming it (``label``: what kind of file) and saying to delete it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:
+        raise error(f"{label} {path} is unreadable ({type(err).__name__}): delete it") from err
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from editlab.errors import UserError
-from editlab.files import save_torch_atomic
+from editlab.files import load_torch_file, save_torch_atomic
 
 
 class StaleCacheError(UserError, RuntimeError):
@@ -66,12 +66,9 @@ class KeyedCache:
         """The stored blob of ``key`` (its ``"key"`` included), None where there is no file; a file
         that cannot be read or holds another key raises StaleCacheError."""
         path = self.path(key)
-        if not path.exists():
+        blob = load_torch_file(path, self.label, StaleCacheError)
+        if blob is None:
             return None
-        try:
-            blob = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as err:  # truncated or foreign file: unpickling errors of many kinds
-            raise StaleCacheError(f"{self.label} {path} is unreadable ({type(err).__name__}): delete it") from err
         stored = blob.get("key") if isinstance(blob, dict) else None
         if stored != key:
             diff = {

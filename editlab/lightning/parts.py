@@ -24,10 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from editlab.errors import UserError
-from editlab.files import save_torch_atomic
+from editlab.files import load_torch_file, save_torch_atomic
 
 
 class RunParts:
@@ -66,12 +64,9 @@ class RunParts:
 
 def read_parts(path: Path) -> dict | None:
     """The stored ``{"unit", "parts", "seconds"}`` of ``path``, None when there is no file."""
-    if not path.exists():
+    stored = load_torch_file(path, "parts file")
+    if stored is None:
         return None
-    try:
-        stored = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # truncated or foreign file: unpickling errors of many kinds
-        raise UserError(f"parts file {path} is unreadable ({type(err).__name__}): delete it") from err
     if not isinstance(stored, dict) or set(stored) != {"unit", "parts", "seconds"}:
         keys = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
         raise UserError(f"parts file {path} is not editlab's ({keys}): delete it")
