@@ -267,6 +267,22 @@ def test_killed_in_the_second_z_chunk_of_a_step_keeps_the_first(base):
 
 
 @pytest.mark.slow  # starts processes
+def test_sigterm_in_an_evaluation_point_stops_after_its_part_in_progress(base, full):
+    # SIGTERM while the point after step 3 generates: the run stops once the generations are kept,
+    # not after the rest of the point and step 4; the resumed run takes the point's parts.
+    said = kill_in_step(base, "stopped_in_eval", 3, signal.SIGTERM, hang_seconds=2, where="HangInGeneration")
+    assert said.startswith("exit 143\n") and "stopped in an evaluation point, its part 'generation' kept" in said
+    assert "continues with the evaluation after step 3, then step 4" in said
+    state = load_edit_state(edit_state_path(base / "stopped_in_eval"))
+    assert state["steps_done"] == 3 and [p["step"] for p in json.loads(state["results"])["curve"]] == [0]
+    resumed = fit(base, args(base, "stopped_in_eval", "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "took cases, generated, generation from the interrupted sitting" in resumed.stderr
+    assert_same_weights(full, base / "stopped_in_eval")
+    assert_same_results(full, base / "stopped_in_eval")
+
+
+@pytest.mark.slow  # starts processes
 def test_sigterm_before_a_periodic_evaluation_stops_without_it(base, full):
     # SIGTERM in step 6: the run stops after the step, leaving its evaluation point for the
     # resumed run, which evaluates it first.

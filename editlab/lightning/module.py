@@ -177,8 +177,28 @@ class EditingModule(L.LightningModule):
         ranks = Ranks(self.global_rank, self.trainer.world_size)
         model = LoadedModel(self.lm, self.tok, self.view)
         return EditRun(
-            model, self.method, settings, self.recorder, list(dm.requests), ranks, self.log_row, self.stream_length
+            model,
+            self.method,
+            settings,
+            self.recorder,
+            list(dm.requests),
+            ranks,
+            self.log_row,
+            self.stream_length,
+            self.stop_on_sigterm,
         )
+
+    def stop_on_sigterm(self, part: str) -> None:
+        """Between the parts of an evaluation point: on SIGTERM, stop now rather than after the rest
+        of the point (an hour on a CPU) and the next step. The state after the last step was saved
+        before the point and the finished parts are kept: the resumed run evaluates only the rest."""
+        if self.trainer.received_sigterm:
+            print(
+                f"[editlab] SIGTERM: stopped in an evaluation point, its part {part!r} kept",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SIGTERMException
 
     def log_row(self, metrics: dict) -> None:
         # Straight to the loggers: self.log is not allowed in on_train_end (final evaluation).

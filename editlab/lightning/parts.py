@@ -21,6 +21,7 @@ are written with torch.save and read with weights_only: tensors and plain data c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ class RunParts:
     ``unit``: the unit's identity (plain data). Each part's seconds are kept with it, so a unit that
     takes parts from an interrupted sitting still reports what the whole unit cost."""
 
-    def __init__(self, path: Path, unit: dict) -> None:
-        self.path, self.unit = Path(path), unit
+    def __init__(self, path: Path, unit: dict, after_put: Callable[[str], None] | None = None) -> None:
+        """``after_put(name)``: called once each part is kept (a run stops there on SIGTERM)."""
+        self.path, self.unit, self.after_put = Path(path), unit, after_put
         self.parts: dict[str, Any] = {}
         self.seconds: dict[str, float] = {}
         self.reused: list[str] = []  # the parts taken from the file, in the order asked for
@@ -56,6 +58,8 @@ class RunParts:
         self.parts[name], self.seconds[name] = value, now - self.clock
         self.clock = now
         save_torch_atomic({"unit": self.unit, "parts": self.parts, "seconds": self.seconds}, self.path)
+        if self.after_put is not None:
+            self.after_put(name)
 
     def reused_seconds(self) -> float:
         """Seconds the interrupted sitting spent on the parts taken from it."""

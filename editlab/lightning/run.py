@@ -73,9 +73,11 @@ class EditRun:
         ranks: Ranks,
         log_row: Callable[[dict], None],
         stream_length: Callable[[], int | None],
+        after_part: Callable[[str], None] | None = None,
     ) -> None:
         """``log_row``: hand a row to every logger at the current step; ``stream_length``: the
-        stream's steps as this run does them (the trainer knows)."""
+        stream's steps as this run does them (the trainer knows); ``after_part(name)``: called once
+        an evaluation point has kept a finished part (the module stops the run there on SIGTERM)."""
         self.model, self.method, self.settings, self.recorder, self.ranks = model, method, settings, recorder, ranks
         recorder.clock = RunClock()
         self.requests = requests
@@ -94,6 +96,7 @@ class EditRun:
             announce=settings.lines and ranks.is_main,
             # With checkpoints a killed run resumes: a point killed part-way keeps its finished parts.
             parts_file=recorder.path(rundir.EVALUATION_PARTS) if settings.checkpoint_every else None,
+            after_part=after_part,
         )
         self.ctx: EditContext | None = None
         self.fingerprint: str | None = None  # of the unedited weights

@@ -37,11 +37,13 @@ class StreamEvaluation:
         stream_length: Callable[[], int | None],
         announce: bool = False,
         parts_file: Path | None = None,
+        after_part: Callable[[str], None] | None = None,
     ) -> None:
         """``log_row``: hand a row to every logger at the current step; ``stream_length``: the
         stream's steps as this run does them (the module's, from the trainer); ``announce``: one
         plain stderr line when an evaluation point starts and one when it ends; ``parts_file``:
-        where the point in progress keeps its finished parts (None: nowhere)."""
+        where the point in progress keeps its finished parts (None: nowhere); ``after_part(name)``:
+        called once each part is kept (the module stops the run there on SIGTERM)."""
         self.evaluator = evaluator
         self.schedule = schedule
         self.recorder = recorder
@@ -50,6 +52,7 @@ class StreamEvaluation:
         self.stream_length = stream_length
         self.announce = announce
         self.parts_file = parts_file
+        self.after_part = after_part
 
     def evaluate(self, requests: list[EditRequest], timing: str, quality: bool, final: bool = True):
         """The evaluator's cases and metrics of ``requests``, and the seconds they took (with the
@@ -86,7 +89,7 @@ class StreamEvaluation:
             "cases": requests_digest(requests),
             "settings": self.evaluator.settings_digest(),
         }
-        return RunParts(self.parts_file, point)
+        return RunParts(self.parts_file, point, self.after_part)
 
     def drop_parts(self) -> None:
         """Remove the parts file once the run's results are written: every point is in them."""
