@@ -16,7 +16,7 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Every test, the ones marked slow too (1053 tests, 53 slow: they load SmolLM2, run the CLI in a
+# Every test, the ones marked slow too (1052 tests, 52 slow: they load SmolLM2, run the CLI in a
 # subprocess or start processes; 18.4 min measured on 2 CPU cores with 946 of them).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q

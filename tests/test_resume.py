@@ -1,9 +1,9 @@
 """Reliability of a run on a tiny model, through the real CLI in subprocesses: a run killed with
-SIGKILL in the middle of step 6 or in a periodic evaluation (before it or in its generations), or
-stopped by SIGTERM in step 5 or before an evaluation, and resumed with --ckpt_path last ends
-bit-identical to an uninterrupted one; the same config and seed give the same run; a checkpoint
-written after the last step redoes only the final evaluation; resuming is refused when it would
-not continue the same run."""
+SIGKILL in the middle of step 6, in a periodic evaluation or after the first z chunk of a step, or
+stopped by SIGTERM in step 5, before an evaluation or in its generations, and resumed with
+--ckpt_path last ends bit-identical to an uninterrupted one; the same config and seed give the same
+run; a checkpoint written after the last step redoes only the final evaluation; resuming is refused
+when it would not continue the same run."""
 
 from __future__ import annotations
 
@@ -216,23 +216,6 @@ def test_killed_in_a_periodic_evaluation_keeps_the_step_before_it(base, full):
 
 
 @pytest.mark.slow  # starts processes
-def test_killed_in_the_generations_of_a_point_keeps_its_scored_cases(base, full):
-    # The point after step 3 keeps each part as it finishes: killed in its generations, the
-    # resumed run takes the cases' scores and greedy answers from the file and generates only.
-    kill_in_step(base, "killed_gen", 3, where="HangInGeneration")
-    run = base / "killed_gen"
-    parts = torch.load(run / "checkpoints" / "evaluation_parts.pt", weights_only=True)
-    assert list(parts["parts"]) == ["cases", "generated"] and parts["unit"]["steps"] == 3
-    resumed = fit(base, args(base, "killed_gen", "--ckpt_path", "last"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "evaluation (periodic) took cases, generated from the interrupted sitting" in resumed.stderr
-    assert resumed.stderr.count("from the interrupted sitting") == 1  # the later points compute everything
-    assert_same_weights(full, run)
-    assert_same_results(full, run)
-    assert not (run / "checkpoints" / "evaluation_parts.pt").exists()  # gone with the results
-
-
-@pytest.mark.slow  # starts processes
 def test_killed_in_the_second_z_chunk_of_a_step_keeps_the_first(base):
     # Two requests per step, z one request per forward: killed in step 5 (the callback's hooks see
     # 4 steps done) after the first request's z, the resumed run takes that z from
@@ -273,13 +256,18 @@ def test_sigterm_in_an_evaluation_point_stops_after_its_part_in_progress(base, f
     said = kill_in_step(base, "stopped_in_eval", 3, signal.SIGTERM, hang_seconds=2, where="HangInGeneration")
     assert said.startswith("exit 143\n") and "stopped in an evaluation point, its part 'generation' kept" in said
     assert "continues with the evaluation after step 3, then step 4" in said
-    state = load_edit_state(edit_state_path(base / "stopped_in_eval"))
+    run = base / "stopped_in_eval"
+    state = load_edit_state(edit_state_path(run))
     assert state["steps_done"] == 3 and [p["step"] for p in json.loads(state["results"])["curve"]] == [0]
+    parts = torch.load(run / "checkpoints" / "evaluation_parts.pt", weights_only=True)
+    assert list(parts["parts"]) == ["cases", "generated", "generation"] and parts["unit"]["steps"] == 3
     resumed = fit(base, args(base, "stopped_in_eval", "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "took cases, generated, generation from the interrupted sitting" in resumed.stderr
-    assert_same_weights(full, base / "stopped_in_eval")
-    assert_same_results(full, base / "stopped_in_eval")
+    assert resumed.stderr.count("from the interrupted sitting") == 1  # the later points compute everything
+    assert_same_weights(full, run)
+    assert_same_results(full, run)
+    assert not (run / "checkpoints" / "evaluation_parts.pt").exists()  # gone with the results
 
 
 @pytest.mark.slow  # starts processes
