@@ -31,3 +31,26 @@ def test_every_study_run_resolves_and_builds(path, run, monkeypatch):
     assert printed["trainer"]["default_root_dir"] == str(study.runs_dir / run.name)
     option = {command[i]: command[i + 1] for i in range(2, len(command) - 1) if command[i].startswith("--data.")}
     assert str(data.num_edits) == option.get("--data.num_edits", str(data.num_edits))
+
+
+def study_data(path) -> dict[str, tuple]:
+    """Each run's resolved data options (path, records, edits per step, offset, seed) of a study file."""
+    study = read_study(path.relative_to(REPO))
+    out = {}
+    for run in study.runs:
+        data = resolved(run_command(study, run)[2:])["data"]
+        out[run.name] = tuple(data.get(k) for k in ("path", "num_edits", "edits_per_step", "offset", "seed"))
+    return out
+
+
+PROTOCOLS = sorted(p.parent for p in STUDY_FILES if p.parent.name.startswith("lifelong_"))
+
+
+@pytest.mark.parametrize("directory", sorted(set(PROTOCOLS)), ids=lambda d: d.name)
+def test_the_runs_of_a_protocol_edit_the_same_records(directory, monkeypatch):
+    # A lifelong protocol compares methods on one slice of one data set (its study and extra
+    # files alike): a run whose config brings another default data set (the EAC configs load zsRE,
+    # as the EAC paper evaluates) must name the protocol's. (The parity studies hold several tables.)
+    monkeypatch.chdir(REPO)
+    runs = {name: data for path in sorted(directory.glob("*.yaml")) for name, data in study_data(path).items()}
+    assert len(set(runs.values())) == 1, "\n".join(f"{name}: {data}" for name, data in runs.items())
