@@ -21,9 +21,15 @@ EDITED_MODEL = "edited_model"  # --model.export: save_pretrained of the edited m
 EDIT_DELTA = "edit_delta.safetensors"  # --model.export: W_t − W_0 of the edited matrices
 CHECKPOINTS = "checkpoints"
 EDIT_STATE = "edit_state.pt"
-# The finished parts of the evaluation point and of the edit step in progress (editlab.lightning.parts).
+# The finished parts of the evaluation point in progress and of the edit steps since the last
+# checkpoint, one file per step (editlab.lightning.parts).
 EVALUATION_PARTS = f"{CHECKPOINTS}/evaluation_parts.pt"
-STEP_PARTS = f"{CHECKPOINTS}/step_parts.pt"
+STEP_PARTS = f"{CHECKPOINTS}/step_parts"
+
+
+def step_parts_path(run_dir: str | Path, step: int) -> Path:
+    """``<run dir>/checkpoints/step_parts/step_<k>.pt``: the finished parts of step ``step``."""
+    return Path(run_dir) / STEP_PARTS / f"step_{step}.pt"
 
 
 def edit_state_path(run_dir: str | Path) -> Path:

@@ -217,16 +217,24 @@ def test_killed_in_a_periodic_evaluation_keeps_the_step_before_it(base, full):
 
 @pytest.mark.slow  # starts processes
 def test_killed_in_the_second_z_chunk_of_a_step_keeps_the_first(base):
-    # Two requests per step, z one request per forward: killed in step 5 (the callback's hooks see
-    # 4 steps done) after the first request's z, the resumed run takes that z from
-    # checkpoints/step_parts.pt, computes the second and ends as the uninterrupted run.
-    chunked = ("--data.edits_per_step", "2", "--model.method.targets.requests_per_forward", "1")
+    # Two requests per step, z one request per forward, 3 steps: killed in step 2 (the callback's
+    # hooks see 1 step done) after the first request's z, the resumed run (from the pre-edit state:
+    # checkpoints after even steps) takes that z from checkpoints/step_parts/step_2.pt, computes the second
+    # and ends as the uninterrupted run.
+    chunked = (
+        "--data.num_edits",
+        "6",
+        "--data.edits_per_step",
+        "2",
+        "--model.method.targets.requests_per_forward",
+        "1",
+    )
     full = fit(base, args(base, "full_chunked", *chunked))
     assert full.returncode == 0, full.stderr[-3000:]
     marker = base / "z_chunk_marker"
     hang = [
         "--trainer.callbacks+=helpers.HangInSecondZChunk",
-        "--trainer.callbacks.step=4",
+        "--trainer.callbacks.step=1",
         f"--trainer.callbacks.marker={marker}",
     ]
     cmd = [sys.executable, "-m", "editlab.cli", "fit", *args(base, "killed_z", *chunked, *hang)]
@@ -239,14 +247,14 @@ def test_killed_in_the_second_z_chunk_of_a_step_keeps_the_first(base):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=240)
     run = base / "killed_z"
-    parts = torch.load(run / "checkpoints" / "step_parts.pt", weights_only=True)
-    assert parts["unit"]["step"] == 5 and [n.split(",")[0] for n in parts["parts"]] == ["z of requests 0-0"]
+    parts = torch.load(run / "checkpoints" / "step_parts" / "step_2.pt", weights_only=True)
+    assert parts["unit"]["step"] == 2 and [n.split(",")[0] for n in parts["parts"]] == ["z of requests 0-0"]
     resumed = fit(base, args(base, "killed_z", *chunked, "--ckpt_path", "last"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "editlab: step 5 took 1 part(s) (z of requests 0-0" in resumed.stderr
+    assert "editlab: step 2 took 1 part(s) (z of requests 0-0" in resumed.stderr
     assert_same_weights(base / "full_chunked", run)
     assert_same_results(base / "full_chunked", run)
-    assert not (run / "checkpoints" / "step_parts.pt").exists()
+    assert not list((run / "checkpoints").glob("step_parts/*"))
 
 
 @pytest.mark.slow  # starts processes

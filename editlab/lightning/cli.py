@@ -10,6 +10,7 @@ ConfigError (one line). ``editlab.cli.main`` dispatches to it and to the other c
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -204,8 +205,8 @@ class EditLabCLI(LightningCLI):
             # Starting over: the old edit state must not be resumed by mistake later. missing_ok:
             # under srun every task of a shared run directory runs this check, and one removes it first.
             state.unlink(missing_ok=True)
-            for parts in (rundir.EVALUATION_PARTS, rundir.STEP_PARTS):  # nor the old run's parts
-                (root / parts).unlink(missing_ok=True)
+            (root / rundir.EVALUATION_PARTS).unlink(missing_ok=True)  # nor the old run's parts
+            shutil.rmtree(root / rundir.STEP_PARTS, ignore_errors=True)
         if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
             raise RunDirRefused(f"editlab: --ckpt_path {ckpt_path}: no such file (use 'last' or an edit_state.pt)")
 

@@ -7,14 +7,16 @@ keeps its parts as they finish in one file of ``checkpoints/``:
 
 - ``evaluation_parts.pt``: the point's cases, greedy answers, generations' metrics, ME-PPL-50
   perplexity and probe scores (editlab.evaluation.Evaluator);
-- ``step_parts.pt``: the step's z, chunk by chunk (``targets.requests_per_forward`` requests each;
-  editlab.editing.methods.memit).
+- ``step_parts/step_<k>.pt``: step k's z, chunk by chunk (``targets.requests_per_forward`` requests
+  each; editlab.editing.methods.memit), one file per step since the last edit state (a run resumed
+  from a checkpoint several steps back replays them without touching the killed step's).
 
 A unit killed part-way and done again by the resumed run takes the parts it had finished and
 computes the rest. A unit is named by what its values depend on (for a point: its timing, steps,
 the weights' fingerprint, its cases, the evaluation options; for a step: its number, the weights'
 fingerprint when it starts and its requests); a file naming another unit is left alone until this
-unit's first part replaces it, and the run removes both files once its results are written. Parts
+unit's first part replaces it; an edit state that holds a step removes its file, and the run removes
+every parts file once its results are written. Parts
 are written with torch.save and read with weights_only: tensors and plain data come back bit for bit.
 """
 

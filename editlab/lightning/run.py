@@ -173,7 +173,7 @@ class EditRun:
     def step_parts(self, batch: list[EditRequest]) -> RunParts | None:
         """Where the step keeps its finished parts (z chunk by chunk): with checkpoints on, in one
         process (a multi-process step would need one file per rank), named by the step, the
-        weights it starts from and its requests."""
+        weights it starts from and its requests; removed once an edit state holds the step."""
         if not self.settings.checkpoint_every or self.ranks.world != 1:
             return None
         unit = {
@@ -181,7 +181,9 @@ class EditRun:
             "weights": model_fingerprint(self.model.lm),
             "requests": requests_digest(batch),
         }
-        return RunParts(self.recorder.path(rundir.STEP_PARTS), unit)
+        # One file per step: a run resumed from a checkpoint several steps back replays those steps
+        # without touching the parts of the step it was killed in.
+        return RunParts(rundir.step_parts_path(self.recorder.root, unit["step"]), unit)
 
     def after_step(self, batch: list[EditRequest]) -> dict[str, float] | None:
         """What the schedule says after the step (rank 0 only); the in-stream probe scores or None."""
@@ -218,6 +220,14 @@ class EditRun:
             return
         state = capture_edit_state(self.identity(), self.recorder, self.model.lm, self.initial, self.method, final)
         save_run_state(self.recorder.root, state)
+        self.drop_step_parts(up_to=self.recorder.steps_done)
+
+    def drop_step_parts(self, up_to: int | None = None) -> None:
+        """Remove the parts files of the steps the saved edit state holds (``up_to``; None: all)."""
+        directory = self.recorder.path(rundir.STEP_PARTS)
+        for path in directory.glob("step_*.pt") if directory.is_dir() else []:
+            if up_to is None or int(path.stem.removeprefix("step_")) <= up_to:
+                path.unlink(missing_ok=True)
 
     def finish(self, loggers: list) -> None:
         """The final edit state, the final evaluation (what the schedule says is left), the results."""
@@ -230,7 +240,7 @@ class EditRun:
         self.write_results(final, end, self.settings.evaluation.timing, loggers)
         # Every step and point is in the results now: their parts files have nothing left to give.
         self.evaluation.drop_parts()
-        self.recorder.path(rundir.STEP_PARTS).unlink(missing_ok=True)
+        self.drop_step_parts()
 
     # -- editlab test ------------------------------------------------------------------------------
     def open_test(self) -> None:
