@@ -191,8 +191,10 @@ class EditingModule(L.LightningModule):
     def stop_on_sigterm(self, part: str) -> None:
         """Between the parts of an evaluation point: on SIGTERM, stop now rather than after the rest
         of the point (an hour on a CPU) and the next step. The state after the last step was saved
-        before the point and the finished parts are kept: the resumed run evaluates only the rest."""
-        if self.trainer.received_sigterm:
+        before the point and the finished parts are kept: the resumed run evaluates only the rest.
+        One process only: with several, the other ranks wait for rank 0 in the next step's
+        collectives, so rank 0 finishes the point and all stop after that step, as Lightning does."""
+        if self.trainer.world_size == 1 and self.trainer.received_sigterm:
             print(
                 f"[editlab] SIGTERM: stopped in an evaluation point, its part {part!r} kept",
                 file=sys.stderr,
