@@ -234,9 +234,26 @@ def decide(target: dict, events: list[dict], run_dir: Path, tmp: Path, timings: 
         if evaluation is None:
             return "wait"
         target["at"] = evaluation["step"]
+        target["since_wall"] = evaluation["wall"]
         length = timings["final_eval"] * pace(events, timings)
         target["deadline"] = evaluation["t"] + target["fraction"] * length
-    return "kill" if now >= target["deadline"] else "wait"
+    if now >= target["deadline"]:
+        return "kill"
+    # A kept evaluation part is a moment inside the evaluation that needs no timing: on a tiny model
+    # the evaluation lasts a fraction of a second, and a resumed attempt's can be quicker than the
+    # full run's, so the deadline alone could fall after its end (no later occurrence to retry on).
+    if part_kept_since(run_dir, target["since_wall"]):
+        target["trigger"] = "evaluation_part"
+        return "kill"
+    return "wait"
+
+
+def part_kept_since(run_dir: Path, wall: float) -> bool:
+    """An evaluation part was saved (atomically) after ``wall`` (time.time())."""
+    try:
+        return (run_dir / rundir.EVALUATION_PARTS).stat().st_mtime >= wall
+    except FileNotFoundError:
+        return False
 
 
 def pace(events: list[dict], timings: dict) -> float:
@@ -333,6 +350,7 @@ def run_attempt(cmd, run_dir, markers, log, pending, timings, timeout, t_start) 
                 kill = {"planned": target["planned"], "at_step": target["at"], "now": now}
                 if "tmp_bytes" in target:
                     kill["tmp_bytes"], kill["tmp_bytes_needed"] = target["tmp_bytes"], target["need"]
+                kill["trigger"] = target.get("trigger", "bytes" if "tmp_bytes" in target else "deadline")
                 pending.pop(0)
                 break
             # A checkpoint write can last milliseconds: watch closely once its step is running.
@@ -374,6 +392,7 @@ def run_attempt(cmd, run_dir, markers, log, pending, timings, timeout, t_start) 
             "last_marker": events[-1] if events else None,
             "checkpoint_tmp_left": tmp.exists(),
             "expected_resume_step": expected_resume(phase, step),
+            "trigger": kill["trigger"],  # what set the moment: deadline, bytes written, evaluation_part
             **(
                 {"tmp_bytes": kill["tmp_bytes"], "tmp_bytes_needed": kill["tmp_bytes_needed"]}
                 if "tmp_bytes" in kill

@@ -248,11 +248,8 @@ def test_soak_killed_three_times_ends_identical_to_the_uninterrupted_run(tmp_pat
     }
     assert result["steps"] == 7 and result["threads"] == 1 and len(result["commit"]) == 40
     kills = result["kills"]
-    # Status 2 (a moment never hit): since the runs keep their z and evaluation parts, the final
-    # phase's kill can be missed here (the identity above still holds); under investigation.
-    assert len(kills) == (3 if status == 0 else len(kills)) and len(kills) >= 2, kills
-    assert len({k["phase"] for k in kills}) >= 2, kills
-    assert all(r["as_expected"] for r in result["resumes"]) and len(result["resumes"]) == len(kills)
+    assert len(kills) == 3 and len({k["phase"] for k in kills}) >= 2, kills
+    assert all(r["as_expected"] for r in result["resumes"]) and len(result["resumes"]) == 3
     assert {"step", "final_eval", "final_write"} & set(result["phases_hit"]), kills
 
 
@@ -297,10 +294,12 @@ def test_gpu_check_flags_what_is_off():
     assert "nse bfloat16: non-finite edited weights" in found and "nse float32: RuntimeError: x" in found
 
 
-def test_soak_plan_covers_every_phase_and_kills_are_placed_by_what_the_process_left():
+def test_soak_plan_covers_every_phase_and_kills_are_placed_by_what_the_process_left(tmp_path):
+    import os
     import random
 
     from benchmarks import soak
+    from editlab import rundir
 
     for seed in range(20):
         plan = soak.plan_kills(5, 10, random.Random(seed))
@@ -320,7 +319,7 @@ def test_soak_plan_covers_every_phase_and_kills_are_placed_by_what_the_process_l
     assert [soak.expected_resume(p, 4) for p in ("step", "checkpoint", "final_eval", "after_start")] == [3, 3, 4, None]
     # The final kill's moment scales with this attempt's pace against the full run's steps.
     timings = {"step": {1: 10.0, 2: 10.0}, "final_eval": 100.0, "steps": 2}
-    at = lambda event, step, t: {"event": event, "step": step, "t": t}  # noqa: E731
+    at = lambda event, step, t: {"event": event, "step": step, "t": t, "wall": 1000.0 + t}  # noqa: E731
     quick = [at("forward", 1, 0.0), at("end", 1, 5.0), at("forward", 2, 5.0), at("end", 2, 10.0)]
     assert soak.pace(quick, timings) == 0.5 and soak.pace([], timings) == 1.0
     target = {"phase": "final", "step": 2, "fraction": 0.5}
@@ -328,6 +327,17 @@ def test_soak_plan_covers_every_phase_and_kills_are_placed_by_what_the_process_l
     assert soak.decide(target, events, Path("/nonexistent"), Path("/nonexistent.tmp"), timings, 44.0) == "wait"
     assert target["deadline"] == 20.0 + 0.5 * 100.0 * 0.5
     assert soak.decide(target, events, Path("/nonexistent"), Path("/nonexistent.tmp"), timings, 45.0) == "kill"
+    # Before the deadline, an evaluation part saved since the evaluation began is a moment inside it.
+    run_dir = tmp_path / "run"
+    parts = run_dir / rundir.EVALUATION_PARTS
+    parts.parent.mkdir(parents=True)
+    parts.write_bytes(b"x")
+    os.utime(parts, (1019.0, 1019.0))  # kept before this evaluation (at wall 1020): not one of its parts
+    target = {"phase": "final", "step": 2, "fraction": 0.5}
+    assert soak.decide(target, events, run_dir, run_dir / "x.tmp", timings, 21.0) == "wait"
+    os.utime(parts, (1020.5, 1020.5))
+    assert soak.decide(target, events, run_dir, run_dir / "x.tmp", timings, 21.0) == "kill"
+    assert target["trigger"] == "evaluation_part"
     dropped = set()
     row = {"step": 1, "seconds": 2.0, "edit": {"z_seconds": 1.0, "n": [{"seconds_x": 0}]}, "export_dir": "x"}
     assert soak.strip(row, dropped) == {"step": 1, "edit": {"n": [{}]}}
