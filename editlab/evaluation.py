@@ -502,9 +502,10 @@ class Evaluator:
             stop_at_eos=cfg.stop_at_eos,
             clean=cfg.clean_texts,
         )
+        means = case_fluency(texts, owner)  # [C] in chosen's order: owner labels are 0..C-1
         flu = Fluency()
-        flu.update(texts, owner)
-        by_case = case_fluency(texts, owner).tolist()  # [C] in chosen's order: owner labels are 0..C-1
+        flu.update_case_means(means)
+        by_case = means.tolist()
         out: dict = {
             "fluency": float(flu.compute()),
             "fluency_cases": len(chosen),

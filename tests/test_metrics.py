@@ -33,7 +33,7 @@ from editlab.metrics import (
     token_nll,
     word_tokens,
 )
-from editlab.metrics.generation import left_pad
+from editlab.metrics.generation import case_fluency, left_pad
 from editlab.models.arch import ModelView
 from editlab.models.prompts import answer_ids
 from editlab.models.tiny import tiny_model, tiny_tokenizer
@@ -180,6 +180,15 @@ def test_fluency_metric_averages_per_case():
     assert float(m.compute()) == pytest.approx(sum(expected) / 3, rel=1e-6)
     with pytest.raises(TypeError):
         m.update("one string")
+    # Per-case means computed once (kept per case by the evaluation) add the same cases.
+    texts, owner = ["a b a b", "a b c d", "w x y z"], [0, 0, 1]
+    by_text, by_means = Fluency(), Fluency()
+    by_text.update(texts, owner)
+    by_means.update_case_means(case_fluency(texts, owner))
+    assert float(by_means.compute()) == float(by_text.compute())
+    assert float(by_text.compute()) == pytest.approx(
+        ((fluency("a b a b") + fluency("a b c d")) / 2 + fluency("w x y z")) / 2
+    )
 
 
 # ----------------------------------------------------------------------------- generation

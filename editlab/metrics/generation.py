@@ -104,7 +104,11 @@ class Fluency(LocalMetric):
         self.add_state("n_cases", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, texts: Sequence[str], case_index: Sequence[int] | torch.Tensor | None = None) -> None:
-        means = case_fluency(texts, case_index, self.lowercase)  # [C]
+        self.update_case_means(case_fluency(texts, case_index, self.lowercase))
+
+    def update_case_means(self, means: torch.Tensor) -> None:
+        """Add cases whose mean fluency is already known ([C], from :func:`case_fluency`): a caller
+        that keeps the per-case values too scores each text once."""
         self.sum_case_means += means.sum().to(self.device)
         self.n_cases += means.numel()
 
