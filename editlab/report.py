@@ -479,6 +479,27 @@ def comparison_rows(curve: Sequence[Mapping[str, Any]] | None, summary: Mapping[
     return [row for row in rows if is_stream(row)]
 
 
+def pre_point(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The pre-edit point of a run's :func:`comparison_rows`, None when it skipped that evaluation."""
+    return next((dict(row) for row in rows if row.get("timing") == "pre"), None)
+
+
+def with_shared_pre(
+    points: Sequence[Sequence[Mapping[str, Any]]], pre: Mapping[str, Any]
+) -> tuple[list[list[dict[str, Any]]], list[int]]:
+    """Each run's points with ``pre`` (another run's pre-edit point on the same records) put first
+    where the run has none of its own (``evaluation.pre false``: a study evaluates the unedited model
+    once for all its runs); the indices of the runs given it."""
+    out, given = [], []
+    for index, rows in enumerate(points):
+        rows = [dict(row) for row in rows]
+        if pre_point(rows) is None:
+            rows.insert(0, dict(pre))
+            given.append(index)
+        out.append(rows)
+    return out, given
+
+
 def comparison_keys(runs: Sequence[Sequence[Mapping[str, Any]]]) -> list[str]:
     """The comparison figure's panels (see COMPARE_FAMILIES), keys some run has a point of. A probe
     task's panel is its ``subset_accuracy`` when logged: the same examples at every point, where the
@@ -882,9 +903,11 @@ def comparison_tables(summaries: Sequence[Mapping[str, Any]], labels: Sequence[s
     return lines
 
 
-def write_comparison(run_dirs: Sequence[Path], out_dir: Path) -> Path:
+def write_comparison(run_dirs: Sequence[Path], out_dir: Path, shared_pre: Path | None = None) -> Path:
     """Write ``out_dir/report.md`` (+ ``compare_metrics.png``) comparing the runs (run directories or
-    study results JSONs, see :func:`load_run`); return its path."""
+    study results JSONs, see :func:`load_run`); return its path. ``shared_pre``: a run (directory or
+    results JSON) whose pre-edit point starts the curves of the runs that have none; the caller
+    vouches that it evaluated the same records with the same settings."""
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise ValueError("write_comparison needs at least one run directory")
@@ -907,6 +930,19 @@ def write_comparison(run_dirs: Sequence[Path], out_dir: Path) -> Path:
     if without:
         lines += [f"_No {CURVE} data for: {', '.join(without)}; their points are the values of {SUMMARY}._", ""]
     points = [comparison_rows(rows, s) for rows, s in zip(curves, summaries, strict=True)]
+    if shared_pre is not None:
+        source = load_run(shared_pre)
+        pre = pre_point(comparison_rows(source.curve, source.summary))
+        if pre is None:
+            raise RunDataError(f"{shared_pre}: no pre-edit point to share with the other runs")
+        points, given = with_shared_pre(points, pre)
+        if given:
+            names = ", ".join(labels[i] for i in given)
+            lines += [
+                f"_{names}: no pre-edit evaluation of their own (`evaluation.pre false`); their curves start at "
+                f"{source.name}'s pre-edit point, the same records' unedited scores._",
+                "",
+            ]
     lines += embed(
         plot_comparison(list(zip(labels, points, strict=True))),
         out_dir / PLOT_COMPARE,

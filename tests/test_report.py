@@ -30,7 +30,9 @@ from editlab.report import (
     plot_steps,
     rate_family,
     report_main,
+    series,
     tick_positions,
+    with_shared_pre,
     write_comparison,
     write_run_report,
 )
@@ -579,3 +581,30 @@ def test_a_study_results_json_compares_like_its_run_directory(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"summary": {}, "curve": {"edits": 3}}))
     assert report_main([str(tmp_path / "bad.json"), str(other), "--out", str(tmp_path / "x")]) == 1
     assert "bad.json: curve must be a list of JSON objects" in capsys.readouterr().err
+
+
+def test_runs_without_a_pre_edit_point_start_at_the_shared_one(tmp_path):
+    """A study evaluates the unedited model once per slice: with ``shared_pre`` the runs that skip
+    the pre-edit evaluation start their curves at that run's point; a run with its own keeps it."""
+    pre = {"edits": 0, "timing": "pre", "efficacy_success": 0.1}
+    mine = {"edits": 0, "timing": "pre", "efficacy_success": 0.2}
+    later = {"edits": 20, "timing": "final", "efficacy_success": 0.9}
+    points, given = with_shared_pre([[later], [mine, later]], pre)
+    assert points == [[pre, later], [mine, later]] and given == [0]
+    assert series(points[0], "efficacy_success", "x")[0] == [0, 20]
+
+    def record(name: str, curve: list[dict]) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"name": name, "summary": {**SUMMARY, "method": "MEMIT"}, "curve": curve}))
+        return path
+
+    carrier, skipper = record("carrier", curve_rows()), record("skipper", curve_rows()[1:])
+    text = write_comparison([carrier, skipper], tmp_path / "cmp", shared_pre=carrier).read_text()
+    assert (
+        "skipper (MEMIT): no pre-edit evaluation of their own" in text and "start at carrier's pre-edit point" in text
+    )
+    plain = write_comparison([carrier, skipper], tmp_path / "plain").read_text()
+    assert "no pre-edit evaluation" not in plain
+    assert (tmp_path / "cmp" / PLOT_COMPARE).read_bytes() != (tmp_path / "plain" / PLOT_COMPARE).read_bytes()
+    with pytest.raises(RunDataError, match="skipper.json: no pre-edit point to share"):
+        write_comparison([carrier, skipper], tmp_path / "bad", shared_pre=skipper)

@@ -388,3 +388,32 @@ def test_collect_writes_the_probe_outcomes_of_a_finished_run_that_probed(tmp_pat
     assert read_case_records(tmp_path / "out" / "probed.probes.jsonl.gz") == [record]
     assert not (tmp_path / "out" / "plain.probes.jsonl.gz").exists()
     assert study_main([str(path), "--collect"]) == 0 and asked == ["probed"]  # there already: not again
+
+
+def test_shared_pre_starts_the_report_curves_of_runs_that_skip_it_on_the_same_records(tmp_path, capsys):
+    from editlab.paired import write_records
+
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    runs = [{"name": "a", "config": config}, {"name": "b", "config": config}]
+    with pytest.raises(StudyError, match="shared_pre names one run"):
+        read_study(write_study(tmp_path, runs, shared_pre=["a"]))
+    path = write_study(tmp_path, runs, shared_pre="a", report=str(tmp_path / "elsewhere"))
+    study = read_study(path)
+    assert study.shared_pre == "a" and study.report_dir == tmp_path / "elsewhere"
+    out = tmp_path / "out"
+    out.mkdir()
+    pre = {"step": 0, "edits": 0, "timing": "pre", "efficacy_success": 0.1}
+    final = {"step": 2, "edits": 20, "timing": "final", "efficacy_success": 0.9}
+    for run, curve in zip(study.runs, ([pre, final], [final]), strict=True):
+        record = {"name": run.name, "command": " ".join(run_command(study, run)), "returncode": 0,
+                  "summary": {"method": "MEMIT", "edits": 20}, "curve": curve}  # fmt: skip
+        (out / f"{run.name}.json").write_text(json.dumps(record))
+        write_records([{"case_id": "1"}, {"case_id": "2"}], out / f"{run.name}.cases.jsonl.gz")
+    assert study_main([str(path), "--collect"]) == 0
+    report = (tmp_path / "elsewhere" / "report.md").read_text()
+    assert "b (MEMIT): no pre-edit evaluation of their own" in report and not (out / "report").exists()
+    # b evaluated other records: a's pre-edit point is not b's, and the study says so
+    write_records([{"case_id": "1"}, {"case_id": "3"}], out / "b.cases.jsonl.gz")
+    capsys.readouterr()
+    assert study_main([str(path), "--collect"]) == 2
+    assert "error: s: shared_pre a: b evaluated other records (2 case ids differ)" in capsys.readouterr().err

@@ -54,3 +54,21 @@ def test_the_runs_of_a_protocol_edit_the_same_records(directory, monkeypatch):
     monkeypatch.chdir(REPO)
     runs = {name: data for path in sorted(directory.glob("*.yaml")) for name, data in study_data(path).items()}
     assert len(set(runs.values())) == 1, "\n".join(f"{name}: {data}" for name, data in runs.items())
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shared_pre_names_a_run_of_the_same_results_that_evaluates_the_unedited_model(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    study = read_study(path.relative_to(REPO))
+    skipping = [run.name for run in study.runs if pre_skipped(run.args)]
+    if study.shared_pre is None:
+        return
+    siblings = [read_study(p.relative_to(REPO)) for p in STUDY_FILES]
+    carriers = [run for s in siblings if s.out == study.out for run in s.runs if run.name == study.shared_pre]
+    assert len(carriers) == 1, f"{path}: shared_pre {study.shared_pre} is no run with out {study.out}"
+    assert not pre_skipped(carriers[0].args), f"{study.shared_pre} skips the pre-edit evaluation it should share"
+    assert skipping, f"{path}: shared_pre set, but every run evaluates the unedited model itself"
+
+
+def pre_skipped(args: list[str]) -> bool:
+    return any(a == "--model.evaluation.pre" and b == "false" for a, b in zip(args, args[1:], strict=False))

@@ -7,6 +7,9 @@ A study file (YAML) names the runs and where they go:
     out: studies/parity                # one results JSON per run and the side-by-side report
     parallel: 2                        # processes at once
     threads: 1                         # intra-op threads per process
+    shared_pre: alphaedit_30           # optional: this run's pre-edit point starts the report's
+                                       #   curves of the runs with evaluation.pre false
+    report: studies/parity/report      # optional: the report's directory (default: OUT/report)
     runs:
       - name: alphaedit_30
         config: configs/alphaedit_smollm2.yaml
@@ -55,7 +58,7 @@ import yaml
 from editlab import rundir
 from editlab.errors import SIGTERM_EXIT
 from editlab.files import write_text_atomic
-from editlab.paired import CASE_FILE_SUFFIX, PROBE_FILE_SUFFIX, write_case_values, write_records
+from editlab.paired import CASE_FILE_SUFFIX, PROBE_FILE_SUFFIX, read_case_records, write_case_values, write_records
 from editlab.report import (
     fmt,
     fmt_count,
@@ -82,6 +85,14 @@ class Study:
     runs: list[StudyRun]
     parallel: int = 2
     threads: int = 1
+    # A run (in ``out``, this file's or another's) whose pre-edit point starts the report's curves of
+    # the runs that skip theirs (evaluation.pre false: the unedited model evaluated once per slice).
+    shared_pre: str | None = None
+    report: Path | None = None  # the side-by-side report's directory (default: out/report)
+
+    @property
+    def report_dir(self) -> Path:
+        return self.report if self.report is not None else self.out / "report"
 
 
 class StudyError(ValueError):
@@ -159,7 +170,11 @@ def read_study(path: str | Path) -> Study:
         runs,
         int(raw.get("parallel", 2)),
         int(raw.get("threads", 1)),
+        raw.get("shared_pre"),
+        Path(raw["report"]) if raw.get("report") is not None else None,
     )
+    if study.shared_pre is not None and not isinstance(study.shared_pre, str):
+        raise StudyError(f"{path}: shared_pre names one run (a results JSON in out), got {study.shared_pre!r}")
     if study.parallel < 1 or study.threads < 1:
         raise StudyError(f"{path}: parallel and threads must be >= 1")
     return study
@@ -451,7 +466,31 @@ def write_report(study: Study, records: list[dict]) -> None:
     finished = zip(study.runs, records, strict=True)
     done = [study.out / f"{run.name}.json" for run, record in finished if record.get("returncode") == 0]
     if len(done) == len(study.runs) and len(done) > 1:
-        write_comparison(done, study.out / "report")
+        write_comparison(done, study.report_dir, shared_pre_source(study, done))
+
+
+def shared_pre_source(study: Study, done: list[Path]) -> Path | None:
+    """The results JSON named by ``shared_pre``, once its case file lists the same records as each
+    run's that has one: a pre-edit point of other records would start the curves somewhere false."""
+    if study.shared_pre is None:
+        return None
+    source = study.out / f"{study.shared_pre}.json"
+    if not source.is_file():
+        raise StudyError(f"{study.name}: shared_pre {study.shared_pre}: no results JSON {source}")
+    ids = case_ids(study.out / f"{study.shared_pre}{CASE_FILE_SUFFIX}")
+    for path in done:
+        own = case_ids(path.with_name(f"{path.stem}{CASE_FILE_SUFFIX}"))
+        if ids is not None and own is not None and own != ids:
+            raise StudyError(
+                f"{study.name}: shared_pre {study.shared_pre}: {path.stem} evaluated other records "
+                f"({len(own ^ ids)} case ids differ), so it cannot start at that pre-edit point"
+            )
+    return source
+
+
+def case_ids(path: Path) -> set[str] | None:
+    """The case ids of a run's compact case file, None when there is none."""
+    return {str(r["case_id"]) for r in read_case_records(path)} if path.is_file() else None
 
 
 def select_runs(studies: list[Study], names: list[str], paths: list[str]) -> list[Study]:
@@ -519,15 +558,19 @@ def study_main(argv: list[str] | None = None) -> int:
         for study in studies:
             print("\n".join(progress_table(study, args.progress or PROGRESS_METRICS)))
         return 0
-    if args.collect:
-        for study in studies:
-            refreshed = collect(study)
-            print(f"editlab study: {study.name}: refreshed {', '.join(refreshed) or 'nothing'}", file=sys.stderr)
-            write_report(study, [finished_record(study, run) or {} for run in study.runs])
-        return 0
-    launches = Launches()
-    with stop_on_sigterm(launches):
-        per_study = run_studies(studies, Path.cwd(), parallel, launches=launches)
+    try:
+        if args.collect:
+            for study in studies:
+                refreshed = collect(study)
+                print(f"editlab study: {study.name}: refreshed {', '.join(refreshed) or 'nothing'}", file=sys.stderr)
+                write_report(study, [finished_record(study, run) or {} for run in study.runs])
+            return 0
+        launches = Launches()
+        with stop_on_sigterm(launches):
+            per_study = run_studies(studies, Path.cwd(), parallel, launches=launches)
+    except StudyError as err:  # e.g. the report's shared pre-edit point: the results JSONs are written
+        print(f"editlab study: error: {err}", file=sys.stderr)
+        return 2
     if launches.stopping:
         print("editlab study: stopped by SIGTERM; run the same command again to continue", file=sys.stderr)
         return SIGTERM_EXIT  # as its fit processes exit
