@@ -1,6 +1,7 @@
 """Print a markdown table of a study's results JSONs, one column per run:
 
     python studies/table.py DIR [RUN ...] [--growth-layers 8] [--curve KEY ...] [--paired BASE]
+    python studies/table.py DIR --verdicts [FILE]
 
 Rows are the metrics any of the runs has (CounterFact's success, accuracy and magnitude rows,
 zsRE's token accuracies, quality, each probe task's scores on all its examples), the L1 growth of
@@ -18,6 +19,9 @@ compares every run with the unedited model's values of the same cases (what the 
 the runs have per-example probe files (``RUN.probes.jsonl.gz``, written by ``editlab study --collect``),
 a second table does the same for each probe task's accuracy over its examples.
 
+``--verdicts [FILE]`` prints each claim of a claims file (default ``DIR/claims.yaml``) with its
+verdict and the numbers behind it, by the rule of editlab.verdicts, fixed before the results.
+
 ``--curve KEY ...`` adds one table per metric against edits, a row per run, a column per
 evaluation point of the results JSONs' ``curve`` (pre-edit, periodic, final); the 0-edit column of a
 run that skipped its pre-edit evaluation is the first run's (the same model scored on the same cases).
@@ -29,6 +33,7 @@ from pathlib import Path
 
 from editlab.paired import CASE_FILE_SUFFIX, PROBE_FILE_SUFFIX, case_values, paired_difference, read_case_records
 from editlab.report import is_stream, l1_growth_by_layer
+from editlab.verdicts import read_claims, verdict_lines
 
 ROWS = [
     ("method", "method"),
@@ -198,8 +203,19 @@ def main(argv: list[str] | None = None) -> None:
         help="a table of each run's per-case differences from run BASE at the final point, with 95%% paired "
         "bootstrap intervals (from DIR/RUN.cases.jsonl.gz); BASE 'pre': from the unedited model's values",
     )
+    p.add_argument(
+        "--verdicts",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help="each claim of FILE (default DIR/claims.yaml) with its verdict and numbers (editlab.verdicts)",
+    )
     args = p.parse_args(argv)
     root = Path(args.dir)
+    if args.verdicts is not None:
+        claims = read_claims(Path(args.verdicts) if args.verdicts else root / "claims.yaml")
+        print("\n".join(verdict_lines(root, claims)))
+        return
     names = args.runs or sorted(q.stem for q in root.glob("*.json"))
     records = {n: json.loads((root / f"{n}.json").read_text()) for n in names}
     summaries = [r["summary"] for r in records.values()]

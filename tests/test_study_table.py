@@ -180,3 +180,19 @@ def test_paired_table_compares_fluency_on_the_cases_both_runs_generated_from(tmp
     assert "| 5.5000 | 6.0000 | +0.500 * | [+0.500, +0.500] | 2 |" in row
     cost = table([str(tmp_path), "seq", "ece", "--paired", "pre"], capsys)
     assert not any(line.startswith("| fluency") for line in cost)  # no pre-edit fluency in these files
+
+
+def test_verdicts_print_each_claim_of_the_claims_file(tmp_path, capsys):
+    from editlab.paired import write_records
+
+    for name, value in (("base", 0.0), ("new", 1.0)):
+        write(tmp_path, name, {"specificity_success": value})
+        write_records([{"case_id": str(i), "post": {"specificity_success": value}} for i in range(20)],
+                      tmp_path / f"{name}.cases.jsonl.gz")  # fmt: skip
+    part = {"kind": "cases", "metric": "specificity_success", "against": "base"}
+    claims = {"claims": [{"name": "new keeps specificity", "run": "new", "parts": [part]},
+                         {"name": "later", "run": "later", "parts": [part]}]}  # fmt: skip
+    (tmp_path / "claims.yaml").write_text(json.dumps(claims))  # JSON is YAML
+    lines = table([str(tmp_path), "--verdicts"], capsys)
+    assert lines[0].startswith("- **new keeps specificity**: holds. neighbourhood success new vs base: 1.000 vs 0.000")
+    assert lines[1] == "- **later**: waits for later."
