@@ -529,13 +529,15 @@ class Evaluator:
 
 def case_flags(case: dict) -> dict[str, float]:
     """Per-case metric values: success (expected NLL < competitor NLL), magnitude (probability
-    difference) and accuracy (greedy)."""
+    difference), accuracy (greedy) and token accuracy (zsRE's metric), each the mean over the
+    case's prompts, as editing_metrics averages them before averaging over cases."""
     out: dict[str, float] = {}
     for family, metric in FAMILIES.items():
         entries = case[family]
         if not entries:
             continue
         out[f"{metric}_accuracy"] = sum(e["expected"]["exact"] for e in entries) / len(entries)
+        out[f"{metric}_token_accuracy"] = sum(e["expected"]["token_acc"] for e in entries) / len(entries)
         if all("competitor" in e for e in entries):
             wins = [e["expected"]["nll"] < e["competitor"]["nll"] for e in entries]
             out[f"{metric}_success"] = sum(wins) / len(wins)

@@ -5,8 +5,9 @@ parts: one metric compared with one baseline run, and what the claim asks of it 
 "not_worse"). Each part is judged from what the study committed:
 
 - ``cases``: a per-case metric of the final point (``RUN.cases.jsonl.gz``), as the mean per-case
-  difference with its 95% paired bootstrap interval (editlab.paired). Fluency is per case only for
-  runs that recorded it; otherwise the two means are reported and the part is not judged.
+  difference with its 95% paired bootstrap interval (editlab.paired). Fluency and token accuracy are
+  per case only in runs that recorded them; otherwise the two means are reported and the part is
+  not judged.
 - ``probe``: one probe task's accuracy, example by example (``RUN.probes.jsonl.gz``), the same way.
 - ``value``: one number per run, from the results JSON's ``summary`` or ``weight_norms_end`` (the
   edited matrices' norm growth): no interval, only which side of the baseline it is on.
@@ -50,6 +51,7 @@ LABELS = {
     "efficacy_success": "efficacy success",
     "generalization_success": "paraphrase success",
     "specificity_success": "neighbourhood success",
+    "specificity_token_accuracy": "neighbourhood token accuracy",
     "fluency": "fluency",
 }
 
@@ -151,9 +153,10 @@ def judge_part(root: Path, run: str, part: Part, against: str) -> Outcome:
         d = paired_difference(case_values(a, "correct"), case_values(b, "correct"), part.metric)
         return Outcome(part, status_of(d, part.lower), interval_text(d) + " examples")
     a, b = (read_case_records(root / f"{name}{CASE_FILE_SUFFIX}") for name in (against, run))
-    only = part.metric == "fluency"  # only the cases generated from carry it, and only in newer runs
-    va, vb = (case_values(r, part.metric, only_present=only) for r in (a, b))
-    if only and (not va or not vb or set(va) != set(vb)):
+    # Fluency: only the cases generated from carry it. A run from before a metric was kept per case
+    # (fluency, token accuracy) has none: its mean is reported instead.
+    va, vb = (case_values(r, part.metric, only_present=True) for r in (a, b))
+    if not va or not vb:
         ma, mb = (result_value(root, name, part.metric) for name in (against, run))
         return Outcome(part, "not judged", f"means {value_text(part.metric, mb)} vs {value_text(part.metric, ma)}, "
                        "no per-case values in both runs")  # fmt: skip

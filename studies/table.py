@@ -128,6 +128,9 @@ PAIRED_METRICS = [
     ("efficacy accuracy", "efficacy_accuracy"),
     ("generalization accuracy", "generalization_accuracy"),
     ("specificity accuracy", "specificity_accuracy"),
+    ("efficacy token accuracy", "efficacy_token_accuracy"),  # zsRE's metric
+    ("generalization token accuracy", "generalization_token_accuracy"),
+    ("specificity token accuracy", "specificity_token_accuracy"),
 ]
 
 
@@ -144,14 +147,17 @@ def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
         base_records, base_point = with_pre[0], "pre"
     else:
         base_records, base_point = read_case_records(root / f"{base}{CASE_FILE_SUFFIX}"), "post"
-    before = {key: case_values(base_records, key, point=base_point) for _, key in PAIRED_METRICS}
+    # The metrics the cases carry: zsRE has no success rows; runs before per-case token accuracy have none.
+    metrics = [(label, key) for label, key in PAIRED_METRICS if all(key in r[base_point] for r in base_records)]
+    before = {key: case_values(base_records, key, point=base_point) for _, key in metrics}
     lines = [f"| metric | run | {base} | run | run − {base} | 95% interval | cases |"]
     lines.append("|---|---|---:|---:|---:|---|---:|")
     # Fluency: on the cases both runs generated from (runs since per-case fluency was recorded).
     base_fluency = case_values(base_records, "fluency", point=base_point, only_present=True)
     for name, records in runs.items():
-        diffs = [paired_difference(before[key], case_values(records, key), key) for _, key in PAIRED_METRICS]
-        labels = [label for label, _ in PAIRED_METRICS]
+        present = [(label, key) for label, key in metrics if all(key in r["post"] for r in records)]
+        diffs = [paired_difference(before[key], case_values(records, key), key) for _, key in present]
+        labels = [label for label, _ in present]
         fluency = case_values(records, "fluency", only_present=True)
         if base_fluency and set(fluency) == set(base_fluency):
             diffs.append(paired_difference(base_fluency, fluency, "fluency"))

@@ -228,6 +228,23 @@ def test_magnitudes_have_the_reference_signs_and_sit_beside_success():
     zsre = [{"case_id": "1", "rewrite": [entry(0.6, None)], "paraphrase": [], "neighborhood": [entry(0.5, None)]}]
     assert not any(k.endswith("_magnitude") for k in editing_metrics(zsre))
 
+    # zsRE's token accuracy per case (what a paired comparison of two zsRE runs needs): the mean
+    # over the case's prompts, whose mean over cases is the run's token accuracy.
+    def tok(value: float) -> dict:
+        return {"expected": {"nll": 1.0, "exact": value == 1.0, "token_acc": value}}
+
+    zsre = [
+        {"case_id": "1", "rewrite": [tok(0.5)], "paraphrase": [tok(1.0), tok(0.0)], "neighborhood": [tok(0.25)]},
+        {"case_id": "2", "rewrite": [tok(1.0)], "paraphrase": [tok(1.0)], "neighborhood": [tok(0.75), tok(1.0)]},
+    ]
+    per_case = [case_flags(c) for c in zsre]
+    assert [f["generalization_token_accuracy"] for f in per_case] == [0.5, 1.0]
+    assert [f["specificity_token_accuracy"] for f in per_case] == [0.25, 0.875]
+    totals = editing_metrics(zsre)
+    for metric in ("efficacy", "generalization", "specificity"):
+        key = f"{metric}_token_accuracy"
+        assert totals[key] == pytest.approx(sum(f[key] for f in per_case) / 2)
+
 
 # ----------------------------------------------------------------------------- zsRE records
 
