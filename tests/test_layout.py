@@ -25,6 +25,7 @@ MAY_IMPORT = {
     "plan": {"editing", "models"},
     "report": set(),
     "paired": {"files", "report"},
+    "verdicts": {"paired"},
     "lightning": {"data", "models", "metrics", "editing", "evaluation", "plan", "report"}
     | {"files", "runlock", "keyed_cache"},
     "commands": {"data", "models", "metrics", "editing", "evaluation", "plan", "report", "paired"}
