@@ -53,12 +53,7 @@ def test_the_runs_of_a_protocol_edit_the_same_records(directory, monkeypatch):
     # files alike): a run whose config brings another default data set (the EAC configs load zsRE,
     # as the EAC paper evaluates) must name the protocol's. (The parity studies hold several tables.)
     monkeypatch.chdir(REPO)
-    runs = {
-        name: data
-        for path in sorted(directory.glob("*.yaml"))
-        if path.name != CLAIMS
-        for name, data in study_data(path).items()
-    }
+    runs = {name: data for path in STUDY_FILES if path.parent == directory for name, data in study_data(path).items()}
     assert len(set(runs.values())) == 1, "\n".join(f"{name}: {data}" for name, data in runs.items())
 
 
