@@ -88,6 +88,15 @@ def case_values(records: list[dict], metric: str, point: str = "post", only_pres
     return values
 
 
+def probe_values(records: list[dict], task: str, point: str = "post") -> dict[str, float]:
+    """{example_id: 1.0 or 0.0}: whether each example of probe ``task`` was answered correctly at
+    ``point``, from a per-example probe file's records (every task's examples in one file)."""
+    values = case_values([r for r in records if r["task"] == task], "correct", point=point)
+    if not values:
+        raise KeyError(f"probe task {task!r}: no examples in the probe file")
+    return values
+
+
 def paired_difference(
     a: dict[str, float],
     b: dict[str, float],

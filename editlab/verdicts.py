@@ -42,6 +42,7 @@ from editlab.paired import (
     PairedDifference,
     case_values,
     paired_difference,
+    probe_values,
     read_case_records,
 )
 
@@ -149,8 +150,8 @@ def judge_part(root: Path, run: str, part: Part, against: str) -> Outcome:
         files = [root / f"{name}{PROBE_FILE_SUFFIX}" for name in (against, run)]
         if not all(f.is_file() for f in files):
             return Outcome(part, "not judged", "no per-example probe file")
-        a, b = ([r for r in read_case_records(f) if r["task"] == part.metric] for f in files)
-        d = paired_difference(case_values(a, "correct"), case_values(b, "correct"), part.metric)
+        a, b = (probe_values(read_case_records(f), part.metric) for f in files)
+        d = paired_difference(a, b, part.metric)
         return Outcome(part, status_of(d, part.lower), interval_text(d) + " examples")
     a, b = (read_case_records(root / f"{name}{CASE_FILE_SUFFIX}") for name in (against, run))
     # Fluency: only the cases generated from carry it. A run from before a metric was kept per case

@@ -31,7 +31,14 @@ import argparse
 import json
 from pathlib import Path
 
-from editlab.paired import CASE_FILE_SUFFIX, PROBE_FILE_SUFFIX, case_values, paired_difference, read_case_records
+from editlab.paired import (
+    CASE_FILE_SUFFIX,
+    PROBE_FILE_SUFFIX,
+    case_values,
+    paired_difference,
+    probe_values,
+    read_case_records,
+)
 from editlab.report import is_stream, l1_growth_by_layer
 from editlab.verdicts import read_claims, verdict_lines
 
@@ -154,8 +161,11 @@ def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
     lines.append("|---|---|---:|---:|---:|---|---:|")
     # Fluency: on the cases both runs generated from (runs since per-case fluency was recorded).
     base_fluency = case_values(base_records, "fluency", point=base_point, only_present=True)
+    left_out = []
     for name, records in runs.items():
         present = [(label, key) for label, key in metrics if all(key in r["post"] for r in records)]
+        # A run from before a metric was kept per case has none of it: said below the table, not paired.
+        left_out += [f"{name}: {label}" for label, key in metrics if (label, key) not in present]
         diffs = [paired_difference(before[key], case_values(records, key), key) for _, key in present]
         labels = [label for label, _ in present]
         fluency = case_values(records, "fluency", only_present=True)
@@ -168,6 +178,8 @@ def paired_table(root: Path, base: str, others: list[str]) -> list[str]:
                 f"| {label} | {name} | {d.mean_a:.4f} | {d.mean_b:.4f} | {d.difference:+.3f}{mark} "
                 f"| [{d.low:+.3f}, {d.high:+.3f}] | {d.cases} |"
             )
+    if left_out:
+        lines.append(f"\nNot paired (no per-case values in the run's case file): {'; '.join(left_out)}.")
     return lines
 
 
@@ -185,8 +197,7 @@ def paired_probe_table(root: Path, base: str, others: list[str]) -> list[str]:
     lines.append("|---|---|---:|---:|---:|---|---:|")
     for name, records in runs.items():
         for task in tasks:
-            a = case_values([r for r in base_records if r["task"] == task], "correct", point=point)
-            d = paired_difference(a, case_values([r for r in records if r["task"] == task], "correct"), task)
+            d = paired_difference(probe_values(base_records, task, point=point), probe_values(records, task), task)
             mark = " *" if d.excludes_zero else ""
             lines.append(
                 f"| {task} | {name} | {d.mean_a:.4f} | {d.mean_b:.4f} | {d.difference:+.3f}{mark} "

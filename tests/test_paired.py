@@ -68,3 +68,17 @@ def test_the_compact_case_file_keeps_pre_and_post_without_the_detail(tmp_path):
     with pytest.raises(KeyError, match="case '9': no pre.efficacy_success"):
         case_values(kept, "efficacy_success", point="pre")
     assert read_case_records(tmp_path / "cases.jsonl") == records  # the run directory's own file reads too
+
+
+def test_probe_values_are_one_tasks_correct_flags_and_an_unknown_task_is_an_error():
+    from editlab.paired import probe_values
+
+    records = [
+        {"case_id": "sst2/0", "task": "sst2", "pre": {"correct": 1}, "post": {"correct": 0}},
+        {"case_id": "sst2/1", "task": "sst2", "pre": {"correct": 0}, "post": {"correct": 1}},
+        {"case_id": "cola/0", "task": "cola", "pre": {"correct": 1}, "post": {"correct": 1}},
+    ]
+    assert probe_values(records, "sst2") == {"sst2/0": 0.0, "sst2/1": 1.0}
+    assert probe_values(records, "sst2", point="pre") == {"sst2/0": 1.0, "sst2/1": 0.0}
+    with pytest.raises(KeyError, match="probe task 'mrpc': no examples"):
+        probe_values(records, "mrpc")

@@ -129,6 +129,20 @@ def test_paired_table_gives_each_runs_per_case_difference_from_the_base_with_an_
     )
 
 
+def test_paired_table_names_the_metrics_a_runs_case_file_lacks(tmp_path, capsys):
+    from editlab.paired import write_records
+
+    keys = ("efficacy_success", "efficacy_accuracy")
+    for name, extra in (("seq", {"efficacy_token_accuracy": 0.5}), ("old", {})):  # old: before token accuracy
+        write(tmp_path, name, {"method": name})
+        post = dict.fromkeys(keys, 1.0) | extra
+        write_records([{"case_id": str(i), "post": post} for i in range(3)], tmp_path / f"{name}.cases.jsonl.gz")
+    lines = table([str(tmp_path), "seq", "old", "--paired", "seq"], capsys)
+    assert any(line.startswith("| efficacy success | old |") for line in lines)
+    assert not any(line.startswith("| efficacy token accuracy |") for line in lines)
+    assert "Not paired (no per-case values in the run's case file): old: efficacy token accuracy." in lines
+
+
 def test_paired_probe_table_gives_each_tasks_accuracy_difference_per_example(tmp_path, capsys):
     from editlab.paired import write_case_values, write_records
 
