@@ -44,6 +44,18 @@ def _isolated_cache(_session_cache_root, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def smollm2(_session_cache_root):
+    """The embedded SmolLM2-135M-Instruct and its tokenizer, one per test module (slow tests). A
+    module fixture is made before the autouse one sets EDITLAB_CACHE, so it sets it for the load."""
+    from editlab.models.load import load_model_and_tokenizer
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDITLAB_CACHE", str(_session_cache_root))
+        return load_model_and_tokenizer("smollm2-135m-instruct")
+
+
 @pytest.fixture
 def stats_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))

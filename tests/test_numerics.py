@@ -1,8 +1,10 @@
 """The settings the bits of a run depend on (torch version, threads), and the formulations that
 keep the edit path deterministic at a given thread count."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,8 +64,6 @@ def test_the_row_gather_of_z_has_a_deterministic_gradient():
 
 
 def _fit_smollm2(run, cache) -> dict:
-    import os
-
     from helpers import REPO
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "EDITLAB_CACHE": str(cache)}
@@ -90,8 +90,10 @@ def _without_seconds(name: str, data: bytes) -> list[dict]:
 @pytest.mark.slow  # two SmolLM2 editlab fit processes
 def test_two_smollm2_processes_at_two_threads_write_the_same_bits(tmp_path):
     # Before the index_select gather, step 1 already differed in delta_norm's 8th digit.
-    a = _fit_smollm2(tmp_path / "a", tmp_path / "cache")
-    b = _fit_smollm2(tmp_path / "b", tmp_path / "cache")
+    # The session's cache (conftest): the converted model is there already; a computes the statistics, b reads them.
+    cache = Path(os.environ["EDITLAB_CACHE"])
+    a = _fit_smollm2(tmp_path / "a", cache)
+    b = _fit_smollm2(tmp_path / "b", cache)
     assert a["cases.jsonl"] == b["cases.jsonl"]  # no seconds in case records: byte-identical
     for name in ("steps.jsonl", "summary.json"):
         assert _without_seconds(name, a[name]) == _without_seconds(name, b[name]), name

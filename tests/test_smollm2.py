@@ -6,22 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from editlab.data.sources import load_requests
 from editlab.evaluation import editing_metrics, evaluate_cases
 from editlab.models.arch import ModelView
-from editlab.models.load import load_model_and_tokenizer
 
 from helpers import REPO, SHARED_DATA
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return load_model_and_tokenizer("smollm2-135m-instruct")
 
 
 def test_embedded_model_knows_a_fact(smollm2):
