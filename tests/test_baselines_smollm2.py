@@ -11,7 +11,7 @@ from jsonargparse import ArgumentParser
 from editlab.data.sources import load_requests
 from editlab.editing.methods.base import EditContext, EditMethod
 from editlab.editing.methods.memit import MEMIT
-from editlab.editing.stats import CovarianceConfig, fill_cache, statistics_cache
+from editlab.editing.stats import fill_cache, statistics_cache
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.scoring import score_answers
@@ -21,17 +21,22 @@ from helpers import REPO, SHARED_DATA
 pytestmark = pytest.mark.slow
 
 
+CONFIGS = ["rome_smollm2", "alphaedit_smollm2", "pmet_smollm2", "ft_smollm2", "rome_eac_smollm2", "memit_eac_smollm2"]
+
+
 @pytest.fixture(scope="module")
 def layer_statistics(smollm2, _session_cache_root):
-    """The configs' covariance (ME-PPL, 2,000 texts) of layers 4-8 in one pass over the corpus, into
-    the session's cache: ROME's layer 8 and the others' 4-8 would otherwise take two passes."""
+    """The statistics every config's setup reads (ME-PPL, 2,000 texts), all layers in one pass over
+    the corpus, into the session's cache: ROME's layer 8 and the others' 4-8 would take two passes."""
     model, tok = smollm2
-    spec = yaml.safe_load((REPO / "configs" / "memit_eac_smollm2.yaml").read_text())["model"]["method"]
-    cov = spec["init_args"]["covariance"]
-    cfg = CovarianceConfig(**{**cov, "corpus": str(REPO / cov["corpus"])})
-    cache = statistics_cache(_session_cache_root)
-    fill_cache(ModelView.of(model), tok, "smollm2-135m-instruct", model_fingerprint(model), [4, 5, 6, 7, 8], cfg,
-               cache, progress=False)  # fmt: skip
+    wanted = [s for s in (method_from_config(name).covariance_statistics() for name in CONFIGS) if s is not None]
+    cfg = wanted[0][1]
+    assert all(c == cfg for _, c in wanted), "one pass serves only configs with the same covariance"
+    layers = sorted({layer for ls, _ in wanted for layer in ls})
+    cfg = dataclasses.replace(cfg, corpus=str(REPO / cfg.corpus))  # the configs' path is relative to the repository
+    view = ModelView.of(model)
+    fill_cache(view, tok, "smollm2-135m-instruct", model_fingerprint(model), layers, cfg,
+               statistics_cache(_session_cache_root), progress=False)  # fmt: skip
 
 
 def method_from_config(name: str) -> EditMethod:
@@ -58,10 +63,7 @@ def shorten(method: EditMethod) -> None:
         method.steps = 10
 
 
-@pytest.mark.parametrize(
-    "config",
-    ["rome_smollm2", "alphaedit_smollm2", "pmet_smollm2", "ft_smollm2", "rome_eac_smollm2", "memit_eac_smollm2"],
-)
+@pytest.mark.parametrize("config", CONFIGS)
 def test_method_edits_smollm2_on_counterfact(config, smollm2, layer_statistics, monkeypatch):
     # The covariance of the configs (ME-PPL, 2,000 texts) is cached once in the shared editlab cache.
     monkeypatch.chdir(REPO)

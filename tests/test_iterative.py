@@ -415,9 +415,8 @@ def test_iterative_neighbour_assisted_memit_edits_smollm2_on_counterfact():
         mom2_weight=2000,
         targets=TargetConfig(lr=0.5, steps=12),
         context=ContextTemplates(count=1, length=5),
-        covariance=CovarianceConfig(
-            corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=2000
-        ),  # the configs' (cached)
+        # The configs' covariance: the session's cache has it when the SmolLM2 baseline tests ran first.
+        covariance=CovarianceConfig(corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=2000),
     )
     it = IterativeEditing(memit, epsilon=1.0, max_iterations=2, neighbors=NeighborAssist())
     it.setup(ctx)

@@ -281,9 +281,8 @@ def test_nse_edits_smollm2_on_counterfact():
         z_cache=False,  # nothing written into the shared cache
         targets=TargetConfig(lr=0.5, steps=12),
         context=ContextTemplates(count=1, length=5),
-        covariance=CovarianceConfig(
-            corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=2000
-        ),  # the configs' (cached)
+        # The configs' covariance: the session's cache has it when the SmolLM2 baseline tests ran first.
+        covariance=CovarianceConfig(corpus=str(SHARED_DATA / "ME-PPL.json.gz"), num_samples=2000),
     )
     nse.setup(ctx)
     prompts, new, true = [r.rewrite_prompt for r in reqs], [r.target_new for r in reqs], [r.target_true for r in reqs]

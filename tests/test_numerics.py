@@ -4,11 +4,11 @@ keep the edit path deterministic at a given thread count."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from editlab.keyed_cache import cache_root
 from editlab.numerics import numerics, numerics_differences, set_threads
 
 
@@ -91,7 +91,7 @@ def _without_seconds(name: str, data: bytes) -> list[dict]:
 def test_two_smollm2_processes_at_two_threads_write_the_same_bits(tmp_path):
     # Before the index_select gather, step 1 already differed in delta_norm's 8th digit.
     # The session's cache (conftest): the converted model is there already; a computes the statistics, b reads them.
-    cache = Path(os.environ["EDITLAB_CACHE"])
+    cache = cache_root()
     a = _fit_smollm2(tmp_path / "a", cache)
     b = _fit_smollm2(tmp_path / "b", cache)
     assert a["cases.jsonl"] == b["cases.jsonl"]  # no seconds in case records: byte-identical
