@@ -186,6 +186,11 @@ def test_fluency_metric_averages_per_case():
     by_text.update(texts, owner)
     by_means.update_case_means(case_fluency(texts, owner))
     assert float(by_means.compute()) == float(by_text.compute())
+    # Cases added after a compute count: the wrapped update drops the cached value.
+    by_means.update_case_means(torch.tensor([0.0], dtype=torch.float64))
+    assert float(by_means.compute()) == pytest.approx(float(by_text.compute()) * 2 / 3)
+    with pytest.raises(TypeError):
+        by_means.update(texts, case_means=case_fluency(texts, owner))
     assert float(by_text.compute()) == pytest.approx(
         ((fluency("a b a b") + fluency("a b c d")) / 2 + fluency("w x y z")) / 2
     )

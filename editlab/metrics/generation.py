@@ -103,14 +103,26 @@ class Fluency(LocalMetric):
         self.add_state("sum_case_means", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_cases", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, texts: Sequence[str], case_index: Sequence[int] | torch.Tensor | None = None) -> None:
-        self.update_case_means(case_fluency(texts, case_index, self.lowercase))
-
-    def update_case_means(self, means: torch.Tensor) -> None:
-        """Add cases whose mean fluency is already known ([C], from :func:`case_fluency`): a caller
-        that keeps the per-case values too scores each text once."""
+    def update(
+        self,
+        texts: Sequence[str] | None = None,
+        case_index: Sequence[int] | torch.Tensor | None = None,
+        *,
+        case_means: torch.Tensor | None = None,
+    ) -> None:
+        """Add generated ``texts`` (grouped into cases by ``case_index``), or cases whose mean fluency
+        is already known (``case_means`` [C], from :func:`case_fluency`: a caller that keeps the
+        per-case values too scores each text once). Both go through ``update``, which torchmetrics
+        wraps: it counts the update and drops a value cached by an earlier ``compute``."""
+        if (texts is None) == (case_means is None):
+            raise TypeError("Fluency.update takes either texts or case_means")
+        means = case_fluency(texts, case_index, self.lowercase) if case_means is None else case_means
         self.sum_case_means += means.sum().to(self.device)
         self.n_cases += means.numel()
+
+    def update_case_means(self, means: torch.Tensor) -> None:
+        """``update(case_means=means)``."""
+        self.update(case_means=means)
 
     def compute(self) -> torch.Tensor:
         if int(self.n_cases) == 0:
