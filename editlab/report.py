@@ -94,7 +94,16 @@ ROWS_AFTER = {
 }
 SECONDS_ROWS = ("seconds_total", "seconds_per_step")
 ZSRE_KEY = re.compile(r"zsre_\w*accuracy")
-LABELS = {"me_ppl50_perplexity": "ME-PPL-50 perplexity"}
+LABELS = {
+    "me_ppl50_perplexity": "ME-PPL-50 perplexity",
+    # The run clock's seconds cover the last sitting only (editlab.lightning.recorder.RunClock): a run
+    # resumed for its last evaluation would otherwise read as a run that took minutes.
+    "seconds_total": "seconds total (last sitting)",
+    "seconds_setup": "seconds setup (last sitting)",
+    "seconds_editing": "seconds editing (last sitting)",
+    "seconds_evaluation": "seconds evaluation (every point)",
+    "seconds_per_step": "seconds per step (every step)",
+}
 
 # Curve families plotted on [0, 1] axes, in panel order; "overall" gathers the single-valued rates.
 # "magnitude" (probability differences, in [-1, 1]) has its own panel: pre-edit efficacy magnitudes

@@ -176,8 +176,8 @@ def test_run_report_table_and_settings(tmp_path):
     assert rows["consistency"] == ["—", "—"]
     assert rows["ME-PPL-50 perplexity"] == ["24.000", "25.300"]
     assert rows["zsRE src accuracy"] == ["0.200", "0.710"]
-    assert rows["seconds total"] == ["—", "301.048"]
-    assert rows["seconds per step"] == ["—", "30.100"]
+    assert rows["seconds total (last sitting)"] == ["—", "301.048"]
+    assert rows["seconds per step (every step)"] == ["—", "30.100"]
     assert REASON in text
     for line in (
         "model: smollm2-135m-instruct",
