@@ -16,12 +16,12 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Every test, the ones marked slow too (1073 tests, 52 slow: they load SmolLM2, run the CLI in a
+# Every test, the ones marked slow too (1074 tests, 52 slow: they load SmolLM2, run the CLI in a
 # subprocess or start processes; 18.4 min measured on 2 CPU cores with 946 of them).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 
-# The tests not marked slow: tiny models (1021 tests; 41 s measured at 911 on 2 CPU cores with 2 workers, 96 s
+# The tests not marked slow: tiny models (1022 tests; 41 s measured at 911 on 2 CPU cores with 2 workers, 96 s
 # in one process, 6.3 min before the CLI-subprocess and process tests were marked slow).
 # One worker per core (pytest-xdist; every test module runs torch at one thread). make test stays
 # in one process: its slow tests start processes of their own and time them.
