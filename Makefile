@@ -17,7 +17,7 @@ demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
 # Every test, the ones marked slow too (1074 tests, 52 slow: they load SmolLM2, run the CLI in a
-# subprocess or start processes; 18.4 min measured on 2 CPU cores with 946 of them).
+# subprocess or start processes; 20–24 min in CI at the last two stops).
 test:
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q
 
