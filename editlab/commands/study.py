@@ -348,7 +348,7 @@ def execute(study: Study, run: StudyRun, repo: Path, launcher: list[str] | None,
             **finished_run_files(run_dir),
         }
     )
-    print(f"editlab study: {run.name} done in {seconds:.0f} s -> {result_path}", file=sys.stderr)
+    print(f"editlab study: {run.name} done, {seconds:.0f} s this sitting -> {result_path}", file=sys.stderr)
     return write_record(study, run, record)
 
 
