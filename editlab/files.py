@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,34 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path, 
     from safetensors.torch import save_file
 
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def publish_dir(target: str | Path, write: Callable[[Path], None], complete: Callable[[Path], bool]) -> Path:
+    """Atomic publication of a directory that several processes may build at once (the embedded
+    model's conversion, when two study runs start on a fresh machine): ``write(tmp)`` fills a
+    directory beside ``target`` that is this process's own (``<name>.<pid>.tmp``), which is then
+    renamed onto ``target``. A process that loses the race (the rename fails: ``target`` exists
+    and is not empty) removes its copy and uses the winner's, once ``complete(target)`` says the
+    winner's is whole. A target that is not complete (written before publication was atomic)
+    is replaced."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed process that had this pid
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists() and not complete(target):
+        shutil.rmtree(target)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not complete(target):
+            raise
+    return target
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from editlab.files import publish_dir
 from editlab.keyed_cache import cache_root
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -47,11 +48,15 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def _is_model_dir(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+
+
 def embedded_model_dir(root: Path | None = None) -> Path:
     """Return the safetensors directory of the embedded model, converting the GGUF once (under the
     cache root ``root``; None: the default root)."""
     target = (root if root is not None else cache_root()) / "models" / EMBEDDED_DEFAULT
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+    if _is_model_dir(target):
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -69,14 +74,14 @@ def embedded_model_dir(root: Path | None = None) -> Path:
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"embedded model conversion: missing={missing} unexpected={unexpected}")
-    tmp = target.with_name(target.name + ".tmp")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if target.exists():
-        import shutil
 
-        shutil.rmtree(target)
-    tmp.rename(target)
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    # Two runs that start together on a fresh machine both convert; each writes its own copy and
+    # the first rename wins (they once shared one temporary directory, and one of them crashed).
+    publish_dir(target, write, _is_model_dir)
     return target
 
 
