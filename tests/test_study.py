@@ -49,6 +49,23 @@ def test_parallel_option_overrides_the_file(tmp_path, monkeypatch, capsys):
     assert "--parallel must be >= 1" in capsys.readouterr().err
 
 
+def test_threads_option_overrides_the_file_and_a_run_finished_at_another_count_stays_finished(tmp_path, capsys):
+    config = str(REPO / "configs" / "memit_smollm2.yaml")
+    path = write_study(tmp_path, [{"name": "a", "config": config, "args": ["--x", "[p, q]"]}], threads=1)
+    (tmp_path / "out").mkdir()
+    done = {"name": "a", "command": " ".join(run_command(read_study(path), read_study(path).runs[0])), "returncode": 0}
+    (tmp_path / "out" / "a.json").write_text(json.dumps(done))
+    assert study_main([str(path), "--threads", "2", "--list"]) == 0
+    name, state, command = capsys.readouterr().out.strip().split("\t")
+    assert (name, state) == ("a", "finished") and command.endswith("--threads 2")
+    # Another argument is another run, whatever the thread count.
+    (tmp_path / "out" / "a.json").write_text(json.dumps({**done, "command": done["command"].replace("q]", "r]")}))
+    assert study_main([str(path), "--threads", "2", "--list"]) == 0
+    assert capsys.readouterr().out.split("\t")[1] == "to run"
+    assert study_main([str(path), "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+
+
 def test_every_run_resumes_with_the_study_thread_count(tmp_path):
     config = REPO / "configs" / "memit_smollm2.yaml"
     study = read_study(write_study(tmp_path, [{"name": "a", "config": str(config), "args": ["--data.num_edits", 30]}]))

@@ -35,6 +35,9 @@ B.yaml`` runs the runs of several files as one queue in file order, ``--parallel
 for all of them (a slot a finished run frees goes to the next run, whichever file it is in); each
 file keeps its runs_dir, out, threads and report. SIGTERM stops a study: its runs get the
 signal (each finishes its step, saves its state and exits), no further run starts, exit status 143.
+``--parallel P`` and ``--threads T`` override the files' (a run that must finish in one sitting can
+have both cores: ``--parallel 1 --threads 2``); the thread count is not part of what makes a run
+finished, so changing it never runs a finished run again.
 """
 
 from __future__ import annotations
@@ -197,6 +200,15 @@ def run_command(study: Study, run: StudyRun) -> list[str]:
     ]
 
 
+def without_threads(command: list[str]) -> list[str]:
+    """A run's command less its ``--threads N``: the thread count changes a run's seconds, not what
+    it computes, so a run finished at one thread is finished at two (``editlab study --threads``)."""
+    if "--threads" not in command:
+        return command
+    at = command.index("--threads")
+    return command[:at] + command[at + 2 :]
+
+
 def commit_of(repo: Path) -> str:
     """The commit the code runs on, with ``-dirty`` when tracked files differ from it."""
     try:
@@ -232,7 +244,9 @@ def finished_record(study: Study, run: StudyRun) -> dict | None:
     if not result_path.is_file():
         return None
     record = json.loads(result_path.read_text())
-    same = record.get("returncode") == 0 and record.get("command") == " ".join(run_command(study, run))
+    # Compared as words: the record holds the command joined by spaces, and an argument may hold one.
+    recorded = without_threads(str(record.get("command", "")).split())
+    same = record.get("returncode") == 0 and recorded == without_threads(" ".join(run_command(study, run)).split())
     return record if same or (study.runs_dir / run.name / rundir.SUMMARY).is_file() else None
 
 
@@ -522,6 +536,12 @@ def study_main(argv: list[str] | None = None) -> int:
         help="processes at once, instead of the file's (several files: the smallest of theirs) "
         "(e.g. 1 while another study shares the machine)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads per process, instead of the file's (e.g. 2 with --parallel 1, for a run "
+        "that must finish in one sitting on two cores); a run finished at another count is still finished",
+    )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the files")
     parser.add_argument(
         "--progress",
@@ -543,12 +563,15 @@ def study_main(argv: list[str] | None = None) -> int:
     except StudyError as err:
         print(f"editlab study: error: {err}", file=sys.stderr)
         return 2
-    if args.parallel is not None and args.parallel < 1:
-        print("editlab study: error: --parallel must be >= 1", file=sys.stderr)
-        return 2
+    for option, value in (("--parallel", args.parallel), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            print(f"editlab study: error: {option} must be >= 1", file=sys.stderr)
+            return 2
     parallel = args.parallel if args.parallel is not None else min(study.parallel for study in studies)
     for study in studies:
         study.parallel = parallel  # what each results JSON records: the processes that shared the machine
+        if args.threads is not None:
+            study.threads = args.threads
     if args.list:
         for study in studies:
             for run in study.runs:
