@@ -200,13 +200,15 @@ def run_command(study: Study, run: StudyRun) -> list[str]:
     ]
 
 
-def without_threads(command: list[str]) -> list[str]:
-    """A run's command less its ``--threads N``: the thread count changes a run's seconds, not what
-    it computes, so a run finished at one thread is finished at two (``editlab study --threads``)."""
-    if "--threads" not in command:
-        return command
-    at = command.index("--threads")
-    return command[:at] + command[at + 2 :]
+def command_words(command: str) -> list[str]:
+    """A run's command line (as a results JSON records it: words joined by spaces, where an argument
+    may hold a space) as words, less its ``--threads N``: the thread count changes a run's seconds,
+    not what it computes, so a run finished at one thread is finished at two (``--threads``)."""
+    words = command.split()
+    if "--threads" not in words:
+        return words
+    at = words.index("--threads")
+    return words[:at] + words[at + 2 :]
 
 
 def commit_of(repo: Path) -> str:
@@ -244,9 +246,8 @@ def finished_record(study: Study, run: StudyRun) -> dict | None:
     if not result_path.is_file():
         return None
     record = json.loads(result_path.read_text())
-    # Compared as words: the record holds the command joined by spaces, and an argument may hold one.
-    recorded = without_threads(str(record.get("command", "")).split())
-    same = record.get("returncode") == 0 and recorded == without_threads(" ".join(run_command(study, run)).split())
+    recorded = command_words(str(record.get("command", "")))
+    same = record.get("returncode") == 0 and recorded == command_words(" ".join(run_command(study, run)))
     return record if same or (study.runs_dir / run.name / rundir.SUMMARY).is_file() else None
 
 
