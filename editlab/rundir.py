@@ -32,6 +32,17 @@ def step_parts_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / STEP_PARTS / f"step_{step}.pt"
 
 
+def journal_step_path(journal: str | Path, step: int) -> Path:
+    """``<journal>/step_<k>.pt``: step ``step``'s parts in a journal (EditingModule.journal)."""
+    return Path(journal) / f"step_{step}.pt"
+
+
+def journal_point_path(journal: str | Path, timing: str, steps_done: int) -> Path:
+    """``<journal>/point_<timing>_<steps>.pt``: the parts of the evaluation point after
+    ``steps_done`` steps in a journal (EditingModule.journal)."""
+    return Path(journal) / f"point_{timing}_{steps_done}.pt"
+
+
 def edit_state_path(run_dir: str | Path) -> Path:
     """``<run dir>/checkpoints/edit_state.pt``: the checkpoint ``--ckpt_path last`` continues from."""
     return Path(run_dir) / CHECKPOINTS / EDIT_STATE

@@ -112,6 +112,12 @@ def z_cache_files(root: Path) -> KeyedCache:
     return KeyedCache(root / "targets", "z", Z_DIGEST_CHARS, "z cache")
 
 
+def z_bank_files(directory: Path) -> KeyedCache:
+    """The z files' keyed cache in a directory of their own (``<directory>/z_l<layer>_<digest>.pt``,
+    the names :func:`z_cache_files` gives): a z bank, which can be copied or committed whole."""
+    return KeyedCache(directory, "z", Z_DIGEST_CHARS, f"z bank {directory}")
+
+
 class TargetCache:
     """z per request, in memory and (unless ``files`` is None) on disk in ``files``; a stored key
     that differs from the wanted one raises editlab.keyed_cache.StaleCacheError."""

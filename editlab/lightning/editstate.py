@@ -32,7 +32,7 @@ from editlab.types import EditRequest
 EDIT_STATE_VERSION = 1
 # Options that may differ between the interrupted run and its resumption (they change neither the
 # edits nor the results).
-RESUME_FREE_OPTIONS = ("model.checkpoint_every", "model.progress", "model.export", "model.cache_dir")
+RESUME_FREE_OPTIONS = ("model.checkpoint_every", "model.progress", "model.export", "model.cache_dir", "model.journal")
 
 
 class EditStateError(UserError, RuntimeError):

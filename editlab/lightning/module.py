@@ -60,6 +60,7 @@ class EditingModule(L.LightningModule):
         checkpoint_every: int = 10,
         progress: bool = True,
         cache_dir: str | None = None,
+        journal: str | None = None,
     ) -> None:
         """
         Args:
@@ -78,6 +79,16 @@ class EditingModule(L.LightningModule):
             progress: show progress bars for long phases.
             cache_dir: root of the disk caches (covariance statistics, z on θ₀, probe scores, the
                 embedded model's conversion); None: ``$EDITLAB_CACHE``, default ``~/.cache/editlab``.
+            journal: a directory that keeps for good what a run started over needs so as not to
+                compute it again: every step's z (``step_<k>.pt``, the step's parts: z chunk by
+                chunk, named by the step, the weights it starts from and its requests; the MEMIT
+                family) and every evaluation point's parts (``point_<timing>_<steps>.pt``, named by
+                the weights, cases and options), instead of the parts files the run drops. A run
+                started from step 0 with the same journal, on any machine, takes each step's z and
+                each point's parts from it while the weights it reaches are the ones the journal
+                names, and computes keys and solves only: a stream whose run directory (an edit
+                state of 130 MB) cannot outlive the machine keeps its journal (about 0.5 MB of z per
+                100 requests) and replays it. One journal per run. None: no journal.
         """
         super().__init__()
         if checkpoint_every < 0:
@@ -92,6 +103,7 @@ class EditingModule(L.LightningModule):
         self.checkpoint_every = checkpoint_every
         self.progress = progress
         self.cache_dir = cache_dir
+        self.journal = journal
         self.resume_from: Path | None = None  # set by the CLI from --ckpt_path
         self.resume: Resume | None = None
         self._fit_device: torch.device | None = None
@@ -173,8 +185,20 @@ class EditingModule(L.LightningModule):
             self.progress and terminal,
             self.progress and not terminal,
             cache_root(self.cache_dir),
+            Path(self.journal) if self.journal is not None else None,
         )
         ranks = Ranks(self.global_rank, self.trainer.world_size)
+        if self.journal is not None and ranks.world != 1:
+            raise ValueError(
+                f"option journal: one process only (this run has {ranks.world}); the journal is one file per step"
+            )
+        if self.journal is not None and not self.method.z_in_step_parts() and ranks.is_main:
+            print(
+                f"editlab: journal {self.journal}: {self.method.name} takes no z through the step's parts, so "
+                "the journal keeps its evaluation points only; a run started over computes its z again",
+                file=sys.stderr,
+                flush=True,
+            )
         model = LoadedModel(self.lm, self.tok, self.view)
         return EditRun(
             model,

@@ -53,6 +53,7 @@ class RunSettings:
     bars: bool  # progress bars (progress on, stderr a terminal)
     lines: bool  # plain progress lines instead (progress on, stderr a log file)
     cache_root: Path  # of the keyed disk caches (statistics, z, probe scores)
+    journal: Path | None = None  # every step's z and every point's parts, kept for good (EditingModule.journal)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class EditRun:
             # With checkpoints a killed run resumes: a point killed part-way keeps its finished parts.
             parts_file=recorder.path(rundir.EVALUATION_PARTS) if settings.checkpoint_every else None,
             after_part=after_part,
+            journal=settings.journal,
         )
         self.ctx: EditContext | None = None
         self.fingerprint: str | None = None  # of the unedited weights
@@ -165,16 +167,17 @@ class EditRun:
             # The step's own seconds are this sitting's; the kept parts' seconds are the interrupted one's.
             record["seconds_reused"] = parts.reused_seconds()
             kept = f"{len(parts.reused)} part(s) ({', '.join(parts.reused)})"
-            print(
-                f"editlab: step {record['step']} took {kept} from the interrupted sitting", file=sys.stderr, flush=True
-            )
+            source = "the journal" if self.settings.journal is not None else "the interrupted sitting"
+            print(f"editlab: step {record['step']} took {kept} from {source}", file=sys.stderr, flush=True)
         return record, result.scalars, seconds
 
     def step_parts(self, batch: list[EditRequest]) -> RunParts | None:
-        """Where the step keeps its finished parts (z chunk by chunk): with checkpoints on, in one
-        process (a multi-process step would need one file per rank), named by the step, the
-        weights it starts from and its requests; removed once an edit state holds the step."""
-        if not self.settings.checkpoint_every or self.ranks.world != 1:
+        """Where the step keeps its finished parts (z chunk by chunk): in one process (a
+        multi-process step would need one file per rank), with checkpoints on or a journal, named
+        by the step, the weights it starts from and its requests; in the journal for good, else in
+        the run directory until an edit state holds the step."""
+        journal = self.settings.journal
+        if not (self.settings.checkpoint_every or journal is not None) or self.ranks.world != 1:
             return None
         unit = {
             "step": self.recorder.steps_done + 1,
@@ -183,6 +186,8 @@ class EditRun:
         }
         # One file per step: a run resumed from a checkpoint several steps back replays those steps
         # without touching the parts of the step it was killed in.
+        if journal is not None:
+            return RunParts(rundir.journal_step_path(journal, unit["step"]), unit)
         return RunParts(rundir.step_parts_path(self.recorder.root, unit["step"]), unit)
 
     def after_step(self, batch: list[EditRequest]) -> dict[str, float] | None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from editlab import rundir
 from editlab.evaluation import EvaluationSchedule, Evaluator, held_out_specificity
 from editlab.lightning.editstate import requests_digest
 from editlab.lightning.parts import RunParts
@@ -38,12 +39,15 @@ class StreamEvaluation:
         announce: bool = False,
         parts_file: Path | None = None,
         after_part: Callable[[str], None] | None = None,
+        journal: Path | None = None,
     ) -> None:
         """``log_row``: hand a row to every logger at the current step; ``stream_length``: the
         stream's steps as this run does them (the module's, from the trainer); ``announce``: one
         plain stderr line when an evaluation point starts and one when it ends; ``parts_file``:
         where the point in progress keeps its finished parts (None: nowhere); ``after_part(name)``:
-        called once each part is kept (the module stops the run there on SIGTERM)."""
+        called once each part is kept (the module stops the run there on SIGTERM); ``journal``: a
+        directory that keeps every point's parts for good, one file per point, instead of
+        ``parts_file`` (EditingModule.journal)."""
         self.evaluator = evaluator
         self.schedule = schedule
         self.recorder = recorder
@@ -53,6 +57,7 @@ class StreamEvaluation:
         self.announce = announce
         self.parts_file = parts_file
         self.after_part = after_part
+        self.journal = journal
 
     def evaluate(self, requests: list[EditRequest], timing: str, quality: bool, final: bool = True):
         """The evaluator's cases and metrics of ``requests``, and the seconds they took (with the
@@ -67,16 +72,15 @@ class StreamEvaluation:
         if parts is not None and parts.reused:
             seconds += parts.reused_seconds()
             kept = ", ".join(parts.reused)
-            print(
-                f"editlab: evaluation ({timing}) took {kept} from the interrupted sitting", file=sys.stderr, flush=True
-            )
+            source = "the journal" if self.journal is not None else "the interrupted sitting"
+            print(f"editlab: evaluation ({timing}) took {kept} from {source}", file=sys.stderr, flush=True)
         if self.announce:
             print(f"editlab: evaluation ({timing}) done in {seconds:.1f}s", file=sys.stderr, flush=True)
         return cases, metrics, seconds
 
     def point_parts(self, requests: list[EditRequest], timing: str, quality: bool, final: bool) -> RunParts | None:
         """The parts store of the point about to be evaluated, named by what its values depend on."""
-        if self.parts_file is None:
+        if self.parts_file is None and self.journal is None:
             return None
         rec = self.recorder
         point = {
@@ -89,10 +93,13 @@ class StreamEvaluation:
             "cases": requests_digest(requests),
             "settings": self.evaluator.settings_digest(),
         }
+        if self.journal is not None:
+            return RunParts(rundir.journal_point_path(self.journal, timing, rec.steps_done), point, self.after_part)
         return RunParts(self.parts_file, point, self.after_part)
 
     def drop_parts(self) -> None:
-        """Remove the parts file once the run's results are written: every point is in them."""
+        """Remove the parts file once the run's results are written: every point is in them (a
+        journal keeps its points)."""
         if self.parts_file is not None:
             self.parts_file.unlink(missing_ok=True)
 

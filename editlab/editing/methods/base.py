@@ -92,6 +92,11 @@ class EditMethod(ABC):
     def edited_layers(self) -> list[int]:
         return list(self.layers)
 
+    def z_in_step_parts(self) -> bool:
+        """Whether ``apply`` takes its z through the step's parts (``EditContext.parts``), which a z
+        journal keeps (EditingModule.journal). Default: no."""
+        return False
+
     def covariance_statistics(self) -> tuple[list[int], object] | None:
         """The layers whose key statistics ``setup`` reads (editlab.editing.stats) and their
         CovarianceConfig, or None for a method that uses none (``editlab stats`` computes,

@@ -115,7 +115,7 @@ class ECE(RewindingMethod, StagedMethod):
         neurons: NeuronAttribution = WeightImportance(threshold=0.8, rule="within"),
         z_mode: ZMode = "per_request",
         rewind: bool = True,
-        z_cache: bool = True,
+        z_cache: bool | str = True,
         cluster_neurons: NeuronAttribution | None = None,
         clusters: int | None = None,
         shared_steps: int | None = None,
@@ -136,7 +136,9 @@ class ECE(RewindingMethod, StagedMethod):
             rewind: compute z on the original weights θ₀ (appendix C.4; both phases with
                 two_step); False: on the current weights.
             z_cache: keep the z computed on θ₀ on disk as well as in memory (key: every z setting,
-                and with two_step the split and the request's cluster and anchor).
+                and with two_step the split and the request's cluster and anchor): True under the
+                cache root, a directory path in that directory (a z bank a study commits, so that
+                its z outlive the machine), False in memory only.
             cluster_neurons: two_step only. The attribution whose per-request neuron sets are
                 clustered. None: ``neurons`` when it depends on the request; WeightImportance does
                 not (every request would get the same set and the clustering nothing to go on), so

@@ -182,6 +182,9 @@ class IterativeEditing(EditMethod):
     def covariance_statistics(self):
         return self.method.covariance_statistics()
 
+    def z_in_step_parts(self) -> bool:
+        return self.method.z_in_step_parts()
+
     def setup(self, ctx: EditContext) -> None:
         self.method.setup(ctx)
         if self.neighbors is not None:

@@ -84,7 +84,7 @@ class NSE(RewindingMethod, StagedMethod):
         upper_bound: float = 100.0,
         max_iterations: int = 3,
         rewind: bool = True,
-        z_cache: bool = True,
+        z_cache: bool | str = True,
         targets: TargetConfig = TargetConfig(),
         context: ContextTemplates = ContextTemplates(),
         covariance: CovarianceConfig = CovarianceConfig(),
@@ -101,7 +101,9 @@ class NSE(RewindingMethod, StagedMethod):
                 max_iterations − 1 passes.
             rewind: compute z on the original weights θ₀ (weights rewinding); False is the
                 paper's ablation (z on the current weights).
-            z_cache: keep the z computed on θ₀ on disk as well as in memory (key: every z setting).
+            z_cache: keep the z computed on θ₀ on disk as well as in memory (key: every z setting):
+                True under the cache root, a directory path in that directory (a z bank a study
+                commits, so that its z outlive the machine), False in memory only.
             targets: z optimisation settings.
             context: context-template generation settings.
             covariance: corpus and settings of E[kkᵀ].

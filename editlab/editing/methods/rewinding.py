@@ -1,16 +1,19 @@
 """The weights-rewinding state ECE and NSE share: θ₀'s edited matrices and the z cache.
 
 Both compute z on the ORIGINAL weights θ₀ (``rewind``; see editlab/editing/rewind.py) and keep it
-per request in a z cache, in memory and, with ``z_cache``, on disk under the cache root.
+per request in a z cache, in memory and, with ``z_cache``, on disk under the cache root (True) or
+in a directory of its own (a path: a z bank that a study commits, so that its z outlive the machine).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from editlab.editing.methods.base import EditContext, KeyValueMethod
 from editlab.editing.neurons import NeuronAttribution
-from editlab.editing.rewind import OriginalWeights, TargetCache, z_cache_files
+from editlab.editing.rewind import OriginalWeights, TargetCache, z_bank_files, z_cache_files
+from editlab.keyed_cache import KeyedCache
 from editlab.memory import MemoryProfile
 
 
@@ -23,7 +26,7 @@ class RewindingMethod(KeyValueMethod):
         mom2_weight: float,
         neurons: NeuronAttribution,
         rewind: bool,
-        z_cache: bool,
+        z_cache: bool | str,
         targets,
         context,
         covariance,
@@ -39,7 +42,7 @@ class RewindingMethod(KeyValueMethod):
         super().setup(ctx)
         # W_0 of the edited matrices, taken before the first edit (ctx.fingerprint is θ₀'s too).
         self.original = OriginalWeights(ctx.view, self.layers) if self.rewind else None
-        self.cache = TargetCache(z_cache_files(ctx.cache_root) if self.z_cache else None)
+        self.cache = TargetCache(z_files(self.z_cache, ctx.cache_root))
 
     def memory_profile(self) -> MemoryProfile:
         # C and the cache; solve: λC + cache, P[I, I], KᵀK and A (offloaded: P stays on the CPU);
@@ -54,3 +57,13 @@ class RewindingMethod(KeyValueMethod):
             raise RuntimeError(
                 f"{type(self).__name__}.setup must run on the unedited model before the first step (rewind: true)"
             )
+
+
+def z_files(option: bool | str, cache_root: Path) -> KeyedCache | None:
+    """Where the z files of option ``z_cache`` live: under the cache root (True), in the directory
+    it names (a string), nowhere (False: in memory only)."""
+    if isinstance(option, str):
+        if not option.strip():
+            raise ValueError("option z_cache: an empty directory name (true, false or a directory)")
+        return z_bank_files(Path(option))
+    return z_cache_files(cache_root) if option else None

@@ -1,0 +1,141 @@
+"""A stream that cannot keep its run directory keeps a journal (``model.journal``): every step's z
+and every evaluation point's parts, for good. A run started from step 0 in a fresh directory with
+that journal takes them from it (optimising no z, scoring no case) and ends with the same weights
+and results; a journal of another stream is recomputed over, never used. ECE and NSE keep their z
+on θ₀ in a z bank (``z_cache``: a directory), which serves a new run the same way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import editlab.editing.methods.memit as memit_module
+import editlab.editing.rewind as rewind_module
+import editlab.evaluation as evaluation_module
+from editlab.lightning.cli import EditLabCLI
+from editlab.rundir import journal_point_path, journal_step_path
+
+from helpers import SHARED_DATA, facts, tiny_args
+
+DATA = str(SHARED_DATA / "multi_counterfact.json.gz")
+STEPS = 3
+
+
+def fit(tmp: Path, run: str, journal: Path, *extra: str) -> Path:
+    """A tiny MEMIT_seq run of 3 steps of 2 edits into ``tmp/run`` with the z journal ``journal``."""
+    args = tiny_args(
+        tmp,
+        DATA,
+        **{
+            "--data.num_edits": str(2 * STEPS),
+            "--model.method.sequential": "true",
+            "--model.export": "true",
+            "--model.evaluation.fluency": "false",
+            "--model.journal": str(journal),
+            "--trainer.default_root_dir": str(tmp / run),
+        },
+    )
+    EditLabCLI(args=["fit", *args, *extra])
+    return tmp / run
+
+
+def steps(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def no_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if "seconds" not in k and k not in ("export_dir", "export_delta")}
+
+
+@pytest.fixture
+def journaled(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    journal = tmp_path / "journal"
+    return fit(tmp_path, "first", journal), journal
+
+
+def test_the_journal_keeps_every_step_and_point_after_the_run_has_finished(journaled):
+    run, journal = journaled
+    assert (run / "summary.json").is_file()
+    for k in range(1, STEPS + 1):
+        stored = torch.load(journal_step_path(journal, k), weights_only=True)
+        assert stored["unit"]["step"] == k
+        assert [name.split(",")[0] for name in stored["parts"]] == ["z of requests 0-1"]
+        assert stored["parts"][next(iter(stored["parts"]))]["z"].shape[0] == 2  # [requests, d_model]
+    for timing, steps_done in (("pre", 0), ("final", STEPS)):
+        stored = torch.load(journal_point_path(journal, timing, steps_done), weights_only=True)
+        assert stored["unit"]["timing"] == timing and "cases" in stored["parts"]
+    assert not (run / "checkpoints" / "step_parts").exists()  # nothing in the run directory
+
+
+def test_a_fresh_run_with_the_journal_computes_no_z_and_no_case_and_ends_the_same(
+    journaled, tmp_path, monkeypatch, capsys
+):
+    first, journal = journaled
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("computed again although the journal holds it")
+
+    monkeypatch.setattr(memit_module, "optimize_targets", recomputed)
+    monkeypatch.setattr(evaluation_module, "evaluate_cases", recomputed)
+    # Another machine: an empty cache, so the statistics are computed again too.
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "other_machine_cache"))
+    again = fit(tmp_path, "again", journal)
+    assert (tmp_path / "other_machine_cache" / "stats").is_dir()
+    said = capsys.readouterr().err
+    assert "editlab: evaluation (pre) took cases" in said and "from the journal" in said
+    rows = steps(again)
+    assert len(rows) == STEPS and all(row.get("seconds_reused", 0) > 0 for row in rows)
+    assert [no_timing(r) for r in rows] == [no_timing(r) for r in steps(first)]
+    da, db = load_file(first / "edit_delta.safetensors"), load_file(again / "edit_delta.safetensors")
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (first, again))
+    assert no_timing(sa) == no_timing(sb)
+
+
+def test_a_journal_of_other_requests_is_recomputed_over(journaled, tmp_path):
+    _, journal = journaled
+    before = torch.load(journal_step_path(journal, 1), weights_only=True)["unit"]
+    other = fit(tmp_path, "other", journal, "--data.offset", "10")
+    assert all("seconds_reused" not in row for row in steps(other))
+    after = torch.load(journal_step_path(journal, 1), weights_only=True)["unit"]
+    assert after["requests"] != before["requests"] and after["step"] == 1
+
+
+def test_a_method_whose_z_has_no_parts_journals_its_points_only_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    journal = tmp_path / "journal"
+    args = tiny_args(tmp_path, DATA, **{"--model.journal": str(journal), "--model.evaluation.fluency": "false"})
+    args[args.index("editlab.editing.methods.memit.MEMIT")] = "editlab.editing.methods.pmet.PMET"
+    EditLabCLI(args=["fit", *args])
+    said = capsys.readouterr().err
+    assert "takes no z through the step's parts" in said and "PMET" in said
+    assert sorted(p.name for p in journal.iterdir()) == ["point_final_2.pt", "point_pre_0.pt"]
+
+
+# -- the z bank of ECE and NSE -----------------------------------------------------------------
+def test_nse_z_bank_directory_serves_a_new_run_without_the_cache_root(tmp_path, stats_cache, monkeypatch):
+    from test_nse import NO_FILTER, make
+
+    bank = tmp_path / "bank"
+    ctx, nse = make(tmp_path, z_cache=str(bank), **NO_FILTER)
+    assert nse.apply(ctx, facts()).scalars["z_from_cache"] == 0
+    written = sorted(p.name for p in bank.glob("z_l*_*.pt"))
+    assert len(written) == len(facts())
+    assert not (stats_cache / "targets").exists()  # the bank, not the cache root
+    z_first, _ = nse.targets_for(ctx, facts())
+    ctx_new, again = make(tmp_path, z_cache=str(bank), **NO_FILTER)
+    monkeypatch.setattr(rewind_module, "optimize_targets", lambda *a, **k: pytest.fail("z recomputed"))
+    z_bank, n_cached = again.targets_for(ctx_new, facts())
+    assert n_cached == len(facts()) and torch.equal(z_bank.z, z_first.z)
+
+
+def test_an_empty_z_bank_name_is_refused(tmp_path, stats_cache):
+    from test_nse import NO_FILTER, make
+
+    with pytest.raises(ValueError, match="z_cache"):
+        make(tmp_path, z_cache=" ", **NO_FILTER)
