@@ -139,3 +139,37 @@ def test_an_empty_z_bank_name_is_refused(tmp_path, stats_cache):
 
     with pytest.raises(ValueError, match="z_cache"):
         make(tmp_path, z_cache=" ", **NO_FILTER)
+
+
+@pytest.mark.slow  # starts processes
+def test_a_replay_in_another_process_with_an_empty_cache_ends_bit_identical(tmp_path):
+    # What a study does on a replaced machine: a new process, no statistics cache, the journal only.
+    from helpers import run_cli
+
+    journal = tmp_path / "journal"
+    base = tiny_args(
+        tmp_path,
+        DATA,
+        **{
+            "--data.num_edits": str(2 * STEPS),
+            "--model.method.sequential": "true",
+            "--model.export": "true",
+            "--model.evaluation.fluency": "false",
+            "--model.journal": str(journal),
+        },
+    )
+    runs = []
+    for name in ("machine_a", "machine_b"):
+        (tmp_path / name).mkdir()
+        args = list(base)
+        args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / name / "run")
+        proc = run_cli(args, tmp_path / name)  # EDITLAB_CACHE: <name>/cache, empty at the start
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append((tmp_path / name / "run", proc.stderr))
+    (first, _), (again, said) = runs
+    assert [f"editlab: step {k} took 1 part(s)" in said for k in range(1, STEPS + 1)] == [True] * STEPS
+    assert "editlab: evaluation (final) took cases" in said
+    da, db = load_file(first / "edit_delta.safetensors"), load_file(again / "edit_delta.safetensors")
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (first, again))
+    assert no_timing(sa) == no_timing(sb)
