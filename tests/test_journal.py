@@ -117,6 +117,43 @@ def test_a_method_whose_z_has_no_parts_journals_its_points_only_and_says_so(tmp_
     assert sorted(p.name for p in journal.iterdir()) == ["point_final_2.pt", "point_pre_0.pt"]
 
 
+def rome_args(tmp: Path, run: str, journal: Path) -> list[str]:
+    """A tiny ROME run of 2 steps of 2 edits: z of each request on the weights the one before left."""
+    args = tiny_args(
+        tmp,
+        DATA,
+        **{
+            "--model.export": "true",
+            "--model.evaluation.fluency": "false",
+            "--model.journal": str(journal),
+            "--trainer.default_root_dir": str(tmp / run),
+        },
+    )
+    args[args.index("editlab.editing.methods.memit.MEMIT")] = "editlab.editing.methods.rome.ROME"
+    for option in ("--model.method.layers", "--model.method.mom2_weight"):
+        i = args.index(option)
+        del args[i : i + 2]
+    return [*args, "--model.method.layer", "1"]
+
+
+def test_rome_keeps_each_request_z_and_a_replay_computes_none(tmp_path, monkeypatch):
+    import editlab.editing.methods.rome as rome_module
+
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    journal = tmp_path / "journal"
+    EditLabCLI(args=["fit", *rome_args(tmp_path, "first", journal)])
+    stored = torch.load(journal_step_path(journal, 2), weights_only=True)
+    names = [name.split(", weights")[0] for name in stored["parts"]]
+    assert names == ["z of requests 0-0, request 0 of the step", "z of requests 0-0, request 1 of the step"]
+    monkeypatch.setattr(rome_module, "optimize_targets", lambda *a, **k: pytest.fail("z optimised again"))
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "other_machine_cache"))
+    EditLabCLI(args=["fit", *rome_args(tmp_path, "again", journal)])
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert all(row.get("seconds_reused", 0) > 0 for row in steps(again))
+    da, db = load_file(first / "edit_delta.safetensors"), load_file(again / "edit_delta.safetensors")
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+
+
 # -- the z bank of ECE and NSE -----------------------------------------------------------------
 def test_nse_z_bank_directory_serves_a_new_run_without_the_cache_root(tmp_path, stats_cache, monkeypatch):
     from test_nse import NO_FILTER, make

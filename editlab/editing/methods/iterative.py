@@ -183,7 +183,7 @@ class IterativeEditing(EditMethod):
         return self.method.covariance_statistics()
 
     def z_in_step_parts(self) -> bool:
-        return self.method.z_in_step_parts()
+        return self.method.compute_targets_keeps_parts()  # each pass calls compute_targets
 
     def setup(self, ctx: EditContext) -> None:
         self.method.setup(ctx)

@@ -144,8 +144,8 @@ class LayerSpreadMethod(KeyValueMethod, StagedMethod):
 
         return ctx.per_index(len(requests), through)
 
-    def z_in_step_parts(self) -> bool:
-        return True  # compute_targets goes through targets_in_parts
+    def compute_targets_keeps_parts(self) -> bool:
+        return True  # through targets_in_parts
 
     def layer_delta(self, layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """ΔW [d_model, d_ff] of one layer from its keys [n, d_ff] and residuals [n, d_model]."""

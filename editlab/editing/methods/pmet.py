@@ -83,7 +83,7 @@ class PMET(MEMIT):
     def name(self) -> str:
         return "PMET_seq" if self.sequential else "PMET"
 
-    def z_in_step_parts(self) -> bool:
+    def compute_targets_keeps_parts(self) -> bool:
         return False  # its joint FFN + attention offsets are computed whole, not through the step's parts
 
     def compute_targets(

@@ -21,15 +21,16 @@ import time
 from typing import Literal
 
 from editlab.editing.context_templates import ContextTemplates, make_context_templates
-from editlab.editing.eac import EACConfig, eac_targets
+from editlab.editing.eac import EACConfig, EACTargetResult, eac_targets
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext, KeyValueMethod, restore_on_error
-from editlab.editing.methods.memit import check_eac_steps, target_scalars
+from editlab.editing.methods.memit import check_eac_steps, target_scalars, targets_in_parts
 from editlab.editing.methods.stages import Spread, StagedMethod
 from editlab.editing.neighbours import neighbour_terms
 from editlab.editing.solve import rome_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult, optimize_targets
+from editlab.models.fingerprint import model_fingerprint
 from editlab.models.weights import add_delta, read_weight
 from editlab.types import EditRequest, EditResult
 
@@ -127,6 +128,22 @@ class ROME(KeyValueMethod, StagedMethod):
             norm_ref=ref,
         )
 
+    def z_in_step_parts(self) -> bool:
+        return True  # apply takes each request's z through request_targets (compute_targets does not)
+
+    def request_targets(self, ctx: EditContext, index: int, request: EditRequest) -> TargetResult:
+        """z of the step's request ``index`` on the weights as they are now, through the step's
+        parts when it has them (named by the request and the weights: the requests before it in
+        the step have changed them), so a step killed part-way, or a run replaying a journal,
+        takes the z it had finished instead of optimising them again."""
+        if ctx.parts is None:
+            return self.compute_targets(ctx, [request])
+        kind = EACTargetResult if self.eac is not None else TargetResult
+        label = f"request {index} of the step, weights {model_fingerprint(ctx.model)}"
+        return targets_in_parts(
+            ctx.parts, [0], None, lambda _: self.compute_targets(ctx, [request]), kind, ctx.view.device, label
+        )
+
     def spread(self, ctx: EditContext, requests: list[EditRequest], tgt: TargetResult) -> Spread:
         """One rank-one update per request, in order, each on the weights the previous left."""
         view = ctx.view
@@ -155,9 +172,9 @@ class ROME(KeyValueMethod, StagedMethod):
         results: list[TargetResult] = []
         before = read_weight(ctx.view.ffn_out(self.layer)).detach().double().clone()
         with restore_on_error(ctx.view, [self.layer]):
-            for req in requests:
+            for i, req in enumerate(requests):
                 t0 = time.perf_counter()
-                tgt = self.compute_targets(ctx, [req])
+                tgt = self.request_targets(ctx, i, req)
                 t1 = time.perf_counter()
                 self.spread(ctx, [req], tgt)
                 t_z, t_solve = t_z + t1 - t0, t_solve + time.perf_counter() - t1

@@ -97,6 +97,14 @@ class StagedMethod(EditMethod):
     def compute_targets(self, ctx: EditContext, requests: list[EditRequest], extra: list | None = None) -> Targets:
         """OPTIMIZATION (writes nothing); ``extra``: neighbour rows of the z loss, or refused."""
 
+    def compute_targets_keeps_parts(self) -> bool:
+        """Whether compute_targets itself takes its z through the step's parts (the iterative
+        wrapper calls it directly). Default: no."""
+        return False
+
+    def z_in_step_parts(self) -> bool:
+        return self.compute_targets_keeps_parts()
+
     @abstractmethod
     def spread(self, ctx: EditContext, requests: list[EditRequest], targets: Targets) -> Spread:
         """SPREAD: write the weights towards ``targets``; the sequential state waits in ``pending``."""
