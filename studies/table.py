@@ -66,6 +66,8 @@ ROWS = [
 NOT_BEFORE = ("method", "edits", "seconds per step")  # rows with no pre-edit value
 PER_EDIT = [  # the results JSON's seconds_per_edit: each stage's seconds over the run's edits
     ("seconds per edit: z", "seconds_z"),
+    # z a step took from its parts (a journal replayed, a killed step resumed): the earlier sitting's seconds
+    ("seconds per edit: z kept from an earlier sitting", "seconds_reused"),
     ("seconds per edit: keys", "seconds_keys"),
     ("seconds per edit: solve", "seconds_solve"),
     ("seconds per edit: evaluation", "seconds_evaluation"),
