@@ -25,9 +25,9 @@ DATA = str(SHARED_DATA / "multi_counterfact.json.gz")
 STEPS = 3
 
 
-def fit(tmp: Path, run: str, journal: Path, *extra: str) -> Path:
-    """A tiny MEMIT_seq run of 3 steps of 2 edits into ``tmp/run`` with the z journal ``journal``."""
-    args = tiny_args(
+def memit_seq_args(tmp: Path, run: Path, journal: Path) -> list[str]:
+    """A tiny MEMIT_seq run of 3 steps of 2 edits into ``run`` with the journal ``journal``."""
+    return tiny_args(
         tmp,
         DATA,
         **{
@@ -36,10 +36,13 @@ def fit(tmp: Path, run: str, journal: Path, *extra: str) -> Path:
             "--model.export": "true",
             "--model.evaluation.fluency": "false",
             "--model.journal": str(journal),
-            "--trainer.default_root_dir": str(tmp / run),
+            "--trainer.default_root_dir": str(run),
         },
     )
-    EditLabCLI(args=["fit", *args, *extra])
+
+
+def fit(tmp: Path, run: str, journal: Path, *extra: str) -> Path:
+    EditLabCLI(args=["fit", *memit_seq_args(tmp, tmp / run, journal), *extra])
     return tmp / run
 
 
@@ -184,22 +187,10 @@ def test_a_replay_in_another_process_with_an_empty_cache_ends_bit_identical(tmp_
     from helpers import run_cli
 
     journal = tmp_path / "journal"
-    base = tiny_args(
-        tmp_path,
-        DATA,
-        **{
-            "--data.num_edits": str(2 * STEPS),
-            "--model.method.sequential": "true",
-            "--model.export": "true",
-            "--model.evaluation.fluency": "false",
-            "--model.journal": str(journal),
-        },
-    )
     runs = []
     for name in ("machine_a", "machine_b"):
         (tmp_path / name).mkdir()
-        args = list(base)
-        args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / name / "run")
+        args = memit_seq_args(tmp_path, tmp_path / name / "run", journal)
         proc = run_cli(args, tmp_path / name)  # EDITLAB_CACHE: <name>/cache, empty at the start
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append((tmp_path / name / "run", proc.stderr))
