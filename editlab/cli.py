@@ -1,6 +1,6 @@
 """``editlab`` — the command. ``fit|validate|test`` go to the Lightning CLI with editlab's defaults
-(EditLabCLI, editlab/lightning/cli.py); ``report``, ``study``, ``locate``, ``apply-delta`` and
-``stats`` to their modules (editlab/report.py, editlab/commands/). A user error ends as one
+(EditLabCLI, editlab/lightning/cli.py); ``report``, ``study``, ``locate``, ``apply-delta``,
+``stats`` and ``zbank`` to their modules (editlab/report.py, editlab/commands/). A user error ends as one
 ``editlab: error: …`` line and exit status 2 (``--debug`` or ``EDITLAB_DEBUG=1``: the traceback).
 
 The last line ``editlab fit`` prints is the path of summary.json. ``editlab fit ... --ckpt_path
@@ -59,6 +59,10 @@ def main(args: list[str] | None = None) -> None:
             from editlab.commands.stats import stats_main
 
             sys.exit(stats_main(argv[1:]))
+        if argv and argv[0] == "zbank":
+            from editlab.commands.zbank import zbank_main
+
+            sys.exit(zbank_main(argv[1:]))
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         EditLabCLI(args=None if args is None else argv)
     except SIGTERMException:

@@ -54,7 +54,6 @@ from editlab.editing.methods.stages import (
 from editlab.editing.neurons import ActivationScore, NeuronAttribution, WeightImportance
 from editlab.editing.rewind import (
     rewound_cluster_targets,
-    rewound_target_rows,
 )
 from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
@@ -233,22 +232,16 @@ class ECE(RewindingMethod, StagedMethod):
         """Step 4 per request: z on θ₀ (with rewinding) from the z cache where present, shared
         over ranks. Returns the targets and which rows came from the cache (bool [n])."""
         self.check_setup()
-        return ctx.per_request(
-            requests,
-            lambda part: rewound_target_rows(
-                ctx.view,
-                ctx.tok,
-                part,
-                self.templates,
-                self.layers[-1],
-                self.targets,
-                self.original,
-                self.cache,
-                ctx.model_id,
-                ctx.fingerprint,
-                ctx.progress,
-            ),
-        )
+        return ctx.per_request(requests, lambda part: self.rewound_rows(ctx, part))
+
+    def check_fill_z(self) -> None:
+        if self.z_mode == "two_step":
+            # Its z keys name each request's cluster, made from the neuron sets on the current
+            # weights: they depend on the stream, so they cannot be computed ahead on θ₀.
+            raise ValueError(
+                "ECE-two-step: its z depend on clusters of the edited weights, so they cannot be computed ahead"
+            )
+        super().check_fill_z()
 
     def cluster_targets(
         self, ctx: EditContext, requests: list[EditRequest], clu: Clustering

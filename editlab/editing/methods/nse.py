@@ -41,7 +41,6 @@ from editlab.editing.methods.stages import (
     write_layers,
 )
 from editlab.editing.neurons import ActivationScore, NeuronAttribution
-from editlab.editing.rewind import rewound_target_rows
 from editlab.editing.solve import submatrix_delta
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import ExtraRow, TargetConfig, TargetResult
@@ -127,20 +126,7 @@ class NSE(RewindingMethod, StagedMethod):
 
     def targets_for(self, ctx: EditContext, requests: list[EditRequest]) -> tuple[TargetResult, int]:
         """z of ``requests`` (on θ₀ with rewinding) and how many came from the z cache."""
-        self.check_setup()
-        res, cached = rewound_target_rows(
-            ctx.view,
-            ctx.tok,
-            requests,
-            self.templates,
-            self.layers[-1],
-            self.targets,
-            self.original,
-            self.cache,
-            ctx.model_id,
-            ctx.fingerprint,
-            ctx.progress,
-        )
+        res, cached = self.rewound_rows(ctx, requests)
         return res, int(cached.sum())
 
     def residuals(self, ctx: EditContext, requests: list[EditRequest], z: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from editlab.editing.methods.base import EditContext, KeyValueMethod
 from editlab.editing.neurons import NeuronAttribution
-from editlab.editing.rewind import OriginalWeights, TargetCache, z_bank_files, z_cache_files
+from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_target_rows, z_bank_files, z_cache_files
+from editlab.editing.targets import TargetResult
 from editlab.keyed_cache import KeyedCache
 from editlab.memory import MemoryProfile
+from editlab.types import EditRequest
 
 
 class RewindingMethod(KeyValueMethod):
@@ -57,6 +61,40 @@ class RewindingMethod(KeyValueMethod):
             raise RuntimeError(
                 f"{type(self).__name__}.setup must run on the unedited model before the first step (rewind: true)"
             )
+
+    def rewound_rows(self, ctx: EditContext, requests: list[EditRequest]) -> tuple[TargetResult, torch.Tensor]:
+        """z of ``requests`` at the last edited layer, on θ₀ with rewinding (on the current weights
+        without), from the z cache where present: the targets (rows in request order) and which
+        rows came from the cache (bool [n])."""
+        self.check_setup()
+        return rewound_target_rows(
+            ctx.view,
+            ctx.tok,
+            requests,
+            self.templates,
+            self.layers[-1],
+            self.targets,
+            self.original,
+            self.cache,
+            ctx.model_id,
+            ctx.fingerprint,
+            ctx.progress,
+        )
+
+    def check_fill_z(self) -> None:
+        """Refuse ``fill_z`` where z cannot be computed ahead: without rewinding (z on the current
+        weights depends on the stream) or without a disk cache to put it in."""
+        if not self.rewind or self.z_cache is False:
+            raise ValueError(
+                f"{self.name}: z can be computed ahead only on θ₀ into a disk cache (rewind true, z_cache true or a "
+                f"directory; here rewind {self.rewind}, z_cache {self.z_cache})"
+            )
+
+    def fill_z(self, ctx: EditContext, requests: list[EditRequest]) -> int:
+        """Put the z on θ₀ of ``requests`` in the z cache ahead of a run (``editlab zbank``): the
+        z a step of this method takes, keyed as the step keys them; how many were there already."""
+        self.check_fill_z()
+        return int(self.rewound_rows(ctx, requests)[1].sum())
 
 
 def z_files(option: bool | str, cache_root: Path) -> KeyedCache | None:
