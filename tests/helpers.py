@@ -284,7 +284,11 @@ def tiny_memit_fit_options(root: Path) -> dict[str, str]:
     }
 
 
-def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
+def tiny_args(
+    tmp_path: Path, data: str, *, method: str | None = None, drop: tuple[str, ...] = (), **extra
+) -> list[str]:
+    """``editlab fit`` options of a tiny GPT-2 MEMIT run (``method``: another class path; ``drop``:
+    options of MEMIT's that it does not take), then ``extra``."""
     model_dir = save_tiny(tmp_path / "tiny", "gpt2")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Sentence number {i} talks about cities and people." for i in range(20)))
@@ -307,6 +311,10 @@ def tiny_args(tmp_path: Path, data: str, **extra) -> list[str]:
         "--trainer.enable_progress_bar": "false",
         **extra,
     }
+    if method is not None:
+        args["--model.method"] = method
+    for option in drop:
+        del args[option]
     return [x for kv in args.items() for x in kv]
 
 

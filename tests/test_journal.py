@@ -112,8 +112,8 @@ def test_a_journal_of_other_requests_is_recomputed_over(journaled, tmp_path):
 def test_a_method_whose_z_has_no_parts_journals_its_points_only_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
     journal = tmp_path / "journal"
-    args = tiny_args(tmp_path, DATA, **{"--model.journal": str(journal), "--model.evaluation.fluency": "false"})
-    args[args.index("editlab.editing.methods.memit.MEMIT")] = "editlab.editing.methods.pmet.PMET"
+    options = {"--model.journal": str(journal), "--model.evaluation.fluency": "false"}
+    args = tiny_args(tmp_path, DATA, method="editlab.editing.methods.pmet.PMET", **options)
     EditLabCLI(args=["fit", *args])
     said = capsys.readouterr().err
     assert "takes no z through the step's parts" in said and "PMET" in said
@@ -122,20 +122,10 @@ def test_a_method_whose_z_has_no_parts_journals_its_points_only_and_says_so(tmp_
 
 def rome_args(tmp: Path, run: str, journal: Path) -> list[str]:
     """A tiny ROME run of 2 steps of 2 edits: z of each request on the weights the one before left."""
-    args = tiny_args(
-        tmp,
-        DATA,
-        **{
-            "--model.export": "true",
-            "--model.evaluation.fluency": "false",
-            "--model.journal": str(journal),
-            "--trainer.default_root_dir": str(tmp / run),
-        },
-    )
-    args[args.index("editlab.editing.methods.memit.MEMIT")] = "editlab.editing.methods.rome.ROME"
-    for option in ("--model.method.layers", "--model.method.mom2_weight"):
-        i = args.index(option)
-        del args[i : i + 2]
+    options = {"--model.export": "true", "--model.evaluation.fluency": "false", "--model.journal": str(journal)}
+    drop = ("--model.method.layers", "--model.method.mom2_weight")
+    args = tiny_args(tmp, DATA, method="editlab.editing.methods.rome.ROME", drop=drop, **options)
+    args[args.index("--trainer.default_root_dir") + 1] = str(tmp / run)
     return [*args, "--model.method.layer", "1"]
 
 

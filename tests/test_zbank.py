@@ -22,18 +22,9 @@ DATA = str(SHARED_DATA / "multi_counterfact.json.gz")
 
 def nse_args(tmp: Path, bank: Path, run: str = "run", **extra: str) -> list[str]:
     """A tiny NSE (every neuron, no filtering: one pass) of 2 steps of 2 edits, its z in ``bank``."""
-    args = tiny_args(
-        tmp,
-        DATA,
-        **{
-            "--model.export": "true",
-            "--model.evaluation.fluency": "false",
-            "--model.method.z_cache": str(bank),
-            "--trainer.default_root_dir": str(tmp / run),
-            **extra,
-        },
-    )
-    args[args.index("editlab.editing.methods.memit.MEMIT")] = "editlab.editing.methods.nse.NSE"
+    options = {"--model.export": "true", "--model.evaluation.fluency": "false", "--model.method.z_cache": str(bank)}
+    args = tiny_args(tmp, DATA, method="editlab.editing.methods.nse.NSE", **options, **extra)
+    args[args.index("--trainer.default_root_dir") + 1] = str(tmp / run)
     return [*args, "--model.method.alpha", "0.0", "--model.method.max_iterations", "2"]
 
 
