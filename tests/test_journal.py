@@ -110,14 +110,36 @@ def test_a_journal_of_other_requests_is_recomputed_over(journaled, tmp_path):
 
 
 def test_a_method_whose_z_has_no_parts_journals_its_points_only_and_says_so(tmp_path, monkeypatch, capsys):
+    # ECE and NSE with rewinding keep their z on θ₀ in the z cache (or a z bank), not in the parts.
     monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
     journal = tmp_path / "journal"
     options = {"--model.journal": str(journal), "--model.evaluation.fluency": "false"}
+    EditLabCLI(args=["fit", *tiny_args(tmp_path, DATA, method="editlab.editing.methods.nse.NSE", **options)])
+    said = capsys.readouterr().err
+    assert "takes no z through the step's parts" in said and "NSE" in said
+    assert sorted(p.name for p in journal.iterdir()) == ["point_final_2.pt", "point_pre_0.pt"]
+
+
+def test_pmet_keeps_its_step_targets_whole_and_a_replay_computes_none(tmp_path, monkeypatch):
+    import editlab.editing.methods.pmet as pmet_module
+
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    journal = tmp_path / "journal"
+    options = {"--model.journal": str(journal), "--model.evaluation.fluency": "false", "--model.export": "true"}
     args = tiny_args(tmp_path, DATA, method="editlab.editing.methods.pmet.PMET", **options)
     EditLabCLI(args=["fit", *args])
-    said = capsys.readouterr().err
-    assert "takes no z through the step's parts" in said and "PMET" in said
-    assert sorted(p.name for p in journal.iterdir()) == ["point_final_2.pt", "point_pre_0.pt"]
+    stored = torch.load(journal_step_path(journal, 2), weights_only=True)
+    assert [name.split(",")[0] for name in stored["parts"]] == ["z of requests 0-1"]
+    assert {"ffn_target", "attn_shift"} <= set(next(iter(stored["parts"].values())))
+    monkeypatch.setattr(pmet_module, "descend_offsets", lambda *a, **k: pytest.fail("offsets descended again"))
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "other_machine_cache"))
+    args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / "again")
+    EditLabCLI(args=["fit", *args])
+    da, db = (
+        load_file(tmp_path / "run" / "edit_delta.safetensors"),
+        load_file(tmp_path / "again" / "edit_delta.safetensors"),
+    )
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
 
 
 def rome_args(tmp: Path, run: str, journal: Path) -> list[str]:
@@ -144,6 +166,29 @@ def test_rome_keeps_each_request_z_and_a_replay_computes_none(tmp_path, monkeypa
     first, again = tmp_path / "first", tmp_path / "again"
     assert all(row.get("seconds_reused", 0) > 0 for row in steps(again))
     da, db = load_file(first / "edit_delta.safetensors"), load_file(again / "edit_delta.safetensors")
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_nse_without_rewinding_keeps_its_z_in_the_journal_and_a_replay_computes_none(tmp_path, monkeypatch):
+    # z on the current weights (the paper's ablation) cannot be cached by request: it is journaled.
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    journal = tmp_path / "journal"
+    options = {"--model.evaluation.fluency": "false", "--model.export": "true", "--model.journal": str(journal)}
+    args = [
+        *tiny_args(tmp_path, DATA, method="editlab.editing.methods.nse.NSE", **options),
+        "--model.method.rewind",
+        "false",
+    ]
+    EditLabCLI(args=["fit", *args])
+    assert sorted(p.name for p in journal.glob("step_*.pt")) == ["step_1.pt", "step_2.pt"]
+    monkeypatch.setattr(rewind_module, "optimize_targets", lambda *a, **k: pytest.fail("z optimised again"))
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "other_machine_cache"))
+    args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / "again")
+    EditLabCLI(args=["fit", *args])
+    da, db = (
+        load_file(tmp_path / "run" / "edit_delta.safetensors"),
+        load_file(tmp_path / "again" / "edit_delta.safetensors"),
+    )
     assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
 
 

@@ -234,6 +234,10 @@ class ECE(RewindingMethod, StagedMethod):
         self.check_setup()
         return ctx.per_request(requests, lambda part: self.rewound_rows(ctx, part))
 
+    def compute_targets_keeps_parts(self) -> bool:
+        # Two-step z without rewinding runs whole clusters at once, outside the step's parts.
+        return super().compute_targets_keeps_parts() and self.z_mode == "per_request"
+
     def check_fill_z(self) -> None:
         if self.z_mode == "two_step":
             # Its z keys name each request's cluster, made from the neuron sets on the current

@@ -27,11 +27,12 @@ import torch
 from editlab.editing.context_templates import ContextTemplates
 from editlab.editing.keys import keys_and_outputs
 from editlab.editing.methods.base import EditContext
-from editlab.editing.methods.memit import MEMIT
+from editlab.editing.methods.memit import MEMIT, targets_in_parts
 from editlab.editing.methods.stages import Spread, spread_over_layers
 from editlab.editing.stats import CovarianceConfig
 from editlab.editing.targets import EditSite, ExtraRow, TargetConfig, TargetResult, descend_offsets
 from editlab.models.arch import ModelView
+from editlab.models.fingerprint import model_fingerprint
 from editlab.types import EditRequest
 
 
@@ -84,14 +85,29 @@ class PMET(MEMIT):
         return "PMET_seq" if self.sequential else "PMET"
 
     def compute_targets_keeps_parts(self) -> bool:
-        return False  # its joint FFN + attention offsets are computed whole, not through the step's parts
+        return True  # the whole step's targets as one part (its FFN target needs one more forward over them)
 
     def compute_targets(
         self, ctx: EditContext, requests: list[EditRequest], extra: list[ExtraRow] | None = None
     ) -> PMETTargets:
+        """The step's joint FFN + attention offsets on the weights as they are now, through the
+        step's parts as one part (named by the weights), so that a journal keeps them."""
         if extra:
             # The joint attention + FFN offsets are not combined with neighbour rows (untested there).
             raise ValueError("PMET does not take extra (neighbour) loss rows")
+        label = f"weights {model_fingerprint(ctx.model)}" if ctx.parts is not None else ""
+        return targets_in_parts(
+            ctx.parts,
+            list(range(len(requests))),
+            None,  # one part: the offsets of the step's requests are descended together
+            lambda idx: self.joint_offsets(ctx, [requests[i] for i in idx]),
+            PMETTargets,
+            ctx.view.device,
+            label,
+        )
+
+    def joint_offsets(self, ctx: EditContext, requests: list[EditRequest]) -> PMETTargets:
+        """z and the attention shift of ``requests`` (descended together) and their FFN target."""
         view, z_layer = ctx.view, self.layers[-1]
         d_model = view.model.config.hidden_size
         run = descend_offsets(

@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from editlab.editing.methods.base import EditContext, KeyValueMethod
+from editlab.editing.methods.memit import targets_in_parts
 from editlab.editing.neurons import NeuronAttribution
 from editlab.editing.rewind import OriginalWeights, TargetCache, rewound_target_rows, z_bank_files, z_cache_files
 from editlab.editing.targets import TargetResult
 from editlab.keyed_cache import KeyedCache
 from editlab.memory import MemoryProfile
+from editlab.models.fingerprint import model_fingerprint
 from editlab.types import EditRequest
 
 
@@ -65,21 +67,41 @@ class RewindingMethod(KeyValueMethod):
     def rewound_rows(self, ctx: EditContext, requests: list[EditRequest]) -> tuple[TargetResult, torch.Tensor]:
         """z of ``requests`` at the last edited layer, on θ₀ with rewinding (on the current weights
         without), from the z cache where present: the targets (rows in request order) and which
-        rows came from the cache (bool [n])."""
+        rows came from the cache (bool [n]). Without rewinding nothing is cached, and the z go
+        through the step's parts instead (chunk by chunk, named by the weights), as MEMIT's."""
         self.check_setup()
-        return rewound_target_rows(
-            ctx.view,
-            ctx.tok,
-            requests,
-            self.templates,
-            self.layers[-1],
-            self.targets,
-            self.original,
-            self.cache,
-            ctx.model_id,
-            ctx.fingerprint,
-            ctx.progress,
+
+        def rows(part: list[EditRequest]) -> tuple[TargetResult, torch.Tensor]:
+            return rewound_target_rows(
+                ctx.view,
+                ctx.tok,
+                part,
+                self.templates,
+                self.layers[-1],
+                self.targets,
+                self.original,
+                self.cache,
+                ctx.model_id,
+                ctx.fingerprint,
+                ctx.progress,
+            )
+
+        if self.original is not None or ctx.parts is None:
+            return rows(requests)
+        label = f"weights {model_fingerprint(ctx.model)}"
+        res = targets_in_parts(
+            ctx.parts,
+            list(range(len(requests))),
+            self.targets.requests_per_forward,
+            lambda idx: rows([requests[i] for i in idx])[0],
+            TargetResult,
+            ctx.view.device,
+            label,
         )
+        return res, torch.zeros(len(requests), dtype=torch.bool, device=ctx.view.device)
+
+    def compute_targets_keeps_parts(self) -> bool:
+        return not self.rewind  # z on θ₀ lives in the z cache; on the current weights, in the parts
 
     def check_fill_z(self) -> None:
         """Refuse ``fill_z`` where z cannot be computed ahead: without rewinding (z on the current
