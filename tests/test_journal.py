@@ -61,6 +61,24 @@ def journaled(tmp_path, monkeypatch):
     return fit(tmp_path, "first", journal), journal
 
 
+def assert_same_deltas(a: Path, b: Path) -> None:
+    da, db = load_file(a / "edit_delta.safetensors"), load_file(b / "edit_delta.safetensors")
+    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+
+
+def replays_without(tmp: Path, args: list[str], monkeypatch, module, name: str) -> Path:
+    """Fit ``args`` (a run into ``tmp/run`` with a journal), then the same into ``tmp/again`` with an
+    empty cache and ``module.name`` (what computes z) failing: the replay ends with the same deltas."""
+    EditLabCLI(args=["fit", *args])
+    monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail(f"{name} called although the journal holds it"))
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp / "other_machine_cache"))
+    again = list(args)
+    again[again.index("--trainer.default_root_dir") + 1] = str(tmp / "again")
+    EditLabCLI(args=["fit", *again])
+    assert_same_deltas(tmp / "run", tmp / "again")
+    return tmp / "again"
+
+
 def test_the_journal_keeps_every_step_and_point_after_the_run_has_finished(journaled):
     run, journal = journaled
     assert (run / "summary.json").is_file()
@@ -94,8 +112,7 @@ def test_a_fresh_run_with_the_journal_computes_no_z_and_no_case_and_ends_the_sam
     rows = steps(again)
     assert len(rows) == STEPS and all(row.get("seconds_reused", 0) > 0 for row in rows)
     assert [no_timing(r) for r in rows] == [no_timing(r) for r in steps(first)]
-    da, db = load_file(first / "edit_delta.safetensors"), load_file(again / "edit_delta.safetensors")
-    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+    assert_same_deltas(first, again)
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (first, again))
     assert no_timing(sa) == no_timing(sb)
 
@@ -127,46 +144,28 @@ def test_pmet_keeps_its_step_targets_whole_and_a_replay_computes_none(tmp_path, 
     journal = tmp_path / "journal"
     options = {"--model.journal": str(journal), "--model.evaluation.fluency": "false", "--model.export": "true"}
     args = tiny_args(tmp_path, DATA, method="editlab.editing.methods.pmet.PMET", **options)
-    EditLabCLI(args=["fit", *args])
+    replays_without(tmp_path, args, monkeypatch, pmet_module, "descend_offsets")
     stored = torch.load(journal_step_path(journal, 2), weights_only=True)
     assert [name.split(",")[0] for name in stored["parts"]] == ["z of requests 0-1"]
     assert {"ffn_target", "attn_shift"} <= set(next(iter(stored["parts"].values())))
-    monkeypatch.setattr(pmet_module, "descend_offsets", lambda *a, **k: pytest.fail("offsets descended again"))
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "other_machine_cache"))
-    args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / "again")
-    EditLabCLI(args=["fit", *args])
-    da, db = (
-        load_file(tmp_path / "run" / "edit_delta.safetensors"),
-        load_file(tmp_path / "again" / "edit_delta.safetensors"),
-    )
-    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
-
-
-def rome_args(tmp: Path, run: str, journal: Path) -> list[str]:
-    """A tiny ROME run of 2 steps of 2 edits: z of each request on the weights the one before left."""
-    options = {"--model.export": "true", "--model.evaluation.fluency": "false", "--model.journal": str(journal)}
-    drop = ("--model.method.layers", "--model.method.mom2_weight")
-    args = tiny_args(tmp, DATA, method="editlab.editing.methods.rome.ROME", drop=drop, **options)
-    args[args.index("--trainer.default_root_dir") + 1] = str(tmp / run)
-    return [*args, "--model.method.layer", "1"]
 
 
 def test_rome_keeps_each_request_z_and_a_replay_computes_none(tmp_path, monkeypatch):
+    # 2 steps of 2 edits: each request's z on the weights the one before it left.
     import editlab.editing.methods.rome as rome_module
 
     monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
     journal = tmp_path / "journal"
-    EditLabCLI(args=["fit", *rome_args(tmp_path, "first", journal)])
+    options = {"--model.export": "true", "--model.evaluation.fluency": "false", "--model.journal": str(journal)}
+    drop = ("--model.method.layers", "--model.method.mom2_weight")
+    args = tiny_args(tmp_path, DATA, method="editlab.editing.methods.rome.ROME", drop=drop, **options)
+    again = replays_without(
+        tmp_path, [*args, "--model.method.layer", "1"], monkeypatch, rome_module, "optimize_targets"
+    )
+    assert all(row.get("seconds_reused", 0) > 0 for row in steps(again))
     stored = torch.load(journal_step_path(journal, 2), weights_only=True)
     names = [name.split(", weights")[0] for name in stored["parts"]]
     assert names == ["z of requests 0-0, request 0 of the step", "z of requests 0-0, request 1 of the step"]
-    monkeypatch.setattr(rome_module, "optimize_targets", lambda *a, **k: pytest.fail("z optimised again"))
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "other_machine_cache"))
-    EditLabCLI(args=["fit", *rome_args(tmp_path, "again", journal)])
-    first, again = tmp_path / "first", tmp_path / "again"
-    assert all(row.get("seconds_reused", 0) > 0 for row in steps(again))
-    da, db = load_file(first / "edit_delta.safetensors"), load_file(again / "edit_delta.safetensors")
-    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
 
 
 def test_nse_without_rewinding_keeps_its_z_in_the_journal_and_a_replay_computes_none(tmp_path, monkeypatch):
@@ -179,17 +178,8 @@ def test_nse_without_rewinding_keeps_its_z_in_the_journal_and_a_replay_computes_
         "--model.method.rewind",
         "false",
     ]
-    EditLabCLI(args=["fit", *args])
+    replays_without(tmp_path, args, monkeypatch, rewind_module, "optimize_targets")
     assert sorted(p.name for p in journal.glob("step_*.pt")) == ["step_1.pt", "step_2.pt"]
-    monkeypatch.setattr(rewind_module, "optimize_targets", lambda *a, **k: pytest.fail("z optimised again"))
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "other_machine_cache"))
-    args[args.index("--trainer.default_root_dir") + 1] = str(tmp_path / "again")
-    EditLabCLI(args=["fit", *args])
-    da, db = (
-        load_file(tmp_path / "run" / "edit_delta.safetensors"),
-        load_file(tmp_path / "again" / "edit_delta.safetensors"),
-    )
-    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
 
 
 # -- the z bank of ECE and NSE -----------------------------------------------------------------
@@ -232,7 +222,6 @@ def test_a_replay_in_another_process_with_an_empty_cache_ends_bit_identical(tmp_
     (first, _), (again, said) = runs
     assert [f"editlab: step {k} took 1 part(s)" in said for k in range(1, STEPS + 1)] == [True] * STEPS
     assert "editlab: evaluation (final) took cases" in said
-    da, db = load_file(first / "edit_delta.safetensors"), load_file(again / "edit_delta.safetensors")
-    assert set(da) == set(db) and all(torch.equal(da[k], db[k]) for k in da)
+    assert_same_deltas(first, again)
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (first, again))
     assert no_timing(sa) == no_timing(sb)
