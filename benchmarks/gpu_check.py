@@ -6,8 +6,9 @@ bf16 efficacy more than --tolerance below fp32, peak memory above the estimate).
     python -m benchmarks.gpu_check --device cuda --data ../shared/data/multi_counterfact.json.gz
     python -m benchmarks.gpu_check --device cpu --tiny          # a tiny random model, seconds
 
-Every method edits the unedited model (weights restored in between) from the same covariance and
-context templates; the CPU figures of benchmarks/results/pipeline_n100.json (float32, 1 thread)
+Every method is built from its SmolLM2 config (``configs/<method>_smollm2.yaml``'s model.method,
+z caches off) and edits the unedited model (weights restored in between) from the same covariance
+and context templates; the CPU figures of benchmarks/results/pipeline_n100.json (float32, 1 thread)
 are copied beside the GPU seconds.
 """
 
@@ -23,25 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.pipeline import Clock, efficacy, spread
 from editlab.data.sources import load_requests
-from editlab.editing.context_templates import ContextTemplates, make_context_templates
+from editlab.editing.context_templates import make_context_templates
 from editlab.editing.keys import keys_and_outputs
-from editlab.editing.methods.alphaedit import AlphaEdit
 from editlab.editing.methods.base import EditContext
-from editlab.editing.methods.ece import ECE
-from editlab.editing.methods.memit import MEMIT
-from editlab.editing.methods.nse import NSE
 from editlab.editing.rewind import OriginalWeights
 from editlab.editing.solve import memit_delta, null_space_projection
 from editlab.editing.stats import CovarianceConfig, accumulate_second_moments, read_corpus
-from editlab.editing.targets import TargetConfig, optimize_targets
+from editlab.editing.targets import optimize_targets
 from editlab.memory import GiB, plan_memory
 from editlab.models.arch import ModelView
 from editlab.models.fingerprint import model_fingerprint
 from editlab.models.load import EMBEDDED_DEFAULT, load_model_and_tokenizer, torch_dtype
 from editlab.models.weights import read_weight, set_weight
+from editlab.plan import instantiate_method
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("memit", "alphaedit", "ece", "nse")
@@ -91,15 +90,28 @@ def load(args: argparse.Namespace, dtype: str):
     return model, tok, [4, 5, 6, 7, 8]  # benchmarks/pipeline.py's layers (z at 8 of 30)
 
 
-def make_method(name: str, layers: list[int], targets: TargetConfig):
-    """Each method with its defaults; z caches off (time the z computation, not a disk read)."""
-    if name == "memit":
-        return MEMIT(layers=layers, mom2_weight=2000.0, targets=targets)
-    if name == "alphaedit":
-        return AlphaEdit(layers=layers, targets=targets)
-    if name == "ece":
-        return ECE(layers=layers, mom2_weight=2000.0, z_cache=False, targets=targets)
-    return NSE(layers=layers, mom2_weight=2000.0, z_cache=False, targets=targets)
+CONFIGS = {name: REPO / "configs" / f"{name}_smollm2.yaml" for name in METHODS}
+
+
+def method_spec(name: str, layers: list[int], tiny: bool) -> dict:
+    """``model.method`` of ``configs/<name>_smollm2.yaml`` (class_path and init_args), so the check
+    edits with the settings a SmolLM2 run uses (NSE's upper_bound, ECE's neuron threshold, ...);
+    z caches off (time the z computation, not a disk read). ``tiny``: the tiny model's layers and
+    a shorter context."""
+    spec = yaml.safe_load(CONFIGS[name].read_text())["model"]["method"]
+    init = dict(spec.get("init_args", {}))
+    init.pop("covariance", None)  # the check computes one covariance for all methods (--cov-samples)
+    if "z_cache" in init:
+        init["z_cache"] = False
+    if tiny:
+        init.update(layers=layers, context={"count": 2, "length": 5})
+    elif list(init["layers"]) != layers:
+        raise SystemExit(f"{CONFIGS[name]}: layers {init['layers']}, the check edits {layers}")
+    return {"class_path": spec["class_path"], "init_args": init}
+
+
+def make_method(name: str, layers: list[int], tiny: bool):
+    return instantiate_method(method_spec(name, layers, tiny))
 
 
 def edit(name: str, method, ctx: EditContext, requests, templates, cov, clock: Clock) -> None:
@@ -143,9 +155,9 @@ def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
     model, tok, layers = load(args, dtype)
     view = ModelView.of(model)
     requests = load_requests(args.data, num_edits=args.n)
-    context = ContextTemplates(2, 5) if args.tiny else ContextTemplates(5, 10)
+    methods = {name: make_method(name, layers, args.tiny) for name in args.methods.split(",")}
+    context = methods[next(iter(methods))].context  # the same in every config (a test checks)
     templates = make_context_templates(model, tok, context, 0)
-    targets = TargetConfig(lr=0.5, steps=25)
     cov_cfg = CovarianceConfig(corpus=args.cov_corpus, num_samples=args.cov_samples, max_length=128, use_cache=False)
     texts, _ = read_corpus(cov_cfg)
     clock = Clock(args.device)
@@ -158,8 +170,7 @@ def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
     runs: dict[str, MethodRun] = {}
     for name in args.methods.split(","):
         run = runs[name] = MethodRun()
-        method = make_method(name, layers, targets)
-        method.context = context
+        method = methods[name]
         run.estimate_bytes = plan_memory(
             model.config, method, model.dtype.itemsize, n_params, len(requests), prompt
         ).device_total

@@ -276,6 +276,33 @@ def test_gpu_check_tiny_cpu_run_writes_its_report(tmp_path):
     assert report["cpu_figures"]["methods"]["memit"]["z"] > 0
 
 
+def test_gpu_check_builds_each_method_with_its_smollm2_config_settings():
+    """The check edits with what a SmolLM2 run uses, not the classes' defaults (a first H200 run
+    built NSE with upper_bound 100, GPT-J's scale, and wrote 65 of 100 edits)."""
+    import yaml
+
+    from benchmarks import gpu_check
+
+    layers = [4, 5, 6, 7, 8]
+    contexts = set()
+    for name in gpu_check.METHODS:
+        init = yaml.safe_load(gpu_check.CONFIGS[name].read_text())["model"]["method"]["init_args"]
+        method = gpu_check.make_method(name, layers, tiny=False)
+        assert method.edited_layers() == layers
+        assert getattr(method, "z_cache", False) is False
+        for key in ("mom2_weight", "upper_bound", "alpha", "max_iterations", "nullspace_threshold", "l2", "z_mode"):
+            if key in init:
+                assert getattr(method, key) == init[key], (name, key)
+        if "neurons" in init:
+            assert method.neurons.threshold == init["neurons"]["init_args"]["threshold"], name
+        assert method.targets.steps == init["targets"]["steps"] and method.targets.lr == init["targets"]["lr"]
+        contexts.add((method.context.count, method.context.length))
+    assert len(contexts) == 1  # one set of context templates serves every method
+    assert gpu_check.make_method("nse", layers, tiny=False).upper_bound == 150.0  # the class default is 100
+    tiny = gpu_check.make_method("ece", [1, 2], tiny=True)
+    assert tiny.edited_layers() == [1, 2] and (tiny.context.count, tiny.context.length) == (2, 5)
+
+
 def test_gpu_check_flags_what_is_off():
     from benchmarks.gpu_check import problems
 
