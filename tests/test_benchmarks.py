@@ -278,7 +278,7 @@ def test_gpu_check_tiny_cpu_run_writes_its_report(tmp_path):
 
 def test_gpu_check_builds_each_method_with_its_smollm2_config_settings():
     """The check edits with what a SmolLM2 run uses, not the classes' defaults (a first H200 run
-    built NSE with upper_bound 100, GPT-J's scale, and wrote 65 of 100 edits)."""
+    built NSE with upper_bound 100, GPT-J's scale: efficacy 0.65 against 1.00)."""
     import yaml
 
     from benchmarks import gpu_check
