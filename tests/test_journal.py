@@ -225,3 +225,13 @@ def test_a_replay_in_another_process_with_an_empty_cache_ends_bit_identical(tmp_
     assert_same_deltas(first, again)
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (first, again))
     assert no_timing(sa) == no_timing(sb)
+
+
+def test_the_journal_note_names_the_z_bank_a_restarted_run_reads():
+    from types import SimpleNamespace
+
+    from editlab.lightning.module import journal_z_note
+
+    banked = journal_z_note(SimpleNamespace(name="ECE", z_cache="studies/lifelong_p1/zbank"))
+    assert banked.startswith("ECE takes no z") and "takes its z from the z bank studies/lifelong_p1/zbank" in banked
+    assert journal_z_note(SimpleNamespace(name="NSE", z_cache=True)).endswith("computes its z again")

@@ -39,6 +39,17 @@ from editlab.models.arch import ModelView
 from editlab.models.load import DType, load_model_and_tokenizer
 
 
+def journal_z_note(method) -> str:
+    """What a journal keeps for a method whose z do not go through the step's parts (z on θ₀ in
+    the z cache): where a run started over on a fresh machine finds them."""
+    bank = getattr(method, "z_cache", None)
+    again = f"takes its z from the z bank {bank} (z_cache)" if isinstance(bank, str) else "computes its z again"
+    return (
+        f"{method.name} takes no z through the step's parts, so the journal keeps its evaluation "
+        f"points only; a run started over {again}"
+    )
+
+
 class SaveOnSigterm(L.Callback):
     """On the SIGTERMException Lightning raises after the step in progress, the edit state after
     that step (:meth:`EditingModule.save_after_sigterm`)."""
@@ -193,12 +204,7 @@ class EditingModule(L.LightningModule):
                 f"option journal: one process only (this run has {ranks.world}); the journal is one file per step"
             )
         if self.journal is not None and not self.method.z_in_step_parts() and ranks.is_main:
-            print(
-                f"editlab: journal {self.journal}: {self.method.name} takes no z through the step's parts, so "
-                "the journal keeps its evaluation points only; a run started over computes its z again",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"editlab: journal {self.journal}: {journal_z_note(self.method)}", file=sys.stderr, flush=True)
         model = LoadedModel(self.lm, self.tok, self.view)
         return EditRun(
             model,
