@@ -16,14 +16,14 @@ setup:
 demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
-# Every test, the ones marked slow too (1093 tests, 53 slow: they load SmolLM2, run the CLI in a
+# Every test, the ones marked slow too (1095 tests, 53 slow: they load SmolLM2, run the CLI in a
 # subprocess or start processes; 1,154 s in CI at the last stop, 1,413 s at the one before). The
 # tests not marked slow run first, one worker per core (as test-fast); the slow ones then run in
 # one process: they start processes of their own, and two of them at once would fight for the cores.
 test: test-fast
 	WANDB_MODE=disabled $(PYTHON) -m pytest -q -m slow
 
-# The tests not marked slow: tiny models (1040 tests; 41 s measured at 911 on 2 CPU cores with 2 workers, 96 s
+# The tests not marked slow: tiny models (1042 tests; 41 s measured at 911 on 2 CPU cores with 2 workers, 96 s
 # in one process, 6.3 min before the CLI-subprocess and process tests were marked slow).
 # One worker per core (pytest-xdist; every test module runs torch at one thread).
 test-fast:
