@@ -17,7 +17,7 @@ demo:
 	editlab fit --config configs/demo.yaml --overwrite true
 
 # Every test, the ones marked slow too (1095 tests, 53 slow: they load SmolLM2, run the CLI in a
-# subprocess or start processes; 1,154 s in CI at the last stop, 1,413 s at the one before). The
+# subprocess or start processes; 1,101 s in CI at the last landed stop, 1,173 s at the one before). The
 # tests not marked slow run first, one worker per core (as test-fast); the slow ones then run in
 # one process: they start processes of their own, and two of them at once would fight for the cores.
 test: test-fast

@@ -168,9 +168,8 @@ def run_dtype(args: argparse.Namespace, dtype: str) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     prompt = max(len(tok(r.rewrite_prompt)["input_ids"]) for r in requests) + 8
     runs: dict[str, MethodRun] = {}
-    for name in args.methods.split(","):
+    for name, method in methods.items():
         run = runs[name] = MethodRun()
-        method = methods[name]
         run.estimate_bytes = plan_memory(
             model.config, method, model.dtype.itemsize, n_params, len(requests), prompt
         ).device_total
